@@ -1,0 +1,1 @@
+"""cleanplate.benchmarks: quality and latency harnesses writing to benchmarks/results/."""

@@ -1,0 +1,307 @@
+"""The model bundle: the one directory that training, export and serving exchange (DESIGN.md).
+
+Layout::
+
+    bundle.json                     BundleConfig below (format version, resolution, steps, ...)
+    unet/                           diffusers UNet2DConditionModel (SDXL-inpainting layout, 9 input channels)
+    vae/                            diffusers AutoencoderKL
+    lcm_lora/                       optional: pytorch_lora_weights.safetensors (diffusers/peft LoRA format)
+    null_conditioning.safetensors   prompt_embeds (1,77,D) and pooled_prompt_embeds (1,P) of the empty prompt
+    discriminator/                  optional (quality gate; later issue)
+
+RORem (arXiv 2501.00740) always prompts with the empty string and guidance 1, so the text conditioning
+is a constant: it is computed once here (``from_rorem``) and the text encoders never load at serving time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import BundleError
+
+BUNDLE_FORMAT_VERSION = 1
+BUNDLE_JSON = "bundle.json"
+NULL_CONDITIONING = "null_conditioning.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+# LCMScheduler settings of SDXL (scaled-linear betas 0.00085..0.012 over 1000 steps), as in
+# diffusers' LCM-LoRA SDXL recipe; used when a base model gives no scheduler config.
+SDXL_LCM_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "original_inference_steps": 50,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "set_alpha_to_one": True,
+    "clip_sample": False,
+    "timestep_scaling": 10.0,
+}
+
+
+class BundleConfig(BaseModel):
+    """Contents of ``bundle.json``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = BUNDLE_FORMAT_VERSION
+    name: str = "cleanplate"
+    resolution: int = Field(512, ge=64, le=4096, description="model input side in px (square)")
+    steps: int = Field(4, ge=1, le=50, description="default LCM steps")
+    strength: float = Field(1.0, gt=0.0, le=1.0)
+    guidance_scale: float = 1.0
+    dilate_px: int = Field(8, ge=0, description="default mask dilation radius in source px")
+    scheduler: dict[str, Any] = Field(default_factory=lambda: dict(SDXL_LCM_SCHEDULER))
+    lcm_lora: Literal["none", "separate", "fused"] = "none"
+    discriminator: bool = False
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass
+class NullConditioning:
+    """Empty-prompt SDXL conditioning.
+
+    Attributes:
+        prompt_embeds: (1, 77, D) float, D = 2048 for SDXL (CLIP-L 768 + OpenCLIP-bigG 1280 penultimate states).
+        pooled_prompt_embeds: (1, P) float, P = 1280 for SDXL (text_encoder_2 projection).
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+
+    @staticmethod
+    def add_time_ids(resolution: int) -> torch.Tensor:
+        """SDXL micro-conditioning (original size, crop top-left, target size), (1, 6) float32.
+
+        The crop is always the full model input, so it is ``[R, R, 0, 0, R, R]`` (SDXL paper, sec. 2.2).
+        """
+        return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(
+            {
+                "prompt_embeds": self.prompt_embeds.detach().float().cpu().contiguous(),
+                "pooled_prompt_embeds": self.pooled_prompt_embeds.detach().float().cpu().contiguous(),
+            },
+            str(path),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> NullConditioning:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        missing = {"prompt_embeds", "pooled_prompt_embeds"} - tensors.keys()
+        if missing:
+            raise BundleError(f"{path} lacks tensors {sorted(missing)}", code="bad_bundle")
+        return cls(tensors["prompt_embeds"], tensors["pooled_prompt_embeds"])
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: modules on the CPU in float32 (the pipeline moves and casts them)."""
+
+    path: Path | None
+    config: BundleConfig
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any  # diffusers.AutoencoderKL
+    conditioning: NullConditioning
+
+
+def default_bundle_path() -> Path:
+    """Directory of the small default bundle shipped inside the package."""
+    return Path(str(resources.files("cleanplate") / "default_bundle"))
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise BundleError(f"bundle is missing {what}: {path}", code="bad_bundle")
+    return path
+
+
+def read_config(bundle_dir: str | Path) -> BundleConfig:
+    """Read and validate ``bundle.json``. Raises BundleError naming the file and the bad field."""
+    path = _require(Path(bundle_dir) / BUNDLE_JSON, BUNDLE_JSON)
+    try:
+        config = BundleConfig.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise BundleError(f"{path}: invalid {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+    if config.format_version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {config.format_version} is newer than this cleanplate")
+    return config
+
+
+def load_bundle(bundle_dir: str | Path | None = None, *, fuse_lora: bool = True) -> Bundle:
+    """Load a bundle directory (the default bundle when None).
+
+    With ``fuse_lora`` a separate ``lcm_lora/`` is merged into the UNet weights (W + BA, scale 1)
+    so serving runs the plain UNet. Raises BundleError naming the first missing file.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    root = Path(bundle_dir) if bundle_dir is not None else default_bundle_path()
+    if not root.is_dir():
+        raise BundleError(f"bundle directory not found: {root}")
+    config = read_config(root)
+    _require(root / "unet" / "config.json", "unet/config.json")
+    _require(root / "vae" / "config.json", "vae/config.json")
+    conditioning = NullConditioning.load(_require(root / NULL_CONDITIONING, NULL_CONDITIONING))
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
+    except (OSError, ValueError) as exc:  # diffusers reports missing weight files as OSError
+        raise BundleError(f"cannot load model weights from {root}: {exc}") from exc
+    if unet.config.in_channels != 2 * vae.config.latent_channels + 1:
+        raise BundleError(
+            f"{root}: unet takes {unet.config.in_channels} channels, an inpainting UNet for this VAE needs "
+            f"{2 * vae.config.latent_channels + 1} (latent + mask + masked-source latent)"
+        )
+    if config.lcm_lora == "separate":
+        lora_file = _require(root / "lcm_lora" / LORA_WEIGHTS, f"lcm_lora/{LORA_WEIGHTS}")
+        load_lora_into_unet(unet, lora_file.parent)
+        if fuse_lora:
+            unet.fuse_lora(lora_scale=1.0)
+            unet.unload_lora()
+    unet.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    return Bundle(root, config, unet, vae, conditioning)
+
+
+def load_lora_into_unet(unet: Any, lora_dir: str | Path, adapter_name: str = "lcm") -> None:
+    """Attach a LoRA saved in diffusers, peft or kohya format (e.g. ``latent-consistency/lcm-lora-sdxl``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    # lora_state_dict converts kohya/peft key layouts to diffusers' and returns alphas separately.
+    state_dict, network_alphas = StableDiffusionXLPipeline.lora_state_dict(str(lora_dir), weight_name=LORA_WEIGHTS)
+    unet_keys = {k: v for k, v in state_dict.items() if k.startswith("unet.")}
+    if not unet_keys:
+        raise BundleError(f"{lora_dir}: no UNet LoRA weights found")
+    unet.load_lora_adapter(unet_keys, network_alphas=network_alphas, prefix="unet", adapter_name=adapter_name)
+
+
+def save_bundle(
+    out_dir: str | Path,
+    *,
+    config: BundleConfig,
+    unet: Any,
+    vae: Any,
+    conditioning: NullConditioning,
+    lora_dir: str | Path | None = None,
+) -> Path:
+    """Write a bundle directory; replaces ``out_dir`` atomically (written beside it, then renamed).
+
+    ``unet`` must not carry LoRA layers (save those with ``lora_dir``, a directory holding
+    ``pytorch_lora_weights.safetensors``); ``config.lcm_lora`` is set from what is written.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    conditioning.save(tmp / NULL_CONDITIONING)
+    if lora_dir is not None:
+        (tmp / "lcm_lora").mkdir()
+        shutil.copy2(Path(lora_dir) / LORA_WEIGHTS, tmp / "lcm_lora" / LORA_WEIGHTS)
+        config = config.model_copy(update={"lcm_lora": "separate"})
+    elif config.lcm_lora == "separate":
+        config = config.model_copy(update={"lcm_lora": "none"})
+    (tmp / BUNDLE_JSON).write_text(json.dumps(config.model_dump(), indent=2) + "\n")
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out
+
+
+@torch.no_grad()
+def encode_empty_prompt(base_dir: str | Path) -> NullConditioning:
+    """Run SDXL's two text encoders once on the empty prompt, as StableDiffusionXLPipeline.encode_prompt does.
+
+    prompt_embeds = concat(CLIP-L penultimate hidden states, OpenCLIP-bigG penultimate hidden states);
+    pooled = text_encoder_2's projected pooled output. Reads ``tokenizer/``, ``tokenizer_2/``,
+    ``text_encoder/``, ``text_encoder_2/`` under ``base_dir``; raises BundleError if one is missing.
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    base = Path(base_dir)
+    for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
+        _require(base / sub, f"{sub}/ in the SDXL-inpainting base")
+    states, pooled = [], None
+    for tok_dir, enc_dir, cls in (
+        ("tokenizer", "text_encoder", CLIPTextModel),
+        ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection),
+    ):
+        tokenizer = CLIPTokenizer.from_pretrained(base / tok_dir)
+        encoder = cls.from_pretrained(base / enc_dir).eval()
+        ids = tokenizer(
+            [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        if cls is CLIPTextModelWithProjection:
+            pooled = out.text_embeds
+    return NullConditioning(torch.cat(states, dim=-1).float(), pooled.float())
+
+
+def from_rorem(
+    base_dir: str | Path,
+    unet_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    lora_dir: str | Path | None = None,
+    resolution: int = 512,
+    name: str = "rorem",
+) -> Path:
+    """Convert the published RORem layout into a bundle.
+
+    Args:
+        base_dir: diffusers SDXL-inpainting directory (``vae/``, ``text_encoder*/``, ``tokenizer*/``,
+            ``scheduler/``; its ``unet/`` is not used).
+        unet_dir: the RORem UNet in diffusers format (a directory with ``config.json``, or its parent
+            holding ``unet/``).
+        lora_dir: optional LCM-LoRA directory holding ``pytorch_lora_weights.safetensors``.
+        resolution: model input side in px (RORem trains and runs at 512).
+    Raises:
+        BundleError: a required directory or file is missing.
+    """
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+
+    base, unet_path = Path(base_dir), Path(unet_dir)
+    if not (unet_path / "config.json").exists() and (unet_path / "unet" / "config.json").exists():
+        unet_path = unet_path / "unet"
+    _require(unet_path / "config.json", "the RORem UNet config.json")
+    _require(base / "vae" / "config.json", "vae/config.json in the SDXL-inpainting base")
+    conditioning = encode_empty_prompt(base)
+    unet = UNet2DConditionModel.from_pretrained(unet_path)
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    scheduler = dict(SDXL_LCM_SCHEDULER)
+    if (base / "scheduler" / "scheduler_config.json").exists():
+        scheduler = dict(LCMScheduler.from_pretrained(base / "scheduler").config)
+    if lora_dir is not None:
+        _require(Path(lora_dir) / LORA_WEIGHTS, f"{LORA_WEIGHTS} in the LCM-LoRA directory")
+    config = BundleConfig(
+        name=name,
+        resolution=resolution,
+        scheduler={k: v for k, v in scheduler.items() if not k.startswith("_")},
+        provenance={"converted_from": {"base": str(base), "unet": str(unet_path), "lora": str(lora_dir)}},
+    )
+    return save_bundle(out_dir, config=config, unet=unet, vae=vae, conditioning=conditioning, lora_dir=lora_dir)

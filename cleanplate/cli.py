@@ -1,0 +1,228 @@
+"""The `cleanplate` command line (typer).
+
+Errors a user can cause (bad file, bad option, bad bundle) print one line ``error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import CleanplateError, InputError
+
+app = typer.Typer(help="Remove promo text, watermarks and stickers from product photos.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+bundle_app = typer.Typer(help="Model bundles: convert and inspect.", no_args_is_help=True)
+data_app = typer.Typer(help="Training data.", no_args_is_help=True)
+train_app = typer.Typer(help="Trainers that write bundles (SFT, LCM-LoRA) and the small VAE.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command()
+def remove(
+    image: Annotated[Path, typer.Argument(help="an image file, or a folder of images")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output file (format from its suffix) or folder")],
+    mask: Annotated[Optional[Path], typer.Option(help="mask file (white = remove), or a folder of same-named "
+                                                      "masks; omit to use the image's transparent pixels")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="bundle directory (default: the bundled model)")] = None,
+    dilate_px: Annotated[Optional[int], typer.Option(help="mask dilation radius in px (default: bundle's)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="LCM steps, 1..50 (default: bundle's, 4)")] = None,
+    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    device: Annotated[Device, typer.Option(help="where the model runs")] = Device.cpu,
+    dtype: Annotated[DType, typer.Option(help="model precision")] = DType.fp32,
+) -> None:
+    """Remove the masked region from one image, or from every image of a folder."""
+    from . import imaging
+    from .pipeline import RemovalPipeline
+    from .remover import remove as run_removal
+
+    if image.is_dir():
+        pairs = _folder_pairs(image, mask, output)
+    else:
+        if output.is_dir():
+            output = output / image.name
+        imaging.format_for_path(output)  # refuse an unknown suffix before loading the model
+        pairs = [(image, mask, output)]
+    pipe = RemovalPipeline.from_bundle(bundle, device=device.value, dtype=dtype.value)
+    failures = 0
+    for src_path, mask_path, out_path in pairs:
+        try:
+            t0 = time.perf_counter()
+            decoded = imaging.decode_image(src_path)
+            from_alpha = mask_path is None
+            mask_array = imaging.mask_from_alpha(decoded) if from_alpha else imaging.decode_mask(mask_path)
+            result = run_removal(pipe, decoded, mask_array, dilate_px=dilate_px, seed=seed, steps=steps)
+            # A mask given as transparency is filled in, so the result is opaque.
+            data = imaging.encode_image(result.pixels, decoded, fmt=imaging.format_for_path(out_path),
+                                        alpha=None if from_alpha else "keep")
+            imaging.write_atomic(out_path, data)
+            _say(f"{out_path}: {decoded.width}x{decoded.height}, {(time.perf_counter() - t0) * 1000:.0f} ms")
+        except CleanplateError as exc:
+            if len(pairs) == 1:
+                raise
+            failures += 1
+            _say(f"error: {src_path.name}: {exc}")
+    if failures:
+        _say(f"error: {failures} of {len(pairs)} images failed")
+        raise typer.Exit(2)
+
+
+def _folder_pairs(folder: Path, masks: Path | None, output: Path) -> list[tuple[Path, Path | None, Path]]:
+    if masks is not None and not masks.is_dir():
+        raise InputError(f"--mask must be a folder when IMAGE is a folder: {masks}", code="bad_option")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"-o must be a folder when IMAGE is a folder: {output}", code="bad_option")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise InputError(f"no images in {folder}", code="bad_option")
+    pairs = []
+    for img in images:
+        mask_path = None
+        if masks is not None:
+            found = [m for m in masks.glob(img.stem + ".*") if m.suffix.lower() in IMAGE_SUFFIXES]
+            if not found:
+                raise InputError(f"no mask named {img.stem}.* in {masks}", code="missing_mask")
+            mask_path = found[0]
+        pairs.append((img, mask_path, output / img.name))
+    output.mkdir(parents=True, exist_ok=True)
+    return pairs
+
+
+@bundle_app.command("from-rorem")
+def bundle_from_rorem(
+    base: Annotated[Path, typer.Option(help="diffusers SDXL-inpainting directory (vae, text encoders, tokenizers)")],
+    unet: Annotated[Path, typer.Option(help="RORem UNet directory (diffusers format)")],
+    out: Annotated[Path, typer.Option(help="bundle directory to write")],
+    lora: Annotated[Optional[Path], typer.Option(help="LCM-LoRA directory (pytorch_lora_weights.safetensors)")] = None,
+    resolution: Annotated[int, typer.Option(help="model input side in px")] = 512,
+) -> None:
+    """Convert the published RORem layout into a bundle (empty-prompt embeddings computed once)."""
+    from .bundle import from_rorem
+
+    _say(f"wrote {from_rorem(base, unet, out, lora_dir=lora, resolution=resolution)}")
+
+
+@bundle_app.command("info")
+def bundle_info(bundle: Annotated[Optional[Path], typer.Argument(help="bundle directory")] = None) -> None:
+    """Print a bundle's bundle.json (default: the bundled model)."""
+    from .bundle import default_bundle_path, read_config
+
+    typer.echo(read_config(bundle or default_bundle_path()).model_dump_json(indent=2))
+
+
+@data_app.command("synth")
+def data_synth(
+    n: Annotated[int, typer.Option("--n", help="number of triplets")],
+    out: Annotated[Path, typer.Option(help="output directory (meta.json, source/, mask/, GT/)")],
+    seed: Annotated[int, typer.Option(help="seed; same seed, same data")] = 0,
+    size: Annotated[int, typer.Option(help="side of each square image in px")] = 256,
+    dev: Annotated[bool, typer.Option(help="held-out dev set: only real photos, from DEV_PHOTOS (none used in "
+                                               "training)")] = False,
+) -> None:
+    """Synthetic e-commerce triplets (product scenes and photos with promo overlays) in RORem's meta.json format."""
+    from .training.synth import DEV_PHOTOS, SynthConfig, synth_dataset
+
+    cfg = SynthConfig(size=size, photos=DEV_PHOTOS, photo_fraction=1.0) if dev else SynthConfig(size=size)
+    _say(f"wrote {synth_dataset(out, n, seed=seed, cfg=cfg)}")
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="JSON config (fields of the trainer's config); options override it")]
+MetaOpt = Annotated[Optional[list[Path]], typer.Option(help="RORem meta.json file (repeatable)")]
+OutOpt = Annotated[Optional[Path], typer.Option(help="output directory")]
+StepsOpt = Annotated[Optional[int], typer.Option(help="optimizer steps")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="batch size per device")]
+LrOpt = Annotated[Optional[float], typer.Option(help="learning rate")]
+ResOpt = Annotated[Optional[int], typer.Option(help="training resolution in px")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="seed")]
+WorkOpt = Annotated[Optional[Path], typer.Option(help="checkpoints/logs directory (default OUT.work)")]
+
+
+def _common(meta, out, max_steps, batch_size, lr, resolution, seed, work_dir) -> dict:
+    return {"meta": meta, "out": out, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
+            "resolution": resolution, "seed": seed, "work_dir": work_dir}
+
+
+@train_app.command("vae")
+def train_vae_cmd(config: ConfigOpt = None, meta: MetaOpt = None, out: OutOpt = None, max_steps: StepsOpt = None,
+                  batch_size: BatchOpt = None, lr: LrOpt = None, resolution: ResOpt = None, seed: SeedOpt = None,
+                  work_dir: WorkOpt = None) -> None:
+    """Train a small AutoencoderKL (for bundles trained from scratch). Resumes from OUT.work/checkpoints."""
+    from .training.common import load_config
+    from .training.vae import VAEConfig, train_vae
+
+    cfg = load_config(VAEConfig, config, _common(meta, out, max_steps, batch_size, lr, resolution, seed, work_dir))
+    result = train_vae(cfg)
+    _say(f"wrote {cfg.out} (scaling_factor {result['scaling_factor']})")
+
+
+@train_app.command("sft")
+def train_sft_cmd(config: ConfigOpt = None, meta: MetaOpt = None, out: OutOpt = None, max_steps: StepsOpt = None,
+                  batch_size: BatchOpt = None, lr: LrOpt = None, resolution: ResOpt = None, seed: SeedOpt = None,
+                  work_dir: WorkOpt = None,
+                  init_bundle: Annotated[Optional[Path], typer.Option(help="bundle to fine-tune")] = None,
+                  unet_config: Annotated[Optional[str], typer.Option(help="from scratch: UNet config")] = None,
+                  vae: Annotated[Optional[Path], typer.Option(help="from scratch: vae/ directory")] = None) -> None:
+    """RORem supervised fine-tuning (ε-MSE on (source, mask, GT) triplets); writes a bundle. Resumable."""
+    from .training.common import load_config
+    from .training.sft import SFTConfig, train_sft
+
+    overrides = _common(meta, out, max_steps, batch_size, lr, resolution, seed, work_dir)
+    overrides.update(init_bundle=init_bundle, unet_config=unet_config, vae=vae)
+    cfg = load_config(SFTConfig, config, overrides)
+    train_sft(cfg)
+    _say(f"wrote {cfg.out}")
+
+
+@train_app.command("lcm")
+def train_lcm_cmd(config: ConfigOpt = None, meta: MetaOpt = None, out: OutOpt = None, max_steps: StepsOpt = None,
+                  batch_size: BatchOpt = None, lr: LrOpt = None, resolution: ResOpt = None, seed: SeedOpt = None,
+                  work_dir: WorkOpt = None,
+                  bundle: Annotated[Optional[Path], typer.Option(help="SFT bundle to distill")] = None,
+                  lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank (RORem-4S: 64)")] = None) -> None:
+    """LCM-LoRA distillation of an SFT bundle (DDIM solver, skipping steps, boundary scalings). Resumable."""
+    from .training.common import load_config
+    from .training.lcm import LCMConfig, train_lcm
+
+    overrides = _common(meta, out, max_steps, batch_size, lr, resolution, seed, work_dir)
+    overrides.update(bundle=bundle, lora_rank=lora_rank)
+    cfg = load_config(LCMConfig, config, overrides)
+    train_lcm(cfg)
+    _say(f"wrote {cfg.out}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning a CleanplateError into one line on stderr and exit code 2."""
+    try:
+        app()
+    except CleanplateError as exc:
+        _say(f"error: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

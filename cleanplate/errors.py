@@ -1,0 +1,35 @@
+"""Errors a caller can cause, kept apart from bugs.
+
+Every exception a client can trigger derives from :class:`CleanplateError`; the CLI turns them into
+exit code 2 with one line, and the gateway into an HTTP 4xx problem+json body.
+"""
+
+from __future__ import annotations
+
+
+class CleanplateError(Exception):
+    """Base of every error cleanplate raises on purpose.
+
+    Attributes:
+        code: a short stable slug (``"empty_mask"``, ``"size_mismatch"``...) for machines.
+    """
+
+    code: str = "error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InputError(CleanplateError, ValueError):
+    """The image, the mask or an option is unusable (unreadable file, size mismatch, empty mask,
+    mask covering everything, too many pixels, out-of-range option)."""
+
+    code = "bad_input"
+
+
+class BundleError(CleanplateError):
+    """A model bundle directory is missing a file or holds something inconsistent."""
+
+    code = "bad_bundle"

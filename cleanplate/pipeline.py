@@ -1,0 +1,184 @@
+"""RORem removal on a batch of square crops: masked source -> VAE encode -> LCM steps -> VAE decode.
+
+Semantics (RORem, arXiv 2501.00740, on SDXL-inpainting): the UNet input is the concatenation of the
+noisy latent (C), the mask resized to latent size (1) and the latent of the masked source
+``x_s * (1 - m)`` (C); the prompt is empty and guidance is 1, so the text conditioning is the bundle's
+precomputed constant. The 4-step sampler is diffusers' ``LCMScheduler`` (Luo et al., LCM-LoRA,
+arXiv 2311.05556). The same UNet class and call serve a real SDXL-inpainting/RORem UNet unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .bundle import Bundle, BundleConfig, NullConditioning, load_bundle
+from .errors import InputError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_STEPS = 50
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> CUDA when available, else CPU. Raises InputError for CUDA on a machine without it."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but no CUDA device is available", code="bad_option")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"fp32" | "fp16" | "bf16" (or a torch dtype). fp16 on CPU is refused (slow and unsupported ops)."""
+    resolved = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in DTYPES.values():
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}", code="bad_option")
+    if resolved is torch.float16 and device.type == "cpu":
+        raise InputError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU", code="bad_option")
+    return resolved
+
+
+@dataclass
+class RemovalPipeline:
+    """A bundle's UNet and VAE on one device, ready to remove on batches of crops.
+
+    Create with :meth:`from_bundle`. Thread-safe for concurrent calls (a fresh scheduler per call,
+    no mutable state on ``self`` during a call).
+    """
+
+    unet: Any
+    vae: Any
+    conditioning: NullConditioning
+    config: BundleConfig
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: Bundle | str | Path | None = None,
+        *,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        channels_last: bool = False,
+    ) -> RemovalPipeline:
+        """Load (if given a path or None = default bundle) and place the models.
+
+        fp16 runs the VAE in fp32 when its config says ``force_upcast`` (the SDXL VAE overflows in fp16).
+        """
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        vae_dt = torch.float32 if dt is torch.float16 and b.vae.config.get("force_upcast", False) else dt
+        # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
+        unet = b.unet.to(dev) if b.unet.dtype == dt else b.unet.to(dev, dt)
+        vae = b.vae.to(dev) if b.vae.dtype == vae_dt else b.vae.to(dev, vae_dt)
+        if channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+            vae = vae.to(memory_format=torch.channels_last)
+        return cls(unet, vae, b.conditioning, b.config, dev, dt, vae_dt)
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -- VAE ---------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) in [-1,1] -> scaled latents (B,C,H/f,W/f) in the UNet dtype (posterior mode)."""
+        dist = self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist
+        latents = dist.mode()
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B,C,h,w) -> images (B,3,h*f,w*f) float32 in [-1,1]."""
+        shift = self.vae.config.get("shift_factor") or 0.0
+        z = latents.to(self.vae_dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+    # -- UNet ----------------------------------------------------------------------------------------
+    def condition_inputs(self, source: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask at latent size (B,1,h,w) and masked-source latent (B,C,h,w), as SDXL-inpainting expects.
+
+        source (B,3,H,W) in [-1,1], mask (B,1,H,W) in {0,1} (1 = remove).
+        """
+        masked = source * (1.0 - mask)  # RORem: x_s * (1 - m); masked pixels become 0 (mid-grey)
+        masked_latents = self.encode(masked)
+        mask_latent = F.interpolate(mask.float(), size=masked_latents.shape[-2:])  # nearest, as diffusers
+        return mask_latent.to(self.device, self.dtype), masked_latents
+
+    def unet_forward(
+        self, latents: torch.Tensor, t: torch.Tensor | int, mask_latent: torch.Tensor, masked_latents: torch.Tensor
+    ) -> torch.Tensor:
+        """One ε-prediction: UNet(cat(latent, mask, masked latent), t, empty-prompt conditioning)."""
+        batch = latents.shape[0]
+        cond = self.conditioning
+        hidden = cond.prompt_embeds.to(self.device, self.dtype).expand(batch, -1, -1)
+        added = {
+            "text_embeds": cond.pooled_prompt_embeds.to(self.device, self.dtype).expand(batch, -1),
+            "time_ids": NullConditioning.add_time_ids(self.resolution).to(self.device, self.dtype).expand(batch, -1),
+        }
+        x = torch.cat([latents, mask_latent, masked_latents], dim=1)
+        return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+    def make_scheduler(self) -> Any:
+        from diffusers import LCMScheduler
+
+        return LCMScheduler.from_config(self.config.scheduler)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        source: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        seeds: Sequence[int],
+        steps: int | None = None,
+    ) -> torch.Tensor:
+        """Remove the masked region from a batch of model-size crops.
+
+        Args:
+            source: (B,3,R,R) float in [-1,1], R = bundle resolution (any multiple of the VAE factor works).
+            mask: (B,1,R,R) float in {0,1}; 1 marks pixels to remove.
+            seeds: B ints; item i's noise comes from ``torch.Generator("cpu").manual_seed(seeds[i])`` so a
+                result does not depend on batch composition or device.
+            steps: LCM steps, 1..50 (default: the bundle's, 4).
+        Returns:
+            (B,3,R,R) float32 in [-1,1] on the pipeline device; outside the mask it is a VAE
+            reconstruction, so callers composite it back (see :func:`cleanplate.remover.remove`).
+        Raises:
+            InputError: bad steps, seed count or shapes.
+        """
+        steps = self.config.steps if steps is None else int(steps)
+        if not 1 <= steps <= MAX_STEPS:
+            raise InputError(f"steps must be in 1..{MAX_STEPS}, got {steps}", code="bad_option")
+        if source.ndim != 4 or source.shape[1] != 3 or mask.shape != (source.shape[0], 1, *source.shape[2:]):
+            raise InputError(f"expected source (B,3,H,W) and mask (B,1,H,W), got {tuple(source.shape)} and "
+                             f"{tuple(mask.shape)}", code="bad_option")
+        if len(seeds) != source.shape[0]:
+            raise InputError(f"{len(seeds)} seeds for a batch of {source.shape[0]}", code="bad_option")
+
+        mask_latent, masked_latents = self.condition_inputs(source.to(self.device), mask.to(self.device))
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        scheduler = self.make_scheduler()
+        scheduler.set_timesteps(steps, device=self.device, strength=self.config.strength)
+        from diffusers.utils.torch_utils import randn_tensor
+
+        latents = randn_tensor(masked_latents.shape, generator=generators, device=self.device, dtype=self.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            eps = self.unet_forward(scheduler.scale_model_input(latents, t), t, mask_latent, masked_latents)
+            # LCM adds fresh noise between steps; per-item generators keep items independent of the batch.
+            latents = scheduler.step(eps, t, latents, generator=generators, return_dict=False)[0]
+        return self.decode(latents)

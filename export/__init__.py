@@ -1,0 +1,1 @@
+"""cleanplate.export — placeholder package; built in its own issue (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""cleanplate.serving — placeholder package; built in its own issue (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""cleanplate.training: synthetic data and the trainers that produce model bundles."""

@@ -1,0 +1,250 @@
+"""Shared pieces of the trainers: config files, RORem ``meta.json`` data, accelerate loop with checkpoints.
+
+Every trainer reads one config format: a JSON file whose keys are the fields of its pydantic config
+class, with command-line options overriding single keys. Runs are resumable: ``work_dir/checkpoints/
+step_N`` holds accelerate state (model, optimizer, LR scheduler, RNG) and the next run of the same
+command continues from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cleanplate.errors import InputError
+
+log = logging.getLogger("cleanplate.training")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class TrainConfig(BaseModel):
+    """Fields every trainer shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    meta: list[Path] = Field(description="one or more RORem meta.json files")
+    out: Path = Field(description="output directory (a bundle, or a vae/ directory for `train vae`)")
+    work_dir: Path | None = Field(None, description="checkpoints and TensorBoard logs; default: OUT + '.work'")
+    resolution: int = Field(256, ge=32, description="training crop side in px")
+    batch_size: int = Field(8, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = 1e-2
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(20, ge=1)
+    num_workers: int = Field(0, ge=0)
+    dilate_range: tuple[int, int] = Field((0, 8), description="random mask dilation in px, as serving dilates")
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.out.with_name(self.out.name + ".work")
+
+
+def load_config(cls: type[BaseModel], path: Path | None, overrides: dict[str, Any]) -> Any:
+    """Config from a JSON file (optional) with non-None overrides on top. Raises InputError on bad fields."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read config {path}: {exc}", code="bad_option") from exc
+    data.update({k: v for k, v in overrides.items() if v is not None and v != []})
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InputError(f"config: {'.'.join(map(str, err['loc']))}: {err['msg']}", code="bad_option") from exc
+
+
+def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
+    """ᾱ_t for t = 0..T-1 (float32, (T,)) of the bundle's noise schedule, via diffusers' DDPMScheduler."""
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    return DDPMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config}).alphas_cumprod
+
+
+def load_model_config(path_or_name: str | Path) -> dict[str, Any]:
+    """A diffusers model config: a JSON path, or the name of one in ``training/configs`` (e.g. "tiny_unet")."""
+    path = Path(path_or_name)
+    if not path.exists():
+        path = CONFIG_DIR / f"{path_or_name}.json"
+    if not path.exists():
+        raise InputError(f"model config not found: {path_or_name}", code="bad_option")
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+# -- data ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Triplet:
+    """One RORem training item; ``score`` is the human/auto label (1 = good removal) when present."""
+
+    source: Path
+    mask: Path
+    gt: Path
+    score: float | None = None
+
+
+def read_meta(paths: Sequence[str | Path]) -> list[Triplet]:
+    """Read RORem ``meta.json`` files: JSON lists of {"source","mask","GT"[,"score"]}, paths relative to the file.
+
+    Raises InputError naming the file and entry on a missing key.
+    """
+    items: list[Triplet] = []
+    for meta in map(Path, paths):
+        try:
+            entries = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read {meta}: {exc}", code="bad_option") from exc
+        root = meta.parent
+        for i, e in enumerate(entries):
+            try:
+                items.append(Triplet(root / e["source"], root / e["mask"], root / e["GT"], e.get("score")))
+            except (KeyError, TypeError) as exc:
+                raise InputError(f"{meta} entry {i}: needs source, mask and GT", code="bad_option") from exc
+    if not items:
+        raise InputError(f"no training items in {', '.join(map(str, paths))}", code="bad_option")
+    return items
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H,W,3) uint8 -> (3,H,W) float32 in [-1,1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class TripletDataset(torch.utils.data.Dataset):
+    """(source, mask, GT) at ``resolution``: random square crop (when larger), flip, mask dilation.
+
+    Items: dict of ``source``/``gt`` (3,R,R) float in [-1,1] and ``mask`` (1,R,R) float in {0,1}.
+    The random dilation mirrors serving, where the model sees the dilated mask.
+    """
+
+    def __init__(self, items: Sequence[Triplet], resolution: int, dilate_range: tuple[int, int] = (0, 0),
+                 flip: bool = True) -> None:
+        self.items, self.resolution, self.dilate_range, self.flip = list(items), resolution, dilate_range, flip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.items[i]
+        source = np.asarray(Image.open(item.source).convert("RGB"))
+        gt = np.asarray(Image.open(item.gt).convert("RGB"))
+        mask = np.asarray(Image.open(item.mask).convert("L")) >= 128
+        h, w = mask.shape
+        side = min(h, w)
+        y, x = random.randint(0, h - side), random.randint(0, w - side)
+        crop = (slice(y, y + side), slice(x, x + side))
+        source, gt, mask = source[crop], gt[crop], mask[crop].astype(np.uint8)
+        if side != self.resolution:
+            interp = cv2.INTER_AREA if side > self.resolution else cv2.INTER_CUBIC
+            size = (self.resolution, self.resolution)
+            source, gt = cv2.resize(source, size, interpolation=interp), cv2.resize(gt, size, interpolation=interp)
+            mask = (cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+        r = random.randint(*self.dilate_range)
+        if r > 0:
+            mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+        if self.flip and random.random() < 0.5:
+            source, gt, mask = source[:, ::-1], gt[:, ::-1], mask[:, ::-1]
+        return {
+            "source": to_tensor(source),
+            "gt": to_tensor(gt),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None],
+        }
+
+
+def infinite_loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig, accelerator: Any) -> Iterator[dict]:
+    """Endless shuffled batches; the data order follows the seed and the resumed step."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) >= cfg.batch_size,
+        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+    )
+    loader = accelerator.prepare(loader)
+    while True:
+        yield from loader
+
+
+# -- accelerate loop ---------------------------------------------------------------------------------
+def make_accelerator(cfg: TrainConfig, project: str) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    work = cfg.resolved_work_dir
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(work), logging_dir=str(work / "logs")),
+    )
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "config.json").write_text(cfg.model_dump_json(indent=2))
+        accelerator.init_trackers(project)
+    return accelerator
+
+
+def lr_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine decay to 10% (per optimizer step)."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def checkpoints(cfg: TrainConfig) -> list[Path]:
+    root = cfg.resolved_work_dir / "checkpoints"
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "done").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resume(accelerator: Any, cfg: TrainConfig) -> int:
+    """Load the newest complete checkpoint; returns the step to continue from (0 if none)."""
+    found = checkpoints(cfg)
+    if not found:
+        return 0
+    accelerator.load_state(str(found[-1]))
+    step = int(found[-1].name.split("_")[1])
+    accelerator.print(f"resumed from {found[-1]} (step {step})")
+    return step
+
+
+def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int) -> None:
+    """accelerate state under ``step_N``; a ``done`` marker makes a checkpoint count, old ones are pruned."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    path = cfg.resolved_work_dir / "checkpoints" / f"step_{step}"
+    accelerator.save_state(str(path))
+    (path / "done").write_text(str(step))
+    for old in checkpoints(cfg)[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def progress(accelerator: Any, start: int, total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, disable=not accelerator.is_local_main_process,
+                dynamic_ncols=True, mininterval=5)

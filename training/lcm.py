@@ -1,0 +1,155 @@
+"""`cleanplate train lcm`: LCM-LoRA distillation of an SFT bundle into a few-step remover.
+
+Latent consistency distillation (Luo et al., LCM arXiv 2310.04378, Alg. 1; LCM-LoRA arXiv 2311.05556),
+as RORem-4S does, with guidance 1 (no CFG, empty prompt):
+
+* skipping-step DDIM solver: N = ``num_ddim_timesteps`` teacher steps, skip k = T / N;
+  t_{n+k} ~ U{τ_1..τ_N}, ẑ_{t_n} = DDIM(z_{t_{n+k}}, ε_teacher, t_{n+k} → t_n);
+* consistency function f(z, t) = c_skip(t) z + c_out(t) x̂0(z, t) with the boundary scalings
+  c_skip = σ_d² / ((s t)² + σ_d²), c_out = s t / sqrt((s t)² + σ_d²), σ_d = 0.5, s = timestep_scaling;
+* loss d(f_θ(z_{t_{n+k}}, t_{n+k}), stopgrad f_θ(ẑ_{t_n}, t_n)), d = l2 or pseudo-Huber.
+
+The teacher is the same UNet with the LoRA disabled, and (as in LCM-LoRA) the target uses the student
+itself without an EMA copy. The LoRA is written to the bundle's ``lcm_lora/`` in diffusers format.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from cleanplate.bundle import load_bundle, save_bundle
+from cleanplate.pipeline import RemovalPipeline
+
+from .common import (
+    TrainConfig, TripletDataset, alphas_cumprod, infinite_loader, lr_schedule, make_accelerator, progress, read_meta, resume,
+    save_checkpoint,
+)
+
+LORA_TARGETS = [  # diffusers' LCM-LoRA SDXL recipe: attention, feed-forward, resnet convs and time projections
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]
+
+
+class LCMConfig(TrainConfig):
+    bundle: Path = Field(description="the SFT bundle to distill")
+    lora_rank: int = Field(64, ge=1, description="RORem-4S uses 64")
+    lora_alpha: int | None = Field(None, description="default: = rank (scale 1)")
+    num_ddim_timesteps: int = Field(50, ge=2)
+    loss: Literal["l2", "huber"] = "huber"
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0
+    name: str = "cleanplate-lcm"
+    lr: float = 1e-4
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM boundary-condition scalings (c_skip, c_out) for integer timesteps t (B,); f(z, 0) = z."""
+    st = t.float() * timestep_scaling
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / (st**2 + sigma_data**2) ** 0.5
+    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+
+def predicted_x0(z: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x̂0 = (z - sqrt(1-ᾱ) ε) / sqrt(ᾱ) for ε-prediction; alpha_bar (B,1,1,1)."""
+    return (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def train_lcm(cfg: LCMConfig) -> dict:
+    """Distill and write a bundle (the SFT UNet + ``lcm_lora/``) to ``cfg.out``. Returns {"losses": [...]}."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    bundle = load_bundle(cfg.bundle)  # any earlier LoRA is fused: we distill what the bundle serves
+    accelerator = make_accelerator(cfg, "lcm")
+    unet, vae = bundle.unet, bundle.vae.to(accelerator.device)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = lr_schedule(cfg, optimizer)
+    config = bundle.config.model_copy(update={"resolution": cfg.resolution})
+    dataset = TripletDataset(read_meta(cfg.meta), cfg.resolution, cfg.dilate_range)
+    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    accelerator.register_for_checkpointing(scheduler)
+    pipe = RemovalPipeline(unet, vae, bundle.conditioning, config, accelerator.device, torch.float32, torch.float32)
+    step = resume(accelerator, cfg)
+
+    alphas = alphas_cumprod(config.scheduler).to(accelerator.device)
+    total_t = len(alphas)
+    skip = total_t // cfg.num_ddim_timesteps
+    ddim_timesteps = torch.arange(1, cfg.num_ddim_timesteps + 1, device=accelerator.device) * skip - 1
+    batches = infinite_loader(dataset, cfg, accelerator)
+    raw = accelerator.unwrap_model(unet)
+    losses: list[float] = []
+    bar = progress(accelerator, step, cfg.max_steps, "lcm")
+    while step < cfg.max_steps:
+        batch = next(batches)
+        with torch.no_grad():
+            latents = pipe.encode(batch["gt"])
+            mask_latent, masked_latents = pipe.condition_inputs(batch["source"], batch["mask"])
+        b = latents.shape[0]
+        idx = torch.randint(0, cfg.num_ddim_timesteps, (b,), device=latents.device)
+        t_start = ddim_timesteps[idx]
+        t_prev = (t_start - skip).clamp(min=0)
+        a_start = alphas[t_start].view(-1, 1, 1, 1)
+        a_prev = alphas[t_prev].view(-1, 1, 1, 1)  # t_prev = 0 at the first DDIM step, as diffusers' DDIMSolver
+        noise = torch.randn_like(latents)
+        z_start = a_start.sqrt() * latents + (1 - a_start).sqrt() * noise
+        c_skip_s, c_out_s = boundary_scalings(t_start, cfg.timestep_scaling)
+        c_skip_p, c_out_p = boundary_scalings(t_prev, cfg.timestep_scaling)
+
+        with accelerator.autocast():
+            eps_student = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents)
+        pred = c_skip_s * z_start + c_out_s * predicted_x0(z_start, eps_student.float(), a_start)
+        with torch.no_grad(), accelerator.autocast():
+            raw.disable_adapters()  # teacher = the SFT UNet
+            eps_teacher = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents).float()
+            raw.enable_adapters()
+            x0_teacher = predicted_x0(z_start, eps_teacher, a_start)
+            z_prev = a_prev.sqrt() * x0_teacher + (1 - a_prev).sqrt() * eps_teacher  # one DDIM step
+            eps_target = pipe.unet_forward(z_prev, t_prev, mask_latent, masked_latents).float()
+            target = c_skip_p * z_prev + c_out_p * predicted_x0(z_prev, eps_target, a_prev)
+        if cfg.loss == "l2":
+            loss = F.mse_loss(pred, target)
+        else:
+            loss = (torch.sqrt((pred - target) ** 2 + cfg.huber_c**2) - cfg.huber_c).mean()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
+            accelerator.log({"lcm/loss": recent, "lcm/lr": scheduler.get_last_lr()[0]}, step=step)
+            bar.set_postfix(loss=f"{recent:.5f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save_checkpoint(accelerator, cfg, step)
+    bar.close()
+
+    if accelerator.is_main_process:
+        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(raw))
+        base = load_bundle(cfg.bundle)
+        provenance = {**config.provenance, "lcm": {"config": cfg.model_dump(mode="json"), "steps": step,
+                                                   "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}}
+        with tempfile.TemporaryDirectory() as tmp:
+            StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
+            save_bundle(cfg.out, config=config.model_copy(update={"provenance": provenance, "name": cfg.name}),
+                        unet=base.unet, vae=base.vae, conditioning=base.conditioning, lora_dir=Path(tmp))
+    accelerator.end_training()
+    return {"losses": losses}

@@ -1,0 +1,88 @@
+"""`cleanplate train vae`: a small AutoencoderKL for bundles trained from scratch.
+
+A real deployment reuses SDXL's VAE (``bundle from-rorem``); the default bundle is trained here on CPU,
+so it needs its own. Loss: L1 + MSE reconstruction of a *sampled* posterior (the decoder learns to
+tolerate the posterior noise, which keeps the latent smooth without a KL term; Kingma & Welling 2014). The latent scaling factor is
+set to 1/std of the latents afterwards, as Rombach et al. (LDM, sec. 3.1 / app. G) do.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from .common import (
+    TrainConfig, TripletDataset, infinite_loader, load_model_config, lr_schedule, make_accelerator, progress,
+    read_meta, resume, save_checkpoint,
+)
+
+
+class VAEConfig(TrainConfig):
+    vae_config: str = Field("tiny_vae", description="diffusers AutoencoderKL config: JSON path or configs/ name")
+    crop: int = Field(128, ge=16, description="random crop side for training (the VAE is convolutional)")
+    lr: float = 1e-3
+
+
+def _random_crop(x: torch.Tensor, side: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if side >= min(h, w):
+        return x
+    y, xx = random.randint(0, h - side), random.randint(0, w - side)
+    return x[..., y : y + side, xx : xx + side]
+
+
+def train_vae(cfg: VAEConfig) -> dict:
+    """Train, then write ``cfg.out`` as a diffusers ``AutoencoderKL`` directory. Returns {"losses": [...]}."""
+    from diffusers import AutoencoderKL
+
+    accelerator = make_accelerator(cfg, "vae")
+    vae = AutoencoderKL.from_config(load_model_config(cfg.vae_config))
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = lr_schedule(cfg, optimizer)
+    dataset = TripletDataset(read_meta(cfg.meta), cfg.resolution, cfg.dilate_range)
+    vae, optimizer, scheduler = accelerator.prepare(vae, optimizer, scheduler)
+    accelerator.register_for_checkpointing(scheduler)
+    step = resume(accelerator, cfg)
+    batches = infinite_loader(dataset, cfg, accelerator)
+    losses: list[float] = []
+    bar = progress(accelerator, step, cfg.max_steps, "vae")
+    vae.train()
+    while step < cfg.max_steps:
+        batch = next(batches)
+        # The encoder must also see what the remover feeds it: the source with the mask greyed out.
+        masked = batch["source"] * (1 - batch["mask"])
+        images = torch.cat([batch["gt"], batch["source"], masked])[torch.randperm(3 * len(batch["gt"]))[: cfg.batch_size]]
+        images = _random_crop(images, cfg.crop)
+        with accelerator.autocast():
+            # forward() (not encode/decode) so DDP sees the call and syncs gradients.
+            recon = vae(images, sample_posterior=True).sample
+            loss_rec = F.l1_loss(recon.float(), images) + F.mse_loss(recon.float(), images)
+        accelerator.backward(loss_rec)
+        accelerator.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss_rec.item())
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            accelerator.log({"vae/recon": loss_rec.item(), "vae/lr": scheduler.get_last_lr()[0]}, step=step)
+            bar.set_postfix(recon=f"{loss_rec.item():.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save_checkpoint(accelerator, cfg, step)
+    bar.close()
+
+    vae = accelerator.unwrap_model(vae).eval()
+    if accelerator.is_main_process:
+        with torch.no_grad():
+            sample = torch.cat([dataset[i]["gt"][None] for i in range(min(64, len(dataset)))])
+            std = vae.encode(sample).latent_dist.mode().std().item()
+        vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+        vae.save_pretrained(cfg.out, safe_serialization=True)
+    accelerator.end_training()
+    return {"losses": losses, "scaling_factor": vae.config.scaling_factor}
