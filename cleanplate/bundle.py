@@ -58,7 +58,7 @@ class BundleConfig(BaseModel):
     name: str = "cleanplate"
     resolution: int = Field(512, ge=64, le=4096, description="model input side in px (square)")
     steps: int = Field(4, ge=1, le=50, description="default LCM steps")
-    strength: float = Field(1.0, gt=0.0, le=1.0)
+    strength: float = Field(1.0, ge=1.0, le=1.0, description="1.0 only: sampling starts from pure noise, as RORem")
     guidance_scale: float = 1.0
     dilate_px: int = Field(8, ge=0, description="default mask dilation radius in source px")
     scheduler: dict[str, Any] = Field(default_factory=lambda: dict(SDXL_LCM_SCHEDULER))
@@ -183,12 +183,17 @@ def load_bundle(bundle_dir: str | Path | None = None, *, fuse_lora: bool = True)
 def load_lora_into_unet(unet: Any, lora_dir: str | Path, adapter_name: str = "lcm") -> None:
     """Attach a LoRA saved in diffusers, peft or kohya format (e.g. ``latent-consistency/lcm-lora-sdxl``)."""
     from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
 
     # lora_state_dict converts kohya/peft key layouts to diffusers' and returns alphas separately.
     state_dict, network_alphas = StableDiffusionXLPipeline.lora_state_dict(str(lora_dir), weight_name=LORA_WEIGHTS)
     unet_keys = {k: v for k, v in state_dict.items() if k.startswith("unet.")}
     if not unet_keys:
         raise BundleError(f"{lora_dir}: no UNet LoRA weights found")
+    # save_lora_weights(convert_state_dict_to_diffusers(peft state)) (our LCM trainer) writes attention layers
+    # as "lora.down/up" but convs as "lora_A/B"; load_lora_adapter converts only when the *first* key is
+    # old-style and would silently drop the rest. Convert every key (a no-op on peft-style keys).
+    unet_keys = convert_unet_state_dict_to_peft(unet_keys)
     unet.load_lora_adapter(unet_keys, network_alphas=network_alphas, prefix="unet", adapter_name=adapter_name)
 
 

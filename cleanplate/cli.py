@@ -25,6 +25,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
+WRITABLE_SUFFIXES = IMAGE_SUFFIXES - {".bmp"}
 
 
 class Device(str, Enum):
@@ -108,7 +109,9 @@ def _folder_pairs(folder: Path, masks: Path | None, output: Path) -> list[tuple[
             if not found:
                 raise InputError(f"no mask named {img.stem}.* in {masks}", code="missing_mask")
             mask_path = found[0]
-        pairs.append((img, mask_path, output / img.name))
+        # Outputs keep the input's name; a suffix we cannot write (e.g. .bmp) becomes .png.
+        out_name = img.name if img.suffix.lower() in WRITABLE_SUFFIXES else img.stem + ".png"
+        pairs.append((img, mask_path, output / out_name))
     output.mkdir(parents=True, exist_ok=True)
     return pairs
 

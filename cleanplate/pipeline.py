@@ -172,7 +172,7 @@ class RemovalPipeline:
         mask_latent, masked_latents = self.condition_inputs(source.to(self.device), mask.to(self.device))
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         scheduler = self.make_scheduler()
-        scheduler.set_timesteps(steps, device=self.device, strength=self.config.strength)
+        scheduler.set_timesteps(steps, device=self.device)
         from diffusers.utils.torch_utils import randn_tensor
 
         latents = randn_tensor(masked_latents.shape, generator=generators, device=self.device, dtype=self.dtype)

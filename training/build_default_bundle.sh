@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the default bundle (cleanplate/default_bundle) from nothing, on a CPU, with fixed seeds.
 # Every stage resumes from its newest checkpoint under runs/default/*.work if interrupted.
-# Measured on a 2-core CPU: data ~2 min, vae ~10 min, sft ~35 min, lcm ~15 min.
+# Measured on a 2-core CPU (shared with other work): data ~6 min, vae ~12 min, sft ~25 min, lcm ~12 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cleanplate data synth --n 8000 --out runs/data/train --seed 0 --size 256

@@ -173,7 +173,7 @@ class TripletDataset(torch.utils.data.Dataset):
 
 
 def infinite_loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig, accelerator: Any) -> Iterator[dict]:
-    """Endless shuffled batches; the data order follows the seed and the resumed step."""
+    """Endless shuffled batches in a seeded order (a resumed run reshuffles; it does not replay the epoch)."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) >= cfg.batch_size,
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,

@@ -46,6 +46,7 @@ class LCMConfig(TrainConfig):
     huber_c: float = 0.001
     timestep_scaling: float = 10.0
     name: str = "cleanplate-lcm"
+    resolution: int = Field(256, ge=64, description="training crop side in px; also the bundle's (>= 64)")
     lr: float = 1e-4
 
 
@@ -143,7 +144,11 @@ def train_lcm(cfg: LCMConfig) -> dict:
     bar.close()
 
     if accelerator.is_main_process:
-        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(raw))
+        lora = get_peft_model_state_dict(raw)
+        scale = (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank
+        if scale != 1:  # the file carries no alphas and loads at scale 1: fold alpha/r into B
+            lora = {k: v * scale if ".lora_B." in k else v for k, v in lora.items()}
+        lora = convert_state_dict_to_diffusers(lora)
         base = load_bundle(cfg.bundle)
         provenance = {**config.provenance, "lcm": {"config": cfg.model_dump(mode="json"), "steps": step,
                                                    "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}}

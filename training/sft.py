@@ -30,6 +30,7 @@ class SFTConfig(TrainConfig):
     unet_config: str | None = Field(None, description="train from scratch: UNet config (JSON path or configs/ name)")
     vae: Path | None = Field(None, description="with unet_config: a vae/ directory from `train vae`")
     name: str = "cleanplate-sft"
+    resolution: int = Field(256, ge=64, description="training crop side in px; also the bundle's (>= 64)")
     lr: float = 1e-4
 
 
@@ -42,6 +43,7 @@ def build_pipeline(cfg: SFTConfig) -> tuple[RemovalPipeline, BundleConfig]:
         unet, vae, cond = b.unet, b.vae, b.conditioning
         bundle_cfg = b.config.model_copy(update={"lcm_lora": "none", "resolution": cfg.resolution})
     elif cfg.unet_config is not None and cfg.vae is not None:
+        torch.manual_seed(cfg.seed)  # the initial weights follow the seed (make_accelerator seeds only later)
         unet = UNet2DConditionModel.from_config(load_model_config(cfg.unet_config))
         vae = AutoencoderKL.from_pretrained(cfg.vae)
         # A model trained without text encoders: the "empty prompt" is all zeros of the right shapes.
@@ -54,7 +56,7 @@ def build_pipeline(cfg: SFTConfig) -> tuple[RemovalPipeline, BundleConfig]:
         raise InputError(f"UNet in_channels {unet.config.in_channels} does not fit VAE latent_channels "
                          f"{vae.config.latent_channels} (needs 2C+1)", code="bad_option")
     vae.requires_grad_(False).eval()
-    unet.train()
+    unet.requires_grad_(True).train()  # load_bundle freezes it
     return RemovalPipeline(unet, vae, cond, bundle_cfg, torch.device("cpu"), torch.float32, torch.float32), bundle_cfg
 
 

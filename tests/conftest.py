@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny models built from configs (no download), real photos from scikit-image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# SDXL-inpainting UNet layout at toy width: same block types, text_time added embedding, 9 input channels.
+TINY_UNET = dict(
+    sample_size=16, in_channels=9, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+    cross_attention_dim=16, attention_head_dim=(2, 4), transformer_layers_per_block=1,
+    use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+    latent_channels=4, norm_num_groups=8, sample_size=64,
+)
+
+
+def make_tiny_bundle(out: Path, resolution: int = 64, seed: int = 0) -> Path:
+    """A random-weight bundle with SDXL-shaped modules (VAE factor 2) at ``resolution``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from cleanplate.bundle import BundleConfig, NullConditioning, save_bundle
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    cond = NullConditioning(torch.randn(1, 77, 16), torch.randn(1, 16))
+    return save_bundle(out, config=BundleConfig(name="tiny", resolution=resolution, dilate_px=2),
+                       unet=unet, vae=vae, conditioning=cond)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real photos: RGB astronaut (512²), coffee (400x600), chelsea (300x451), grey camera (512²)."""
+    from skimage import data
+
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea(),
+            "camera": data.camera()}
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 synthetic 64 px triplets (meta.json) for trainer tests."""
+    from cleanplate.training.synth import SynthConfig, synth_dataset
+
+    return synth_dataset(tmp_path_factory.mktemp("synth"), 12, seed=5, cfg=SynthConfig(size=64), progress=False)
