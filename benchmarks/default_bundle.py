@@ -74,7 +74,7 @@ def quality(meta: Path, bundles: list[Path], seed: int) -> dict:
                "n": len(v), "dilate_px": dilate.get(name), "bit_exact_outside_dilated_mask": exact.get(name)}
         for name, v in scores.items()
     }
-    wins = {n: sum(a > b for a, b in zip(scores[n], scores["telea"])) for n in pipes}
+    wins = {n: int(sum(a > b for a, b in zip(scores[n], scores["telea"]))) for n in pipes}
     return {"set": str(meta), "seed": seed, "methods": summary, "items_better_than_telea": wins}
 
 

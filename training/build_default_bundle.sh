@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Rebuilds the default bundle (cleanplate/default_bundle) from nothing, on a CPU, with fixed seeds.
 # Every stage resumes from its newest checkpoint under runs/default/*.work if interrupted.
-# Measured on a 2-core CPU (shared with other work): data ~6 min, vae ~12 min, sft ~25 min, lcm ~12 min.
+# Measured on a 2-core CPU: data ~6 min, vae ~9 min, sft ~17 min, lcm ~8 min. One torch thread per
+# process: with other CPU work on the machine, 2 OpenMP threads ran 5x slower than 1.
 set -euo pipefail
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "$0")/.."
 cleanplate data synth --n 8000 --out runs/data/train --seed 0 --size 256
 cleanplate data synth --n 100 --out runs/data/dev --seed 1000 --size 512 --dev
