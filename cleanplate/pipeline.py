@@ -87,10 +87,12 @@ class RemovalPipeline:
 
     @property
     def resolution(self) -> int:
+        """Model input side R in px (square crops of R x R)."""
         return self.config.resolution
 
     @property
     def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each axis: 8 for SDXL's VAE, 4 for the default bundle's."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # -- VAE ---------------------------------------------------------------------------------------
@@ -133,6 +135,7 @@ class RemovalPipeline:
         return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
     def make_scheduler(self) -> Any:
+        """A fresh ``LCMScheduler`` from the bundle config (per call: it keeps a step index)."""
         from diffusers import LCMScheduler
 
         return LCMScheduler.from_config(self.config.scheduler)

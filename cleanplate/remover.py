@@ -55,6 +55,7 @@ class _Prepared:
     crop_mask: np.ndarray
     box: CropBox
     dilated: np.ndarray
+    dilate_px: int
 
 
 def _prepare(req: RemovalRequest, pipe: RemovalPipeline) -> _Prepared:
@@ -65,7 +66,7 @@ def _prepare(req: RemovalRequest, pipe: RemovalPipeline) -> _Prepared:
         raise InputError("the dilated mask covers the whole image; nothing is left to fill from", code="full_mask")
     box = imaging.context_crop_box(dilated, pipe.resolution)
     crop, crop_mask = imaging.crop_to_model(req.image.rgb, dilated, box, pipe.resolution)
-    return _Prepared(crop, crop_mask, box, dilated)
+    return _Prepared(crop, crop_mask, box, dilated, dilate_px)
 
 
 def remove_batch(pipe: RemovalPipeline, requests: Sequence[RemovalRequest], *, max_batch: int = 8) -> list[RemovalResult]:
@@ -95,10 +96,10 @@ def remove_batch(pipe: RemovalPipeline, requests: Sequence[RemovalRequest], *, m
                 outputs[i] = result[j]
                 model_ms[i] = elapsed
     results = []
-    for i, (req, prep) in enumerate(zip(requests, prepared)):
+    for i, (req, prep) in enumerate(zip(requests, prepared, strict=True)):
         t2 = time.perf_counter()
         pixels = imaging.paste_back(req.image, outputs[i], prep.box, req.mask, prep.dilated,
-                                    feather_px=max(1.0, (pipe.config.dilate_px if req.dilate_px is None else req.dilate_px) / 2))
+                                    feather_px=max(1.0, prep.dilate_px / 2))
         timings = {"crop": crop_ms, "model": model_ms[i], "composite": (time.perf_counter() - t2) * 1000}
         results.append(RemovalResult(pixels, prep.box, prep.dilated, timings))
     return results

@@ -27,15 +27,6 @@ from cleanplate.imaging import decode_image, dilate_mask
 DILATE = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine is shared with a training job: one intra-op thread is much faster than two fighting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass
 class Run:
     code: int

@@ -22,15 +22,6 @@ from conftest import TINY_VAE
 R = 64  # tiny bundle resolution (conftest), VAE factor 2 -> 32x32 latents
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than two (and much faster beside a busy background job)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_bundle: Path) -> RemovalPipeline:
     return RemovalPipeline.from_bundle(tiny_bundle)

@@ -30,15 +30,6 @@ def mean(xs) -> float:
     return float(np.mean(xs))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine is shared with a training job: one intra-op thread is much faster than two fighting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def no_flip():
     """A truly fixed batch: the trainers' datasets without the random horizontal flip."""

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cleanplate import imaging
 from cleanplate.errors import InputError
 
 log = logging.getLogger("cleanplate.training")
@@ -132,7 +132,7 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 
 class TripletDataset(torch.utils.data.Dataset):
-    """(source, mask, GT) at ``resolution``: random square crop (when larger), flip, mask dilation.
+    """(source, mask, GT) at ``resolution``: random square crop (resized as serving crops), flip, mask dilation.
 
     Items: dict of ``source``/``gt`` (3,R,R) float in [-1,1] and ``mask`` (1,R,R) float in {0,1}.
     The random dilation mirrors serving, where the model sees the dilated mask.
@@ -149,26 +149,19 @@ class TripletDataset(torch.utils.data.Dataset):
         item = self.items[i]
         source = np.asarray(Image.open(item.source).convert("RGB"))
         gt = np.asarray(Image.open(item.gt).convert("RGB"))
-        mask = np.asarray(Image.open(item.mask).convert("L")) >= 128
+        mask = imaging.decode_mask(item.mask)
         h, w = mask.shape
         side = min(h, w)
-        y, x = random.randint(0, h - side), random.randint(0, w - side)
-        crop = (slice(y, y + side), slice(x, x + side))
-        source, gt, mask = source[crop], gt[crop], mask[crop].astype(np.uint8)
-        if side != self.resolution:
-            interp = cv2.INTER_AREA if side > self.resolution else cv2.INTER_CUBIC
-            size = (self.resolution, self.resolution)
-            source, gt = cv2.resize(source, size, interpolation=interp), cv2.resize(gt, size, interpolation=interp)
-            mask = (cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
-        r = random.randint(*self.dilate_range)
-        if r > 0:
-            mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+        box = imaging.CropBox(random.randint(0, w - side), random.randint(0, h - side), side)
+        source, crop_mask = imaging.crop_to_model(source, mask, box, self.resolution)
+        gt, _ = imaging.crop_to_model(gt, mask, box, self.resolution)
+        mask = imaging.dilate_mask(crop_mask, random.randint(*self.dilate_range))
         if self.flip and random.random() < 0.5:
             source, gt, mask = source[:, ::-1], gt[:, ::-1], mask[:, ::-1]
         return {
             "source": to_tensor(source),
             "gt": to_tensor(gt),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None],
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None],  # bool -> {0., 1.}
         }
 
 
@@ -185,6 +178,7 @@ def infinite_loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig, acceler
 
 # -- accelerate loop ---------------------------------------------------------------------------------
 def make_accelerator(cfg: TrainConfig, project: str) -> Any:
+    """An ``accelerate.Accelerator`` (mixed precision, TensorBoard under ``work_dir/logs``), seeded; saves the config."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -241,6 +235,27 @@ def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int) -> None:
     (path / "done").write_text(str(step))
     for old in checkpoints(cfg)[: -cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def optimizer_step(accelerator: Any, cfg: TrainConfig, loss: torch.Tensor, params: Any, optimizer: Any,
+                   scheduler: Any, step: int, losses: list[float], bar: Any, tag: str) -> int:
+    """Backward, clip, update, then log (``{tag}/loss``: mean of the last ``log_every`` losses) and
+    checkpoint on schedule. Appends the loss to ``losses``; returns the new step count."""
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    losses.append(loss.item())
+    bar.update(1)
+    if step % cfg.log_every == 0:
+        recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
+        accelerator.log({f"{tag}/loss": recent, f"{tag}/lr": scheduler.get_last_lr()[0]}, step=step)
+        bar.set_postfix(loss=f"{recent:.5f}")
+    if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        save_checkpoint(accelerator, cfg, step)
+    return step
 
 
 def progress(accelerator: Any, start: int, total: int, desc: str) -> Any:

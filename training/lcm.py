@@ -27,8 +27,8 @@ from cleanplate.bundle import load_bundle, save_bundle
 from cleanplate.pipeline import RemovalPipeline
 
 from .common import (
-    TrainConfig, TripletDataset, alphas_cumprod, infinite_loader, lr_schedule, make_accelerator, progress, read_meta, resume,
-    save_checkpoint,
+    TrainConfig, TripletDataset, alphas_cumprod, infinite_loader, lr_schedule, make_accelerator,
+    optimizer_step, progress, read_meta, resume,
 )
 
 LORA_TARGETS = [  # diffusers' LCM-LoRA SDXL recipe: attention, feed-forward, resnet convs and time projections
@@ -127,20 +127,7 @@ def train_lcm(cfg: LCMConfig) -> dict:
             loss = F.mse_loss(pred, target)
         else:
             loss = (torch.sqrt((pred - target) ** 2 + cfg.huber_c**2) - cfg.huber_c).mean()
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        if step % cfg.log_every == 0:
-            recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
-            accelerator.log({"lcm/loss": recent, "lcm/lr": scheduler.get_last_lr()[0]}, step=step)
-            bar.set_postfix(loss=f"{recent:.5f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            save_checkpoint(accelerator, cfg, step)
+        step = optimizer_step(accelerator, cfg, loss, params, optimizer, scheduler, step, losses, bar, "lcm")
     bar.close()
 
     if accelerator.is_main_process:

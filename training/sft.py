@@ -20,8 +20,8 @@ from cleanplate.errors import InputError
 from cleanplate.pipeline import RemovalPipeline
 
 from .common import (
-    TrainConfig, TripletDataset, alphas_cumprod, infinite_loader, load_model_config, lr_schedule, make_accelerator, progress,
-    read_meta, resume, save_checkpoint,
+    TrainConfig, TripletDataset, alphas_cumprod, infinite_loader, load_model_config, lr_schedule,
+    make_accelerator, optimizer_step, progress, read_meta, resume,
 )
 
 
@@ -91,20 +91,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         with accelerator.autocast():
             eps = pipe.unet_forward(noisy, t, mask_latent, masked_latents)
         loss = F.mse_loss(eps.float(), noise)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        if step % cfg.log_every == 0:
-            recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
-            accelerator.log({"sft/loss": recent, "sft/lr": scheduler.get_last_lr()[0]}, step=step)
-            bar.set_postfix(loss=f"{recent:.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            save_checkpoint(accelerator, cfg, step)
+        step = optimizer_step(accelerator, cfg, loss, unet.parameters(), optimizer, scheduler, step, losses, bar, "sft")
     bar.close()
 
     if accelerator.is_main_process:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .common import (
-    TrainConfig, TripletDataset, infinite_loader, load_model_config, lr_schedule, make_accelerator, progress,
-    read_meta, resume, save_checkpoint,
+    TrainConfig, TripletDataset, infinite_loader, load_model_config, lr_schedule, make_accelerator,
+    optimizer_step, progress, read_meta, resume,
 )
 
 
@@ -63,19 +63,7 @@ def train_vae(cfg: VAEConfig) -> dict:
             # not a sample: at init the posterior std is ~1 and drowns the signal, which stalls a short run.
             recon = vae(images, sample_posterior=False).sample
             loss_rec = F.l1_loss(recon.float(), images) + F.mse_loss(recon.float(), images)
-        accelerator.backward(loss_rec)
-        accelerator.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(loss_rec.item())
-        bar.update(1)
-        if step % cfg.log_every == 0:
-            accelerator.log({"vae/recon": loss_rec.item(), "vae/lr": scheduler.get_last_lr()[0]}, step=step)
-            bar.set_postfix(recon=f"{loss_rec.item():.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            save_checkpoint(accelerator, cfg, step)
+        step = optimizer_step(accelerator, cfg, loss_rec, vae.parameters(), optimizer, scheduler, step, losses, bar, "vae")
     bar.close()
 
     vae = accelerator.unwrap_model(vae).eval()
