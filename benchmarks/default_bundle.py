@@ -113,7 +113,7 @@ def environment() -> dict:
 
 def to_markdown(result: dict) -> str:
     q, lat = result["quality"], result["latency"]
-    lines = [f"# Default bundle: quality and CPU latency", "",
+    lines = ["# Default bundle: quality and CPU latency", "",
              f"Dev set `{q['set']}` ({next(iter(q['methods'].values()))['n']} items, held-out scikit-image "
              f"photos with synthetic overlays). PSNR inside the mask against the GT, higher is better.", "",
              "| method | mean PSNR (dB) | median PSNR (dB) | bit-exact outside dilated mask | items better than Telea |",
