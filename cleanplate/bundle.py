@@ -7,7 +7,7 @@ Layout::
     vae/                            diffusers AutoencoderKL
     lcm_lora/                       optional: pytorch_lora_weights.safetensors (diffusers/peft LoRA format)
     null_conditioning.safetensors   prompt_embeds (1,77,D) and pooled_prompt_embeds (1,P) of the empty prompt
-    discriminator/                  optional (quality gate; later issue)
+    discriminator/                  optional quality gate (cleanplate.discriminator): config.json, model.safetensors
 
 RORem (arXiv 2501.00740) always prompts with the empty string and guidance 1, so the text conditioning
 is a constant: it is computed once here (``from_rorem``) and the text encoders never load at serving time.
@@ -31,6 +31,7 @@ BUNDLE_FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 NULL_CONDITIONING = "null_conditioning.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+DISCRIMINATOR_DIR = "discriminator"
 
 # LCMScheduler settings of SDXL (scaled-linear betas 0.00085..0.012 over 1000 steps), as in
 # diffusers' LCM-LoRA SDXL recipe; used when a base model gives no scheduler config.
@@ -118,6 +119,7 @@ class Bundle:
     unet: Any  # diffusers.UNet2DConditionModel
     vae: Any  # diffusers.AutoencoderKL
     conditioning: NullConditioning
+    discriminator: Any = None  # cleanplate.discriminator.Discriminator when config.discriminator
 
 
 def default_bundle_path() -> Path:
@@ -177,7 +179,37 @@ def load_bundle(bundle_dir: str | Path | None = None, *, fuse_lora: bool = True)
             unet.unload_lora()
     unet.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
-    return Bundle(root, config, unet, vae, conditioning)
+    discriminator = None
+    if config.discriminator:
+        from .discriminator import load_discriminator
+
+        discriminator = load_discriminator(_require(root / DISCRIMINATOR_DIR, f"{DISCRIMINATOR_DIR}/"))
+    return Bundle(root, config, unet, vae, conditioning, discriminator)
+
+
+def attach_discriminator(bundle_dir: str | Path, discriminator: Any, calibration: dict[str, Any] | None = None) -> Path:
+    """Write ``discriminator/`` into an existing bundle and set ``discriminator: true`` in its bundle.json.
+
+    The directory is written beside the old one and swapped in; bundle.json is replaced atomically last,
+    so an interrupted call leaves the bundle as it was or complete.
+    """
+    root = Path(bundle_dir)
+    config = read_config(root)
+    tmp = root / (DISCRIMINATOR_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    discriminator.save(tmp, calibration=calibration)
+    final = root / DISCRIMINATOR_DIR
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _write_config(root, config.model_copy(update={"discriminator": True}))
+    return final
+
+
+def _write_config(root: Path, config: BundleConfig) -> None:
+    tmp = root / (BUNDLE_JSON + ".tmp")
+    tmp.write_text(json.dumps(config.model_dump(), indent=2) + "\n")
+    tmp.replace(root / BUNDLE_JSON)
 
 
 def load_lora_into_unet(unet: Any, lora_dir: str | Path, adapter_name: str = "lcm") -> None:
@@ -205,6 +237,7 @@ def save_bundle(
     vae: Any,
     conditioning: NullConditioning,
     lora_dir: str | Path | None = None,
+    discriminator: Any = None,
 ) -> Path:
     """Write a bundle directory; replaces ``out_dir`` atomically (written beside it, then renamed).
 
@@ -225,6 +258,9 @@ def save_bundle(
         config = config.model_copy(update={"lcm_lora": "separate"})
     elif config.lcm_lora == "separate":
         config = config.model_copy(update={"lcm_lora": "none"})
+    if discriminator is not None:
+        discriminator.save(tmp / DISCRIMINATOR_DIR)
+    config = config.model_copy(update={"discriminator": discriminator is not None})
     (tmp / BUNDLE_JSON).write_text(json.dumps(config.model_dump(), indent=2) + "\n")
     if out.exists():
         old = out.with_name(out.name + ".old")

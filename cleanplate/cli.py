@@ -218,6 +218,95 @@ def train_lcm_cmd(config: ConfigOpt = None, meta: MetaOpt = None, out: OutOpt = 
     _say(f"wrote {cfg.out}")
 
 
+@train_app.command("discriminator")
+def train_discriminator_cmd(
+    config: ConfigOpt = None, meta: MetaOpt = None, out: OutOpt = None, max_steps: StepsOpt = None,
+    batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None, work_dir: WorkOpt = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="remover bundle to start from (its UNet and VAE)")] = None,
+    val_meta: Annotated[Optional[list[Path]], typer.Option(help="held-out labelled meta.json for the threshold")] = None,
+    target_precision: Annotated[Optional[float], typer.Option(help="precision the pass threshold must reach")] = None,
+) -> None:
+    """RORem quality discriminator on labelled meta.json (score 0/1), calibrated on --val-meta; adds it to a bundle."""
+    from .training.common import load_config
+    from .training.discriminator import DiscriminatorConfig, train_discriminator
+
+    overrides = _common(meta, out, max_steps, batch_size, lr, None, seed, work_dir)
+    overrides.update(bundle=bundle, val_meta=val_meta, target_precision=target_precision)
+    cfg = load_config(DiscriminatorConfig, config, overrides)
+    cal = train_discriminator(cfg)["calibration"]
+    if "threshold" in cal:
+        _say(f"threshold {cal['threshold']:.4f} ({cal['rule']}): precision {cal['precision']:.3f}, "
+             f"recall {cal['recall']:.3f}, ROC AUC {cal['roc_auc']:.3f} on {cal['n_pos'] + cal['n_neg']} held-out items")
+    _say(f"wrote {cfg.out}")
+
+
+@data_app.command("disc-labels")
+def data_disc_labels(
+    meta: Annotated[list[Path], typer.Option(help="RORem meta.json with (source, mask, GT) (repeatable)")],
+    out: Annotated[Path, typer.Option(help="output directory (meta.json with score, result/)")],
+    per_item: Annotated[int, typer.Option(help="labelled candidates per input item")] = 2,
+    seed: Annotated[int, typer.Option(help="seed; same seed, same data")] = 0,
+    positive_fraction: Annotated[float, typer.Option(help="share of good-removal candidates")] = 0.5,
+    limit: Annotated[Optional[int], typer.Option(help="use only the first N input items")] = None,
+) -> None:
+    """Synthetic discriminator labels: good removals (GT and mild variants) and failures (source left in,
+    partial removal, blurred or smeared fills, re-drawn text)."""
+    from .training.disc_labels import make_disc_labels
+
+    _say(f"wrote {make_disc_labels(meta, out, per_item=per_item, seed=seed, positive_fraction=positive_fraction, limit=limit)}")
+
+
+@app.command()
+def score(
+    source: Annotated[Path, typer.Argument(help="the image before removal")],
+    result: Annotated[Path, typer.Argument(help="the image after removal (same size)")],
+    mask: Annotated[Path, typer.Argument(help="the mask of the removal (white = removed)")],
+    bundle: Annotated[Optional[Path], typer.Option(help="bundle with a discriminator (default: the bundled model)")] = None,
+    dilate_px: Annotated[Optional[int], typer.Option(help="mask dilation radius in px (default: bundle's)")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="pass threshold (default: the calibrated one)")] = None,
+) -> None:
+    """Judge a removal with the bundle's discriminator; prints JSON {score, threshold, passed}."""
+    import json
+
+    from . import imaging
+    from .pipeline import RemovalPipeline
+    from .remover import ScoreRequest, score_batch
+
+    request = ScoreRequest(imaging.decode_image(source), imaging.decode_image(result), imaging.decode_mask(mask), dilate_px)
+    pipe = RemovalPipeline.from_bundle(bundle)
+    value = score_batch(pipe, [request])[0]
+    limit = pipe.threshold if threshold is None else threshold
+    typer.echo(json.dumps({"score": round(value, 6), "threshold": limit, "passed": value >= limit}))
+
+
+class Engine(str, Enum):
+    torch = "torch"
+    opencv = "opencv"
+
+
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], typer.Option(help="settings file (.json, .toml, .yaml); env CLEANPLATE_* "
+                                                        "and these options override it")] = None,
+    host: Annotated[Optional[str], typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default 8080)")] = None,
+    engine: Annotated[Optional[Engine], typer.Option(help="removal engine (default torch)")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="bundle directory (default: the bundled model)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="torch device: cpu, cuda, auto")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="micro-batch size bound (1 = off)")] = None,
+    batch_window_ms: Annotated[Optional[float], typer.Option(help="micro-batch collection window in ms")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(help="queued removals before 429")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the REST gateway (POST /v1/remove, /v1/score; /healthz, /readyz, /metrics, /docs)."""
+    from .serving.server import serve as run_server
+    from .serving.settings import load_settings
+
+    settings = load_settings(config, host=host, port=port, engine=engine.value if engine else None, bundle=bundle,
+                             device=device, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue)
+    run_server(settings, log_level=log_level)
+
+
 def main() -> None:
     """Entry point: run the app, turning a CleanplateError into one line on stderr and exit code 2."""
     try:

@@ -20,7 +20,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from cleanplate.errors import CleanplateError, InputError
 
@@ -59,8 +59,7 @@ class DecodedImage:
         """``(H, W, 3)`` uint8 RGB for the model: gray replicated, 16-bit as ``round(v / 257)``.
 
         Returns ``pixels`` itself (no copy) when it already is 8-bit RGB."""
-        px = _to8(self.pixels)
-        return np.repeat(px, 3, axis=2) if px.shape[2] == 1 else px
+        return to_rgb8(self.pixels)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -91,6 +90,13 @@ class CropBox:
     @property
     def y1(self) -> int:
         return self.y0 + self.size
+
+
+def to_rgb8(pixels: np.ndarray) -> np.ndarray:
+    """``(H, W[, 1|3])`` uint8/uint16 native pixels -> ``(H, W, 3)`` uint8 RGB (gray replicated, 16-bit as
+    ``round(v / 257)``); no copy when already 8-bit RGB."""
+    px = _to8(pixels if pixels.ndim == 3 else pixels[..., None])
+    return np.repeat(px, 3, axis=2) if px.shape[2] == 1 else px
 
 
 def _to8(a: np.ndarray) -> np.ndarray:
@@ -125,6 +131,9 @@ def _decoding(name: str) -> Iterator[None]:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise InputError(f"{name} is too large to decode: {e}", code="too_many_pixels") from e
+        except UnidentifiedImageError as e:
+            raise InputError(f"cannot read {name}: not an image format this server reads (PNG, JPEG, WEBP, TIFF, "
+                             f"BMP, GIF)", code="unsupported_image") from e
         except _DECODE_ERRORS as e:
             reason = (str(e).splitlines() or [type(e).__name__])[0]
             raise InputError(f"cannot read {name}: {reason}", code="unreadable_image") from e
@@ -185,7 +194,7 @@ def decode_image(data: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_M
 
     Raises:
         InputError: code "too_many_pixels" over the limit; "unreadable_image" for a missing file,
-            truncated data or something that is not an image.
+            truncated or corrupt data; "unsupported_image" for data no decoder recognises.
     """
     raw, name = _read(data)
     with _decoding(name):
@@ -223,7 +232,11 @@ def decode_mask(data: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_MA
     Raises:
         InputError: as :func:`decode_image`.
     """
-    img = decode_image(data, max_pixels=max_pixels)
+    return binarize_mask(decode_image(data, max_pixels=max_pixels))
+
+
+def binarize_mask(img: DecodedImage) -> np.ndarray:
+    """A decoded mask image -> ``(H, W)`` bool, binarized at 50% as :func:`decode_mask` describes."""
     px = img.pixels
     luma = px[..., 0] if px.shape[2] == 1 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
     half = _half(px.dtype)

@@ -59,6 +59,7 @@ class RemovalPipeline:
     device: torch.device
     dtype: torch.dtype
     vae_dtype: torch.dtype
+    discriminator: Any = None  # cleanplate.discriminator.Discriminator, when the bundle has one
 
     @classmethod
     def from_bundle(
@@ -80,10 +81,12 @@ class RemovalPipeline:
         # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
         unet = b.unet.to(dev) if b.unet.dtype == dt else b.unet.to(dev, dt)
         vae = b.vae.to(dev) if b.vae.dtype == vae_dt else b.vae.to(dev, vae_dt)
+        disc = b.discriminator.to(dev, dt) if b.discriminator is not None else None
         if channels_last:
             unet = unet.to(memory_format=torch.channels_last)
             vae = vae.to(memory_format=torch.channels_last)
-        return cls(unet, vae, b.conditioning, b.config, dev, dt, vae_dt)
+            disc = disc.to(memory_format=torch.channels_last) if disc is not None else None
+        return cls(unet, vae, b.conditioning, b.config, dev, dt, vae_dt, disc)
 
     @property
     def resolution(self) -> int:
@@ -133,6 +136,34 @@ class RemovalPipeline:
         }
         x = torch.cat([latents, mask_latent, masked_latents], dim=1)
         return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+    @property
+    def threshold(self) -> float | None:
+        """The discriminator's calibrated pass threshold on the score, None without a discriminator."""
+        return None if self.discriminator is None else float(self.discriminator.threshold)
+
+    @torch.inference_mode()
+    def score(self, result: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Discriminator scores of removal results (RORem's quality discriminator).
+
+        Args:
+            result: (B,3,R,R) float in [-1,1], the cleaned crops.
+            source: (B,3,R,R) float in [-1,1], the crops before removal.
+            mask: (B,1,R,R) float in {0,1}, 1 = removed region (the dilated mask).
+        Returns:
+            (B,) float32 scores in [0,1] on the CPU; higher = cleaner removal, not a probability.
+        Raises:
+            InputError: the bundle has no discriminator, or the shapes disagree.
+        """
+        if self.discriminator is None:
+            raise InputError("this bundle has no discriminator, so nothing can be scored", code="no_discriminator")
+        if result.shape != source.shape or result.ndim != 4 or mask.shape != (result.shape[0], 1, *result.shape[2:]):
+            raise InputError(f"expected result and source (B,3,H,W) and mask (B,1,H,W), got {tuple(result.shape)}, "
+                             f"{tuple(source.shape)} and {tuple(mask.shape)}", code="bad_option")
+        z_result = self.encode(result.to(self.device))
+        z_source = self.encode(source.to(self.device))
+        mask_latent = self.discriminator.mask_to_latent(mask.to(self.device), self.vae_scale_factor).to(self.dtype)
+        return torch.sigmoid(self.discriminator(z_result, mask_latent, z_source)).float().cpu()
 
     def make_scheduler(self) -> Any:
         """A fresh ``LCMScheduler`` from the bundle config (per call: it keeps a step index)."""

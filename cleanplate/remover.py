@@ -50,7 +50,14 @@ class RemovalResult:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """A validated request cut for the model.
+
+    Attributes:
+        crop: (R,R,3) uint8 RGB context window; crop_mask: (R,R) bool (dilated mask in the window);
+        box: the window in source px; dilated: (H,W) bool; dilate_px: the radius used.
+    """
+
     crop: np.ndarray
     crop_mask: np.ndarray
     box: CropBox
@@ -58,15 +65,31 @@ class _Prepared:
     dilate_px: int
 
 
-def _prepare(req: RemovalRequest, pipe: RemovalPipeline) -> _Prepared:
+def prepare(req: RemovalRequest, resolution: int, default_dilate_px: int) -> Prepared:
+    """Validate the mask, dilate it and cut the model crop (DESIGN.md steps 1-4).
+
+    Raises InputError: mask size mismatch, empty mask, or a dilated mask that covers the whole image.
+    """
     mask = imaging.validate_mask(req.mask, req.image.size)
-    dilate_px = pipe.config.dilate_px if req.dilate_px is None else req.dilate_px
+    dilate_px = default_dilate_px if req.dilate_px is None else req.dilate_px
     dilated = imaging.dilate_mask(mask, dilate_px)
     if dilated.all():
         raise InputError("the dilated mask covers the whole image; nothing is left to fill from", code="full_mask")
-    box = imaging.context_crop_box(dilated, pipe.resolution)
-    crop, crop_mask = imaging.crop_to_model(req.image.rgb, dilated, box, pipe.resolution)
-    return _Prepared(crop, crop_mask, box, dilated, dilate_px)
+    box = imaging.context_crop_box(dilated, resolution)
+    crop, crop_mask = imaging.crop_to_model(req.image.rgb, dilated, box, resolution)
+    return Prepared(crop, crop_mask, box, dilated, dilate_px)
+
+
+def composite(req: RemovalRequest, prep: Prepared, result_crop: np.ndarray) -> np.ndarray:
+    """Feathered paste-back of the (R,R,3) uint8 model output; native dtype/channels, bit-exact outside
+    the dilated mask (DESIGN.md step 5)."""
+    return imaging.paste_back(req.image, result_crop, prep.box, req.mask, prep.dilated,
+                              feather_px=max(1.0, prep.dilate_px / 2))
+
+
+def to_uint8_crops(result: torch.Tensor) -> np.ndarray:
+    """(B,3,R,R) float in [-1,1] -> (B,R,R,3) uint8."""
+    return ((result + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def remove_batch(pipe: RemovalPipeline, requests: Sequence[RemovalRequest], *, max_batch: int = 8) -> list[RemovalResult]:
@@ -76,7 +99,7 @@ def remove_batch(pipe: RemovalPipeline, requests: Sequence[RemovalRequest], *, m
     work) if any request is invalid; callers that need per-item errors call this per item.
     """
     t0 = time.perf_counter()
-    prepared = [_prepare(r, pipe) for r in requests]
+    prepared = [prepare(r, pipe.resolution, pipe.config.dilate_px) for r in requests]
     crop_ms = (time.perf_counter() - t0) * 1000 / max(1, len(requests))
     outputs: list[np.ndarray | None] = [None] * len(requests)
     model_ms = [0.0] * len(requests)
@@ -87,10 +110,10 @@ def remove_batch(pipe: RemovalPipeline, requests: Sequence[RemovalRequest], *, m
         for start in range(0, len(indices), max_batch):
             chunk = indices[start : start + max_batch]
             t1 = time.perf_counter()
-            source = torch.stack([torch.from_numpy(prepared[i].crop).permute(2, 0, 1) for i in chunk]).float() / 127.5 - 1
-            mask = torch.stack([torch.from_numpy(prepared[i].crop_mask)[None] for i in chunk]).float()
+            source = crops_to_tensors([prepared[i].crop for i in chunk])
+            mask = masks_to_tensor([prepared[i].crop_mask for i in chunk])
             result = pipe(source, mask, seeds=[requests[i].seed for i in chunk], steps=steps)
-            result = ((result + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            result = to_uint8_crops(result)
             elapsed = (time.perf_counter() - t1) * 1000 / len(chunk)
             for j, i in enumerate(chunk):
                 outputs[i] = result[j]
@@ -98,8 +121,7 @@ def remove_batch(pipe: RemovalPipeline, requests: Sequence[RemovalRequest], *, m
     results = []
     for i, (req, prep) in enumerate(zip(requests, prepared, strict=True)):
         t2 = time.perf_counter()
-        pixels = imaging.paste_back(req.image, outputs[i], prep.box, req.mask, prep.dilated,
-                                    feather_px=max(1.0, prep.dilate_px / 2))
+        pixels = composite(req, prep, outputs[i])
         timings = {"crop": crop_ms, "model": model_ms[i], "composite": (time.perf_counter() - t2) * 1000}
         results.append(RemovalResult(pixels, prep.box, prep.dilated, timings))
     return results
@@ -109,3 +131,67 @@ def remove(pipe: RemovalPipeline, image: DecodedImage, mask: np.ndarray, *, dila
            seed: int = 0, steps: int | None = None) -> RemovalResult:
     """Clean one image; see :func:`remove_batch`. ``mask`` is (H,W) bool, True = remove."""
     return remove_batch(pipe, [RemovalRequest(image, mask, dilate_px, seed, steps)])[0]
+
+
+@dataclass
+class ScoreRequest:
+    """One (source, result, mask) to judge; ``result`` has the source's size (a cleaned image)."""
+
+    source: DecodedImage
+    result: DecodedImage
+    mask: np.ndarray
+    dilate_px: int | None = None
+
+
+def score_crops(source: np.ndarray, result: np.ndarray, mask: np.ndarray, box: CropBox, resolution: int,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The discriminator's view of a removal: the removal's context window cut from source and result.
+
+    Args:
+        source, result: (H,W,3) uint8 RGB of the same size.
+        mask: (H,W) bool, the *dilated* mask used for the removal; box: its context window.
+    Returns:
+        (source crop, result crop, crop mask): (R,R,3) uint8, (R,R,3) uint8, (R,R) bool.
+    """
+    src_crop, crop_mask = imaging.crop_to_model(source, mask, box, resolution)
+    res_crop, _ = imaging.crop_to_model(result, mask, box, resolution)
+    return src_crop, res_crop, crop_mask
+
+
+def crops_to_tensors(crops: Sequence[np.ndarray]) -> torch.Tensor:
+    """(R,R,3) uint8 crops -> (B,3,R,R) float32 in [-1,1]."""
+    return torch.stack([torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1) for c in crops]).float() / 127.5 - 1
+
+
+def masks_to_tensor(masks: Sequence[np.ndarray]) -> torch.Tensor:
+    """(R,R) bool masks -> (B,1,R,R) float32 in {0,1}."""
+    return torch.stack([torch.from_numpy(np.ascontiguousarray(m))[None] for m in masks]).float()
+
+
+def prepare_score(req: ScoreRequest, resolution: int, default_dilate_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate one :class:`ScoreRequest` and cut its crops as :func:`score_crops` (same window as removal).
+
+    Raises InputError: sizes differ, or the mask is empty/full.
+    """
+    if req.result.size != req.source.size:
+        raise InputError(f"result is {req.result.width}x{req.result.height} but the source is "
+                         f"{req.source.width}x{req.source.height}", code="size_mismatch")
+    mask = imaging.validate_mask(req.mask, req.source.size)
+    dilated = imaging.dilate_mask(mask, default_dilate_px if req.dilate_px is None else req.dilate_px)
+    box = imaging.context_crop_box(dilated, resolution)
+    return score_crops(req.source.rgb, req.result.rgb, dilated, box, resolution)
+
+
+def score_batch(pipe: RemovalPipeline, requests: Sequence[ScoreRequest], *, max_batch: int = 8) -> list[float]:
+    """Discriminator scores in [0,1] (higher = cleaner) for full-size images; see :meth:`RemovalPipeline.score`.
+
+    Raises InputError: bad sizes or masks, or a bundle without a discriminator.
+    """
+    prepared = [prepare_score(r, pipe.resolution, pipe.config.dilate_px) for r in requests]
+    scores: list[float] = []
+    for start in range(0, len(prepared), max_batch):
+        chunk = prepared[start:start + max_batch]
+        out = pipe.score(crops_to_tensors([c[1] for c in chunk]), crops_to_tensors([c[0] for c in chunk]),
+                         masks_to_tensor([c[2] for c in chunk]))
+        scores.extend(float(s) for s in out)
+    return scores

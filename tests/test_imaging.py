@@ -207,8 +207,9 @@ def test_too_many_pixels(w: int, h: int, limit: int | None) -> None:
 
 def test_unreadable_inputs(tmp_path) -> None:
     good = pil_bytes(Image.fromarray(ASTRONAUT), "PNG")
-    for bad in (b"not an image at all", b"", good[: len(good) // 2]):
-        with _Raises("unreadable_image") as info:
+    for bad, code in ((b"not an image at all", "unsupported_image"), (b"", "unsupported_image"),
+                      (good[: len(good) // 2], "unreadable_image")):
+        with _Raises(code) as info:
             decode_image(bad)
         assert "\n" not in str(info.value)
     missing = tmp_path / "nope.png"

@@ -134,7 +134,8 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 class TripletDataset(torch.utils.data.Dataset):
     """(source, mask, GT) at ``resolution``: random square crop (resized as serving crops), flip, mask dilation.
 
-    Items: dict of ``source``/``gt`` (3,R,R) float in [-1,1] and ``mask`` (1,R,R) float in {0,1}.
+    Items: dict of ``source``/``gt`` (3,R,R) float in [-1,1], ``mask`` (1,R,R) float in {0,1}, and
+    ``score`` () float when the item has a label.
     The random dilation mirrors serving, where the model sees the dilated mask.
     """
 
@@ -158,11 +159,14 @@ class TripletDataset(torch.utils.data.Dataset):
         mask = imaging.dilate_mask(crop_mask, random.randint(*self.dilate_range))
         if self.flip and random.random() < 0.5:
             source, gt, mask = source[:, ::-1], gt[:, ::-1], mask[:, ::-1]
-        return {
+        out = {
             "source": to_tensor(source),
             "gt": to_tensor(gt),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[None],  # bool -> {0., 1.}
         }
+        if item.score is not None:
+            out["score"] = torch.tensor(float(item.score))
+        return out
 
 
 def infinite_loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig, accelerator: Any) -> Iterator[dict]:

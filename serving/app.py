@@ -1,0 +1,422 @@
+"""The REST gateway (FastAPI): ``POST /v1/remove``, ``POST /v1/score``, health, readiness and metrics.
+
+Every error a client can cause is a 4xx ``application/problem+json`` body (RFC 9457) with a stable
+``code``; limits are enforced before work is done: body size (413) and upload time (408) while the body
+is read, pixel count from the image header (413), a bounded engine queue (429 + Retry-After), and a
+per-request deadline (504). Use :func:`create_app` (tests, custom servers) or ``cleanplate serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from enum import Enum
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from anyio import to_thread
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cleanplate import __version__, imaging
+from cleanplate.errors import CleanplateError, InputError
+
+from .engines import Engine, EngineUnavailable, QueueFull, make_engine
+from .metrics import Metrics
+from .removal import RemoveOptions, run_removal, run_score
+from .settings import Settings
+
+log = logging.getLogger("cleanplate.serving")
+PROBLEM = "application/problem+json"
+ENDPOINTS = ("/v1/remove", "/v1/score", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+# InputError codes that are not 422 (unprocessable content).
+STATUS_BY_CODE = {"unreadable_image": 400, "bad_multipart": 400, "unsupported_image": 415,
+                  "unsupported_media_type": 415, "too_many_pixels": 413, "too_large": 413, "body_timeout": 408,
+                  "unauthorized": 401, "queue_full": 429, "engine_unavailable": 503, "draining": 503,
+                  "deadline": 504}
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}
+
+
+class OutputFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, plus ``code`` (stable, for machines) and ``errors`` (validation details)."""
+
+    type: str = Field(examples=["urn:cleanplate:problem:size_mismatch"])
+    title: str = Field(examples=["Unprocessable Content"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["mask is 100x100 but the image is 600x400"])
+    code: str = Field(examples=["size_mismatch"])
+    instance: str = Field(examples=["/v1/remove"])
+    errors: list[dict[str, Any]] | None = None
+
+
+class RemoveResult(BaseModel):
+    """``POST /v1/remove`` with ``Accept: application/json``."""
+
+    image: str = Field(description="the cleaned image, base64 (same size and mode as the input)")
+    media_type: str = Field(examples=["image/png"])
+    width: int
+    height: int
+    score: float | None = Field(description="discriminator score in [0,1] of the returned attempt (gate on)")
+    passed: bool | None = Field(description="score >= threshold (gate on)")
+    threshold: float | None
+    attempts: int = Field(description="model runs made (> 1 when the gate retried)")
+    seed: int = Field(description="seed of the returned attempt")
+    timings_ms: dict[str, float]
+
+
+class ScoreResult(BaseModel):
+    score: float = Field(description="discriminator score in [0,1]; higher = cleaner")
+    threshold: float = Field(description="the pass threshold used (calibrated default or the request's)")
+    passed: bool
+
+
+def problem(status: int, detail: str, code: str, instance: str = "", headers: dict[str, str] | None = None,
+            errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    body = {"type": f"urn:cleanplate:problem:{code}", "title": HTTPStatus(status).phrase, "status": status,
+            "detail": detail, "code": code, "instance": instance}
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": Problem, "description": HTTPStatus(s).phrase, "content": {PROBLEM: {}}} for s in statuses}
+
+
+_RESULT_HEADERS = {
+    "X-Cleanplate-Score": {"description": "discriminator score of the returned attempt (gate on)",
+                           "schema": {"type": "number"}},
+    "X-Cleanplate-Passed": {"description": "true/false (gate on)", "schema": {"type": "string"}},
+    "X-Cleanplate-Attempts": {"description": "model runs made", "schema": {"type": "integer"}},
+    "Server-Timing": {"description": "per-stage time in ms (decode, prepare, model, composite, gate, encode)",
+                      "schema": {"type": "string"}},
+}
+
+
+class Guard:
+    """Pure-ASGI middleware in front of the routes: metrics, draining (503), API keys (401), content type
+    (415), body size (413) and upload time (408) while buffering the body, and the deadline (504)."""
+
+    def __init__(self, app: Callable, state: Any) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        settings: Settings = self.state.settings
+        metrics: Metrics = self.state.metrics
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status = {"code": 500, "started": False}
+
+        async def send_tracked(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        t0 = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            early = self._refuse(scope, path, settings)
+            if early is not None:
+                return await early(scope, receive, send_tracked)
+            if path.startswith("/v1/") and scope["method"] == "POST":
+                body = await self._read_body(scope, receive, settings)
+                if isinstance(body, Response):
+                    return await body(scope, receive, send_tracked)
+                receive = _replay(body, receive)
+            try:
+                await asyncio.wait_for(self.app(scope, receive, send_tracked), settings.request_timeout_s)
+            except asyncio.TimeoutError:
+                if status["started"]:
+                    raise
+                detail = f"the request took longer than the {settings.request_timeout_s:g} s deadline"
+                await problem(504, detail, "deadline", path)(scope, receive, send_tracked)
+        finally:
+            metrics.in_flight.dec()
+            code = str(status["code"])
+            metrics.requests.labels(endpoint, code).inc()
+            metrics.latency.labels(endpoint, code).observe(time.perf_counter() - t0)
+
+    def _refuse(self, scope: dict, path: str, settings: Settings) -> Response | None:
+        if self.state.draining and path not in ("/healthz", "/metrics"):
+            return problem(503, "the server is shutting down; retry on another replica", "draining", path,
+                           headers={"Retry-After": "1", "Connection": "close"})
+        if not path.startswith("/v1/"):
+            return None
+        if settings.api_keys and not _authorized(scope, settings):
+            return problem(401, "a valid API key is required: Authorization: Bearer <key>", "unauthorized", path,
+                           headers={"WWW-Authenticate": 'Bearer realm="cleanplate"'})
+        if scope["method"] == "POST":
+            ctype = _header(scope, b"content-type").split(";")[0].strip().lower()
+            if ctype != "multipart/form-data":
+                return problem(415, f"send multipart/form-data, not {ctype or 'no content type'}",
+                               "unsupported_media_type", path, headers={"Accept-Post": "multipart/form-data"})
+        return None
+
+    async def _read_body(self, scope: dict, receive: Callable, settings: Settings) -> bytes | Response:
+        path, limit = scope["path"], settings.max_upload_bytes
+        too_large = problem(413, f"the request body is over the limit of {limit} bytes", "too_large", path,
+                            headers={"Connection": "close"})
+        declared = _header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > limit:
+            return too_large
+        chunks, size = [], 0
+
+        async def read() -> None:
+            nonlocal size
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ConnectionAbortedError
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise OverflowError
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return
+
+        try:
+            await asyncio.wait_for(read(), settings.body_timeout_s)
+        except OverflowError:
+            return too_large
+        except asyncio.TimeoutError:
+            return problem(408, f"the request body was not received within {settings.body_timeout_s:g} s",
+                           "body_timeout", path, headers={"Connection": "close"})
+        except ConnectionAbortedError:
+            return Response(status_code=499)  # nobody is listening; logged as client-closed
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Callable) -> Callable[[], Awaitable[dict]]:
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later calls wait for the disconnect, as Starlette expects
+
+    return replay
+
+
+def _header(scope: dict, name: bytes) -> str:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _authorized(scope: dict, settings: Settings) -> bool:
+    scheme, _, token = _header(scope, b"authorization").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    given = token.strip().encode()
+    # compare against every key (constant time each) so timing does not reveal which prefix matched
+    return any([hmac.compare_digest(given, k.get_secret_value().encode()) for k in settings.api_keys])
+
+
+def _output_format(requested: OutputFormat | None, decoded: imaging.DecodedImage) -> str:
+    if requested is not None:
+        return requested.value
+    fmt = {"jpg": "jpeg", "mpo": "jpeg", "tif": "tiff"}.get((decoded.format or "").lower(), (decoded.format or "").lower())
+    return fmt if fmt in MEDIA_TYPES else "png"
+
+
+def _server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{k};dur={v:.1f}" for k, v in timings.items())
+
+
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    """The gateway app. ``engine`` defaults to the one ``settings`` name; it loads in the background at
+    start-up (``/readyz`` says when it is ready). Raises BundleError early for a bundle path that is wrong."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    engine = engine or make_engine(settings, on_batch=metrics.observe_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        app.state.load_error = None
+
+        async def load() -> None:
+            try:
+                await engine.start()
+            except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
+                app.state.load_error = f"{type(exc).__name__}: {exc}"
+                log.exception("engine %s failed to load", engine.name)
+
+        app.state.loader = asyncio.create_task(load())
+        yield
+        app.state.draining = True
+        app.state.loader.cancel()
+        await engine.close()
+
+    app = FastAPI(title="cleanplate", version=__version__, lifespan=lifespan,
+                  description="Removes promo text, watermarks, stickers and stray objects from product photos "
+                              "(RORem-style 4-step diffusion remover with a discriminator quality gate).")
+    app.state.settings, app.state.metrics, app.state.engine = settings, metrics, engine
+    app.state.draining, app.state.load_error = False, None
+    app.add_middleware(Guard, state=app.state)
+
+    # -- errors -------------------------------------------------------------------------------------
+    @app.exception_handler(CleanplateError)
+    async def cleanplate_error(request: Request, exc: CleanplateError) -> JSONResponse:
+        status = STATUS_BY_CODE.get(exc.code, 422)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+        if isinstance(exc, EngineUnavailable):
+            headers = {"Retry-After": "5"}
+        return problem(status, str(exc), exc.code, request.url.path, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query"))
+        return problem(422, f"{field}: {first['msg']}" if field else first["msg"], "invalid_field",
+                       request.url.path, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {400: "bad_multipart", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return problem(exc.status_code, str(exc.detail), code, request.url.path, dict(exc.headers or {}) or None)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return problem(500, "internal error; it has been logged", "internal", request.url.path)
+
+    # -- routes -------------------------------------------------------------------------------------
+    async def decode(upload: UploadFile, what: str) -> imaging.DecodedImage:
+        data = await upload.read()
+        if not data:
+            raise InputError(f"{what} is empty (0 bytes)", code="unreadable_image")
+        return await to_thread.run_sync(lambda: imaging.decode_image(data, max_pixels=settings.max_pixels))
+
+    def check_ready() -> None:
+        if not engine.ready():
+            detail = app.state.load_error or "the model is still loading"
+            raise EngineUnavailable(f"engine {engine.name} is not ready: {detail}")
+
+    @app.post(
+        "/v1/remove", response_model=None, summary="Remove the masked region from a photo",
+        responses={200: {"model": RemoveResult, "headers": _RESULT_HEADERS,
+                         "description": "the cleaned image (same size and mode as the input) or, with "
+                                        "Accept: application/json, a JSON body",
+                         "content": {m: {"schema": {"type": "string", "format": "binary"}}
+                                     for m in MEDIA_TYPES.values()}},
+                   **_problem_responses(400, 401, 408, 413, 415, 422, 429, 503, 504)},
+    )
+    async def remove(
+        request: Request,
+        image: Annotated[UploadFile, File(description="the photo (PNG, JPEG, WEBP, TIFF, ...)")],
+        mask: Annotated[UploadFile | None, File(description="mask, white = remove; omit to use the image's "
+                                                             "transparent pixels")] = None,
+        dilate_px: Annotated[int | None, Form(ge=0, le=512, description="mask dilation in px")] = None,
+        steps: Annotated[int | None, Form(ge=1, le=50, description="LCM steps (default 4)")] = None,
+        seed: Annotated[int, Form(ge=0, le=2**31 - 1, description="noise seed of the first attempt")] = 0,
+        quality_gate: Annotated[bool | None, Form(description="score with the discriminator and retry")] = None,
+        threshold: Annotated[float | None, Form(ge=0, le=1, description="gate threshold (default: "
+                                                                        "calibrated)")] = None,
+        max_attempts: Annotated[int | None, Form(ge=1, description="gate attempts, new seed each")] = None,
+        output_format: Annotated[OutputFormat | None, Form(description="default: the input's format")] = None,
+    ) -> Response:
+        check_ready()
+        attempts = settings.max_attempts if max_attempts is None else max_attempts
+        if attempts > settings.max_attempts_limit:
+            raise InputError(f"max_attempts: at most {settings.max_attempts_limit}", code="invalid_field")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        decoded = await decode(image, "image")
+        from_alpha = mask is None
+        if from_alpha:
+            mask_array = imaging.mask_from_alpha(decoded)
+        else:
+            mask_image = await decode(mask, "mask")
+            mask_array = await to_thread.run_sync(imaging.binarize_mask, mask_image)
+        timings["decode"] = (time.perf_counter() - t0) * 1000
+        opts = RemoveOptions(dilate_px, steps, seed, settings.quality_gate if quality_gate is None else quality_gate,
+                             threshold, attempts)
+        outcome = await run_removal(engine, decoded, mask_array, opts)
+        timings.update(outcome.timings_ms)
+        fmt = _output_format(output_format, decoded)
+        t1 = time.perf_counter()
+        # A mask given as transparency is filled in, so the result is opaque.
+        data = await to_thread.run_sync(lambda: imaging.encode_image(outcome.pixels, decoded, fmt=fmt,
+                                                                     alpha=None if from_alpha else "keep"))
+        timings["encode"] = (time.perf_counter() - t1) * 1000
+        timings["total"] = (time.perf_counter() - t0) * 1000
+        for stage, ms in timings.items():
+            if stage != "total":
+                metrics.stage.labels(stage).observe(ms / 1000)
+        if outcome.passed is not None:
+            metrics.observe_gate(outcome.passed, outcome.attempts)
+        metrics.queue_depth.set(engine.queue_depth())
+        headers = {"X-Cleanplate-Attempts": str(outcome.attempts), "Server-Timing": _server_timing(timings)}
+        if outcome.score is not None:
+            headers.update({"X-Cleanplate-Score": f"{outcome.score:.6f}",
+                            "X-Cleanplate-Passed": str(outcome.passed).lower(),
+                            "X-Cleanplate-Threshold": f"{outcome.threshold:.6f}"})
+        if "application/json" in request.headers.get("accept", ""):
+            body = RemoveResult(image=base64.b64encode(data).decode(), media_type=MEDIA_TYPES[fmt],
+                                width=decoded.width, height=decoded.height, score=outcome.score,
+                                passed=outcome.passed, threshold=outcome.threshold, attempts=outcome.attempts,
+                                seed=seed + outcome.attempts - 1 if outcome.score is not None else seed,
+                                timings_ms={k: round(v, 2) for k, v in timings.items()})
+            return JSONResponse(body.model_dump(), headers=headers)
+        return Response(data, media_type=MEDIA_TYPES[fmt], headers=headers)
+
+    @app.post("/v1/score", response_model=ScoreResult, summary="Score a finished removal with the discriminator",
+              responses=_problem_responses(400, 401, 408, 413, 415, 422, 429, 503, 504))
+    async def score(
+        source: Annotated[UploadFile, File(description="the photo before removal")],
+        result: Annotated[UploadFile, File(description="the photo after removal (same size)")],
+        mask: Annotated[UploadFile, File(description="the removal's mask, white = removed")],
+        dilate_px: Annotated[int | None, Form(ge=0, le=512, description="mask dilation in px")] = None,
+        threshold: Annotated[float | None, Form(ge=0, le=1, description="pass threshold (default: "
+                                                                        "calibrated)")] = None,
+    ) -> ScoreResult:
+        check_ready()
+        src, res = await decode(source, "source"), await decode(result, "result")
+        mask_array = await to_thread.run_sync(imaging.binarize_mask, await decode(mask, "mask"))
+        value = await run_score(engine, src, res, mask_array, dilate_px)
+        limit = engine.threshold if threshold is None else threshold
+        return ScoreResult(score=value, threshold=limit, passed=value >= limit)
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: model loaded and engine reachable",
+             responses=_problem_responses(503))
+    async def readyz() -> dict[str, Any]:
+        check_ready()
+        metrics.ready.set(1)
+        return {"status": "ready", "engine": engine.name, "resolution": engine.resolution,
+                "quality_gate": engine.threshold is not None, "threshold": engine.threshold}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain; version=0.0.4": {}}}})
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(engine.queue_depth())
+        metrics.ready.set(int(engine.ready()))
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+

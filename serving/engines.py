@@ -1,0 +1,322 @@
+"""Engines: what turns a model crop into a cleaned crop, behind one async interface (DESIGN.md, "Engines").
+
+The gateway does the pre- and post-processing (decode, dilate, crop, paste-back, encode) and hands each
+engine square crops at its ``resolution``:
+
+* ``torch``: the bundle in-process; requests that arrive within ``batch_window_ms`` of each other run as
+  one batch of up to ``max_batch`` (:class:`MicroBatcher`), on one model thread.
+* ``opencv``: Telea inpainting (Telea 2004, ``cv2.inpaint``), no model and no discriminator; a baseline.
+* ``triton``: comes with the Triton export; it implements the same :class:`Engine` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import cv2
+import numpy as np
+
+from cleanplate.errors import CleanplateError, InputError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFull(CleanplateError):
+    """The engine's queue is full; retry after ``retry_after_s`` seconds (HTTP 429)."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineUnavailable(CleanplateError):
+    """The engine is loading, stopped or unreachable (HTTP 503)."""
+
+    code = "engine_unavailable"
+
+
+class Engine(Protocol):
+    """One removal backend. Crops are (R,R,3) uint8 RGB; masks (R,R) bool, True = remove."""
+
+    name: str
+    resolution: int  # crop side R in px
+    default_dilate_px: int
+    default_steps: int
+    threshold: float | None  # calibrated gate threshold; None = no discriminator
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def ready(self) -> bool: ...
+    def queue_depth(self) -> int: ...
+    async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray: ...
+    async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float: ...
+
+
+@dataclass
+class _Job(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+
+
+class MicroBatcher(Generic[T, R]):
+    """Runs ``run_batch`` on groups of items submitted close together (dynamic batching).
+
+    A worker takes the first waiting item, then collects more until ``max_batch`` items or until
+    ``window_ms`` has passed since it took the first; items queued while a batch runs join the next
+    one at once. Items whose caller has gone (cancelled by a deadline) are dropped before running.
+    ``run_batch(items) -> results`` (same length and order) runs on ``executor``.
+
+    Raises (from :meth:`submit`): QueueFull when ``max_queue`` items are already waiting;
+    EngineUnavailable after :meth:`close`.
+    """
+
+    def __init__(self, run_batch: Callable[[list[T]], Sequence[R]], *, max_batch: int, window_ms: float,
+                 max_queue: int, executor: concurrent.futures.Executor,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        self.run_batch, self.max_batch, self.window_s = run_batch, max_batch, window_ms / 1000
+        self.max_queue, self.executor, self.on_batch = max_queue, executor, on_batch
+        self._queue: asyncio.Queue[_Job[T, R]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self._running = 0
+        self._batch_s = 0.5  # moving average of batch time, for Retry-After
+        self._closed = False
+
+    def depth(self) -> int:
+        """Items waiting plus items running."""
+        return self._queue.qsize() + self._running
+
+    async def submit(self, item: T) -> R:
+        if self._closed:
+            raise EngineUnavailable("the engine is shutting down")
+        if self._queue.qsize() >= self.max_queue:
+            batches_ahead = math.ceil((self._queue.qsize() + 1) / self.max_batch)
+            raise QueueFull(f"the queue is full ({self.max_queue} waiting)",
+                            retry_after_s=max(1, math.ceil(batches_ahead * self._batch_s)))
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+        job: _Job[T, R] = _Job(item, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        return await job.future
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(EngineUnavailable("the engine shut down"))
+
+    async def _collect(self) -> list[_Job[T, R]]:
+        jobs = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.window_s
+        while len(jobs) < self.max_batch:
+            if not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return [j for j in jobs if not j.future.done()]
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._collect()
+            if not jobs:
+                continue
+            self._running = len(jobs)
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, [j.item for j in jobs])
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+            else:
+                for j, r in zip(jobs, results, strict=True):
+                    if not j.future.done():
+                        j.future.set_result(r)
+            finally:
+                self._running = 0
+            elapsed = time.perf_counter() - t0
+            self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
+            if self.on_batch is not None:
+                self.on_batch(len(jobs), elapsed)
+
+
+@dataclass(frozen=True)
+class InpaintItem:
+    crop: np.ndarray
+    mask: np.ndarray
+    seed: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    source: np.ndarray
+    result: np.ndarray
+    mask: np.ndarray
+
+
+class TorchEngine:
+    """The bundle in-process (:class:`cleanplate.pipeline.RemovalPipeline`) with micro-batching.
+
+    Loading happens in :meth:`start` (on the model thread), so a server answers /healthz while a big
+    bundle loads. One model thread runs every batch: torch already uses all cores inside an op.
+    """
+
+    name = "torch"
+
+    def __init__(self, bundle: Any = None, *, device: str = "cpu", dtype: str = "fp32", max_batch: int = 8,
+                 window_ms: float = 10.0, max_queue: int = 64, torch_threads: int | None = None,
+                 on_batch: Callable[[str, int, float], None] | None = None) -> None:
+        from cleanplate.bundle import default_bundle_path, read_config
+
+        self._bundle, self._device, self._dtype, self._threads = bundle, device, dtype, torch_threads
+        config = read_config(bundle or default_bundle_path())  # fail fast on a bad path, before any load
+        self.resolution, self.default_dilate_px, self.default_steps = config.resolution, config.dilate_px, config.steps
+        self.threshold: float | None = None
+        self.pipe: Any = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleanplate-model")
+        report = on_batch or (lambda queue, n, s: None)
+        self._inpaint = MicroBatcher(self._run_inpaint, max_batch=max_batch, window_ms=window_ms,
+                                     max_queue=max_queue, executor=self._executor,
+                                     on_batch=lambda n, s: report("inpaint", n, s))
+        self._score = MicroBatcher(self._run_score, max_batch=max_batch, window_ms=window_ms,
+                                   max_queue=max_queue, executor=self._executor,
+                                   on_batch=lambda n, s: report("score", n, s))
+
+    def _load(self) -> Any:
+        import torch
+
+        from cleanplate.pipeline import RemovalPipeline
+
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        return RemovalPipeline.from_bundle(self._bundle, device=self._device, dtype=self._dtype)
+
+    async def start(self) -> None:
+        self.pipe = await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+        self.threshold = self.pipe.threshold
+
+    async def close(self) -> None:
+        await self._inpaint.close()
+        await self._score.close()
+        self._executor.shutdown(wait=True)
+
+    def ready(self) -> bool:
+        return self.pipe is not None
+
+    def queue_depth(self) -> int:
+        return self._inpaint.depth() + self._score.depth()
+
+    async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray:
+        if self.pipe is None:
+            raise EngineUnavailable("the model is still loading")
+        return await self._inpaint.submit(InpaintItem(crop, mask, seed, steps))
+
+    async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:
+        if self.pipe is None:
+            raise EngineUnavailable("the model is still loading")
+        if self.threshold is None:
+            raise InputError("this bundle has no discriminator, so the quality gate and scoring are unavailable",
+                             code="no_discriminator")
+        return await self._score.submit(ScoreItem(source, result, mask))
+
+    def _run_inpaint(self, items: list[InpaintItem]) -> list[np.ndarray]:
+        from cleanplate.remover import crops_to_tensors, masks_to_tensor, to_uint8_crops
+
+        out: list[np.ndarray | None] = [None] * len(items)
+        by_steps: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            by_steps.setdefault(item.steps, []).append(i)
+        for steps, idx in by_steps.items():
+            result = self.pipe(crops_to_tensors([items[i].crop for i in idx]),
+                               masks_to_tensor([items[i].mask for i in idx]),
+                               seeds=[items[i].seed for i in idx], steps=steps)
+            for i, crop in zip(idx, to_uint8_crops(result), strict=True):
+                out[i] = crop
+        return out  # type: ignore[return-value]
+
+    def _run_score(self, items: list[ScoreItem]) -> list[float]:
+        from cleanplate.remover import crops_to_tensors, masks_to_tensor
+
+        scores = self.pipe.score(crops_to_tensors([i.result for i in items]), crops_to_tensors([i.source for i in items]),
+                                 masks_to_tensor([i.mask for i in items]))
+        return [float(s) for s in scores]
+
+
+class OpenCVEngine:
+    """Telea inpainting (``cv2.inpaint(..., cv2.INPAINT_TELEA)``) on the crop; no model, no discriminator.
+
+    Runs on a small thread pool (OpenCV releases the GIL); there is no queue to fill, so no 429.
+    """
+
+    name = "opencv"
+
+    def __init__(self, *, radius: int = 5, resolution: int = 512, dilate_px: int = 8, workers: int = 2) -> None:
+        self.radius, self.resolution, self.default_dilate_px, self.default_steps = radius, resolution, dilate_px, 1
+        self.threshold: float | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cleanplate-cv")
+        self._running = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def ready(self) -> bool:
+        return True
+
+    def queue_depth(self) -> int:
+        return self._running
+
+    def _telea(self, crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        bgr = cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)
+        out = cv2.inpaint(bgr, mask.astype(np.uint8) * 255, self.radius, cv2.INPAINT_TELEA)
+        return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
+
+    async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray:
+        self._running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._telea, crop, mask)
+        finally:
+            self._running -= 1
+
+    async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:
+        raise InputError("the opencv engine has no discriminator, so the quality gate and scoring are unavailable",
+                         code="no_discriminator")
+
+
+def make_engine(settings: Any, on_batch: Callable[[str, int, float], None] | None = None) -> Engine:
+    """The engine named by ``settings.engine`` (see :class:`cleanplate.serving.settings.Settings`)."""
+    if settings.engine == "opencv":
+        dilate = 8
+        if settings.bundle is not None:
+            from cleanplate.bundle import read_config
+
+            dilate = read_config(settings.bundle).dilate_px
+        return OpenCVEngine(radius=settings.opencv_radius, resolution=settings.opencv_resolution, dilate_px=dilate)
+    return TorchEngine(settings.bundle, device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch,
+                       window_ms=settings.batch_window_ms, max_queue=settings.max_queue,
+                       torch_threads=settings.torch_threads, on_batch=on_batch)

@@ -1,0 +1,108 @@
+"""One removal through an engine, with the optional quality gate (DESIGN.md, "One removal", step 6).
+
+CPU-bound pre/post-processing runs in worker threads so the event loop keeps accepting requests;
+the model work runs in the engine. The gate scores the result exactly as ``POST /v1/score`` (and
+``cleanplate score``) would score the returned image: the removal's context window cut from the
+source and the composited result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from anyio import to_thread
+
+from cleanplate import imaging
+from cleanplate.errors import InputError
+from cleanplate.imaging import DecodedImage
+from cleanplate.remover import RemovalRequest, composite, prepare, score_crops
+
+from .engines import Engine
+
+
+@dataclass
+class RemoveOptions:
+    """Per-request options; None = the engine's (bundle's) default. ``threshold`` in [0,1]."""
+
+    dilate_px: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    quality_gate: bool = False
+    threshold: float | None = None
+    max_attempts: int = 1
+
+
+@dataclass
+class Outcome:
+    """pixels: (H,W,C) native dtype, the best attempt; score/passed: None without the gate;
+    attempts: model runs made; timings_ms: per stage, summed over attempts."""
+
+    pixels: np.ndarray
+    score: float | None
+    passed: bool | None
+    attempts: int
+    threshold: float | None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _add(timings: dict[str, float], stage: str, t0: float) -> float:
+    now = time.perf_counter()
+    timings[stage] = timings.get(stage, 0.0) + (now - t0) * 1000
+    return now
+
+
+async def run_removal(engine: Engine, image: DecodedImage, mask: np.ndarray, opts: RemoveOptions) -> Outcome:
+    """Remove ``mask`` (H,W) bool from ``image``; with the gate, retry with seeds seed+1, seed+2, ... until a
+    result scores >= threshold or ``max_attempts`` runs are made, and return the best-scoring attempt.
+
+    Raises:
+        InputError: bad mask or options; "no_discriminator" when the gate is asked of an engine without one.
+        QueueFull, EngineUnavailable: from the engine.
+    """
+    threshold = None
+    if opts.quality_gate:
+        if engine.threshold is None:
+            raise InputError(f"the {engine.name} engine has no discriminator, so the quality gate is unavailable",
+                             code="no_discriminator")
+        threshold = engine.threshold if opts.threshold is None else opts.threshold
+    steps = engine.default_steps if opts.steps is None else opts.steps
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    request = RemovalRequest(image, mask, opts.dilate_px, opts.seed, steps)
+    prep = await to_thread.run_sync(prepare, request, engine.resolution, engine.default_dilate_px)
+    t = _add(timings, "prepare", t)
+    best: Outcome | None = None
+    attempts = opts.max_attempts if opts.quality_gate else 1
+    for attempt in range(attempts):
+        crop = await engine.inpaint(prep.crop, prep.crop_mask, seed=opts.seed + attempt, steps=steps)
+        t = _add(timings, "model", t)
+        pixels = await to_thread.run_sync(composite, request, prep, crop)
+        t = _add(timings, "composite", t)
+        if threshold is None:
+            return Outcome(pixels, None, None, 1, None, timings)
+        _, result_crop, _ = await to_thread.run_sync(
+            score_crops, image.rgb, imaging.to_rgb8(pixels), prep.dilated, prep.box, engine.resolution)
+        score = await engine.score(prep.crop, result_crop, prep.crop_mask)
+        t = _add(timings, "gate", t)
+        if best is None or score > best.score:
+            best = Outcome(pixels, score, score >= threshold, attempt + 1, threshold, timings)
+        if score >= threshold:
+            break
+    assert best is not None
+    best.attempts = attempt + 1
+    return best
+
+
+async def run_score(engine: Engine, source: DecodedImage, result: DecodedImage, mask: np.ndarray,
+                    dilate_px: int | None) -> float:
+    """Discriminator score in [0,1] of a finished removal, cut as :func:`run_removal` cuts it."""
+    from cleanplate.remover import ScoreRequest, prepare_score
+
+    if engine.threshold is None:
+        raise InputError(f"the {engine.name} engine has no discriminator, so scoring is unavailable",
+                         code="no_discriminator")
+    src, res, crop_mask = await to_thread.run_sync(
+        prepare_score, ScoreRequest(source, result, mask, dilate_px), engine.resolution, engine.default_dilate_px)
+    return await engine.score(src, res, crop_mask)

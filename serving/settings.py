@@ -1,0 +1,93 @@
+"""Gateway settings (pydantic-settings): defaults < config file < ``CLEANPLATE_*`` environment < CLI options.
+
+The config file is JSON, TOML or YAML (by suffix), named by ``CLEANPLATE_CONFIG`` or ``cleanplate serve
+--config``; its keys are the field names below. Lists in the environment are JSON, e.g.
+``CLEANPLATE_API_KEYS='["k1","k2"]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
+    TomlConfigSettingsSource, YamlConfigSettingsSource,
+)
+
+from cleanplate.errors import InputError
+
+CONFIG_ENV = "CLEANPLATE_CONFIG"
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the gateway reads at start-up. Sizes in bytes, times in seconds unless named ``_ms``."""
+
+    model_config = SettingsConfigDict(env_prefix="CLEANPLATE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 inside a container)")
+    port: int = Field(8080, ge=0, le=65535)
+    engine: Literal["torch", "opencv"] = Field("torch", description="what runs the removal")
+    bundle: Path | None = Field(None, description="bundle directory; default: the bundled model")
+    device: str = Field("cpu", description="torch engine: cpu, cuda, cuda:N or auto")
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+
+    max_batch: int = Field(8, ge=1, le=256, description="micro-batch bound; 1 turns micro-batching off")
+    batch_window_ms: float = Field(10.0, ge=0, le=1000, description="how long a batch waits for company")
+    max_queue: int = Field(64, ge=1, description="removals waiting for the engine before 429")
+    request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504 past it)")
+    body_timeout_s: float = Field(30.0, gt=0, description="time allowed to upload a request body (408 past it)")
+    max_upload_bytes: int = Field(32 * MiB, ge=1024, description="request body limit (413)")
+    max_pixels: int = Field(40_000_000, ge=1, description="per-image pixel limit, checked before decoding (413)")
+
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = no auth")
+    quality_gate: bool = Field(False, description="gate removals by default (requests may override)")
+    max_attempts: int = Field(3, ge=1, le=16, description="gate attempts by default")
+    max_attempts_limit: int = Field(8, ge=1, le=64, description="largest max_attempts a request may ask for")
+    opencv_radius: int = Field(5, ge=1, le=64, description="opencv engine: Telea radius in px")
+    opencv_resolution: int = Field(512, ge=64, le=4096, description="opencv engine: crop side in px")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        path = os.environ.get(CONFIG_ENV)
+        if path:
+            sources.append(_file_source(settings_cls, Path(path)))
+        return tuple(sources)
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}", code="bad_option")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    raise InputError(f"config file must be .json, .toml or .yaml: {path}", code="bad_option")
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the sources above; ``overrides`` (None values skipped) win over everything.
+
+    Raises InputError naming the first bad field (the CLI prints it and exits 2).
+    """
+    if config_file is not None:
+        os.environ[CONFIG_ENV] = str(config_file)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(map(str, err["loc"])) or "settings"
+        raise InputError(f"settings: {where}: {err['msg']}", code="bad_option") from exc
+    except ValueError as exc:  # a config file that does not parse
+        raise InputError(f"settings: {exc}", code="bad_option") from exc
