@@ -120,9 +120,13 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
 
 
+_SIGNATURES = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"II*\x00", b"MM\x00*", b"BM")
+
+
 @contextmanager
-def _decoding(name: str) -> Iterator[None]:
-    """Turn Pillow/OpenCV failures into one-line InputErrors."""
+def _decoding(name: str, raw: bytes = b"") -> Iterator[None]:
+    """Turn Pillow/OpenCV failures into one-line InputErrors; ``raw`` (the encoded bytes) tells a
+    corrupt file of a known format ("unreadable_image") from data of no known format ("unsupported_image")."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -132,6 +136,8 @@ def _decoding(name: str) -> Iterator[None]:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise InputError(f"{name} is too large to decode: {e}", code="too_many_pixels") from e
         except UnidentifiedImageError as e:
+            if raw.startswith(_SIGNATURES) or raw[8:12] == b"WEBP":
+                raise InputError(f"cannot read {name}: its header is corrupt", code="unreadable_image") from e
             raise InputError(f"cannot read {name}: not an image format this server reads (PNG, JPEG, WEBP, TIFF, "
                              f"BMP, GIF)", code="unsupported_image") from e
         except _DECODE_ERRORS as e:
@@ -197,7 +203,7 @@ def decode_image(data: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_M
             truncated or corrupt data; "unsupported_image" for data no decoder recognises.
     """
     raw, name = _read(data)
-    with _decoding(name):
+    with _decoding(name, raw):
         im = Image.open(io.BytesIO(raw))
         w, h = im.size
         if w * h > max_pixels:

@@ -377,7 +377,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             body = RemoveResult(image=base64.b64encode(data).decode(), media_type=MEDIA_TYPES[fmt],
                                 width=decoded.width, height=decoded.height, score=outcome.score,
                                 passed=outcome.passed, threshold=outcome.threshold, attempts=outcome.attempts,
-                                seed=seed + outcome.attempts - 1 if outcome.score is not None else seed,
+                                seed=outcome.seed,
                                 timings_ms={k: round(v, 2) for k, v in timings.items()})
             return JSONResponse(body.model_dump(), headers=headers)
         return Response(data, media_type=MEDIA_TYPES[fmt], headers=headers)

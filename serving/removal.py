@@ -37,13 +37,14 @@ class RemoveOptions:
 @dataclass
 class Outcome:
     """pixels: (H,W,C) native dtype, the best attempt; score/passed: None without the gate;
-    attempts: model runs made; timings_ms: per stage, summed over attempts."""
+    attempts: model runs made; seed: the returned attempt's seed; timings_ms: per stage, summed over attempts."""
 
     pixels: np.ndarray
     score: float | None
     passed: bool | None
     attempts: int
     threshold: float | None
+    seed: int
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -81,13 +82,13 @@ async def run_removal(engine: Engine, image: DecodedImage, mask: np.ndarray, opt
         pixels = await to_thread.run_sync(composite, request, prep, crop)
         t = _add(timings, "composite", t)
         if threshold is None:
-            return Outcome(pixels, None, None, 1, None, timings)
+            return Outcome(pixels, None, None, 1, None, opts.seed, timings)
         _, result_crop, _ = await to_thread.run_sync(
             score_crops, image.rgb, imaging.to_rgb8(pixels), prep.dilated, prep.box, engine.resolution)
         score = await engine.score(prep.crop, result_crop, prep.crop_mask)
         t = _add(timings, "gate", t)
         if best is None or score > best.score:
-            best = Outcome(pixels, score, score >= threshold, attempt + 1, threshold, timings)
+            best = Outcome(pixels, score, score >= threshold, attempt + 1, threshold, opts.seed + attempt, timings)
         if score >= threshold:
             break
     assert best is not None

@@ -21,6 +21,7 @@ from cleanplate.errors import InputError
 
 CONFIG_ENV = "CLEANPLATE_CONFIG"
 MiB = 1024 * 1024
+_config_file: Path | None = None  # set by load_settings for the duration of one Settings() call
 
 
 class Settings(BaseSettings):
@@ -57,7 +58,7 @@ class Settings(BaseSettings):
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources = [init_settings, env_settings]
-        path = os.environ.get(CONFIG_ENV)
+        path = _config_file or os.environ.get(CONFIG_ENV)
         if path:
             sources.append(_file_source(settings_cls, Path(path)))
         return tuple(sources)
@@ -81,8 +82,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     Raises InputError naming the first bad field (the CLI prints it and exits 2).
     """
-    if config_file is not None:
-        os.environ[CONFIG_ENV] = str(config_file)
+    global _config_file
+    _config_file = config_file
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
@@ -91,3 +92,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise InputError(f"settings: {where}: {err['msg']}", code="bad_option") from exc
     except ValueError as exc:  # a config file that does not parse
         raise InputError(f"settings: {exc}", code="bad_option") from exc
+    finally:
+        _config_file = None

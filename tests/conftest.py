@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +66,50 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cleanplate.training.synth import SynthConfig, synth_dataset
 
     return synth_dataset(tmp_path_factory.mktemp("synth"), 12, seed=5, cfg=SynthConfig(size=64), progress=False)
+
+
+def make_tiny_gated_bundle(out: Path, resolution: int = 64) -> Path:
+    """:func:`make_tiny_bundle` plus a random-init discriminator (threshold 0.5) in ``discriminator/``."""
+    from cleanplate.bundle import attach_discriminator, load_bundle
+    from cleanplate.discriminator import Discriminator
+
+    path = make_tiny_bundle(out, resolution)
+    b = load_bundle(path)
+    torch.manual_seed(1)
+    disc = Discriminator.from_unet(b.unet, b.conditioning, vae_scale_factor=2, head_channels=16)
+    attach_discriminator(path, disc, {"note": "random init, for tests"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gated_bundle(tmp_path_factory.mktemp("gated") / "tiny")
+
+
+@contextmanager
+def serve_in_thread(app, timeout_s: float = 120.0) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn on 127.0.0.1 (free port) in a thread; yields the base URL once
+    /readyz answers (or /healthz, for apps whose engine never gets ready); stops the server after."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    while httpx.get(url + "/readyz").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(60)
