@@ -166,3 +166,16 @@ def test_score_cli(tmp_path: Path, gated_bundle: Path, tiny_bundle: Path, photos
     Image.fromarray(img[:50]).save(tmp_path / "res.png")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: result is")
+
+
+def test_synthetic_labels_do_not_follow_the_synth_background(tmp_path: Path) -> None:
+    """Regression: with the same seed, disc-labels once replayed synth's RNG stream (numpy ignores trailing
+    zeros in a seed), so every photo item became a positive and every studio item a negative."""
+    from cleanplate.training.disc_labels import make_disc_labels
+    from cleanplate.training.synth import SynthConfig, synth_dataset
+
+    meta = synth_dataset(tmp_path / "synth", 40, seed=0, cfg=SynthConfig(size=64), progress=False)
+    labels = json.loads(make_disc_labels([meta], tmp_path / "labels", per_item=1, seed=0).read_text())
+    backgrounds = [e["background"].startswith("photo") for e in json.loads(meta.read_text())]
+    pairs = {(backgrounds[e["item"]], e["score"]) for e in labels}
+    assert pairs == {(True, 0), (True, 1), (False, 0), (False, 1)}
