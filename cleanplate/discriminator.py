@@ -3,7 +3,9 @@
 Design (RORem, arXiv 2501.00740, sec. 3.2): the remover UNet's ``conv_in`` + down blocks + mid block
 (initialised from the remover, adapted with a rank-4 LoRA) and a small convolutional head. Its input is
 the concatenation ``(result latent, mask at latent size, source latent)`` -- the same 2C+1 channels as
-the inpainting UNet's ``conv_in`` -- and it gives one logit per item. Scores are ``sigmoid(logit)`` in
+the inpainting UNet's ``conv_in`` -- and it gives one logit per item. Our head also takes
+``|result - source|`` inside the mask, pooled to the encoder's output grid (a departure from RORem: with
+small data the frozen encoder's features alone did not learn the comparison). Scores are ``sigmoid(logit)`` in
 [0, 1]; they are not calibrated probabilities, so each bundle stores a threshold calibrated on held-out
 data (``cleanplate train discriminator``).
 
@@ -15,6 +17,7 @@ conditioning), self-contained so that export can trace it with three tensor inpu
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -72,20 +75,21 @@ class UNetEncoder(nn.Module):
 
 
 class ScoreHead(nn.Module):
-    """Small conv head: GroupNorm-SiLU-Conv3x3-SiLU-Conv1x1 to a logit map and an attention map; the item
-    logit is the attention-weighted mean of the logit map (softmax over positions), so it works at any
-    resolution and can focus on the filled region."""
+    """Small conv head: GroupNorm-SiLU on the encoder features, concatenated with ``extra`` maps, then
+    Conv3x3-SiLU-Conv1x1 to a logit map and an attention map; the item logit is the attention-weighted
+    mean of the logit map (softmax over positions), so it works at any resolution and can focus on the
+    filled region."""
 
-    def __init__(self, in_channels: int, hidden: int = 128, groups: int = 32) -> None:
+    def __init__(self, in_channels: int, extra_channels: int = 0, hidden: int = 128, groups: int = 32) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.GroupNorm(min(groups, in_channels), in_channels), nn.SiLU(),
-            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, 2, 1),
-        )
+        self.norm = nn.Sequential(nn.GroupNorm(math.gcd(groups, in_channels), in_channels), nn.SiLU())
+        self.net = nn.Sequential(nn.Conv2d(in_channels + extra_channels, hidden, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(hidden, 2, 1))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B,C,h,w) -> (B,) logits."""
-        out = self.net(features).flatten(2)
+    def forward(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,C,h,w) features [+ (B,E,h,w) extra] -> (B,) logits."""
+        x = self.norm(features)
+        out = self.net(x if extra is None else torch.cat([x, extra], dim=1)).flatten(2)
         return (out[:, 0] * out[:, 1].softmax(dim=-1)).sum(dim=-1)
 
 
@@ -102,7 +106,10 @@ class Discriminator(nn.Module):
                  threshold: float = 0.5) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = ScoreHead(encoder.out_channels, head_channels, encoder.norm_num_groups)
+        self.latent_channels = (int(unet_config["in_channels"]) - 1) // 2
+        # The head also sees |result - source| inside the mask, pooled to the feature grid: the frozen
+        # encoder's features alone were too weak a comparison signal to learn from on our small data.
+        self.head = ScoreHead(encoder.out_channels, self.latent_channels + 1, head_channels, encoder.norm_num_groups)
         self.register_buffer("prompt_embeds", prompt_embeds.detach().float().clone())
         self.register_buffer("pooled_prompt_embeds", pooled_prompt_embeds.detach().float().clone())
         self.unet_config = dict(unet_config)
@@ -132,7 +139,10 @@ class Discriminator(nn.Module):
             self.pooled_prompt_embeds.to(dtype).expand(batch, -1),
             time_ids.expand(batch, -1),
         )
-        return self.head(features).float()
+        masked_diff = (result_latent - source_latent).abs() * mask_latent.to(dtype)
+        size = features.shape[-2:]
+        extra = torch.cat([F.adaptive_avg_pool2d(masked_diff, size), F.adaptive_avg_pool2d(mask_latent.to(dtype), size)], 1)
+        return self.head(features, extra).float()
 
     @staticmethod
     def mask_to_latent(mask: torch.Tensor, factor: int) -> torch.Tensor:
