@@ -71,8 +71,8 @@ def test_default_bundle_runs_any_step_count(steps):
 
 def test_default_discriminator_tells_clean_from_overlaid(tmp_path):
     """The shipped quality gate, on fresh held-out photos (DEV_PHOTOS, never trained on) with synthetic
-    overlays: the clean GT scores above the overlaid source for most items, and its calibrated threshold
-    passes more GTs than sources."""
+    overlays: the clean GT scores above the overlaid source for most items, and the calibrated threshold
+    passes no untouched source."""
     from cleanplate.imaging import DecodedImage
     from cleanplate.pipeline import RemovalPipeline
     from cleanplate.remover import ScoreRequest, score_batch
@@ -95,4 +95,5 @@ def test_default_discriminator_tells_clean_from_overlaid(tmp_path):
         source_scores.append(s)
     gt_scores, source_scores = np.array(gt_scores), np.array(source_scores)
     assert (gt_scores > source_scores).mean() >= 0.75, (gt_scores, source_scores)
-    assert (gt_scores >= pipe.threshold).sum() > (source_scores >= pipe.threshold).sum()
+    assert gt_scores.mean() > source_scores.mean() + 0.1
+    assert (source_scores >= pipe.threshold).sum() == 0  # the calibrated gate never passes an untouched overlay
