@@ -7,7 +7,7 @@ triplets it builds *candidate results* by rule and labels them by construction.
 Good removals (score 1), all close to GT inside the mask:
 
 * ``gt``: GT itself.
-* ``gt_jpeg``: GT re-encoded as JPEG (quality 70-90), pasted back inside the mask only.
+* ``gt_jpeg``: GT re-encoded as JPEG (quality 70-90, no chroma subsampling), pasted back inside the mask.
 * ``gt_noise``: GT plus mild Gaussian noise (sigma 1-3 on 0..255) inside the mask only.
 
 Bad removals (score 0):
@@ -29,10 +29,11 @@ Limits, read before trusting a discriminator trained on this:
   the remover it will judge (texture seams, colour shifts, hallucinated objects that are not text...).
   Mixing in human- or metric-labelled remover outputs, as RORem does, fixes that.
 * A rule can produce a "bad" candidate that is in fact a fine removal, e.g. a flat fill of thin text
-  strokes on a flat backdrop. ``blur``, ``smear`` and ``redrawn`` candidates whose mean absolute
-  difference from GT inside the mask is below ``MIN_BAD_DIFF`` levels are therefore replaced by the
-  ``source`` candidate; ``partial`` falls back to ``source`` too when fewer than ``MIN_PARTIAL_PX`` masked
-  pixels differ from GT. ``label_kind`` in the output names the kind actually written.
+  strokes on a flat backdrop. A ``partial``, ``blur``, ``smear`` or ``redrawn`` candidate whose
+  :func:`defect_level` is below ``MIN_DEFECT`` is therefore replaced by the ``source`` candidate, and so
+  is a ``partial`` whose mask has fewer than ``MIN_PARTIAL_PX`` pixels where source and GT differ;
+  ``label_kind`` in the output names the kind actually written. The ``source`` candidate itself is kept
+  even when the overlay is faint (the input data defines what has to go).
 * Positives are GT up to mild degradations, so "good" means "matches GT", not "plausible": a different
   but plausible fill is never shown as positive.
 
@@ -43,6 +44,7 @@ Determinism: candidate ``v`` of input item ``i`` depends only on ``(seed, i, v)`
 
 from __future__ import annotations
 
+import colorsys
 import io
 import json
 import logging
@@ -65,7 +67,9 @@ log = logging.getLogger("cleanplate.training")
 
 POSITIVE_KINDS: tuple[str, ...] = ("gt", "gt_jpeg", "gt_noise")
 NEGATIVE_KINDS: tuple[str, ...] = ("source", "partial", "blur", "smear", "redrawn")
-MIN_BAD_DIFF = 3.0  # mean |candidate - GT| inside the mask (0..255 levels) a negative needs to count as bad
+# a negative needs defect_level >= this to count as bad; positives measure <= ~3, flat fills of thin
+# strokes on smooth backdrops (fine removals) 1-11, visible streaks, ghosts and text > 15
+MIN_DEFECT = 12.0
 MIN_PARTIAL_PX = 16  # differing masked pixels needed to split a mask into a GT part and a source part
 _DIFF_LEVEL = 3  # a pixel "differs" when some channel of source and GT differs by more than this
 _RING_PX = 3
@@ -90,13 +94,29 @@ def _paste(base: Rgb, inside: Rgb, mask: Mask) -> Rgb:
     return np.where(mask[..., None], inside, base)
 
 
-def _mean_diff(a: Rgb, b: Rgb, mask: Mask) -> float:
-    return float(np.abs(a[mask].astype(np.int16) - b[mask]).mean()) if mask.any() else 0.0
+def defect_level(candidate: Rgb, gt: Rgb, mask: Mask) -> float:
+    """How visibly ``candidate`` departs from ``gt`` inside ``mask``, in 0..255 levels.
+
+    The 95th percentile over masked pixels of the largest per-channel difference after a Gaussian blur
+    (sigma 1.5 px) of both. The blur discounts sensor noise and fine texture, which a raw mean difference
+    does not (mild noise on GT scores as high as a flat fill there); the percentile lets a defect that
+    covers only part of the mask (text strokes, a streak) count. Images (H, W, 3) uint8, mask (H, W) bool.
+    """
+    if not mask.any():
+        return 0.0
+    ys, xs = np.nonzero(mask)
+    pad = 6  # the blur's reach (4 sigma), so the crop gives the same values as the full image
+    y0, y1 = max(0, ys.min() - pad), ys.max() + pad + 1
+    x0, x1 = max(0, xs.min() - pad), xs.max() + pad + 1
+    blur = [cv2.GaussianBlur(a[y0:y1, x0:x1].astype(np.float32), (0, 0), 1.5) for a in (candidate, gt)]
+    diff = np.abs(blur[0] - blur[1]).max(axis=2)[mask[y0:y1, x0:x1]]
+    return float(np.percentile(diff, 95))
 
 
 def _gt_jpeg(src: Rgb, mask: Mask, gt: Rgb, rng: np.random.Generator) -> Rgb:
     buf = io.BytesIO()
-    Image.fromarray(gt).save(buf, format="JPEG", quality=int(rng.integers(70, 91)))
+    # 4:4:4: chroma subsampling bleeds saturated edges by 10+ levels, more than a "good" result should
+    Image.fromarray(gt).save(buf, format="JPEG", quality=int(rng.integers(70, 91)), subsampling=0)
     buf.seek(0)
     return _paste(src, np.asarray(Image.open(buf).convert("RGB")), mask)
 
@@ -172,13 +192,12 @@ def _redrawn(src: Rgb, mask: Mask, gt: Rgb, rng: np.random.Generator) -> Rgb:
         if (tw <= bw * fill and th <= bh * fill) or size <= 6:
             break
         size = max(6, int(size * 0.9))
-    # a random bright colour: one channel high, the others anywhere
-    colour = rng.integers(0, 256, 3)
-    colour[int(rng.integers(3))] = int(rng.integers(200, 256))
+    # a random saturated, bright colour
+    colour = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0))
     layer = Image.fromarray(gt)
     x = x0 + (bw - tw) / 2 + rng.uniform(-0.5, 0.5) * max(0, bw - tw) - left
     y = y0 + (bh - th) / 2 + rng.uniform(-0.5, 0.5) * max(0, bh - th) - top
-    ImageDraw.Draw(layer).text((x, y), text, font=font, fill=tuple(int(c) for c in colour))
+    ImageDraw.Draw(layer).text((x, y), text, font=font, fill=tuple(round(c * 255) for c in colour))
     return _paste(src, np.asarray(layer), mask)  # text outside the mask is dropped
 
 
@@ -208,7 +227,7 @@ def make_candidate(src: Rgb, mask: Mask, gt: Rgb, rng: np.random.Generator,
     kinds = POSITIVE_KINDS if positive else NEGATIVE_KINDS
     kind = kinds[int(rng.integers(len(kinds)))]
     out = _MAKERS[kind](src, mask, gt, rng)
-    if kind in ("blur", "smear", "redrawn") and out is not None and _mean_diff(out, gt, mask) < MIN_BAD_DIFF:
+    if kind != "source" and not positive and out is not None and defect_level(out, gt, mask) < MIN_DEFECT:
         out = None
     if out is None:
         return src.copy(), "source"
