@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BundleError
+from .imaging import write_atomic
 
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
@@ -202,14 +203,9 @@ def attach_discriminator(bundle_dir: str | Path, discriminator: Any, calibration
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _write_config(root, config.model_copy(update={"discriminator": True}))
+    config = config.model_copy(update={"discriminator": True})
+    write_atomic(root / BUNDLE_JSON, (json.dumps(config.model_dump(), indent=2) + "\n").encode())
     return final
-
-
-def _write_config(root: Path, config: BundleConfig) -> None:
-    tmp = root / (BUNDLE_JSON + ".tmp")
-    tmp.write_text(json.dumps(config.model_dump(), indent=2) + "\n")
-    tmp.replace(root / BUNDLE_JSON)
 
 
 def load_lora_into_unet(unet: Any, lora_dir: str | Path, adapter_name: str = "lcm") -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BundleError
+from .imaging import write_atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -162,16 +162,8 @@ class Discriminator(nn.Module):
         os.replace(tmp, out / WEIGHTS_FILE)
         config = {"unet": self.unet_config, "vae_scale_factor": self.vae_scale_factor,
                   "head_channels": self.head_channels, "threshold": self.threshold, "calibration": calibration or {}}
-        _write_json_atomic(out / CONFIG_FILE, config)
+        write_atomic(out / CONFIG_FILE, (json.dumps(config, indent=2, default=str) + "\n").encode())
         return out
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def load_discriminator(directory: str | Path) -> Discriminator:

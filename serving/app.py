@@ -37,11 +37,9 @@ from .settings import Settings
 log = logging.getLogger("cleanplate.serving")
 PROBLEM = "application/problem+json"
 ENDPOINTS = ("/v1/remove", "/v1/score", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
-# InputError codes that are not 422 (unprocessable content).
-STATUS_BY_CODE = {"unreadable_image": 400, "bad_multipart": 400, "unsupported_image": 415,
-                  "unsupported_media_type": 415, "too_many_pixels": 413, "too_large": 413, "body_timeout": 408,
-                  "unauthorized": 401, "queue_full": 429, "engine_unavailable": 503, "draining": 503,
-                  "deadline": 504}
+# Status of each error code raised as an exception that is not 422 (Guard answers its own refusals directly).
+STATUS_BY_CODE = {"unreadable_image": 400, "unsupported_image": 415, "too_many_pixels": 413, "queue_full": 429,
+                  "engine_unavailable": 503}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}
 
 
@@ -86,6 +84,7 @@ class ScoreResult(BaseModel):
 
 def problem(status: int, detail: str, code: str, instance: str = "", headers: dict[str, str] | None = None,
             errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    """An RFC 9457 ``application/problem+json`` response; ``type`` is ``urn:cleanplate:problem:<code>``."""
     body = {"type": f"urn:cleanplate:problem:{code}", "title": HTTPStatus(status).phrase, "status": status,
             "detail": detail, "code": code, "instance": instance}
     if errors is not None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +115,30 @@ def serve_in_thread(app, timeout_s: float = 120.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run ``cleanplate ARGS`` in this process through ``main()``; returns exit code, stdout, stderr."""
+
+    def run(*args: object) -> Run:
+        monkeypatch.setattr(sys, "argv", ["cleanplate", *map(str, args)])
+        capsys.readouterr()
+        code = 0
+        try:
+            from cleanplate.cli import main
+
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    return run

@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,35 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cleanplate.cli import main
 from cleanplate.imaging import decode_image, dilate_mask
 
 DILATE = 3
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run ``cleanplate ARGS`` in this process through ``main()``; returns exit code, stdout, stderr."""
-
-    def run(*args: object) -> Run:
-        monkeypatch.setattr(sys, "argv", ["cleanplate", *map(str, args)])
-        capsys.readouterr()
-        code = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        return Run(code, captured.out, captured.err)
-
-    return run
 
 
 def assert_one_error_line(err: str) -> str:

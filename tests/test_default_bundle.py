@@ -73,7 +73,6 @@ def test_default_discriminator_tells_clean_from_overlaid(tmp_path):
     """The shipped quality gate, on fresh held-out photos (DEV_PHOTOS, never trained on) with synthetic
     overlays: the clean GT scores above the overlaid source for most items, and the calibrated threshold
     passes no untouched source."""
-    from cleanplate.imaging import DecodedImage
     from cleanplate.pipeline import RemovalPipeline
     from cleanplate.remover import ScoreRequest, score_batch
     from cleanplate.training.common import read_meta

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from conftest import TINY_UNET, TINY_VAE
 from PIL import Image
 
 from cleanplate.bundle import load_bundle
-from cleanplate.cli import main
 from cleanplate.imaging import decode_image, dilate_mask
 from cleanplate.training import common, lcm, sft
 from cleanplate.training.lcm import LCMConfig, boundary_scalings, predicted_x0, train_lcm
@@ -70,18 +68,7 @@ def _train_kw(meta: Path, out: Path, **kw) -> dict:
     return {**base, **kw}
 
 
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["cleanplate", *map(str, args)])
-    capsys.readouterr()
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
-
-
-def _assert_removes_with(bundle: Path, monkeypatch, capsys, photos, tmp_path) -> None:
+def _assert_removes_with(bundle: Path, cli, photos, tmp_path) -> None:
     """`cleanplate remove --bundle BUNDLE` runs on a real photo and keeps the outside pixels."""
     rgb = photos["chelsea"][:120, :160]
     Image.fromarray(rgb).save(tmp_path / "in.png")
@@ -89,9 +76,9 @@ def _assert_removes_with(bundle: Path, monkeypatch, capsys, photos, tmp_path) ->
     mask[40:70, 60:100] = True
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
     out = tmp_path / "out.png"
-    code, err = _cli(monkeypatch, capsys, "remove", tmp_path / "in.png", "--mask", tmp_path / "m.png",
-                     "-o", out, "--bundle", bundle, "--dilate-px", 2)
-    assert code == 0, err
+    run = cli("remove", tmp_path / "in.png", "--mask", tmp_path / "m.png", "-o", out, "--bundle", bundle,
+              "--dilate-px", 2)
+    assert run.code == 0, run.err
     got = decode_image(out).pixels
     outside = ~dilate_mask(mask, 2)
     np.testing.assert_array_equal(got[outside], rgb[outside])
@@ -135,7 +122,7 @@ def sft_scratch(no_flip, fixed_meta, scratch_parts, tmp_path_factory) -> tuple[P
     return out, train_sft(cfg)
 
 
-def test_sft_from_scratch(sft_scratch, scratch_parts, monkeypatch, capsys, photos, tmp_path):
+def test_sft_from_scratch(sft_scratch, scratch_parts, cli, photos, tmp_path):
     out, result = sft_scratch
     losses = result["losses"]
     assert len(losses) == 40
@@ -150,7 +137,7 @@ def test_sft_from_scratch(sft_scratch, scratch_parts, monkeypatch, capsys, photo
     from diffusers import AutoencoderKL
 
     assert _unet_max_diff(b.vae, AutoencoderKL.from_pretrained(scratch_parts["vae"])) == 0
-    _assert_removes_with(out, monkeypatch, capsys, photos, tmp_path)
+    _assert_removes_with(out, cli, photos, tmp_path)
 
 
 def test_sft_from_scratch_follows_the_seed(no_flip, fixed_meta, scratch_parts, tmp_path):
@@ -164,7 +151,7 @@ def test_sft_from_scratch_follows_the_seed(no_flip, fixed_meta, scratch_parts, t
     assert _unet_max_diff(a, c) > 0
 
 
-def test_sft_from_bundle(no_flip, fixed_meta, tiny_bundle, monkeypatch, capsys, photos, tmp_path):
+def test_sft_from_bundle(no_flip, fixed_meta, tiny_bundle, cli, photos, tmp_path):
     out = tmp_path / "ft"
     result = train_sft(SFTConfig(**_train_kw(fixed_meta, out, max_steps=30), init_bundle=tiny_bundle))
     losses = result["losses"]
@@ -175,7 +162,7 @@ def test_sft_from_bundle(no_flip, fixed_meta, tiny_bundle, monkeypatch, capsys, 
     assert _unet_max_diff(b.unet, base.unet) > 0  # fine-tuned
     assert _unet_max_diff(b.vae, base.vae) == 0  # frozen
     assert torch.equal(b.conditioning.prompt_embeds, base.conditioning.prompt_embeds)
-    _assert_removes_with(out, monkeypatch, capsys, photos, tmp_path)
+    _assert_removes_with(out, cli, photos, tmp_path)
 
 
 def test_sft_resumes_from_checkpoint(fixed_meta, tiny_bundle, tmp_path):
@@ -243,7 +230,7 @@ def lcm_run(no_flip, sft_scratch, fixed_meta, tmp_path_factory) -> tuple[Path, d
     return out, result, _unet_out(seen["unet"])
 
 
-def test_lcm_distillation(lcm_run, sft_scratch, monkeypatch, capsys, photos, tmp_path):
+def test_lcm_distillation(lcm_run, sft_scratch, cli, photos, tmp_path):
     out, result, trained_out = lcm_run
     losses = result["losses"]
     assert len(losses) == 30
@@ -259,7 +246,7 @@ def test_lcm_distillation(lcm_run, sft_scratch, monkeypatch, capsys, photos, tmp
     # the bundle itself stores the SFT UNet unchanged next to the LoRA
     unfused = load_bundle(out, fuse_lora=False)
     assert any("lora" in k for k in unfused.unet.state_dict())
-    _assert_removes_with(out, monkeypatch, capsys, photos, tmp_path)
+    _assert_removes_with(out, cli, photos, tmp_path)
 
 
 def test_lcm_lora_alpha_is_kept_in_the_bundle(sft_scratch, fixed_meta, tmp_path):
@@ -307,11 +294,12 @@ def _sft_config_file(tmp_path: Path, meta: Path, parts: dict, out: Path, **field
     return config
 
 
-def test_cli_train_sft_with_config_file(fixed_meta, scratch_parts, monkeypatch, capsys, tmp_path):
+def test_cli_train_sft_with_config_file(fixed_meta, scratch_parts, cli, tmp_path):
     out = tmp_path / "cli_sft"
     config = _sft_config_file(tmp_path, fixed_meta, scratch_parts, out, name="from-file", batch_size=BATCH,
                               max_steps=50, warmup_steps=1)
-    code, err = _cli(monkeypatch, capsys, "train", "sft", "--config", config, "--max-steps", 2)
+    run = cli("train", "sft", "--config", config, "--max-steps", 2)
+    code, err = run.code, run.err
     assert code == 0, err
     b = load_bundle(out)
     assert b.config.name == "from-file"
@@ -321,11 +309,12 @@ def test_cli_train_sft_with_config_file(fixed_meta, scratch_parts, monkeypatch, 
 
 @pytest.mark.parametrize(("extra", "expected"),
                          [({"bogus_key": 1}, "bogus_key"), ({"resolution": 32}, "resolution")])
-def test_cli_train_sft_bad_config_exits_2(fixed_meta, scratch_parts, monkeypatch, capsys, tmp_path, extra,
+def test_cli_train_sft_bad_config_exits_2(fixed_meta, scratch_parts, cli, tmp_path, extra,
                                           expected):
     out = tmp_path / "cli_sft"
     config = _sft_config_file(tmp_path, fixed_meta, scratch_parts, out, **extra)
-    code, err = _cli(monkeypatch, capsys, "train", "sft", "--config", config, "--max-steps", 2)
+    run = cli("train", "sft", "--config", config, "--max-steps", 2)
+    code, err = run.code, run.err
     assert code == 2
     assert "Traceback" not in err
     lines = err.strip().splitlines()

@@ -14,7 +14,7 @@ import math
 import random
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -267,3 +267,45 @@ def progress(accelerator: Any, start: int, total: int, desc: str) -> Any:
 
     return tqdm(total=total, initial=start, desc=desc, disable=not accelerator.is_local_main_process,
                 dynamic_ncols=True, mininterval=5)
+
+
+@dataclass
+class TrainingRun:
+    """The state of one trainer's loop, from :func:`start_training`; :meth:`update` takes one step."""
+
+    accelerator: Any
+    cfg: TrainConfig
+    tag: str
+    model: Any  # prepared by accelerate (wrapped under DDP)
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    step: int
+    batches: Iterator[dict]
+    bar: Any
+    losses: list[float] = field(default_factory=list)
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward, optimizer step, logging and checkpoints (:func:`optimizer_step`)."""
+        self.step = optimizer_step(self.accelerator, self.cfg, loss, self.params, self.optimizer, self.scheduler,
+                                   self.step, self.losses, self.bar, self.tag)
+
+    @property
+    def final_loss(self) -> float:
+        """Mean of the last 50 losses (0 if none)."""
+        return sum(self.losses[-50:]) / max(1, len(self.losses[-50:]))
+
+
+def start_training(accelerator: Any, cfg: TrainConfig, model: torch.nn.Module, dataset: torch.utils.data.Dataset,
+                   tag: str) -> TrainingRun:
+    """AdamW over ``model``'s trainable parameters with :func:`lr_schedule`, prepared by accelerate,
+    resumed from the newest checkpoint; endless batches of ``dataset`` and a progress bar named ``tag``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = lr_schedule(cfg, optimizer)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.register_for_checkpointing(scheduler)
+    step = resume(accelerator, cfg)
+    batches = infinite_loader(dataset, cfg, accelerator)
+    return TrainingRun(accelerator, cfg, tag, model, params, optimizer, scheduler, step, batches,
+                       progress(accelerator, step, cfg.max_steps, tag))

@@ -50,18 +50,17 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from cleanplate import imaging
 from cleanplate.errors import InputError
 
 from .common import Triplet, read_meta
-from .synth import font_paths
+from .synth import font_paths, load_font
 
 log = logging.getLogger("cleanplate.training")
 
@@ -165,16 +164,6 @@ def _smear(src: Rgb, mask: Mask, gt: Rgb, rng: np.random.Generator) -> Rgb:
     return _paste(src, np.full_like(src, np.rint(colour).astype(np.uint8)), mask)
 
 
-@lru_cache(maxsize=256)
-def _font(path: str, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    if path:
-        try:
-            return ImageFont.truetype(path, size)
-        except OSError:
-            pass
-    return ImageFont.load_default(size=size)
-
-
 def _redrawn(src: Rgb, mask: Mask, gt: Rgb, rng: np.random.Generator) -> Rgb:
     ys, xs = np.nonzero(mask)
     x0, y0 = int(xs.min()), int(ys.min())
@@ -186,7 +175,7 @@ def _redrawn(src: Rgb, mask: Mask, gt: Rgb, rng: np.random.Generator) -> Rgb:
     draw = ImageDraw.Draw(Image.new("L", (1, 1)))
     size = max(6, bh)
     while True:  # largest size that fits `fill` of the box (shrinks 10% a step)
-        font = _font(path, size)
+        font = load_font(path, size)
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left, bottom - top
         if (tw <= bw * fill and th <= bh * fill) or size <= 6:

@@ -37,7 +37,7 @@ from cleanplate.pipeline import RemovalPipeline
 from cleanplate.remover import crops_to_tensors, masks_to_tensor, score_crops
 
 from .common import (
-    TrainConfig, Triplet, infinite_loader, lr_schedule, make_accelerator, optimizer_step, progress, read_meta, resume,
+    TrainConfig, Triplet, make_accelerator, read_meta, start_training,
 )
 
 # RORem puts its LoRA on the UNet; here on every layer of the encoder half: attention, feed-forward, convs.
@@ -154,10 +154,6 @@ def _kinds(meta: Sequence[Path]) -> list[str | None]:
     return kinds
 
 
-def _merge_lora(model: Any) -> Any:
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
 def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
     """Train, calibrate on ``val_meta`` (or report uncalibrated at 0.5 without one) and write the bundle.
 
@@ -184,33 +180,25 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
     dataset = DiscriminatorDataset(items, resolution, cfg.dilate_range, flip=True)
     n_pos = sum(1 for item in items if item.score > 0.5)
     pos_weight = torch.tensor((len(items) - n_pos) / max(1, n_pos))
-    params = [p for p in disc.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = lr_schedule(cfg, optimizer)
-    model, optimizer, scheduler = accelerator.prepare(disc, optimizer, scheduler)
-    accelerator.register_for_checkpointing(scheduler)
-    step = resume(accelerator, cfg)
-    batches = infinite_loader(dataset, cfg, accelerator)
-    losses: list[float] = []
-    bar = progress(accelerator, step, cfg.max_steps, "discriminator")
-    while step < cfg.max_steps:
-        batch = next(batches)
+    run = start_training(accelerator, cfg, disc, dataset, "discriminator")
+    while run.step < cfg.max_steps:
+        batch = next(run.batches)
         with torch.no_grad():
             z_res, z_src = pipe.encode(batch["result"]), pipe.encode(batch["source"])
             mask = Discriminator.mask_to_latent(batch["mask"], pipe.vae_scale_factor)
         with accelerator.autocast():
-            logits = model(z_res, mask, z_src)
+            logits = run.model(z_res, mask, z_src)
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch["score"], pos_weight=pos_weight.to(logits.device))
-        if (step + 1) % cfg.log_every == 0:
+        if (run.step + 1) % cfg.log_every == 0:
             accuracy = ((logits > 0).float() == batch["score"]).float().mean().item()
-            accelerator.log({"discriminator/accuracy": accuracy}, step=step + 1)
-        step = optimizer_step(accelerator, cfg, loss, params, optimizer, scheduler, step, losses, bar, "discriminator")
-    bar.close()
+            accelerator.log({"discriminator/accuracy": accuracy}, step=run.step + 1)
+        run.update(loss)
+    run.bar.close()
 
     calibration: dict[str, Any] = {}
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        final.encoder = _merge_lora(final.encoder)
+        final = accelerator.unwrap_model(run.model)
+        final.encoder = final.encoder.merge_and_unload()
         final.eval().requires_grad_(False)
         if cfg.val_meta:
             d = bundle.config.dilate_px
@@ -224,8 +212,8 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
                 for kind, s in zip(kinds, scores, strict=True):
                     by_kind.setdefault(str(kind), []).append(bool(s >= final.threshold))
                 calibration["pass_rate_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
-        calibration.update({"train_items": len(items), "train_positives": n_pos, "steps": step,
-                            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        calibration.update({"train_items": len(items), "train_positives": n_pos, "steps": run.step,
+                            "final_loss": run.final_loss,
                             "config": cfg.model_dump(mode="json")})
         out = Path(cfg.out)
         if out.resolve() != Path(cfg.bundle).resolve():
@@ -237,4 +225,4 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             tmp.rename(out)
         attach_discriminator(out, final.to("cpu"), calibration)
     accelerator.end_training()
-    return {"losses": losses, "calibration": calibration}
+    return {"losses": run.losses, "calibration": calibration}

@@ -26,10 +26,7 @@ from pydantic import Field
 from cleanplate.bundle import load_bundle, save_bundle
 from cleanplate.pipeline import RemovalPipeline
 
-from .common import (
-    TrainConfig, TripletDataset, alphas_cumprod, infinite_loader, lr_schedule, make_accelerator,
-    optimizer_step, progress, read_meta, resume,
-)
+from .common import TrainConfig, TripletDataset, alphas_cumprod, make_accelerator, read_meta, start_training
 
 LORA_TARGETS = [  # diffusers' LCM-LoRA SDXL recipe: attention, feed-forward, resnet convs and time projections
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -78,26 +75,19 @@ def train_lcm(cfg: LCMConfig) -> dict:
                                 init_lora_weights="gaussian", target_modules=LORA_TARGETS))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = lr_schedule(cfg, optimizer)
     config = bundle.config.model_copy(update={"resolution": cfg.resolution})
     dataset = TripletDataset(read_meta(cfg.meta), cfg.resolution, cfg.dilate_range)
-    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
-    accelerator.register_for_checkpointing(scheduler)
+    run = start_training(accelerator, cfg, unet, dataset, "lcm")
+    unet = run.model
     pipe = RemovalPipeline(unet, vae, bundle.conditioning, config, accelerator.device, torch.float32, torch.float32)
-    step = resume(accelerator, cfg)
 
     alphas = alphas_cumprod(config.scheduler).to(accelerator.device)
     total_t = len(alphas)
     skip = total_t // cfg.num_ddim_timesteps
     ddim_timesteps = torch.arange(1, cfg.num_ddim_timesteps + 1, device=accelerator.device) * skip - 1
-    batches = infinite_loader(dataset, cfg, accelerator)
     raw = accelerator.unwrap_model(unet)
-    losses: list[float] = []
-    bar = progress(accelerator, step, cfg.max_steps, "lcm")
-    while step < cfg.max_steps:
-        batch = next(batches)
+    while run.step < cfg.max_steps:
+        batch = next(run.batches)
         with torch.no_grad():
             latents = pipe.encode(batch["gt"])
             mask_latent, masked_latents = pipe.condition_inputs(batch["source"], batch["mask"])
@@ -127,8 +117,8 @@ def train_lcm(cfg: LCMConfig) -> dict:
             loss = F.mse_loss(pred, target)
         else:
             loss = (torch.sqrt((pred - target) ** 2 + cfg.huber_c**2) - cfg.huber_c).mean()
-        step = optimizer_step(accelerator, cfg, loss, params, optimizer, scheduler, step, losses, bar, "lcm")
-    bar.close()
+        run.update(loss)
+    run.bar.close()
 
     if accelerator.is_main_process:
         lora = get_peft_model_state_dict(raw)
@@ -137,11 +127,11 @@ def train_lcm(cfg: LCMConfig) -> dict:
             lora = {k: v * scale if ".lora_B." in k else v for k, v in lora.items()}
         lora = convert_state_dict_to_diffusers(lora)
         base = load_bundle(cfg.bundle)
-        provenance = {**config.provenance, "lcm": {"config": cfg.model_dump(mode="json"), "steps": step,
-                                                   "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}}
+        provenance = {**config.provenance, "lcm": {"config": cfg.model_dump(mode="json"), "steps": run.step,
+                                                   "final_loss": run.final_loss}}
         with tempfile.TemporaryDirectory() as tmp:
             StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
             save_bundle(cfg.out, config=config.model_copy(update={"provenance": provenance, "name": cfg.name}),
                         unet=base.unet, vae=base.vae, conditioning=base.conditioning, lora_dir=Path(tmp))
     accelerator.end_training()
-    return {"losses": losses}
+    return {"losses": run.losses}

@@ -20,8 +20,7 @@ from cleanplate.errors import InputError
 from cleanplate.pipeline import RemovalPipeline
 
 from .common import (
-    TrainConfig, TripletDataset, alphas_cumprod, infinite_loader, load_model_config, lr_schedule,
-    make_accelerator, optimizer_step, progress, read_meta, resume,
+    TrainConfig, TripletDataset, alphas_cumprod, load_model_config, make_accelerator, read_meta, start_training,
 )
 
 
@@ -68,19 +67,12 @@ def train_sft(cfg: SFTConfig) -> dict:
     pipe.vae.to(accelerator.device)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(pipe.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = lr_schedule(cfg, optimizer)
     dataset = TripletDataset(read_meta(cfg.meta), cfg.resolution, cfg.dilate_range)
-    unet, optimizer, scheduler = accelerator.prepare(pipe.unet, optimizer, scheduler)
-    accelerator.register_for_checkpointing(scheduler)
-    pipe.unet = unet
-    step = resume(accelerator, cfg)
-    batches = infinite_loader(dataset, cfg, accelerator)
+    run = start_training(accelerator, cfg, pipe.unet, dataset, "sft")
+    pipe.unet = run.model
     alphas = alphas_cumprod(bundle_cfg.scheduler).to(accelerator.device)
-    losses: list[float] = []
-    bar = progress(accelerator, step, cfg.max_steps, "sft")
-    while step < cfg.max_steps:
-        batch = next(batches)
+    while run.step < cfg.max_steps:
+        batch = next(run.batches)
         with torch.no_grad():
             latents = pipe.encode(batch["gt"])
             mask_latent, masked_latents = pipe.condition_inputs(batch["source"], batch["mask"])
@@ -91,14 +83,14 @@ def train_sft(cfg: SFTConfig) -> dict:
         with accelerator.autocast():
             eps = pipe.unet_forward(noisy, t, mask_latent, masked_latents)
         loss = F.mse_loss(eps.float(), noise)
-        step = optimizer_step(accelerator, cfg, loss, unet.parameters(), optimizer, scheduler, step, losses, bar, "sft")
-    bar.close()
+        run.update(loss)
+    run.bar.close()
 
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(unet).eval()
-        provenance = {**bundle_cfg.provenance, "sft": {"config": cfg.model_dump(mode="json"), "steps": step,
-                                                        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}}
+        final = accelerator.unwrap_model(run.model).eval()
+        provenance = {**bundle_cfg.provenance, "sft": {"config": cfg.model_dump(mode="json"), "steps": run.step,
+                                                        "final_loss": run.final_loss}}
         save_bundle(cfg.out, config=bundle_cfg.model_copy(update={"provenance": provenance, "name": cfg.name}),
                     unet=final, vae=pipe.vae.to("cpu"), conditioning=pipe.conditioning)
     accelerator.end_training()
-    return {"losses": losses}
+    return {"losses": run.losses}

@@ -99,7 +99,8 @@ def font_paths() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1024)
-def _font(path: str, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def load_font(path: str, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """A font from :func:`font_paths` at ``size`` px; "" or an unreadable file gives Pillow's built-in font."""
     if path:
         try:
             return ImageFont.truetype(path, size)
@@ -320,7 +321,7 @@ def _place(layer: Image.Image, patch: Image.Image, rng, corner: bool = False) ->
 
 def _fit_text(text: str, font_path: str, px: int, max_w: float, stroke_k: float = 0.0, max_h: float = 1e9):
     while True:
-        font, stroke = _font(font_path, px), int(px * stroke_k)
+        font, stroke = load_font(font_path, px), int(px * stroke_k)
         l, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
             (0, 0), text, font=font, stroke_width=stroke, align="center")
         if (r - l <= max_w and b - t <= max_h) or px <= 8:

@@ -14,10 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .common import (
-    TrainConfig, TripletDataset, infinite_loader, load_model_config, lr_schedule, make_accelerator,
-    optimizer_step, progress, read_meta, resume,
-)
+from .common import TrainConfig, TripletDataset, load_model_config, make_accelerator, read_meta, start_training
 
 
 class VAEConfig(TrainConfig):
@@ -42,18 +39,12 @@ def train_vae(cfg: VAEConfig) -> dict:
     vae = AutoencoderKL.from_config(load_model_config(cfg.vae_config))
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = lr_schedule(cfg, optimizer)
     dataset = TripletDataset(read_meta(cfg.meta), cfg.resolution, cfg.dilate_range)
-    vae, optimizer, scheduler = accelerator.prepare(vae, optimizer, scheduler)
-    accelerator.register_for_checkpointing(scheduler)
-    step = resume(accelerator, cfg)
-    batches = infinite_loader(dataset, cfg, accelerator)
-    losses: list[float] = []
-    bar = progress(accelerator, step, cfg.max_steps, "vae")
+    run = start_training(accelerator, cfg, vae, dataset, "vae")
+    vae = run.model
     vae.train()
-    while step < cfg.max_steps:
-        batch = next(batches)
+    while run.step < cfg.max_steps:
+        batch = next(run.batches)
         # The encoder must also see what the remover feeds it: the source with the mask greyed out.
         masked = batch["source"] * (1 - batch["mask"])
         images = torch.cat([batch["gt"], batch["source"], masked])[torch.randperm(3 * len(batch["gt"]))[: cfg.batch_size]]
@@ -63,8 +54,8 @@ def train_vae(cfg: VAEConfig) -> dict:
             # not a sample: at init the posterior std is ~1 and drowns the signal, which stalls a short run.
             recon = vae(images, sample_posterior=False).sample
             loss_rec = F.l1_loss(recon.float(), images) + F.mse_loss(recon.float(), images)
-        step = optimizer_step(accelerator, cfg, loss_rec, vae.parameters(), optimizer, scheduler, step, losses, bar, "vae")
-    bar.close()
+        run.update(loss_rec)
+    run.bar.close()
 
     vae = accelerator.unwrap_model(vae).eval()
     if accelerator.is_main_process:
@@ -74,4 +65,4 @@ def train_vae(cfg: VAEConfig) -> dict:
         vae.register_to_config(scaling_factor=round(1.0 / std, 5))
         vae.save_pretrained(cfg.out, safe_serialization=True)
     accelerator.end_training()
-    return {"losses": losses, "scaling_factor": vae.config.scaling_factor}
+    return {"losses": run.losses, "scaling_factor": vae.config.scaling_factor}
