@@ -4,21 +4,23 @@ Semantics (RORem, arXiv 2501.00740, on SDXL-inpainting): the UNet input is the c
 noisy latent (C), the mask resized to latent size (1) and the latent of the masked source
 ``x_s * (1 - m)`` (C); the prompt is empty and guidance is 1, so the text conditioning is the bundle's
 precomputed constant. The 4-step sampler is diffusers' ``LCMScheduler`` (Luo et al., LCM-LoRA,
-arXiv 2311.05556). The same UNet class and call serve a real SDXL-inpainting/RORem UNet unchanged.
+arXiv 2311.05556), run through :mod:`cleanplate.sampling` so that every engine draws the same noise. The same UNet class and call serve a real SDXL-inpainting/RORem UNet unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .bundle import Bundle, BundleConfig, NullConditioning, load_bundle
 from .errors import InputError
+from .sampling import LCMStep, lcm_schedule, lcm_step, sampling_noise
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_STEPS = 50
@@ -60,6 +62,7 @@ class RemovalPipeline:
     dtype: torch.dtype
     vae_dtype: torch.dtype
     discriminator: Any = None  # cleanplate.discriminator.Discriminator, when the bundle has one
+    _schedules: dict[int, list[LCMStep]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_bundle(
@@ -165,11 +168,11 @@ class RemovalPipeline:
         mask_latent = self.discriminator.mask_to_latent(mask.to(self.device), self.vae_scale_factor).to(self.dtype)
         return torch.sigmoid(self.discriminator(z_result, mask_latent, z_source)).float().cpu()
 
-    def make_scheduler(self) -> Any:
-        """A fresh ``LCMScheduler`` from the bundle config (per call: it keeps a step index)."""
-        from diffusers import LCMScheduler
-
-        return LCMScheduler.from_config(self.config.scheduler)
+    def schedule(self, steps: int) -> list[LCMStep]:
+        """The ``steps``-step LCM schedule of the bundle's scheduler config (cached)."""
+        if steps not in self._schedules:
+            self._schedules[steps] = lcm_schedule(self.config.scheduler, steps)
+        return self._schedules[steps]
 
     @torch.inference_mode()
     def __call__(
@@ -185,8 +188,8 @@ class RemovalPipeline:
         Args:
             source: (B,3,R,R) float in [-1,1], R = bundle resolution (any multiple of the VAE factor works).
             mask: (B,1,R,R) float in {0,1}; 1 marks pixels to remove.
-            seeds: B ints; item i's noise comes from ``torch.Generator("cpu").manual_seed(seeds[i])`` so a
-                result does not depend on batch composition or device.
+            seeds: B ints >= 0; item i's noise is ``sampling_noise(seeds[i], ...)`` (numpy PCG64), so a
+                result does not depend on batch composition, device or engine (Triton draws the same).
             steps: LCM steps, 1..50 (default: the bundle's, 4).
         Returns:
             (B,3,R,R) float32 in [-1,1] on the pipeline device; outside the mask it is a VAE
@@ -200,19 +203,15 @@ class RemovalPipeline:
         if source.ndim != 4 or source.shape[1] != 3 or mask.shape != (source.shape[0], 1, *source.shape[2:]):
             raise InputError(f"expected source (B,3,H,W) and mask (B,1,H,W), got {tuple(source.shape)} and "
                              f"{tuple(mask.shape)}", code="bad_option")
-        if len(seeds) != source.shape[0]:
-            raise InputError(f"{len(seeds)} seeds for a batch of {source.shape[0]}", code="bad_option")
+        if len(seeds) != source.shape[0] or any(int(s) < 0 for s in seeds):
+            raise InputError(f"need {source.shape[0]} seeds >= 0 for a batch of {source.shape[0]}, got {list(seeds)}",
+                             code="bad_option")
 
         mask_latent, masked_latents = self.condition_inputs(source.to(self.device), mask.to(self.device))
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        scheduler = self.make_scheduler()
-        scheduler.set_timesteps(steps, device=self.device)
-        from diffusers.utils.torch_utils import randn_tensor
-
-        latents = randn_tensor(masked_latents.shape, generator=generators, device=self.device, dtype=self.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            eps = self.unet_forward(scheduler.scale_model_input(latents, t), t, mask_latent, masked_latents)
-            # LCM adds fresh noise between steps; per-item generators keep items independent of the batch.
-            latents = scheduler.step(eps, t, latents, generator=generators, return_dict=False)[0]
+        noise = np.stack([sampling_noise(int(s), steps, masked_latents.shape[1:]) for s in seeds], axis=1)
+        noise = torch.from_numpy(noise).to(self.device, self.dtype)  # (steps, B, C, h, w)
+        latents = noise[0]  # LCM starts from pure noise (strength 1, init_noise_sigma 1)
+        for k, step in enumerate(self.schedule(steps)):
+            eps = self.unet_forward(latents, step.timestep, mask_latent, masked_latents)
+            latents = lcm_step(step, latents, eps, None if step.last else noise[k + 1])
         return self.decode(latents)

@@ -16,6 +16,7 @@ from cleanplate.errors import InputError
 from cleanplate.imaging import DecodedImage, decode_image
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.remover import RemovalRequest, remove, remove_batch
+from cleanplate.sampling import sampling_noise
 
 from conftest import TINY_VAE
 
@@ -132,10 +133,10 @@ def test_unet_inputs(pipe: RemovalPipeline) -> None:
     masked = pipe.encode(source * (1 - mask))
     torch.testing.assert_close(x[:, c + 1:], masked, atol=1e-6, rtol=0)
     assert not torch.allclose(x[:, c + 1:], pipe.encode(source), atol=1e-3)
-    # channels 0..C-1 at the first step: item i's noise from Generator("cpu").manual_seed(seeds[i])
+    # channels 0..C-1 at the first step: item i's initial noise, sampling_noise(seeds[i])[0] (numpy PCG64)
     for i, s in enumerate(seeds):
-        noise = torch.randn((1, c, R // 2, R // 2), generator=torch.Generator("cpu").manual_seed(s))
-        torch.testing.assert_close(x[i:i + 1, :c], noise, atol=1e-6, rtol=0)
+        noise = torch.from_numpy(sampling_noise(s, 2, (c, R // 2, R // 2))[0])
+        torch.testing.assert_close(x[i, :c], noise, atol=1e-6, rtol=0)
     # text conditioning: the bundle's constant empty-prompt embeddings, expanded over the batch
     cond = pipe.conditioning
     assert torch.equal(kwargs["encoder_hidden_states"], cond.prompt_embeds.expand(2, -1, -1))
