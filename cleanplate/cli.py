@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .deploy import deploy_app
 from .errors import CleanplateError, InputError
 
 app = typer.Typer(help="Remove promo text, watermarks and stickers from product photos.", no_args_is_help=True,
@@ -23,6 +24,7 @@ train_app = typer.Typer(help="Trainers that write bundles (SFT, LCM-LoRA) and th
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(deploy_app, name="deploy")  # render/lint the Helm chart: cleanplate/deploy.py
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 WRITABLE_SUFFIXES = IMAGE_SUFFIXES - {".bmp"}

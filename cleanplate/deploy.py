@@ -1,0 +1,415 @@
+"""Kubernetes deployment: render, lint and validate the Helm chart ``helm/cleanplate`` with no cluster.
+
+Helm itself does the rendering: the ``helm-python-sdk`` wheel binds Helm v4's Go SDK (no ``helm``
+binary needed), so what is rendered here is what ``helm install`` would send. Every rendered object is
+then checked against the Kubernetes OpenAPI schemas of ``kubernetes-validate`` (strict: unknown fields
+fail), ServiceMonitors against the subset of the prometheus-operator v1 CRD the chart uses, and the
+objects against each other (selectors that select, ports that exist, HPAs that target a Deployment).
+
+Both wheels are in the ``test`` extra; ``cleanplate deploy`` says so when they are missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .errors import InputError
+
+CHART_DIR = Path(__file__).resolve().parent.parent / "helm" / "cleanplate"
+PROFILES = {"default": None, "cpu": "values-cpu.yaml", "gpu": "values-gpu.yaml"}
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate ships (checked: 1.25 .. 1.37).
+MIN_KUBE_VERSION = "1.25"
+NOTES = "NOTES.txt"
+
+_DURATION = r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["key", "operator"],
+            "properties": {"key": {"type": "string"},
+                           "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                           "values": {"type": "array", "items": {"type": "string"}}}}},
+    },
+}
+# The part of the prometheus-operator ServiceMonitor CRD (monitoring.coreos.com/v1) this chart may
+# render, written from its API reference; unknown fields fail, as the API server's pruning would drop them.
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
+                "namespace": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": _SELECTOR,
+                "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                    "any": {"type": "boolean"},
+                    "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "jobLabel": {"type": "string"},
+                "targetLabels": {"type": "array", "items": {"type": "string"}},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "sampleLimit": {"type": "integer", "minimum": 0},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "targetPort": {"type": ["integer", "string"]},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "scrapeTimeout": {"type": "string", "pattern": _DURATION},
+                            "honorLabels": {"type": "boolean"},
+                            "honorTimestamps": {"type": "boolean"},
+                            "relabelings": {"type": "array", "items": {"type": "object"}},
+                            "metricRelabelings": {"type": "array", "items": {"type": "object"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+# -- values -------------------------------------------------------------------------------------------
+
+def _helm() -> Any:
+    try:
+        import helm_python
+    except ImportError as exc:  # an install without the test extra
+        raise InputError("cleanplate deploy needs helm-python-sdk: pip install -e '.[test]'",
+                         code="missing_dependency") from exc
+    return helm_python
+
+
+def chart_path(chart: Path | None = None) -> Path:
+    """The chart directory: ``chart``, or ``helm/cleanplate`` of this checkout.
+
+    Raises InputError if it holds no Chart.yaml.
+    """
+    path = Path(chart) if chart is not None else CHART_DIR
+    if not (path / "Chart.yaml").is_file():
+        raise InputError(f"no Helm chart (Chart.yaml) in {path}; pass --chart", code="bad_option")
+    return path
+
+
+def merge_values(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Helm's rule for several values files: maps merge key by key, anything else (lists too) is replaced.
+
+    A ``None`` is kept: Helm then deletes that key from the chart's defaults.
+    """
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_values(path: Path) -> dict[str, Any]:
+    helm = _helm()
+    if not path.is_file():
+        raise InputError(f"values file not found: {path}", code="bad_option")
+    try:
+        return helm.values_from_yaml(path.read_text()) or {}
+    except helm.HelmError as exc:
+        raise InputError(f"values file {path}: {_one_line(exc)}", code="bad_option") from exc
+
+
+def load_values(profile: str = "default", files: Iterable[Path] = (), sets: Iterable[str] = (),
+                *, chart: Path | None = None) -> dict[str, Any]:
+    """Values passed to Helm over the chart's own ``values.yaml``: the profile's file, then ``files`` in
+    order, then ``--set`` expressions (``a.b=c``, Helm's syntax), later ones winning.
+
+    Raises InputError for an unknown profile, a missing or malformed file, or a malformed ``--set``.
+    """
+    helm = _helm()
+    chart = chart_path(chart)
+    if profile not in PROFILES:
+        raise InputError(f"unknown profile {profile!r}: one of {', '.join(PROFILES)}", code="bad_option")
+    values: dict[str, Any] = {}
+    if PROFILES[profile]:
+        values = _read_values(chart / PROFILES[profile])
+    for path in files:
+        values = merge_values(values, _read_values(Path(path)))
+    for expression in sets:
+        try:
+            values = merge_values(values, helm.parse_set_string(expression))
+        except helm.HelmError as exc:
+            raise InputError(f"--set {expression}: {_one_line(exc)}", code="bad_option") from exc
+    return values
+
+
+# -- render and lint ----------------------------------------------------------------------------------
+
+def render(values: Mapping[str, Any] | None = None, *, chart: Path | None = None, name: str = "cleanplate",
+           namespace: str = "default") -> dict[str, str]:
+    """Render the chart with Helm (offline, as ``helm template``): template path -> manifest text.
+
+    The values are checked against ``values.schema.json`` and the templates' ``required``/``fail`` guards.
+    Raises InputError naming the first problem (a missing required value, a bad release name...).
+    """
+    helm = _helm()
+    chart = chart_path(chart)
+    try:
+        helm.validate_release_name(name)
+        with helm.Chart.load(chart) as loaded:
+            return loaded.render(dict(values or {}), name=name, namespace=namespace, is_install=True)
+    except helm.HelmError as exc:
+        raise InputError(_one_line(exc), code="bad_option") from exc
+
+
+def manifests(rendered: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The Kubernetes objects of a render (NOTES.txt and empty documents left out), in template order."""
+    import yaml
+
+    objects = []
+    for path in sorted(rendered):
+        if path.endswith(NOTES):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(rendered[path]) if doc)
+    return objects
+
+
+def notes(rendered: Mapping[str, str]) -> str:
+    """The rendered NOTES.txt: what ``helm install`` prints about calling the service."""
+    return next((text for path, text in rendered.items() if path.endswith(NOTES)), "")
+
+
+def lint(values: Mapping[str, Any] | None = None, *, chart: Path | None = None) -> list[str]:
+    """``helm lint --strict`` of the chart with ``values``: its warnings and errors (info notes skipped)."""
+    helm = _helm()
+    report = helm.lint(chart_path(chart), dict(values or {}), strict=True)
+    found = [f"{m['path']}: {m['error']}" for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+    return found + [e for e in report.get("errors", []) if not any(e in f for f in found)]
+
+
+def write_manifests(rendered: Mapping[str, str], out: Path) -> list[Path]:
+    """Write each non-empty template's manifest under ``out`` as ``helm template --output-dir`` does."""
+    written = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith(NOTES) or not text.strip():
+            continue
+        target = out / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text if text.endswith("\n") else text + "\n")
+        written.append(target)
+    return written
+
+
+# -- validation ----------------------------------------------------------------------------------------
+
+def _ref(obj: Mapping[str, Any]) -> str:
+    return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+
+
+def schema_errors(objects: Iterable[Mapping[str, Any]], kube_version: str | None = None) -> list[str]:
+    """Each object against the Kubernetes OpenAPI schema of ``kube_version`` (default: the newest that
+    kubernetes-validate ships), strict: unknown fields are errors. ServiceMonitors are checked against
+    :data:`SERVICE_MONITOR_SCHEMA`; any other kind without a schema is an error, not a skip."""
+    try:
+        import jsonschema
+        import kubernetes_validate
+        from kubernetes_validate.utils import latest_version
+    except ImportError as exc:
+        raise InputError("validation needs kubernetes-validate: pip install -e '.[test]'",
+                         code="missing_dependency") from exc
+    version = kube_version or latest_version()
+    monitor = jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA)
+    errors = []
+    for obj in objects:
+        if obj.get("apiVersion") == "monitoring.coreos.com/v1" and obj.get("kind") == "ServiceMonitor":
+            errors += [f"{_ref(obj)}: {'/'.join(map(str, e.absolute_path))}: {e.message}"
+                       for e in monitor.iter_errors(obj)]
+            continue
+        try:
+            kubernetes_validate.validate(dict(obj), version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{_ref(obj)}: {'/'.join(map(str, exc.absolute_path))}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            errors.append(f"{_ref(obj)}: {exc.message}")
+        except kubernetes_validate.VersionNotSupportedError as exc:
+            raise InputError(exc.message, code="bad_option") from exc
+    return errors
+
+
+def _selects(selector: Mapping[str, Any] | None, labels: Mapping[str, Any]) -> bool:
+    match = (selector or {}).get("matchLabels", selector or {})
+    return bool(match) and all(labels.get(k) == v for k, v in match.items())
+
+
+def reference_errors(objects: list[Mapping[str, Any]]) -> list[str]:
+    """Objects that point at nothing: a Service or PDB selecting no pods, a named port no container has,
+    an HPA whose target is missing (or that fights a fixed ``replicas``), a ServiceMonitor selecting no
+    Service port, a ConfigMap volume or ``configMapKeyRef`` naming no ConfigMap of the render.
+
+    Secrets and PersistentVolumeClaims are not checked: they may live outside the chart
+    (``gateway.auth.existingSecret``, the model repository's PVC and its object-storage credentials).
+    """
+    by_kind: dict[str, list[Mapping[str, Any]]] = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    deployments = {d["metadata"]["name"]: d for d in by_kind.get("Deployment", [])}
+    configmaps = {c["metadata"]["name"] for c in by_kind.get("ConfigMap", [])}
+    errors = []
+
+    def pods_selected(selector: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        return [d["spec"]["template"] for d in deployments.values()
+                if _selects(selector, d["spec"]["template"]["metadata"].get("labels", {}))]
+
+    def container_ports(pod: Mapping[str, Any]) -> set[Any]:
+        ports: set[Any] = set()
+        for c in pod["spec"].get("containers", []):
+            for p in c.get("ports", []):
+                ports |= {p.get("name"), p["containerPort"]}
+        return ports
+
+    for name, dep in deployments.items():
+        pod = dep["spec"]["template"]
+        if not _selects(dep["spec"]["selector"], pod["metadata"].get("labels", {})):
+            errors.append(f"Deployment/{name}: selector does not match its pod template")
+        ports = container_ports(pod)
+        for c in pod["spec"].get("containers", []) + pod["spec"].get("initContainers", []):
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                port = c.get(probe, {}).get("httpGet", {}).get("port")
+                if port is not None and port not in ports:
+                    errors.append(f"Deployment/{name}: {c['name']}.{probe} uses port {port!r}, "
+                                  "not a container port")
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {}).get("configMapKeyRef")
+                if ref and ref["name"] not in configmaps:
+                    errors.append(f"Deployment/{name}: env {env['name']} names ConfigMap {ref['name']}, "
+                                  "not rendered")
+        for vol in pod["spec"].get("volumes", []):
+            if "configMap" in vol and vol["configMap"]["name"] not in configmaps:
+                errors.append(f"Deployment/{name}: volume {vol['name']} names ConfigMap "
+                              f"{vol['configMap']['name']}, not rendered")
+    for svc in by_kind.get("Service", []):
+        pods = pods_selected(svc["spec"].get("selector", {}))
+        if not pods:
+            errors.append(f"{_ref(svc)}: selects no pods of the chart")
+        for port in svc["spec"].get("ports", []):
+            target = port.get("targetPort", port["port"])
+            if pods and not all(target in container_ports(p) for p in pods):
+                errors.append(f"{_ref(svc)}: targetPort {target!r} is not a port of the selected pods")
+    for pdb in by_kind.get("PodDisruptionBudget", []):
+        if not pods_selected(pdb["spec"]["selector"]):
+            errors.append(f"{_ref(pdb)}: selects no pods of the chart")
+    for hpa in by_kind.get("HorizontalPodAutoscaler", []):
+        target = hpa["spec"]["scaleTargetRef"]
+        dep = deployments.get(target["name"])
+        if target["kind"] != "Deployment" or dep is None:
+            errors.append(f"{_ref(hpa)}: scaleTargetRef {target['kind']}/{target['name']} is not rendered")
+        elif "replicas" in dep["spec"]:
+            errors.append(f"{_ref(hpa)}: Deployment/{target['name']} sets replicas, which every upgrade "
+                          "would reset under the autoscaler")
+        low, high = hpa["spec"].get("minReplicas", 1), hpa["spec"]["maxReplicas"]
+        if isinstance(low, int) and isinstance(high, int) and low > high:
+            errors.append(f"{_ref(hpa)}: minReplicas > maxReplicas")
+    for monitor in by_kind.get("ServiceMonitor", []):
+        services = [s for s in by_kind.get("Service", [])
+                    if _selects(monitor["spec"]["selector"], s["metadata"].get("labels", {}))]
+        if not services:
+            errors.append(f"{_ref(monitor)}: selects no Service of the chart")
+        for ep in monitor["spec"]["endpoints"]:
+            named = [{p.get("name") for p in s["spec"]["ports"]} for s in services]
+            if services and not all(ep.get("port") in ports for ports in named):
+                errors.append(f"{_ref(monitor)}: port {ep.get('port')!r} is not a port of the selected "
+                              "Services")
+    return errors
+
+
+def validate(objects: list[Mapping[str, Any]], kube_version: str | None = None) -> list[str]:
+    """:func:`schema_errors` then :func:`reference_errors`; empty when every object would be accepted."""
+    errors = schema_errors(objects, kube_version)
+    try:
+        return errors + reference_errors(objects)
+    except (KeyError, TypeError, AttributeError):
+        if errors:  # an object too malformed to follow its references: its schema errors say why
+            return errors
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+# -- command line (`cleanplate deploy ...`) -------------------------------------------------------------
+
+deploy_app = typer.Typer(help="Kubernetes: render, lint and validate the Helm chart (no cluster needed).",
+                         no_args_is_help=True)
+
+ProfileOpt = Annotated[str, typer.Option(help=f"values profile: {', '.join(PROFILES)} (files in the chart)")]
+ValuesOpt = Annotated[Optional[list[Path]], typer.Option("--values", "-f",
+                                                         help="values file(s), after the profile")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set",
+                                                     help="a=b,c.d=e (Helm syntax), after the files")]
+ChartOpt = Annotated[Optional[Path], typer.Option(help="chart directory (default: helm/cleanplate)")]
+
+
+@deploy_app.command("render")
+def render_command(
+    profile: ProfileOpt = "default",
+    values: ValuesOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="write one file per template here "
+                                                     "(default: stdout)")] = None,
+    name: Annotated[str, typer.Option(help="release name")] = "cleanplate",
+    namespace: Annotated[str, typer.Option(help="namespace")] = "default",
+    chart: ChartOpt = None,
+    check: Annotated[bool, typer.Option("--validate/--no-validate",
+                                        help="check every object against the Kubernetes schemas")] = True,
+    kube_version: Annotated[Optional[str], typer.Option(help="Kubernetes version of the schemas "
+                                                             "(default: the newest known)")] = None,
+) -> None:
+    """Render the chart for a profile plus values files, as `helm template` would, and validate it."""
+    chosen = load_values(profile, values or [], set_ or [], chart=chart)
+    rendered = render(chosen, chart=chart, name=name, namespace=namespace)
+    objects = manifests(rendered)
+    if check:
+        problems = validate(objects, kube_version)
+        if problems:
+            raise InputError(f"{len(problems)} problem(s): " + "; ".join(problems), code="invalid_manifest")
+    if out is None:
+        for path, text in sorted(rendered.items()):
+            if not path.endswith(NOTES) and text.strip():
+                typer.echo(f"---\n# Source: {path}\n{text.strip()}")
+    else:
+        written = write_manifests(rendered, out)
+        typer.echo(f"wrote {len(objects)} objects in {len(written)} files under {out}", err=True)
+
+
+@deploy_app.command("lint")
+def lint_command(profile: ProfileOpt = "default", values: ValuesOpt = None, set_: SetOpt = None,
+                 chart: ChartOpt = None) -> None:
+    """`helm lint --strict` the chart with a profile plus values files; exit 2 on any warning or error."""
+    problems = lint(load_values(profile, values or [], set_ or [], chart=chart), chart=chart)
+    if problems:
+        raise InputError(f"helm lint: {'; '.join(problems)}", code="lint")
+    typer.echo(f"helm lint: {chart_path(chart)} ({profile}) clean", err=True)
