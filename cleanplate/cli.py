@@ -24,10 +24,10 @@ train_app = typer.Typer(help="Trainers that write bundles (SFT, LCM-LoRA) and th
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+batch_app = typer.Typer(help="Batch catalog cleaning: a folder or manifest, resumable, with a report and a review "
+                             "queue.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
 app.add_typer(deploy_app, name="deploy")  # render/lint the Helm chart: cleanplate/deploy.py
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
-WRITABLE_SUFFIXES = IMAGE_SUFFIXES - {".bmp"}
 
 
 class Device(str, Enum):
@@ -96,6 +96,8 @@ def remove(
 
 
 def _folder_pairs(folder: Path, masks: Path | None, output: Path) -> list[tuple[Path, Path | None, Path]]:
+    from .imaging import IMAGE_SUFFIXES, WRITABLE_SUFFIXES
+
     if masks is not None and not masks.is_dir():
         raise InputError(f"--mask must be a folder when IMAGE is a folder: {masks}", code="bad_option")
     if output.exists() and not output.is_dir():
@@ -307,6 +309,117 @@ def serve(
     settings = load_settings(config, host=host, port=port, engine=engine.value if engine else None, bundle=bundle,
                              device=device, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue)
     run_server(settings, log_level=log_level)
+
+
+class MaskChannel(str, Enum):
+    luma = "luma"
+    alpha = "alpha"
+
+
+class OutFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+    tiff = "tiff"
+
+
+class ProgressMode(str, Enum):
+    auto = "auto"
+    bar = "bar"
+    log = "log"
+    off = "off"
+
+
+@batch_app.command("run")
+def batch_run(
+    source: Annotated[Path, typer.Argument(help="a folder of images, or a manifest: .jsonl, .csv or a RORem "
+                                                "meta.json")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output folder (cleaned images, report.jsonl, "
+                                                                "review/)")],
+    masks: Annotated[Optional[Path], typer.Option(help="folder of masks with the images' relative names (any "
+                                                       "image suffix); omit to use each image's transparency")] = None,
+    mask_channel: Annotated[MaskChannel, typer.Option(help="how mask files mark what to remove: luma (white) or "
+                                                           "alpha (opaque)")] = MaskChannel.luma,
+    fmt: Annotated[Optional[OutFormat], typer.Option("--format", help="output format (default: the input's)")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="report file (default OUTPUT/report.jsonl)")] = None,
+    review: Annotated[Optional[Path], typer.Option(help="review folder (default OUTPUT/review)")] = None,
+    concurrency: Annotated[int, typer.Option(help="items in the engine at once")] = 4,
+    engine: Annotated[Optional[Engine], typer.Option(help="in-process engine (default torch)")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="bundle directory (default: the bundled model)")] = None,
+    device: Annotated[Device, typer.Option(help="torch engine: where the model runs")] = Device.cpu,
+    dtype: Annotated[DType, typer.Option(help="torch engine: model precision")] = DType.fp32,
+    torch_threads: Annotated[Optional[int], typer.Option(help="torch engine: intra-op threads")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="torch engine: micro-batch bound (1 = off)")] = None,
+    url: Annotated[Optional[str], typer.Option(help="use a running gateway (cleanplate serve) at this URL")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="CLEANPLATE_API_KEY", show_envvar=True,
+                                                   help="gateway API key (Bearer)")] = None,
+    triton_url: Annotated[Optional[str], typer.Option(help="use the triton engine: host:port of a Triton server")] = None,
+    triton_protocol: Annotated[Optional[str], typer.Option(help="triton engine: grpc or http")] = None,
+    seed: Annotated[int, typer.Option(help="noise seed (items may set their own)")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="LCM steps (default: the bundle's)")] = None,
+    dilate_px: Annotated[Optional[int], typer.Option(help="mask dilation in px (default: the bundle's)")] = None,
+    quality_gate: Annotated[Optional[bool], typer.Option("--quality-gate/--no-quality-gate",
+                                                         help="score results, retry, send failures to review "
+                                                              "(default: on when the engine has a "
+                                                              "discriminator)")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="gate threshold (default: the calibrated one)")] = None,
+    max_attempts: Annotated[int, typer.Option(help="gate attempts per item, seed+1 each")] = 3,
+    retry_failed: Annotated[bool, typer.Option(help="also redo items whose last report line is an error")] = False,
+    progress: Annotated[ProgressMode, typer.Option(help="bar on a terminal, log lines otherwise")] = ProgressMode.auto,
+) -> None:
+    """Clean a catalog: resumable (a rerun skips finished items), one report line per item, gate failures
+    copied to OUTPUT/review. Exit 0 all ok, 1 some items errored, 2 bad command, 130/143 stopped by a signal."""
+    import asyncio
+
+    from .batch import GatewayBackend, InProcessBackend, ItemOptions, Progress, load_items, run_batch
+
+    if url and triton_url:
+        raise InputError("give --url or --triton-url, not both", code="bad_option")
+    wants_triton = bool(triton_url) or (engine is not None and engine.value == "triton")
+    if (url or triton_url) and ((engine is not None and engine.value != "triton") or bundle or torch_threads
+                                or max_batch):
+        raise InputError("--engine, --bundle, --torch-threads and --max-batch are for in-process engines; the "
+                         "server at --url/--triton-url has its own", code="bad_option")
+    try:
+        defaults = ItemOptions(seed=seed, steps=steps, dilate_px=dilate_px, quality_gate=quality_gate,
+                               threshold=threshold, max_attempts=max_attempts)
+    except ValueError as exc:
+        err = exc.errors()[0]  # type: ignore[attr-defined]
+        raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code="bad_option") from exc
+    items = load_items(source, masks=masks, fmt=fmt.value if fmt else None, exclude=[output, *([review] if review else [])])
+    if url:
+        backend = GatewayBackend(url, api_key=api_key, concurrency=concurrency)
+    else:
+        from .serving.engines import make_engine
+        from .serving.settings import load_settings
+
+        if wants_triton:  # Triton's own dynamic batcher makes the batches
+            settings = load_settings(engine="triton", triton_url=triton_url, triton_protocol=triton_protocol,
+                                     max_queue=max(64, 2 * concurrency))
+        else:
+            settings = load_settings(engine=(engine or Engine.torch).value, bundle=bundle, device=device.value,
+                                     dtype=dtype.value, torch_threads=torch_threads, max_batch=max_batch,
+                                     max_queue=max(64, 2 * concurrency))
+        backend = InProcessBackend(make_engine(settings))
+    result = asyncio.run(run_batch(items, backend, output, defaults=defaults, concurrency=concurrency,
+                                   report_path=report, review_dir=review, retry_failed=retry_failed,
+                                   mask_channel=mask_channel.value, progress=Progress(progress.value)))
+    _say(result.line())
+    raise typer.Exit(result.exit_code)
+
+
+@batch_app.command("summarize")
+def batch_summarize(
+    report: Annotated[Path, typer.Argument(help="a batch report (report.jsonl)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Counts, gate pass rate and latency percentiles of a batch report (each item's last line)."""
+    import json
+
+    from .batch import format_summary, summarize
+
+    summary = summarize(report)
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 def main() -> None:

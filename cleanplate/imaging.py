@@ -25,6 +25,8 @@ from PIL import Image, ImageCms, UnidentifiedImageError
 from cleanplate.errors import CleanplateError, InputError
 
 DEFAULT_MAX_PIXELS: int = 64_000_000  # decompression-bomb limit
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"})  # what folders are read for
+WRITABLE_SUFFIXES = IMAGE_SUFFIXES - {".bmp"}  # what outputs can be (see format_for_path)
 
 _ORIENTATION = 0x0112
 _WRITABLE = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}
