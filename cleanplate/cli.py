@@ -14,7 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from .deploy import deploy_app
-from .errors import CleanplateError, InputError
+from .errors import CleanplateError, ExportError, InputError
+from .export.cli import export_app, triton_app
 
 app = typer.Typer(help="Remove promo text, watermarks and stickers from product photos.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -27,6 +28,8 @@ app.add_typer(train_app, name="train")
 batch_app = typer.Typer(help="Batch catalog cleaning: a folder or manifest, resumable, with a report and a review "
                              "queue.", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
+app.add_typer(export_app, name="export")  # ONNX, TensorRT, Triton repository: export/cli.py
+app.add_typer(triton_app, name="triton")  # a local tritonserver: export/cli.py
 app.add_typer(deploy_app, name="deploy")  # render/lint the Helm chart: cleanplate/deploy.py
 
 
@@ -286,6 +289,7 @@ def score(
 class Engine(str, Enum):
     torch = "torch"
     opencv = "opencv"
+    triton = "triton"
 
 
 @app.command()
@@ -300,6 +304,8 @@ def serve(
     max_batch: Annotated[Optional[int], typer.Option(help="micro-batch size bound (1 = off)")] = None,
     batch_window_ms: Annotated[Optional[float], typer.Option(help="micro-batch collection window in ms")] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="queued removals before 429")] = None,
+    triton_url: Annotated[Optional[str], typer.Option(help="triton engine: host:port (default 127.0.0.1:8001)")] = None,
+    triton_protocol: Annotated[Optional[str], typer.Option(help="triton engine: grpc or http")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the REST gateway (POST /v1/remove, /v1/score; /healthz, /readyz, /metrics, /docs)."""
@@ -307,7 +313,8 @@ def serve(
     from .serving.settings import load_settings
 
     settings = load_settings(config, host=host, port=port, engine=engine.value if engine else None, bundle=bundle,
-                             device=device, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue)
+                             device=device, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                             triton_url=triton_url, triton_protocol=triton_protocol)
     run_server(settings, log_level=log_level)
 
 
@@ -423,9 +430,13 @@ def batch_summarize(
 
 
 def main() -> None:
-    """Entry point: run the app, turning a CleanplateError into one line on stderr and exit code 2."""
+    """Entry point: run the app, turning a CleanplateError into one line on stderr and exit code 2
+    (1 for a failed export: the input was fine, the result was not)."""
     try:
         app()
+    except ExportError as exc:
+        _say(f"error: {exc}")
+        sys.exit(1)
     except CleanplateError as exc:
         _say(f"error: {exc}")
         sys.exit(2)

@@ -33,3 +33,9 @@ class BundleError(CleanplateError):
     """A model bundle directory is missing a file or holds something inconsistent."""
 
     code = "bad_bundle"
+
+
+class ExportError(CleanplateError):
+    """An export (ONNX, TensorRT, Triton repository) failed or does not match PyTorch; the CLI exits 1."""
+
+    code = "export_failed"

@@ -160,7 +160,9 @@ def score_crops(source: np.ndarray, result: np.ndarray, mask: np.ndarray, box: C
 
 def crops_to_tensors(crops: Sequence[np.ndarray]) -> torch.Tensor:
     """(R,R,3) uint8 crops -> (B,3,R,R) float32 in [-1,1]."""
-    return torch.stack([torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1) for c in crops]).float() / 127.5 - 1
+    # np.require copies only read-only or strided crops (e.g. a Triton response); torch needs writable memory
+    return torch.stack([torch.from_numpy(np.require(c, requirements=["C", "W"])).permute(2, 0, 1)
+                        for c in crops]).float() / 127.5 - 1
 
 
 def masks_to_tensor(masks: Sequence[np.ndarray]) -> torch.Tensor:

@@ -1,1 +1,2 @@
-"""cleanplate.export — placeholder package; built in its own issue (see DESIGN.md)."""
+"""cleanplate.export: ONNX export with parity (onnx), TensorRT engines (tensorrt), a Triton model repository
+with BLS removal and scoring models (triton), and a local tritonserver (triton_server). See README "Export"."""

@@ -6,7 +6,8 @@ engine square crops at its ``resolution``:
 * ``torch``: the bundle in-process; requests that arrive within ``batch_window_ms`` of each other run as
   one batch of up to ``max_batch`` (:class:`MicroBatcher`), on one model thread.
 * ``opencv``: Telea inpainting (Telea 2004, ``cv2.inpaint``), no model and no discriminator; a baseline.
-* ``triton``: comes with the Triton export; it implements the same :class:`Engine` protocol.
+* ``triton``: a Triton Inference Server with the ``cleanplate export triton`` repository
+  (:class:`cleanplate.serving.triton_engine.TritonEngine`); Triton's dynamic batcher makes the batches.
 """
 
 from __future__ import annotations
@@ -310,6 +311,11 @@ class OpenCVEngine:
 
 def make_engine(settings: Any, on_batch: Callable[[str, int, float], None] | None = None) -> Engine:
     """The engine named by ``settings.engine`` (see :class:`cleanplate.serving.settings.Settings`)."""
+    if settings.engine == "triton":
+        from .triton_engine import TritonEngine
+
+        return TritonEngine(settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
+                            retries=settings.triton_retries, max_inflight=settings.max_queue)
     if settings.engine == "opencv":
         dilate = 8
         if settings.bundle is not None:

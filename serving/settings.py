@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 inside a container)")
     port: int = Field(8080, ge=0, le=65535)
-    engine: Literal["torch", "opencv"] = Field("torch", description="what runs the removal")
+    engine: Literal["torch", "opencv", "triton"] = Field("torch", description="what runs the removal")
     bundle: Path | None = Field(None, description="bundle directory; default: the bundled model")
     device: str = Field("cpu", description="torch engine: cpu, cuda, cuda:N or auto")
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     max_attempts_limit: int = Field(8, ge=1, le=64, description="largest max_attempts a request may ask for")
     opencv_radius: int = Field(5, ge=1, le=64, description="opencv engine: Telea radius in px")
     opencv_resolution: int = Field(512, ge=64, le=4096, description="opencv engine: crop side in px")
+    triton_url: str = Field("127.0.0.1:8001", description="triton engine: host:port of Triton's gRPC or HTTP endpoint")
+    triton_protocol: Literal["grpc", "http"] = Field("grpc", description="triton engine: client protocol")
+    triton_timeout_s: float = Field(30.0, gt=0, description="triton engine: per-call timeout")
+    triton_retries: int = Field(2, ge=0, le=10, description="triton engine: retries on transient errors")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

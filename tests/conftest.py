@@ -88,6 +88,16 @@ def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_gated_bundle(tmp_path_factory.mktemp("gated") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def gated_onnx(gated_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``cleanplate export onnx`` of :func:`gated_bundle`: buckets 64 and 128, batch <= 4, parity seed 11."""
+    from cleanplate.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(gated_bundle, out, buckets=[64, 128], max_batch=4, seed=11)
+    return out
+
+
 @contextmanager
 def serve_in_thread(app, timeout_s: float = 120.0) -> Iterator[str]:
     """Run ``app`` under a real uvicorn on 127.0.0.1 (free port) in a thread; yields the base URL once

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cleanplate.bundle import Bundle, BundleConfig, NullConditioning
+from cleanplate.bundle import SDXL_INPAINT_UNET_CONFIG, Bundle, BundleConfig, NullConditioning
 from cleanplate.errors import InputError
 from cleanplate.imaging import DecodedImage, decode_image
 from cleanplate.pipeline import RemovalPipeline
@@ -147,26 +147,6 @@ def test_unet_inputs(pipe: RemovalPipeline) -> None:
     assert torch.equal(calls[1][0][0][:, c:], x[:, c:])
 
 
-# SDXL-inpainting's unet/config.json (diffusers/stable-diffusion-xl-1.0-inpainting-0.1).
-SDXL_INPAINT_UNET = {
-    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False, "class_embed_type": None, "class_embeddings_concat": False,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 9,
-    "layers_per_block": 2, "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
-    "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 128,
-    "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
-    "time_embedding_type": "positional", "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
-    "use_linear_projection": True,
-}
 
 
 def test_sdxl_inpaint_unet_config_and_conditioning_shapes() -> None:
@@ -174,7 +154,7 @@ def test_sdxl_inpaint_unet_config_and_conditioning_shapes() -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({**SDXL_INPAINT_UNET, "block_out_channels": [40, 80, 160],
+    unet = UNet2DConditionModel.from_config({**SDXL_INPAINT_UNET_CONFIG, "block_out_channels": [40, 80, 160],
                                              "layers_per_block": 1, "transformer_layers_per_block": 1,
                                              "norm_num_groups": 8, "sample_size": 16})
     cond = NullConditioning(torch.randn(1, 77, 2048), torch.randn(1, 1280))

@@ -1,0 +1,184 @@
+"""Triton python-backend BLS models ``cleanplate_remove`` and ``cleanplate_score`` (parameter ``mode``).
+
+``cleanplate_remove`` runs the whole removal of a batch of model crops inside Triton, with the same
+semantics as :class:`cleanplate.pipeline.RemovalPipeline` (RORem, arXiv 2501.00740):
+masked source ``x_s·(1-m)`` -> ``vae_encoder`` -> N LCM steps (``unet`` + :mod:`sampling`, the
+module the torch engine uses, copied next to this file) -> ``vae_decoder``.
+
+    inputs   image (B,R,R,3) UINT8 RGB, mask (B,R,R) UINT8 (nonzero = remove),
+             seed (B,1) INT64 >= 0, steps (B,1) INT32 in 1..max_steps
+    output   result (B,R,R,3) UINT8
+
+``cleanplate_score`` judges removals with the discriminator (sigmoid score, higher = cleaner):
+
+    inputs   source (B,R,R,3) UINT8, result (B,R,R,3) UINT8, mask (B,R,R) UINT8
+    output   score (B,1) FP32 in [0,1]
+
+R is any resolution bucket the graphs were exported for (``buckets`` parameter). Requests the dynamic
+batcher hands over together run as one batch per (steps, R); a bad request gets its own error
+response and does not fail the others.
+"""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from sampling import lcm_step, load_schedule_table, sampling_noise
+
+
+class BadRequest(Exception):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        here = os.path.join(args["model_repository"], args["model_version"])
+        self.mode = params["mode"]
+        self.f = int(params["vae_scale_factor"])
+        self.buckets = [int(r) for r in params["buckets"].split(",")]
+        self.sub_batch = int(params["graph_max_batch"])
+        self.model = {k: params[f"{k}_model"] for k in ("vae_encoder", "vae_decoder", "unet", "discriminator")
+                      if f"{k}_model" in params}
+        if self.mode == "remove":
+            self.max_steps = int(params["max_steps"])
+            with open(os.path.join(here, "schedules.json")) as fh:
+                self.schedules = load_schedule_table(fh.read())
+            cond = np.load(os.path.join(here, "null_conditioning.npz"))
+            self.prompt_embeds = cond["prompt_embeds"].astype(np.float32)
+            self.pooled_prompt_embeds = cond["pooled_prompt_embeds"].astype(np.float32)
+        memory = getattr(pb_utils, "PreferredMemory", None)
+        # GPU graphs (TensorRT) answer in device memory; this model's numpy math needs host memory.
+        self.preferred = memory(pb_utils.TRITONSERVER_MEMORY_CPU, 0) if memory is not None else None
+
+    # -- calls into the graph models -----------------------------------------------------------------
+    def _infer(self, graph, inputs, output):
+        """Run ``graph`` on numpy inputs of equal batch, in chunks of at most graph_max_batch."""
+        batch = len(next(iter(inputs.values())))
+        parts = []
+        for start in range(0, batch, self.sub_batch):
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value[start:start + self.sub_batch]))
+                       for name, value in inputs.items()]
+            kwargs = {"preferred_memory": self.preferred} if self.preferred is not None else {}
+            request = pb_utils.InferenceRequest(model_name=self.model[graph], requested_output_names=[output],
+                                                inputs=tensors, **kwargs)
+            response = request.exec()
+            if response.has_error():
+                raise pb_utils.TritonModelException(f"{self.model[graph]}: {response.error().message()}")
+            parts.append(pb_utils.get_output_tensor_by_name(response, output).as_numpy())
+        return np.concatenate(parts)
+
+    def _encode(self, images_uint8):
+        """(B,R,R,3) uint8 or float [-1,1] NHWC -> scaled latents (B,C,R/f,R/f)."""
+        x = images_uint8.astype(np.float32)
+        if images_uint8.dtype == np.uint8:
+            x = x / 127.5 - 1.0
+        return self._infer("vae_encoder", {"image": np.transpose(x, (0, 3, 1, 2))}, "latent")
+
+    # -- request handling ------------------------------------------------------------------------------
+    def _get(self, request, name, dtype, rank):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise BadRequest(f"missing input {name}")
+        value = tensor.as_numpy()
+        if value.dtype != dtype or value.ndim != rank:
+            raise BadRequest(f"{name}: expected {np.dtype(dtype).name} of rank {rank}, got {value.dtype} {value.shape}")
+        return value
+
+    def _check_crops(self, image, mask):
+        b, r, r2 = image.shape[:3]
+        if r != r2 or image.shape[3] != 3 or r not in self.buckets:
+            raise BadRequest(f"image must be (B,R,R,3) with R in {self.buckets}, got {image.shape}")
+        if mask.shape != (b, r, r):
+            raise BadRequest(f"mask must be {(b, r, r)}, got {mask.shape}")
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        groups = {}
+        for i, request in enumerate(requests):
+            try:
+                item = self._parse_remove(request) if self.mode == "remove" else self._parse_score(request)
+                groups.setdefault(item[0], []).append((i, item[1]))
+            except BadRequest as exc:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+        for key, members in groups.items():
+            try:
+                outputs = self._run_remove(key, members) if self.mode == "remove" else self._run_score(members)
+                for (i, _), tensor in zip(members, outputs):
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])
+            except pb_utils.TritonModelException as exc:
+                for i, _ in members:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+        return responses
+
+    def _parse_remove(self, request):
+        image = self._get(request, "image", np.uint8, 4)
+        mask = self._get(request, "mask", np.uint8, 3)
+        seed = self._get(request, "seed", np.int64, 2).reshape(-1)
+        steps = self._get(request, "steps", np.int32, 2).reshape(-1)
+        self._check_crops(image, mask)
+        if len(seed) != len(image) or len(steps) != len(image):
+            raise BadRequest("seed and steps need one value per image")
+        if (seed < 0).any():
+            raise BadRequest("seed must be >= 0")
+        if len(set(steps.tolist())) != 1 or not 1 <= int(steps[0]) <= self.max_steps:
+            raise BadRequest(f"steps must be one value in 1..{self.max_steps} per request, got {steps.tolist()}")
+        return (int(steps[0]), image.shape[1]), (image, mask, seed)
+
+    def _run_remove(self, key, members):
+        steps, resolution = key
+        image = np.concatenate([m[1][0] for m in members])
+        mask = (np.concatenate([m[1][1] for m in members]) > 0).astype(np.float32)[:, None]  # (B,1,R,R)
+        seeds = np.concatenate([m[1][2] for m in members])
+        batch, f = len(image), self.f
+        source = image.astype(np.float32) / 127.5 - 1.0
+        masked = source * (1.0 - np.transpose(mask, (0, 2, 3, 1)))  # RORem: x_s * (1 - m)
+        masked_latent = self._encode(masked)
+        mask_latent = mask[:, :, ::f, ::f]  # nearest resize by an integer factor, as F.interpolate
+        noise = np.stack([sampling_noise(int(s), steps, masked_latent.shape[1:]) for s in seeds], axis=1)
+        cond = {
+            "encoder_hidden_states": np.repeat(self.prompt_embeds, batch, axis=0),
+            "text_embeds": np.repeat(self.pooled_prompt_embeds, batch, axis=0),
+            "time_ids": np.tile(np.array([[resolution, resolution, 0, 0, resolution, resolution]], np.float32),
+                                (batch, 1)),
+        }
+        latent = noise[0]
+        for k, step in enumerate(self.schedules[steps]):
+            sample = np.concatenate([latent, mask_latent, masked_latent], axis=1)
+            timestep = np.full((batch, 1), step.timestep, np.float32)
+            eps = self._infer("unet", {"sample": sample, "timestep": timestep, **cond}, "noise_pred")
+            latent = lcm_step(step, latent, eps, None if step.last else noise[k + 1]).astype(np.float32)
+        decoded = self._infer("vae_decoder", {"latent": latent}, "image")
+        result = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        out, start = [], 0
+        for _, (img, _, _) in members:
+            out.append(pb_utils.Tensor("result", np.ascontiguousarray(result[start:start + len(img)])))
+            start += len(img)
+        return out
+
+    def _parse_score(self, request):
+        source = self._get(request, "source", np.uint8, 4)
+        result = self._get(request, "result", np.uint8, 4)
+        mask = self._get(request, "mask", np.uint8, 3)
+        self._check_crops(source, mask)
+        if result.shape != source.shape:
+            raise BadRequest(f"result must be {source.shape}, got {result.shape}")
+        return source.shape[1], (source, result, mask)
+
+    def _run_score(self, members):
+        source = np.concatenate([m[1][0] for m in members])
+        result = np.concatenate([m[1][1] for m in members])
+        mask = (np.concatenate([m[1][2] for m in members]) > 0).astype(np.float32)
+        batch, r, f = len(source), source.shape[1], self.f
+        latents = self._encode(np.concatenate([result, source]))
+        # A latent cell counts as masked if any of its pixels is (max-pool), as Discriminator.mask_to_latent.
+        mask_latent = mask.reshape(batch, 1, r // f, f, r // f, f).max(axis=(3, 5))
+        score = self._infer("discriminator", {"result_latent": latents[:batch], "mask_latent": mask_latent,
+                                              "source_latent": latents[batch:]}, "score")
+        out, start = [], 0
+        for _, (src, _, _) in members:
+            out.append(pb_utils.Tensor("score", np.ascontiguousarray(score[start:start + len(src)].reshape(-1, 1))))
+            start += len(src)
+        return out

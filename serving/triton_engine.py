@@ -1,0 +1,204 @@
+"""The ``triton`` engine: removals and scores run by a Triton Inference Server holding the repository that
+``cleanplate export triton`` writes (its ``cleanplate_remove`` and ``cleanplate_score`` BLS models).
+
+The gateway keeps the pre/post-processing (decode, dilate, crop, paste-back, encode); each request
+sends one model crop and Triton's dynamic batcher makes the batches. The bundle facts the gateway
+needs (resolution, default steps and dilation, gate threshold) come from the BLS models' config
+``parameters``, so the gateway holds no weights.
+
+Errors: Triton unreachable or not ready -> :class:`EngineUnavailable` (503), after ``retries`` retries
+with exponential backoff on transient failures (UNAVAILABLE, connection refused or reset); Triton's
+queue full or this engine's ``max_inflight`` reached -> :class:`QueueFull` (429); a call past
+``timeout_s`` -> :class:`EngineUnavailable`. Readiness (``/readyz``) follows a health check every
+``health_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Literal
+
+import numpy as np
+
+from cleanplate.errors import InputError
+
+from .engines import EngineUnavailable, QueueFull
+
+log = logging.getLogger("cleanplate.triton")
+REMOVE_MODEL, SCORE_MODEL = "cleanplate_remove", "cleanplate_score"  # as cleanplate.export.triton
+
+
+class TritonEngine:
+    """Client of a Triton server; implements :class:`cleanplate.serving.engines.Engine`.
+
+    Args:
+        url: ``host:port`` of Triton's gRPC (default 8001) or HTTP (8000) endpoint.
+        protocol: "grpc" or "http" (tritonclient's asyncio clients).
+        timeout_s: per Triton call, seconds.
+        retries: extra attempts on transient errors (0 = none).
+        max_inflight: calls this gateway keeps open at once before answering 429.
+        health_interval_s: seconds between readiness checks.
+    """
+
+    name = "triton"
+
+    def __init__(self, url: str = "127.0.0.1:8001", *, protocol: Literal["grpc", "http"] = "grpc",
+                 remove_model: str = REMOVE_MODEL, score_model: str = SCORE_MODEL, timeout_s: float = 30.0,
+                 retries: int = 2, max_inflight: int = 64, health_interval_s: float = 2.0) -> None:
+        if protocol not in ("grpc", "http"):
+            raise InputError(f"triton protocol must be grpc or http, got {protocol!r}", code="bad_option")
+        self.url, self.protocol = url, protocol
+        self.remove_model, self.score_model = remove_model, score_model
+        self.timeout_s, self.retries, self.max_inflight = timeout_s, retries, max_inflight
+        self.health_interval_s = health_interval_s
+        self.resolution, self.default_dilate_px, self.default_steps = 0, 0, 4
+        self.threshold: float | None = None
+        self.buckets: list[int] = []
+        self._client: Any = None
+        self._mod: Any = None
+        self._configured = False
+        self._healthy = False
+        self._inflight = 0
+        self._watcher: asyncio.Task | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, wait until Triton and the BLS models are ready, read their parameters, then keep
+        checking health in the background. Retries forever (the gateway's /readyz says 503 meanwhile)."""
+        if self.protocol == "grpc":
+            import tritonclient.grpc.aio as mod
+        else:
+            import tritonclient.http.aio as mod
+        self._mod = mod
+        self._client = mod.InferenceServerClient(self.url)
+        delay = 0.25
+        while not self._configured:
+            try:
+                await self._configure()
+            except Exception as exc:  # noqa: BLE001 - any failure here means "not there yet"
+                log.info("waiting for Triton at %s: %s", self.url, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._healthy = True
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def _configure(self) -> None:
+        if not await self._client.is_model_ready(self.remove_model):
+            raise EngineUnavailable(f"model {self.remove_model} is not ready")
+        params = await self._parameters(self.remove_model)
+        self.resolution = int(params["resolution"])
+        self.buckets = [int(r) for r in params.get("buckets", str(self.resolution)).split(",")]
+        self.default_steps = int(params["default_steps"])
+        self.default_dilate_px = int(params["dilate_px"])
+        self.threshold = None
+        if "threshold" in params and await self._client.is_model_ready(self.score_model):
+            self.threshold = float(params["threshold"])
+        self._configured = True
+
+    async def _parameters(self, model: str) -> dict[str, str]:
+        config = await self._client.get_model_config(model, as_json=True) if self.protocol == "grpc" \
+            else await self._client.get_model_config(model)
+        config = config.get("config", config)
+        return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                self._healthy = bool(await self._client.is_model_ready(self.remove_model))
+            except Exception:  # noqa: BLE001 - unreachable counts as not ready
+                self._healthy = False
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._client is not None:
+            await self._client.close()
+
+    def ready(self) -> bool:
+        return self._configured and self._healthy
+
+    def queue_depth(self) -> int:
+        return self._inflight
+
+    # -- calls ------------------------------------------------------------------------------------------
+    def _input(self, name: str, value: np.ndarray, datatype: str) -> Any:
+        tensor = self._mod.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(np.ascontiguousarray(value))
+        return tensor
+
+    async def _infer(self, model: str, inputs: list[Any], output: str) -> np.ndarray:
+        if not self._configured:
+            raise EngineUnavailable("Triton is not connected yet")
+        if self._inflight >= self.max_inflight:
+            raise QueueFull(f"{self._inflight} removals are already waiting for Triton", retry_after_s=1)
+        outputs = [self._mod.InferRequestedOutput(output)]
+        self._inflight += 1
+        try:
+            for attempt in range(self.retries + 1):
+                try:
+                    if self.protocol == "grpc":
+                        result = await self._client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                    else:  # the HTTP client's ``timeout`` is a server-side hint in µs; bound the call here
+                        result = await asyncio.wait_for(self._client.infer(model, inputs, outputs=outputs),
+                                                        self.timeout_s)
+                    return result.as_numpy(output)
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    kind = self._classify(exc)
+                    if kind == "queue_full":
+                        raise QueueFull(f"Triton's queue for {model} is full", retry_after_s=1) from exc
+                    if kind == "timeout":
+                        raise EngineUnavailable(f"Triton did not answer {model} within {self.timeout_s:g} s") from exc
+                    if kind == "transient" and attempt < self.retries:
+                        await asyncio.sleep(0.1 * 2 ** attempt)
+                        continue
+                    if kind == "transient":
+                        self._healthy = False
+                        raise EngineUnavailable(f"Triton at {self.url} is unavailable: {exc}") from exc
+                    raise
+            raise AssertionError("unreachable")
+        finally:
+            self._inflight -= 1
+
+    @staticmethod
+    def _classify(exc: Exception) -> str:
+        """"queue_full" | "timeout" | "transient" | "fatal" for an exception from tritonclient or the transport."""
+        text = str(exc).lower()
+        status = ""
+        with contextlib.suppress(Exception):
+            status = str(exc.status() or "").lower()  # type: ignore[attr-defined]
+        if "queue size" in text or "exceeds maximum queue" in text:
+            return "queue_full"
+        if "deadline" in status or "deadline" in text or isinstance(exc, asyncio.TimeoutError):
+            return "timeout"
+        if "unavailable" in status or status in ("502", "503", "504") or isinstance(exc, (ConnectionError, OSError)) \
+                or "connect" in text or "unavailable" in text:
+            return "transient"
+        return "fatal"
+
+    def _check(self, crop: np.ndarray, mask: np.ndarray) -> None:
+        r = self.resolution
+        if crop.shape != (r, r, 3) or crop.dtype != np.uint8 or mask.shape != (r, r):
+            raise InputError(f"triton engine needs ({r},{r},3) uint8 crops and ({r},{r}) masks, got {crop.shape} "
+                             f"{crop.dtype} and {mask.shape}", code="bad_option")
+
+    async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray:
+        self._check(crop, mask)
+        inputs = [self._input("image", crop[None], "UINT8"), self._input("mask", mask[None].astype(np.uint8), "UINT8"),
+                  self._input("seed", np.array([[seed]], np.int64), "INT64"),
+                  self._input("steps", np.array([[steps]], np.int32), "INT32")]
+        return (await self._infer(self.remove_model, inputs, "result"))[0]
+
+    async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:
+        if self.threshold is None:
+            raise InputError("this Triton repository has no discriminator, so the quality gate and scoring are "
+                             "unavailable", code="no_discriminator")
+        self._check(source, mask)
+        self._check(result, mask)
+        inputs = [self._input("source", source[None], "UINT8"), self._input("result", result[None], "UINT8"),
+                  self._input("mask", mask[None].astype(np.uint8), "UINT8")]
+        return float((await self._infer(self.score_model, inputs, "score")).reshape(-1)[0])

@@ -1,0 +1,291 @@
+"""A real Triton Inference Server (the nvidia-pytriton wheel's tritonserver, python backend, CPU) serving
+the default bundle's exported repository: the triton engine equals the torch engine on real photos,
+the gateway serves through it, and Triton's own /metrics count the requests.
+
+Needs Triton's environment (`cleanplate triton setup`, part of README's install command)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cleanplate.export.triton import RepositoryOptions, export_triton
+from cleanplate.export.triton_server import TritonServer, default_env_path
+from cleanplate.imaging import decode_image, decode_mask, dilate_mask
+from cleanplate.remover import RemovalRequest, prepare
+from cleanplate.serving.app import create_app
+from cleanplate.serving.engines import EngineUnavailable, TorchEngine
+from cleanplate.serving.settings import Settings
+from cleanplate.serving.triton_engine import TritonEngine
+
+from conftest import serve_in_thread
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+# The tolerance between engines: ONNX Runtime and PyTorch differ by ~1e-6 per graph call, which after
+# 4 steps and the VAE decoder moves a few pixels by one uint8 level.
+MAX_LEVELS, MAX_MEAN_LEVELS = 2, 0.05
+
+
+@pytest.fixture(scope="session")
+def triton_env() -> Path:
+    env = default_env_path()
+    if not (env / "bin" / "python").exists():
+        pytest.fail(f"no Triton environment at {env}: run `cleanplate triton setup` (README's install command does)")
+    return env
+
+
+@pytest.fixture(scope="session")
+def default_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    export_triton(None, repo, RepositoryOptions(backend="python", max_batch=4, bls_instances=1, intra_op_threads=1))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(default_repo: Path, triton_env: Path):
+    server = TritonServer(default_repo, env=triton_env)
+    server.start(timeout_s=180)
+    yield server
+    assert server.stop() == 0, server.log_tail()
+
+
+def _crops(photos: dict[str, np.ndarray], resolution: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Model crops of real photos with a text-sized mask, cut as the gateway cuts them."""
+    out = []
+    for name in ("coffee", "chelsea", "astronaut"):
+        rgb = photos[name]
+        h, w = rgb.shape[:2]
+        mask = np.zeros((h, w), bool)
+        mask[h // 3: h // 3 + h // 8, w // 4: w // 4 + w // 3] = True
+        prep = prepare(RemovalRequest(decode_image(_png(rgb)), mask), resolution, 8)
+        out.append((name, prep.crop, prep.crop_mask))
+    return out
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def _both(engine: TritonEngine, torch_engine: TorchEngine, crop, mask, seed: int, steps: int):
+    return await engine.inpaint(crop, mask, seed=seed, steps=steps), await torch_engine.inpaint(crop, mask, seed=seed,
+                                                                                                  steps=steps)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, photos, protocol: str) -> None:
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+
+    async def run() -> None:
+        engine, torch_engine = TritonEngine(url, protocol=protocol), TorchEngine(None, max_batch=1)
+        await asyncio.wait_for(engine.start(), 30)
+        await torch_engine.start()
+        try:
+            assert engine.ready() and engine.resolution == torch_engine.resolution == 256
+            assert engine.default_steps == 4 and engine.default_dilate_px == 8
+            assert engine.threshold == pytest.approx(torch_engine.threshold)
+            for i, (name, crop, mask) in enumerate(_crops(photos, engine.resolution)):
+                steps = (4, 2, 1)[i]
+                ours, ref = await _both(engine, torch_engine, crop, mask, seed=10 + i, steps=steps)
+                assert ours.shape == ref.shape == (256, 256, 3) and ours.dtype == np.uint8
+                diff = np.abs(ours.astype(int) - ref.astype(int))
+                assert diff.max() <= MAX_LEVELS and diff.mean() <= MAX_MEAN_LEVELS, (name, diff.max(), diff.mean())
+                other, _ = await _both(engine, torch_engine, crop, mask, seed=99, steps=steps)
+                assert np.abs(other.astype(int) - ours.astype(int)).max() > 10  # the seed reaches Triton's noise
+                # the discriminator inside Triton scores as the torch engine does
+                s_triton = await engine.score(crop, ours, mask)
+                s_torch = await torch_engine.score(crop, ours, mask)
+                assert s_triton == pytest.approx(s_torch, abs=1e-4)
+        finally:
+            await engine.close()
+            await torch_engine.close()
+
+    asyncio.run(run())
+
+
+def test_bls_batches_requests_and_isolates_bad_ones(triton: TritonServer, photos) -> None:
+    """Three crops in one request equal three single requests; a crop at an unexported size fails alone."""
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(triton.grpc_url)
+    crops = _crops(photos, 256)
+
+    def infer(images, masks, seeds, steps=4):
+        inputs = [grpc.InferInput("image", list(images.shape), "UINT8"), grpc.InferInput("mask", list(masks.shape), "UINT8"),
+                  grpc.InferInput("seed", [len(seeds), 1], "INT64"), grpc.InferInput("steps", [len(seeds), 1], "INT32")]
+        for t, v in zip(inputs, (images, masks, np.array(seeds, np.int64)[:, None],
+                                 np.full((len(seeds), 1), steps, np.int32))):
+            t.set_data_from_numpy(v)
+        return client.infer("cleanplate_remove", inputs).as_numpy("result")
+
+    try:
+        images = np.stack([c[1] for c in crops])
+        masks = np.stack([c[2] for c in crops]).astype(np.uint8)
+        together = infer(images, masks, [1, 2, 3])
+        for i in range(3):
+            alone = infer(images[i:i + 1], masks[i:i + 1], [i + 1])
+            assert np.abs(alone[0].astype(int) - together[i].astype(int)).max() <= 1
+        with pytest.raises(Exception, match=r"R in \[256\]"):
+            infer(np.zeros((1, 200, 200, 3), np.uint8), np.ones((1, 200, 200), np.uint8), [0])
+        with pytest.raises(Exception, match="steps must be one value in 1..50"):
+            infer(images[:1], masks[:1], [0], steps=0)
+        assert infer(images[:1], masks[:1], [1]).shape == (1, 256, 256, 3)  # the server is fine after bad requests
+    finally:
+        client.close()
+
+
+def _metric(text: str, name: str, model: str) -> float:
+    m = re.search(rf'^{name}{{model="{model}",version="1"}} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_gateway_with_triton_engine(triton: TritonServer, tmp_path: Path) -> None:
+    """`engine=triton` through real HTTP: the same bytes as the torch gateway within the stated tolerance,
+    bit-exact outside the dilated mask, the gate works, /readyz is ready, Triton's /metrics count it."""
+    image_bytes = (EXAMPLES / "coffee_sale.jpg").read_bytes()
+    mask_bytes = (EXAMPLES / "coffee_sale_mask.png").read_bytes()
+    files = {"image": ("a.jpg", image_bytes, "image/jpeg"), "mask": ("m.png", mask_bytes, "image/png")}
+    data = {"output_format": "png", "seed": "3"}
+    metrics_before = httpx.get(f"http://{triton.metrics_url}/metrics").text
+
+    results = {}
+    for engine in ("triton", "torch"):
+        settings = Settings(engine=engine, triton_url=triton.grpc_url, max_batch=1)
+        with serve_in_thread(create_app(settings)) as url:
+            ready = httpx.get(url + "/readyz").json()
+            assert ready["engine"] == engine and ready["resolution"] == 256 and ready["quality_gate"] is True
+            r = httpx.post(url + "/v1/remove", files=files, data=data, timeout=120)
+            assert r.status_code == 200, r.text
+            results[engine] = np.asarray(Image.open(io.BytesIO(r.content)))
+            if engine == "triton":
+                gated = httpx.post(url + "/v1/remove", files=files, timeout=120, headers={"Accept": "application/json"},
+                                   data={**data, "quality_gate": "true", "threshold": "1.0", "max_attempts": "2"})
+                assert gated.status_code == 200, gated.text
+                body = gated.json()
+                assert body["attempts"] == 2 and body["passed"] is False and 0 < body["score"] < 1
+    source = np.asarray(decode_image(image_bytes).rgb)
+    diff = np.abs(results["triton"].astype(int) - results["torch"].astype(int))
+    assert diff.max() <= MAX_LEVELS and diff.mean() <= MAX_MEAN_LEVELS
+    outside = ~dilate_mask(decode_mask(mask_bytes), 8)
+    assert np.array_equal(results["triton"][outside], source[outside])
+    metrics_after = httpx.get(f"http://{triton.metrics_url}/metrics").text
+    for model, calls in (("cleanplate_remove", 3), ("cleanplate_score", 2)):
+        done = _metric(metrics_after, "nv_inference_request_success", model) - \
+            _metric(metrics_before, "nv_inference_request_success", model)
+        assert done == calls, (model, done)
+    # each removal of 4 steps ran the UNet 4 times inside Triton (BLS -> unet)
+    unet_runs = _metric(metrics_after, "nv_inference_request_success", "unet") - \
+        _metric(metrics_before, "nv_inference_request_success", "unet")
+    assert unet_runs == 3 * 4
+
+
+def test_readiness_follows_triton(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path: Path) -> None:
+    """/readyz is 503 until Triton is up, 200 while it is, 503 after it stops; requests then get 503."""
+    repo = tmp_path / "repo"
+    export_triton(gated_bundle, repo, RepositoryOptions(backend="python", max_batch=2, bls_instances=1),
+                  onnx_dir=gated_onnx)
+    server = TritonServer(repo, env=triton_env, exit_timeout_s=3)  # the gateway keeps its channel open
+    settings = Settings(engine="triton", triton_url=server.grpc_url, triton_retries=1)
+    app = create_app(settings)
+    app.state.engine.health_interval_s = 0.2
+    files = {"image": ("a.png", _png(np.full((64, 64, 3), 120, np.uint8)), "image/png"),
+             "mask": ("m.png", _png(np.pad(np.full((16, 16, 3), 255, np.uint8), ((24, 24), (24, 24), (0, 0)))),
+                      "image/png")}
+    with serve_in_thread(app, timeout_s=3) as url:
+        assert httpx.get(url + "/readyz").status_code == 503
+        assert httpx.post(url + "/v1/remove", files=files).status_code == 503
+        server.start(timeout_s=120)
+        try:
+            for _ in range(100):
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+                threading.Event().wait(0.1)
+            assert httpx.get(url + "/readyz").json()["resolution"] == 64
+            assert httpx.post(url + "/v1/remove", files=files, timeout=60).status_code == 200
+        finally:
+            server.stop()
+        for _ in range(50):
+            if httpx.get(url + "/readyz").status_code == 503:
+                break
+            threading.Event().wait(0.1)
+        assert httpx.get(url + "/readyz").status_code == 503
+        r = httpx.post(url + "/v1/remove", files=files, timeout=60)
+        assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+
+
+def test_unreachable_triton_is_engine_unavailable() -> None:
+    """A call to a Triton that went away is retried, then answered as EngineUnavailable (503), not a crash."""
+    from cleanplate.export.triton_server import free_port
+
+    async def run() -> None:
+        engine = TritonEngine(f"127.0.0.1:{free_port()}", retries=2, timeout_s=2)
+        engine._configured, engine.resolution = True, 64  # as if it had been up  # noqa: SLF001
+        import tritonclient.grpc.aio as mod
+
+        engine._mod, engine._client = mod, mod.InferenceServerClient(engine.url)  # noqa: SLF001
+        try:
+            with pytest.raises(EngineUnavailable, match="unavailable"):
+                await engine.inpaint(np.zeros((64, 64, 3), np.uint8), np.ones((64, 64), bool), seed=0, steps=1)
+            assert not engine.ready()
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+
+
+def test_error_classification() -> None:
+    from tritonclient.utils import InferenceServerException
+
+    classify = TritonEngine._classify  # noqa: SLF001
+    assert classify(InferenceServerException("Exceeds maximum queue size", status="StatusCode.UNAVAILABLE")) == "queue_full"
+    assert classify(InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED")) == "timeout"
+    assert classify(InferenceServerException("failed to connect", status="StatusCode.UNAVAILABLE")) == "transient"
+    assert classify(ConnectionRefusedError()) == "transient"
+    assert classify(InferenceServerException("image must be (B,R,R,3)", status="StatusCode.INTERNAL")) == "fatal"
+
+
+def test_triton_setup_is_idempotent(triton_env: Path) -> None:
+    from cleanplate.export.triton_server import setup_env
+
+    said: list[str] = []
+    assert setup_env(triton_env, progress=said.append) == triton_env
+    assert said == [f"Triton environment is ready: {triton_env}"]  # nothing reinstalled
+
+
+def test_triton_serve_cli(default_repo: Path, triton_env: Path, tmp_path: Path) -> None:
+    """`cleanplate triton serve` validates the repository, starts Triton on 127.0.0.1, says when it is ready,
+    and stops it cleanly on SIGTERM; an invalid repository exits 1 before anything starts."""
+    import signal
+    import subprocess
+    import sys
+
+    from cleanplate.export.triton_server import free_port
+
+    exe = [sys.executable, "-m", "cleanplate.cli", "triton", "serve"]
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([*exe, default_repo, "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                             "--metrics-port", str(ports[2]), "--env", triton_env, "--exit-timeout-s", "3"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith(f"Triton ready: http 127.0.0.1:{ports[0]}"), line
+        assert httpx.get(f"http://127.0.0.1:{ports[0]}/v2/health/ready").status_code == 200
+        assert "nv_inference_request_success" in httpx.get(f"http://127.0.0.1:{ports[2]}/metrics").text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "Triton stopped (0)" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (tmp_path / "bad").mkdir()
+    done = subprocess.run([*exe, tmp_path, "--env", triton_env], capture_output=True, text=True)
+    assert done.returncode == 1 and "error: invalid Triton model repository:\n  bad: no config.pbtxt" in done.stderr
