@@ -16,6 +16,7 @@ import typer
 from .deploy import deploy_app
 from .errors import CleanplateError, ExportError, InputError
 from .export.cli import export_app, triton_app
+from .training.flywheel_cli import flywheel_app, label_app
 
 app = typer.Typer(help="Remove promo text, watermarks and stickers from product photos.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -31,6 +32,8 @@ app.add_typer(batch_app, name="batch")
 app.add_typer(export_app, name="export")  # ONNX, TensorRT, Triton repository: export/cli.py
 app.add_typer(triton_app, name="triton")  # a local tritonserver: export/cli.py
 app.add_typer(deploy_app, name="deploy")  # render/lint the Helm chart: cleanplate/deploy.py
+app.add_typer(flywheel_app, name="flywheel")  # RORem data flywheel: training/flywheel_cli.py
+app.add_typer(label_app, name="label")  # the labeling page and label export: training/flywheel_cli.py
 
 
 class Device(str, Enum):
