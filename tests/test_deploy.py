@@ -372,7 +372,9 @@ READ_ONLY_ROOT = "mount --bind / / && mount -o remount,bind,ro / && mount -t tmp
 
 
 def _read_only_root_available() -> bool:
-    if shutil.which("unshare") is None:
+    # The fresh /tmp would hide a checkout or venv that lives under /tmp (CI clones there, for one).
+    inside_tmp = any(Path(p).resolve().is_relative_to("/tmp") for p in (ROOT, VENV_BIN))
+    if shutil.which("unshare") is None or inside_tmp:
         return False
     probe = subprocess.run(["unshare", "--mount", "sh", "-c", f"{READ_ONLY_ROOT} && ! touch /.rw-probe"],
                            capture_output=True, timeout=30, check=False)
