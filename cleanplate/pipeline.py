@@ -9,7 +9,7 @@ arXiv 2311.05556), run through :mod:`cleanplate.sampling` so that every engine d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if resolved is torch.float16 and device.type == "cpu":
         raise InputError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU", code="bad_option")
     return resolved
+
+
+def _no_stage(name: str) -> None:
+    return None
 
 
 @dataclass
@@ -182,6 +186,7 @@ class RemovalPipeline:
         *,
         seeds: Sequence[int],
         steps: int | None = None,
+        on_stage: Callable[[str], None] | None = None,
     ) -> torch.Tensor:
         """Remove the masked region from a batch of model-size crops.
 
@@ -191,6 +196,9 @@ class RemovalPipeline:
             seeds: B ints >= 0; item i's noise is ``sampling_noise(seeds[i], ...)`` (numpy PCG64), so a
                 result does not depend on batch composition, device or engine (Triton draws the same).
             steps: LCM steps, 1..50 (default: the bundle's, 4).
+            on_stage: optional timing hook, called with the name of each stage as it ends: "vae_encode",
+                "noise", "unet_step_1" .. "unet_step_N" (UNet + LCM update), "vae_decode". It does not
+                change the result (``cleanplate bench latency`` synchronises the device and reads a clock in it).
         Returns:
             (B,3,R,R) float32 in [-1,1] on the pipeline device; outside the mask it is a VAE
             reconstruction, so callers composite it back (see :func:`cleanplate.remover.remove`).
@@ -207,11 +215,17 @@ class RemovalPipeline:
             raise InputError(f"need {source.shape[0]} seeds >= 0 for a batch of {source.shape[0]}, got {list(seeds)}",
                              code="bad_option")
 
+        mark = on_stage or _no_stage
         mask_latent, masked_latents = self.condition_inputs(source.to(self.device), mask.to(self.device))
+        mark("vae_encode")
         noise = np.stack([sampling_noise(int(s), steps, masked_latents.shape[1:]) for s in seeds], axis=1)
         noise = torch.from_numpy(noise).to(self.device, self.dtype)  # (steps, B, C, h, w)
+        mark("noise")
         latents = noise[0]  # LCM starts from pure noise (strength 1, init_noise_sigma 1)
         for k, step in enumerate(self.schedule(steps)):
             eps = self.unet_forward(latents, step.timestep, mask_latent, masked_latents)
             latents = lcm_step(step, latents, eps, None if step.last else noise[k + 1])
-        return self.decode(latents)
+            mark(f"unet_step_{k + 1}")
+        images = self.decode(latents)
+        mark("vae_decode")
+        return images
