@@ -1,5 +1,9 @@
 """Quality and CPU latency of a bundle on the held-out dev set; writes JSON + markdown.
 
+Superseded by ``cleanplate bench quality`` (PSNR and SSIM in the mask and whole, bit-exactness, the
+discriminator's success rate, any engine) and ``cleanplate bench latency`` (per stage, per resolution and
+batch); kept because ``benchmarks/results/default_bundle.md`` was made with it.
+
 Quality: PSNR inside the (undilated) mask against the GT, per item, for
   * ``identity``      leave the image as it is (the floor);
   * ``telea``         OpenCV's Telea inpainting (``cv2.inpaint``, radius 3) on the mask as given;
@@ -29,26 +33,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from cleanplate.training.common import read_meta
 from tqdm import tqdm
 
 from cleanplate import imaging
 from cleanplate.bundle import default_bundle_path
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.remover import remove
-from cleanplate.training.common import read_meta
 
-
-def psnr_in_mask(result: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
-    """PSNR in dB over the masked pixels (all channels) of uint8 images (H,W,3); inf if identical."""
-    diff = result[mask].astype(np.float64) - gt[mask].astype(np.float64)
-    mse = float(np.mean(diff**2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def telea(source: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """OpenCV Telea inpainting (Telea 2004, ``cv2.inpaint``, radius 3 px): (H,W,3) uint8 RGB, (H,W) bool -> uint8 RGB."""
-    bgr = cv2.cvtColor(source, cv2.COLOR_RGB2BGR)
-    return cv2.cvtColor(cv2.inpaint(bgr, mask.astype(np.uint8) * 255, 3, cv2.INPAINT_TELEA), cv2.COLOR_BGR2RGB)
+from .quality import psnr_in_mask, telea  # the metrics live with `cleanplate bench quality`
 
 
 def quality(meta: Path, bundles: list[Path], seed: int) -> dict:

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .benchmarks.cli import bench_app
 from .deploy import deploy_app
 from .errors import CleanplateError, ExportError, InputError
 from .export.cli import export_app, triton_app
@@ -32,6 +33,7 @@ app.add_typer(batch_app, name="batch")
 app.add_typer(export_app, name="export")  # ONNX, TensorRT, Triton repository: export/cli.py
 app.add_typer(triton_app, name="triton")  # a local tritonserver: export/cli.py
 app.add_typer(deploy_app, name="deploy")  # render/lint the Helm chart: cleanplate/deploy.py
+app.add_typer(bench_app, name="bench")  # latency, load, quality, reference: benchmarks/cli.py
 app.add_typer(flywheel_app, name="flywheel")  # RORem data flywheel: training/flywheel_cli.py
 app.add_typer(label_app, name="label")  # the labeling page and label export: training/flywheel_cli.py
 

@@ -1,0 +1,228 @@
+"""``cleanplate bench ...`` (registered in :mod:`cleanplate.cli`): latency, load, quality and the reference
+comparison. Each writes ``OUT.json`` (machines), ``OUT.md`` (people) and PNG plots, and prints the markdown.
+
+List options take several values after one flag, as ``--resolution 256 512 --batch 1 2 4`` (or repeated
+flags). Bad input exits 2 with one line ``error: ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.core import TyperCommand
+
+from cleanplate.errors import InputError
+
+bench_app = typer.Typer(help="Benchmarks: per-stage latency, HTTP load, removal quality, and a reference comparison "
+                             "with diffusers' SDXL inpainting pipeline. Results: JSON, markdown and PNG plots.",
+                        no_args_is_help=True)
+
+ENGINE_NAMES = ("torch", "opencv", "triton")
+# Options that take several values after one flag, and which tokens belong to them.
+_MULTI: dict[str, Callable[[str], bool]] = {
+    "--resolution": str.isdigit, "--batch": str.isdigit, "--concurrency": str.isdigit,
+    "--engine": lambda t: t in ENGINE_NAMES,
+}
+
+
+def expand_multi(args: Sequence[str], multi: dict[str, Callable[[str], bool]] = _MULTI) -> list[str]:
+    """``--resolution 256 512`` -> ``--resolution 256 --resolution 512`` for the options in ``multi``; a token
+    joins the list only while it fits the option (digits, or an engine name), so a following positional
+    argument is left alone."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        out.append(tok)
+        i += 1
+        if tok in multi and i < len(args):
+            out.append(args[i])  # the first value, whatever it is (click validates it)
+            i += 1
+            while i < len(args) and multi[tok](args[i]):
+                out += [tok, args[i]]
+                i += 1
+    return out
+
+
+class MultiValueCommand(TyperCommand):
+    """A typer command whose list options accept ``--flag v1 v2 ...``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_multi(args))
+
+
+class Engine(str, Enum):
+    torch = "torch"
+    opencv = "opencv"
+    triton = "triton"
+
+
+class LatencyArch(str, Enum):
+    bundle = "bundle"
+    sdxl = "sdxl"
+
+
+class Arch(str, Enum):
+    bundle = "bundle"
+    tiny = "tiny"
+    sdxl = "sdxl"
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _finish(report: dict[str, Any], out: Path, module: Any) -> None:
+    """Write OUT.json, OUT.md and the module's plots; print the markdown."""
+    from .common import command_line, write_report
+
+    command = command_line()
+    report["command"] = command
+    markdown = module.to_markdown(report, command)
+    paths = write_report(out, report, markdown)
+    paths += module.plot(report, out)
+    typer.echo(markdown)
+    _say("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _device_tag(device: str) -> str:
+    return "" if device in ("cpu", "auto") else "_" + device.split(":")[0]
+
+
+BundleOpt = Annotated[Optional[Path], typer.Option(help="bundle directory (default: the bundled model)")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (default: torch's)")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="output path without suffix (default: "
+                                                                       "benchmarks/results/<name>)")]
+
+
+@bench_app.command("latency", cls=MultiValueCommand)
+def latency_cmd(
+    engine: Annotated[Engine, typer.Option(help="what runs the model")] = Engine.torch,
+    bundle: BundleOpt = None,
+    arch: Annotated[LatencyArch, typer.Option(help="torch engine: the bundle, or a random-weight full-size "
+                                                   "SDXL-inpainting architecture (CUDA only)")] = LatencyArch.bundle,
+    resolution: Annotated[Optional[list[int]], typer.Option(help="model input side(s) in px (default: the "
+                                                                 "bundle's)")] = None,
+    batch: Annotated[Optional[list[int]], typer.Option(help="images per call (default: 1)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="LCM steps (default: the bundle's)")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="side of the request photo in px (default: the "
+                                                           "resolution)")] = None,
+    warmup: Annotated[int, typer.Option(help="unmeasured repetitions per case")] = 3,
+    repeats: Annotated[int, typer.Option(help="measured repetitions per case")] = 20,
+    device: Annotated[str, typer.Option(help="torch engine: cpu, cuda, cuda:N or auto")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="torch engine: fp32, fp16 (CUDA) or bf16")] = "fp32",
+    gate: Annotated[Optional[bool], typer.Option("--gate/--no-gate", help="time the quality gate (default: when "
+                                                                          "the model has a discriminator)")] = None,
+    triton_url: Annotated[Optional[str], typer.Option(help="triton engine: a running Triton (host:port); default: "
+                                                           "start a local one")] = None,
+    triton_protocol: Annotated[str, typer.Option(help="triton engine: grpc or http")] = "grpc",
+    threads: ThreadsOpt = None,
+    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    out: OutOpt = None,
+) -> None:
+    """Per-stage latency (decode, crop, VAE encode, each UNet step, VAE decode, composite, gate) per resolution
+    and batch: median, p95, p99, with warm-up, device sync and the environment recorded."""
+    from . import latency
+
+    if triton_protocol not in ("grpc", "http"):
+        raise InputError(f"--triton-protocol must be grpc or http, got {triton_protocol!r}", code="bad_option")
+    report = latency.run_latency(engine.value, bundle=bundle, arch=arch.value, resolutions=resolution,
+                                 batches=batch or [1], steps=steps, image_size=image_size, warmup=warmup,
+                                 repeats=repeats, device=device, dtype=dtype, gate=gate, triton_url=triton_url,
+                                 triton_protocol=triton_protocol, threads=threads, seed=seed, say=_say)
+    default = f"latency_{engine.value}" + ("_sdxl" if arch is LatencyArch.sdxl else "") + _device_tag(device)
+    _finish(report, out or Path("benchmarks/results") / default, latency)
+
+
+@bench_app.command("load", cls=MultiValueCommand)
+def load_cmd(
+    url: Annotated[Optional[str], typer.Option(help="gateway base URL (default: start a local `cleanplate serve`)")] = None,
+    concurrency: Annotated[Optional[list[int]], typer.Option(help="concurrent clients per level (default: 1 2 4)")] = None,
+    duration: Annotated[float, typer.Option(help="seconds per level")] = 20.0,
+    image: Annotated[Optional[Path], typer.Option(help="request photo (default: a built-in 600x400 JPEG)")] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="request mask (with --image)")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="CLEANPLATE_API_KEY", help="Bearer key")] = None,
+    bundle: BundleOpt = None,
+    engine: Annotated[Engine, typer.Option(help="local gateway only: its engine")] = Engine.torch,
+    max_batch: Annotated[int, typer.Option(min=1, help="local gateway only: micro-batch bound")] = 1,
+    max_queue: Annotated[int, typer.Option(min=1, help="local gateway only: queue bound before 429")] = 64,
+    threads: Annotated[int, typer.Option(min=1, help="local gateway only: torch threads")] = 1,
+    warmup_requests: Annotated[int, typer.Option(help="requests sent (and not counted) before the first level")] = 2,
+    timeout: Annotated[float, typer.Option(help="client timeout per request, s")] = 300.0,
+    out: OutOpt = None,
+) -> None:
+    """HTTP load on POST /v1/remove: throughput and p50/p95/p99 per concurrency level, answers by status."""
+    from . import load
+
+    image_bytes = mask_bytes = None
+    if image is not None or mask is not None:
+        if image is None or mask is None:
+            raise InputError("give both --image and --mask, or neither", code="bad_option")
+        try:
+            image_bytes, mask_bytes = image.read_bytes(), mask.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read the request files: {exc}", code="bad_option") from exc
+    report = load.run_load_levels(url, concurrency=concurrency or [1, 2, 4], duration_s=duration, image=image_bytes,
+                                  mask=mask_bytes, api_key=api_key, bundle=str(bundle) if bundle else None,
+                                  engine=engine.value, max_batch=max_batch, max_queue=max_queue, threads=threads,
+                                  warmup_requests=warmup_requests, timeout_s=timeout, say=_say)
+    _finish(report, out or Path("benchmarks/results/load"), load)
+
+
+@bench_app.command("quality", cls=MultiValueCommand)
+def quality_cmd(
+    set_dir: Annotated[Path, typer.Argument(help="a RORem set: a folder with meta.json, or the meta.json")],
+    engine: Annotated[Optional[list[Engine]], typer.Option(help="engine(s) to compare (default: torch opencv)")] = None,
+    bundle: BundleOpt = None,
+    device: Annotated[str, typer.Option(help="torch engine and the judge: cpu, cuda, cuda:N or auto")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 (CUDA) or bf16")] = "fp32",
+    limit: Annotated[Optional[int], typer.Option(help="only the first N items")] = None,
+    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    triton_url: Annotated[Optional[str], typer.Option(help="triton engine: a running Triton (gRPC host:port); "
+                                                           "default: start a local one")] = None,
+    threads: ThreadsOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """PSNR and SSIM in the mask and on the whole image, bit-exactness outside the dilated mask and the
+    discriminator's success rate, for each engine next to 'leave as is' and OpenCV Telea."""
+    from . import quality
+
+    engines = [e.value for e in engine] if engine else ["torch", "opencv"]
+    report = quality.run_quality(set_dir, engines=engines, bundle=bundle, device=device, dtype=dtype, limit=limit,
+                                 seed=seed, triton_url=triton_url, threads=threads, say=_say)
+    _finish(report, out or Path("benchmarks/results/quality"), quality)
+
+
+@bench_app.command("reference")
+def reference_cmd(
+    arch: Annotated[Arch, typer.Option(help="bundle: its UNet+VAE with tiny text encoders; tiny: a toy SDXL "
+                                            "layout; sdxl: full-size SDXL-inpainting, random weights (CUDA only)")
+                    ] = Arch.bundle,
+    bundle: BundleOpt = None,
+    resolution: Annotated[Optional[int], typer.Option(help="model side in px (default: bundle's; tiny 64; sdxl 512)")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="photo side in px (default: the resolution)")] = None,
+    steps: Annotated[int, typer.Option(help="LCM steps")] = 4,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (fp16 on CUDA, else fp32), fp32, fp16, bf16")] = "auto",
+    warmup: Annotated[int, typer.Option(help="unmeasured removals per pipeline")] = 2,
+    repeats: Annotated[int, typer.Option(help="measured removals per pipeline")] = 10,
+    seed: Annotated[int, typer.Option(help="seed of the weights and the noise")] = 0,
+    threads: ThreadsOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """diffusers' StableDiffusionXLInpaintPipeline + LCMScheduler (RORem's 4-step script) vs cleanplate: same
+    weights, steps and device, one run; time per removal and the ratio."""
+    import diffusers
+
+    from . import reference
+
+    diffusers.utils.logging.set_verbosity_error()  # its VAE up/down-casting warns on every call
+    report = reference.run_reference(arch=arch.value, bundle=bundle, resolution=resolution, image_size=image_size,
+                                     steps=steps, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
+                                     seed=seed, threads=threads, say=_say)
+    dev = report["settings"]["device"]
+    _finish(report, out or Path("benchmarks/results") / f"reference_{arch.value}{_device_tag(dev)}", reference)

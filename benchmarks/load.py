@@ -1,0 +1,164 @@
+"""HTTP load against a gateway (``cleanplate bench load``): throughput and latency percentiles per
+concurrency level, and every answer counted by status.
+
+For each level, ``concurrency`` closed-loop clients (:func:`cleanplate.benchmarks.gateway_load.run_load`:
+asyncio + httpx, keep-alive) POST the same photo and mask to ``/v1/remove`` with fresh seeds for
+``duration`` seconds; a 429 makes that client wait the ``Retry-After`` the server sent. A transport error or
+timeout is a *lost* request, counted by exception type. Latency is client-side (send to full answer) over
+the 200 answers. With no ``--url`` a local ``cleanplate serve`` is started (and stopped) for the run; when
+the server is a cleanplate gateway its own ``/metrics`` (answers by status, mean micro-batch) are read
+before and after each level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cleanplate.errors import InputError
+
+from .common import env_line, environment, fmt_ms, pyplot
+
+Say = Callable[[str], None]
+
+
+def _metrics(url: str) -> dict[str, Any] | None:
+    from .gateway_load import server_metrics
+
+    try:
+        return server_metrics(url)
+    except (httpx.HTTPError, ValueError, IndexError):
+        return None
+
+
+def _metrics_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    if before is None or after is None:
+        return None
+    by = {k: v - before["requests_by_status"].get(k, 0.0) for k, v in after["requests_by_status"].items()}
+    batches = after["batches"] - before["batches"]
+    mean = None
+    if batches and after["mean_batch_size"] is not None:
+        total_after = after["mean_batch_size"] * after["batches"]
+        total_before = (before["mean_batch_size"] or 0.0) * before["batches"]
+        mean = (total_after - total_before) / batches
+    return {"requests_by_status": {k: int(v) for k, v in by.items() if v}, "batches": int(batches),
+            "mean_batch_size": mean}
+
+
+def run_load_levels(url: str | None = None, *, concurrency: Sequence[int] = (1, 2, 4), duration_s: float = 20.0,
+                    image: bytes | None = None, mask: bytes | None = None, api_key: str | None = None,
+                    bundle: str | None = None, engine: str = "torch", max_batch: int = 1, max_queue: int = 64,
+                    threads: int = 1, warmup_requests: int = 2, timeout_s: float = 300.0,
+                    say: Say = lambda m: None) -> dict[str, Any]:
+    """Run every concurrency level in turn against ``url`` (or a local gateway) and return the report.
+
+    Raises:
+        InputError: a level < 1, duration <= 0, only one of image/mask, or a server that is not ready.
+    """
+    from .gateway_load import request_payload, start_server
+
+    if not concurrency or any(c < 1 for c in concurrency) or duration_s <= 0 or warmup_requests < 0:
+        raise InputError("need concurrency levels >= 1, --duration > 0 and warm-up requests >= 0", code="bad_option")
+    if (image is None) != (mask is None):
+        raise InputError("give both --image and --mask, or neither (the built-in request)", code="bad_option")
+    payload = "built-in: scikit-image coffee 600x400 JPEG, 100x60 px sticker mask"
+    if image is None:
+        image, mask = request_payload()
+    else:
+        payload = "user-supplied image and mask"
+    proc = None
+    where = url
+    if url is None:
+        env = {"CLEANPLATE_ENGINE": engine, "CLEANPLATE_MAX_BATCH": str(max_batch),
+               "CLEANPLATE_BATCH_WINDOW_MS": "10" if max_batch > 1 else "0", "CLEANPLATE_MAX_QUEUE": str(max_queue),
+               "CLEANPLATE_TORCH_THREADS": str(threads)}
+        say(f"starting a local gateway ({engine} engine, max_batch {max_batch}, max_queue {max_queue})")
+        proc, url = start_server(env, bundle)
+        where = (f"local `cleanplate serve` ({engine} engine, bundle {bundle or 'default'}, max_batch {max_batch}, "
+                 f"max_queue {max_queue}, torch threads {threads})")
+    url = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    levels = []
+    t_start = time.perf_counter()
+    try:
+        try:
+            ready = httpx.get(url + "/readyz", timeout=30, headers=headers).status_code
+        except httpx.HTTPError as exc:
+            raise InputError(f"no gateway answers at {url}: {exc}", code="bad_option") from exc
+        if ready != 200:
+            raise InputError(f"{url}/readyz answered {ready}: the gateway is not ready", code="bad_option")
+        for i in range(warmup_requests):
+            httpx.post(url + "/v1/remove", files={"image": ("warmup.jpg", image), "mask": ("m.png", mask)},
+                       data={"seed": str(i)}, headers=headers, timeout=timeout_s)
+        from .gateway_load import run_load
+
+        for c in concurrency:
+            before = _metrics(url)
+            result = asyncio.run(run_load(url, concurrency=c, duration_s=duration_s, image=image, mask=mask,
+                                          api_key=api_key, timeout_s=timeout_s))
+            result["server"] = _metrics_delta(before, _metrics(url))
+            levels.append(result)
+            lat = result["latency_ms"]
+            say(f"concurrency {c}: {result['throughput_rps']:.2f} 200/s, p50 {fmt_ms(lat['p50'])} ms, p99 "
+                f"{fmt_ms(lat['p99'])} ms, by status {result['by_status']}, lost {result['lost']}")
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    return {"harness": "load", "url": where, "payload": payload, "duration_s": duration_s,
+            "levels": levels, "wall_s": time.perf_counter() - t_start, "environment": environment()}
+
+
+def to_markdown(report: dict[str, Any], command: str) -> str:
+    lines = [f"# Gateway load: {report['url']}", "", f"`{command}`", "",
+             f"Closed-loop clients for {report['duration_s']:g} s per level; request: {report['payload']}; latency "
+             "is client-side over the 200 answers; *lost* = no HTTP answer (transport error or timeout).", "",
+             "| concurrency | 200/s | p50 ms | p95 ms | p99 ms | mean ms | sent | answers by status | lost | "
+             "problem codes | server mean batch |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
+    for lv in report["levels"]:
+        lat = lv["latency_ms"]
+        status = ", ".join(f"{k}: {v}" for k, v in lv["by_status"].items()) or "-"
+        codes = ", ".join(f"{k}: {v}" for k, v in lv["problem_codes"].items()) or "-"
+        lost = str(lv["lost"]) + (f" ({', '.join(f'{k}: {v}' for k, v in lv['lost_by_error'].items())})"
+                                  if lv["lost"] else "")
+        srv = lv.get("server") or {}
+        mb = srv.get("mean_batch_size")
+        lines.append(f"| {lv['concurrency']} | {lv['throughput_rps']:.2f} | {fmt_ms(lat['p50'])} | {fmt_ms(lat['p95'])} | "
+                     f"{fmt_ms(lat['p99'])} | {fmt_ms(lat['mean'])} | {lv['sent']} | {status} | {lost} | {codes} | "
+                     f"{'-' if mb is None else f'{mb:.2f}'} |")
+    lines += ["", f"Environment (the load generator's machine): {env_line(report['environment'])}.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    """``out.png``: throughput (200/s) and p50/p95/p99 latency vs concurrency."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    lv = report["levels"]
+    xs = [x["concurrency"] for x in lv]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(xs, [x["throughput_rps"] for x in lv], marker="o")
+    a.set(xlabel="concurrent clients", ylabel="removals/s (200 answers)", title="throughput vs concurrency")
+    a.set_ylim(bottom=0)
+    for q in ("p50", "p95", "p99"):
+        b.plot(xs, [x["latency_ms"][q] for x in lv], marker="o", label=q)
+    b.set(xlabel="concurrent clients", ylabel="latency (ms)", title="latency vs concurrency")
+    b.set_ylim(bottom=0)
+    b.legend()
+    if len(xs) > 1 and xs[-1] / max(xs[0], 1) >= 4:
+        for ax in (a, b):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,298 @@
+"""Removal quality on RORem-format triplets (``cleanplate bench quality SET``): how close to the GT, how often
+it passes the discriminator, and whether everything outside the dilated mask stayed bit-exact.
+
+Methods, every one on the full-size image and judged the same way:
+
+* ``identity``: leave the image as it is (the floor; bit-exact everywhere by definition);
+* ``telea``: OpenCV's Telea inpainting (``cv2.inpaint``, radius 3) on the whole image with the mask as
+  given (the classical baseline of ``benchmarks/default_bundle.py``);
+* each engine asked for (``torch``, ``opencv``, ``triton``): the gateway's own removal
+  (:func:`cleanplate.serving.removal.run_removal`: dilate, crop, engine, feathered paste-back) with the
+  engine that ``cleanplate serve --engine NAME`` builds from the same settings. ``opencv`` is Telea on
+  the dilated context crop; ``torch`` and ``triton`` are cleanplate's diffusion remover.
+
+Metrics per item, summarised per method (mean, median):
+
+* PSNR (dB) and SSIM against the GT inside the mask (as given, undilated) and on the whole image. SSIM is
+  scikit-image's (Gaussian-free 7x7 window, per channel); "inside the mask" is the mean of its SSIM map
+  over the mask pixels. PSNR of identical pixels is capped at 100 dB.
+* bit-exact outside the dilated mask: every pixel outside the mask dilated by the bundle's ``dilate_px``
+  equals the source's.
+* discriminator success: the bundle's discriminator (the quality gate) scores the result as the gateway
+  scores it (the removal's context window of source and result); success = score >= the bundle's
+  calibrated threshold. The GT's own success rate is reported as the ceiling the judge allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cleanplate.errors import InputError
+
+from .common import env_line, environment, fmt_ms, pyplot
+
+PSNR_CAP_DB = 100.0
+ENGINES = ("torch", "opencv", "triton")
+LABELS = {"identity": "leave as is", "telea": "OpenCV Telea (whole image, mask as given)",
+          "opencv": "opencv engine (Telea on the dilated crop)", "torch": "cleanplate, torch engine",
+          "triton": "cleanplate, triton engine", "gt": "GT (the judge's ceiling)"}
+Say = Callable[[str], None]
+
+
+def psnr(result: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB of uint8 images (H,W,3) over all pixels or the ``mask`` (H,W) bool ones; capped at 100 dB."""
+    a, b = (result, gt) if mask is None else (result[mask], gt[mask])
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * float(np.log10(255.0**2 / mse)))
+
+
+def psnr_in_mask(result: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR in dB over the masked pixels (all channels) of uint8 images (H,W,3); inf if identical."""
+    diff = result[mask].astype(np.float64) - gt[mask].astype(np.float64)
+    mse = float(np.mean(diff**2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def ssim(result: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(SSIM inside ``mask``, SSIM of the whole image) of uint8 RGB images (H,W,3), in [-1, 1].
+
+    Wang et al. 2004 via ``skimage.metrics.structural_similarity`` (7x7 window, data range 255, per
+    channel); inside the mask = the mean of the SSIM map over the mask's pixels and channels.
+    """
+    from skimage.metrics import structural_similarity
+
+    whole, smap = structural_similarity(gt, result, channel_axis=2, data_range=255, full=True)
+    return float(smap[mask].mean()), float(whole)
+
+
+def telea(source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """OpenCV Telea inpainting (Telea 2004, ``cv2.inpaint``, radius 3 px): (H,W,3) uint8 RGB, (H,W) bool -> uint8 RGB."""
+    bgr = cv2.cvtColor(source, cv2.COLOR_RGB2BGR)
+    return cv2.cvtColor(cv2.inpaint(bgr, mask.astype(np.uint8) * 255, 3, cv2.INPAINT_TELEA), cv2.COLOR_BGR2RGB)
+
+
+def find_meta(set_path: str | Path) -> Path:
+    """``SET/meta.json`` for a folder, or the file itself. Raises InputError when there is none."""
+    p = Path(set_path)
+    meta = p / "meta.json" if p.is_dir() else p
+    if not meta.is_file():
+        raise InputError(f"no RORem meta.json at {meta} (make a set with `cleanplate data synth`)", code="bad_option")
+    return meta
+
+
+def _decoded(pixels: np.ndarray) -> Any:
+    from cleanplate.imaging import DecodedImage
+
+    return DecodedImage(pixels, None, "RGB", None, None, None)
+
+
+def _engine(name: str, bundle: Any, device: str, dtype: str, threads: int | None, triton_url: str | None) -> Any:
+    from cleanplate.serving.engines import make_engine
+    from cleanplate.serving.settings import Settings
+
+    settings = Settings(engine=name, bundle=bundle, device=device, dtype=dtype, torch_threads=threads, max_batch=1,
+                        batch_window_ms=0, max_queue=1024, triton_url=triton_url or "127.0.0.1:8001",
+                        triton_timeout_s=600)
+    return make_engine(settings)
+
+
+async def _remove_all(engines: dict[str, Any], items: list[Any], dilate_px: int, seed: int, say: Say,
+                      ) -> tuple[list[dict[str, np.ndarray]], dict[str, list[float]]]:
+    """Every method's result for every item (full-size RGB uint8) and each engine's per-item wall ms."""
+    from cleanplate.serving.removal import RemoveOptions, run_removal
+
+    from cleanplate import imaging
+
+    for eng in engines.values():
+        await asyncio.wait_for(eng.start(), 600)
+    outputs, times = [], {n: [] for n in engines}
+    try:
+        for i, item in enumerate(items):
+            src = imaging.decode_image(item.source)
+            mask = imaging.decode_mask(item.mask)
+            out = {"identity": src.rgb, "telea": telea(src.rgb, mask)}
+            for name, eng in engines.items():
+                t0 = time.perf_counter()
+                res = await run_removal(eng, src, mask, RemoveOptions(seed=seed))
+                times[name].append((time.perf_counter() - t0) * 1000)
+                out[name] = imaging.to_rgb8(res.pixels)
+            outputs.append(out)
+            if (i + 1) % 10 == 0 or i + 1 == len(items):
+                say(f"removed {i + 1}/{len(items)}")
+    finally:
+        for eng in engines.values():
+            await eng.close()
+    return outputs, times
+
+
+def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "opencv"), bundle: str | Path | None = None,
+                device: str = "cpu", dtype: str = "fp32", limit: int | None = None, seed: int = 0,
+                triton_url: str | None = None, threads: int | None = None, say: Say = lambda m: None) -> dict[str, Any]:
+    """Score every method on the triplets of ``set_path`` (a folder with meta.json, or the meta.json).
+
+    Returns the report: per-item metrics and a per-method summary (see the module docstring).
+    Raises:
+        InputError: no meta.json, an unknown engine, limit < 1, an unreadable item.
+    """
+    import torch
+    from cleanplate.training.common import read_meta
+
+    from cleanplate import imaging
+    from cleanplate.bundle import default_bundle_path, read_config
+    from cleanplate.remover import ScoreRequest, score_batch
+
+    meta = find_meta(set_path)
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or len(set(engines)) != len(engines):
+        raise InputError(f"engines must be distinct names from {ENGINES}, got {list(engines)}", code="bad_option")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}", code="bad_option")
+    if threads:
+        torch.set_num_threads(threads)
+    config = read_config(bundle or default_bundle_path())
+    items = read_meta([meta])[:limit]
+    t_start = time.perf_counter()
+
+    judge = None
+    if config.discriminator:
+        from cleanplate.pipeline import RemovalPipeline
+
+        judge = RemovalPipeline.from_bundle(bundle, device=device, dtype=dtype)
+
+    def measure(triton: str | None) -> tuple[list[dict[str, np.ndarray]], dict[str, list[float]]]:
+        built = {e: _engine(e, bundle, device, dtype, threads, triton) for e in engines}
+        return asyncio.run(_remove_all(built, items, config.dilate_px, seed, say))
+
+    triton_where = None
+    if "triton" in engines and not triton_url:
+        from .latency import local_triton
+
+        with local_triton(bundle, [config.resolution], 8, threads or torch.get_num_threads(), say) as server:
+            outputs, times = measure(server.grpc_url)
+        triton_where = "local tritonserver (python backend, onnxruntime)"
+    else:
+        outputs, times = measure(triton_url)
+        triton_where = triton_url
+
+    methods = ["identity", "telea", *engines]
+    per_item: list[dict[str, Any]] = []
+    for item, out in zip(items, outputs):
+        src = imaging.decode_image(item.source)
+        gt = imaging.decode_image(item.gt).rgb
+        mask = imaging.decode_mask(item.mask)
+        if gt.shape != src.rgb.shape or mask.shape != gt.shape[:2]:
+            raise InputError(f"{item.source}: source, mask and GT sizes differ", code="size_mismatch")
+        dilated = imaging.dilate_mask(mask, config.dilate_px)
+        row: dict[str, Any] = {"source": str(item.source), "mask_fraction": float(mask.mean()), "methods": {}}
+        scores = [None] * (len(methods) + 1)
+        if judge is not None:
+            reqs = [ScoreRequest(src, _decoded(out[m]), mask) for m in methods] + [ScoreRequest(src, _decoded(gt), mask)]
+            scores = score_batch(judge, reqs)
+        for m, score in zip(methods, scores):
+            res = out[m]
+            s_in, s_all = ssim(res, gt, mask)
+            row["methods"][m] = {
+                "psnr_mask_db": psnr(res, gt, mask), "psnr_db": psnr(res, gt), "ssim_mask": s_in, "ssim": s_all,
+                "bit_exact_outside": bool(np.array_equal(res[~dilated], src.rgb[~dilated])),
+                "score": score, "passed": None if score is None else bool(score >= judge.threshold)}
+        row["gt_score"] = scores[-1]
+        per_item.append(row)
+
+    summary = {m: _summarize([r["methods"][m] for r in per_item], times.get(m)) for m in methods}
+    gt_scores = [r["gt_score"] for r in per_item if r["gt_score"] is not None]
+    summary["gt"] = {"n": len(per_item), "score_mean": statistics.fmean(gt_scores) if gt_scores else None,
+                     "success_rate": (sum(s >= judge.threshold for s in gt_scores) / len(gt_scores)) if gt_scores else None}
+    return {
+        "harness": "quality", "set": str(meta), "n": len(per_item),
+        "settings": {"bundle": str(bundle or default_bundle_path()), "engines": list(engines), "seed": seed,
+                     "dilate_px": config.dilate_px, "steps": config.steps, "device": device, "dtype": dtype,
+                     "threshold": judge.threshold if judge is not None else None,
+                     "triton": triton_where if "triton" in engines else None, "psnr_cap_db": PSNR_CAP_DB},
+        "summary": summary, "items": per_item, "wall_s": time.perf_counter() - t_start,
+        "environment": environment(device),
+    }
+
+
+def _summarize(rows: list[dict[str, Any]], times: list[float] | None) -> dict[str, Any]:
+    def col(key: str) -> list[float]:
+        return [r[key] for r in rows]
+
+    scores = [r["score"] for r in rows if r["score"] is not None]
+    out: dict[str, Any] = {"n": len(rows)}
+    for key in ("psnr_mask_db", "psnr_db", "ssim_mask", "ssim"):
+        out[f"{key}_mean"] = statistics.fmean(col(key))
+        out[f"{key}_median"] = statistics.median(col(key))
+    out["bit_exact_rate"] = sum(col("bit_exact_outside")) / len(rows)
+    out["score_mean"] = statistics.fmean(scores) if scores else None
+    out["success_rate"] = sum(r["passed"] for r in rows) / len(rows) if scores else None
+    out["ms_per_item_median"] = statistics.median(times) if times else None
+    return out
+
+
+def to_markdown(report: dict[str, Any], command: str) -> str:
+    s, summ = report["settings"], report["summary"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.0f}%"
+
+    threshold = "-" if s["threshold"] is None else f"{s['threshold']:.3f}"
+    g = summ["gt"]
+    gt_score = "-" if g["score_mean"] is None else f"{g['score_mean']:.3f}"
+    lines = [f"# Removal quality on `{report['set']}`", "", f"`{command}`", "",
+             f"{report['n']} RORem triplets; bundle `{s['bundle']}` ({s['steps']} steps, seed {s['seed']}, dilation "
+             f"{s['dilate_px']} px, device {s['device']}); discriminator threshold "
+             f"{threshold}. Higher is better everywhere; PSNR and SSIM "
+             "against the GT; *in mask* = the mask as given; bit-exact = every pixel outside the dilated mask equals "
+             "the source's.", "",
+             "| method | PSNR in mask (dB) | SSIM in mask | PSNR whole (dB) | SSIM whole | bit-exact outside | "
+             "discriminator success | mean score | ms per image |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, v in summ.items():
+        if m == "gt":
+            continue
+        score = "-" if v["score_mean"] is None else f"{v['score_mean']:.3f}"
+        lines.append(f"| {LABELS.get(m, m)} | {v['psnr_mask_db_mean']:.2f} | {v['ssim_mask_mean']:.3f} | "
+                     f"{v['psnr_db_mean']:.2f} | {v['ssim_mean']:.3f} | {pct(v['bit_exact_rate'])} | "
+                     f"{pct(v['success_rate'])} | {score} | {fmt_ms(v['ms_per_item_median'])} |")
+    lines += ["", f"Means over items (medians in the JSON). The GT itself passes the discriminator in "
+              f"{pct(g['success_rate'])} of items (mean score "
+              f"{gt_score}): the ceiling this judge allows. "
+              "*ms per image* is the wall time of one gateway-path removal (decode excluded), one at a time.",
+              "", f"Environment: {env_line(report['environment'])}.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    """``out.png``: bars per method of PSNR in mask, SSIM in mask and discriminator success rate."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    summ = {m: v for m, v in report["summary"].items() if m != "gt"}
+    names = list(summ)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    colors = plt.get_cmap("tab10")(np.arange(len(names)))
+    panels = [("psnr_mask_db_mean", "PSNR in mask (dB)", 1), ("ssim_mask_mean", "SSIM in mask", 1),
+              ("success_rate", "discriminator success (%)", 100)]
+    for ax, (key, title, k) in zip(axes, panels):
+        vals = [(summ[m][key] or 0.0) * k for m in names]
+        bars = ax.bar(range(len(names)), vals, color=colors)
+        ax.bar_label(bars, fmt="%.2f" if k == 1 else "%.0f", fontsize=8)
+        ax.set_xticks(range(len(names)), [m for m in names], rotation=20)
+        ax.set_title(title)
+    if report["summary"]["gt"]["success_rate"] is not None:
+        axes[2].axhline(100 * report["summary"]["gt"]["success_rate"], color="k", ls="--", lw=1, label="GT")
+        axes[2].legend(fontsize=8)
+    fig.suptitle(f"quality on {Path(report['set']).parent.name} ({report['n']} items)")
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,238 @@
+"""The benchmark harnesses (``cleanplate bench ...``): they time the production code path, their reports hold
+what they promise, and their metrics are right. No assertion here depends on how fast anything ran."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import serve_in_thread
+
+from cleanplate.errors import InputError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- the pipeline's timing hook ----------------------------------------------------------------------------
+def test_stage_hook_names_every_stage_and_keeps_the_result(tiny_bundle: Path) -> None:
+    from cleanplate.pipeline import RemovalPipeline
+
+    pipe = RemovalPipeline.from_bundle(tiny_bundle)
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[:, :, 16:40, 20:50] = 1
+    seen: list[str] = []
+    with_hook = pipe(source, mask, seeds=[3, 4], steps=3, on_stage=seen.append)
+    assert seen == ["vae_encode", "noise", "unet_step_1", "unet_step_2", "unet_step_3", "vae_decode"]
+    assert torch.equal(with_hook, pipe(source, mask, seeds=[3, 4], steps=3))
+
+
+# -- latency -----------------------------------------------------------------------------------------------
+def test_latency_torch_times_the_production_path(gated_bundle: Path) -> None:
+    from cleanplate.benchmarks.common import StageClock, promo_payload
+    from cleanplate.benchmarks.latency import _torch_rep, run_latency
+
+    from cleanplate import imaging
+    from cleanplate.pipeline import RemovalPipeline
+    from cleanplate.remover import remove
+
+    report = run_latency("torch", bundle=gated_bundle, resolutions=[64], batches=[1, 2], steps=2, warmup=0,
+                         repeats=2, plain_repeats=1)
+    assert report["settings"]["gate"] is True  # the bundle has a discriminator
+    assert [(c["resolution"], c["batch"]) for c in report["cases"]] == [(64, 1), (64, 2)]
+    for case in report["cases"]:
+        assert list(case["stages_ms"]) == ["decode", "crop", "vae_encode", "noise", "unet_step_1", "unet_step_2",
+                                           "vae_decode", "readback", "composite", "gate"]
+        total = case["total_ms"]
+        assert total["n"] == 2 and case["plain_total_ms"]["n"] == 1
+        # the stages tile the end-to-end interval: each repetition's stages add up to its total
+        assert case["stage_sum_ms_median"] == pytest.approx(total["median"], rel=1e-9)
+        assert total["min"] <= total["median"] <= total["p95"] <= total["p99"] <= total["max"]
+        assert case["images_per_s"] == pytest.approx(1000 * case["batch"] / total["median"])
+    env = report["environment"]
+    for key in ("cpu", "cpu_count", "load_avg_1_5_15", "torch_threads", "gpus", "versions", "time_utc"):
+        assert key in env
+    assert env["versions"]["torch"] == torch.__version__ and env["gpus"] == []  # no GPU on the test machine
+
+    # what a repetition computes is the remover's own result for the same request and seed
+    pipe = RemovalPipeline.from_bundle(gated_bundle)
+    image_bytes, mask_bytes = promo_payload(64)
+    image, mask = imaging.decode_image(image_bytes), imaging.decode_mask(mask_bytes)
+    timed = _torch_rep(pipe, image_bytes, mask_bytes, 1, 2, False, StageClock(), seed=5)[0]
+    np.testing.assert_array_equal(timed, remove(pipe, image, mask, seed=5, steps=2).pixels)
+
+
+def test_latency_opencv_engine_and_report(tmp_path: Path) -> None:
+    from cleanplate.benchmarks import latency
+
+    report = latency.run_latency("opencv", resolutions=[64, 128], batches=[1, 3], warmup=1, repeats=2)
+    assert len(report["cases"]) == 4 and report["settings"]["gate"] is False
+    for case in report["cases"]:
+        assert list(case["stages_ms"]) == ["decode", "crop", "inpaint", "composite"]
+        assert case["stage_sum_ms_median"] == pytest.approx(case["total_ms"]["median"], rel=1e-9)
+    md = latency.to_markdown(report, "cleanplate bench latency --engine opencv")
+    assert "| 128 | 3 | 128 |" in md and "| inpaint |" in md
+    paths = latency.plot(report, tmp_path / "lat")
+    assert [p.name for p in paths] == ["lat.png", "lat_stages.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
+
+
+def test_triton_statistics_delta_per_request() -> None:
+    from cleanplate.benchmarks.latency import _stats_delta
+
+    def row(count: int, execs: int, infer: int, ns: int) -> dict[str, int]:
+        return {"inference_count": infer, "execution_count": execs, "success_count": count, "success_ns": ns,
+                "queue_count": count, "queue_ns": ns // 10, "compute_input_count": count, "compute_input_ns": 0,
+                "compute_infer_count": count, "compute_infer_ns": ns // 2, "compute_output_count": count,
+                "compute_output_ns": 0}
+
+    before = {"unet": row(4, 4, 4, 4_000_000), "idle": row(1, 1, 1, 1_000_000)}
+    after = {"unet": row(12, 8, 20, 20_000_000), "idle": row(1, 1, 1, 1_000_000)}
+    delta = _stats_delta(before, after)
+    assert list(delta) == ["unet"]  # models with no request in the window are left out
+    assert delta["unet"]["requests"] == 8 and delta["unet"]["mean_batch"] == 4.0
+    assert delta["unet"]["success_ms"] == pytest.approx(2.0) and delta["unet"]["queue_ms"] == pytest.approx(0.2)
+    assert delta["unet"]["compute_infer_ms"] == pytest.approx(1.0)
+
+
+# -- quality -----------------------------------------------------------------------------------------------
+def test_quality_metrics(gated_bundle: Path, synth_data: Path, tmp_path: Path) -> None:
+    from cleanplate.benchmarks import quality
+    from cleanplate.training.common import read_meta
+
+    from cleanplate import imaging
+
+    a = np.full((8, 8, 3), 100, np.uint8)
+    assert quality.psnr(a, a) == quality.PSNR_CAP_DB
+    assert quality.psnr(a + 1, a) == pytest.approx(20 * np.log10(255))  # MSE 1
+    m = np.zeros((8, 8), bool)
+    m[2:4, 2:4] = True
+    b = a.copy()
+    b[m] = 110
+    assert quality.psnr(b, a, m) == pytest.approx(20 * np.log10(255 / 10)) and quality.psnr(b, a, ~m) == 100.0
+
+    report = quality.run_quality(synth_data, engines=["torch", "opencv"], bundle=gated_bundle, limit=3)
+    assert report["n"] == 3 and set(report["summary"]) == {"identity", "telea", "torch", "opencv", "gt"}
+    items = read_meta([synth_data])[:3]
+    for row, item in zip(report["items"], items):
+        src = imaging.decode_image(item.source).rgb
+        gt = imaging.decode_image(item.gt).rgb
+        mask = imaging.decode_mask(item.mask)
+        ident = row["methods"]["identity"]
+        # "leave it as is" is the source: its in-mask PSNR is that of source vs GT, and it is bit-exact
+        assert ident["psnr_mask_db"] == pytest.approx(quality.psnr(src, gt, mask))
+        assert (ident["ssim_mask"], ident["ssim"]) == pytest.approx(quality.ssim(src, gt, mask))
+        for m_ in row["methods"].values():
+            assert -1 <= m_["ssim_mask"] <= 1 and 0 <= m_["score"] <= 1
+            assert m_["passed"] == (m_["score"] >= report["settings"]["threshold"])
+    s = report["summary"]
+    assert s["identity"]["bit_exact_rate"] == 1.0
+    assert s["torch"]["bit_exact_rate"] == 1.0 and s["opencv"]["bit_exact_rate"] == 1.0  # the composite's promise
+    assert s["torch"]["success_rate"] == np.mean([r["methods"]["torch"]["passed"] for r in report["items"]])
+    assert s["identity"]["psnr_mask_db_mean"] == pytest.approx(
+        np.mean([r["methods"]["identity"]["psnr_mask_db"] for r in report["items"]]))
+    md = quality.to_markdown(report, "cmd")
+    assert "| leave as is |" in md and "| cleanplate, torch engine |" in md
+    assert quality.plot(report, tmp_path / "q")[0].read_bytes()[:8] == PNG_MAGIC
+
+
+# -- load --------------------------------------------------------------------------------------------------
+def test_load_counts_answers_by_status(tmp_path: Path) -> None:
+    from cleanplate.benchmarks import load
+    from cleanplate.serving.app import create_app
+    from cleanplate.serving.settings import Settings
+
+    with serve_in_thread(create_app(Settings(engine="opencv", opencv_resolution=64))) as url:
+        report = load.run_load_levels(url, concurrency=[1, 2], duration_s=0.6, warmup_requests=1)
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 2]
+    for lv in report["levels"]:
+        assert lv["lost"] == 0 and set(lv["by_status"]) == {"200"} and lv["answered"] == lv["sent"]
+        # the gateway's own /metrics saw exactly the answers this client counted in this level
+        assert lv["server"]["requests_by_status"] == {"200": lv["by_status"]["200"]}
+        assert lv["latency_ms"]["p50"] <= lv["latency_ms"]["p99"]
+    assert load.plot(report, tmp_path / "load")[0].read_bytes()[:8] == PNG_MAGIC
+
+    with serve_in_thread(create_app(Settings(engine="opencv", api_keys=["k1"]))) as url:
+        report = load.run_load_levels(url, concurrency=[2], duration_s=0.3, warmup_requests=0, api_key="wrong")
+    lv = report["levels"][0]
+    assert set(lv["by_status"]) == {"401"} and lv["problem_codes"] == {"unauthorized": lv["by_status"]["401"]}
+    assert lv["throughput_rps"] == 0 and "401: " in load.to_markdown(report, "cmd")
+
+
+# -- reference comparison ------------------------------------------------------------------------------------
+def test_reference_runs_both_pipelines_on_the_same_parts() -> None:
+    from cleanplate.benchmarks.reference import run_reference
+
+    report = run_reference(arch="tiny", device="cpu", warmup=0, repeats=1, image_size=80)
+    s = report["settings"]
+    assert (s["resolution"], s["image_size"], s["steps"], s["dtype"]) == (64, 80, 4, "fp32")
+    assert report["diffusers"]["output_shape"] == report["cleanplate"]["output_shape"] == [80, 80, 3]
+    d_stages = list(report["diffusers"]["stages_ms"])
+    assert d_stages == ["resize_in", "setup", "text_encoders", "preprocess_vae_encode", "unet_step_1", "unet_step_2",
+                        "unet_step_3", "unet_step_4", "vae_decode_postprocess", "resize_back"]
+    assert "text_encoders" not in report["cleanplate"]["stages_ms"]
+    assert report["ratio_median"] == pytest.approx(report["diffusers"]["total_ms"]["median"]
+                                                   / report["cleanplate"]["total_ms"]["median"])
+
+
+def test_full_size_sdxl_parts_fit_together() -> None:
+    """What ``--arch sdxl`` builds on a GPU, built on the meta device (shapes only): SDXL-inpainting's sizes,
+    and diffusers' own check that the text encoders fit the UNet's added-time embedding passes."""
+    from cleanplate.benchmarks.models import build_parts
+    from cleanplate.benchmarks.reference import diffusers_pipeline
+
+    parts = build_parts("sdxl", device="meta", dtype="fp16")
+    assert parts.parameters["unet"] == pytest.approx(2.567e9, rel=1e-3)
+    assert parts.parameters["text_encoder"] == pytest.approx(123e6, rel=1e-2)
+    assert parts.parameters["text_encoder_2"] == pytest.approx(695e6, rel=1e-2)
+    assert parts.unet.dtype == torch.float16 and parts.vae.dtype == torch.float32  # SDXL's VAE must upcast
+    pipe = diffusers_pipeline(parts)
+    assert pipe.vae_scale_factor == 8
+    ids, _ = pipe._get_add_time_ids((512, 512), (0, 0), (512, 512), 6.0, 2.5, (512, 512), (0, 0), (512, 512),
+                                    dtype=torch.float16, text_encoder_projection_dim=1280)
+    assert ids.tolist() == [[512, 512, 0, 0, 512, 512]]
+    with pytest.raises(InputError, match="CUDA"):
+        build_parts("sdxl", device="cpu", dtype="fp32")
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------
+def test_expand_multi_values() -> None:
+    from cleanplate.benchmarks.cli import expand_multi
+
+    assert expand_multi(["--resolution", "256", "512", "--batch", "1", "2", "--steps", "4"]) == [
+        "--resolution", "256", "--resolution", "512", "--batch", "1", "--batch", "2", "--steps", "4"]
+    assert expand_multi(["--engine", "torch", "opencv", "runs/dev"]) == [
+        "--engine", "torch", "--engine", "opencv", "runs/dev"]
+
+
+def test_cli_latency_writes_reports(cli, tmp_path: Path) -> None:
+    out = tmp_path / "res" / "lat"
+    r = cli("bench", "latency", "--engine", "opencv", "--resolution", "64", "96", "--batch", "1", "2",
+            "--warmup", "0", "--repeats", "2", "--out", out)
+    assert r.code == 0, r.err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [(c["resolution"], c["batch"]) for c in report["cases"]] == [(64, 1), (64, 2), (96, 1), (96, 2)]
+    assert report["command"].startswith("cleanplate bench latency --engine opencv")
+    assert out.with_suffix(".md").read_text() in r.out
+    assert (tmp_path / "res" / "lat.png").exists() and (tmp_path / "res" / "lat_stages.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["latency", "--repeats", "0"], "repeats"),
+    (["latency", "--dtype", "fp16"], "fp16"),
+    (["latency", "--engine", "opencv", "--arch", "sdxl"], "torch engine only"),
+    (["quality", "/no/such/set"], "meta.json"),
+    (["quality", "SET", "--limit", "0"], "limit"),
+    (["load", "--concurrency", "0"], "concurrency"),
+    (["load", "--image", "x.jpg"], "--mask"),
+    (["reference", "--arch", "sdxl", "--device", "cpu"], "CUDA GPU"),
+])
+def test_cli_bad_input_exits_2(cli, synth_data: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    args = [str(synth_data) if a == "SET" else a for a in args]
+    r = cli("bench", *args, "--out", tmp_path / "x")
+    assert r.code == 2 and r.err.startswith("error: ") and message in r.err, r.err
+    assert not list(tmp_path.iterdir())  # nothing written
