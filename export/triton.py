@@ -32,6 +32,7 @@ import numpy as np
 
 from cleanplate.errors import InputError
 from cleanplate.imaging import write_atomic
+from cleanplate.pipeline import MAX_STEPS
 
 from .onnx import GRAPHS, ExportError, export_onnx, read_manifest
 
@@ -39,7 +40,6 @@ Backend = Literal["tensorrt", "onnxruntime", "python"]
 BACKENDS: tuple[str, ...] = ("tensorrt", "onnxruntime", "python")
 REMOVE_MODEL, SCORE_MODEL = "cleanplate_remove", "cleanplate_score"
 MODELS_DIR = Path(__file__).parent / "triton_models"
-MAX_STEPS = 50  # as cleanplate.pipeline.MAX_STEPS
 
 
 def _mc() -> Any:
@@ -192,7 +192,7 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
     Raises:
         InputError: bad options, a missing plan directory or plan file. ExportError: export or validation failed.
     """
-    from cleanplate.bundle import load_bundle
+    from cleanplate.bundle import NULL_CONDITIONING, NullConditioning, default_bundle_path, read_config
     from cleanplate.sampling import schedule_table_json
 
     opts.check()
@@ -213,8 +213,12 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
         graphs = manifest["graphs"]
         plan_profiles: dict[str, Any] = {}
         if opts.backend == "tensorrt":
-            plan_profiles = json.loads((Path(plan_dir) / "profiles.json").read_text()) \
-                if (Path(plan_dir) / "profiles.json").exists() else {}
+            missing = [f"{g}.plan" for g in graphs if not (Path(plan_dir) / f"{g}.plan").exists()]
+            if missing:  # before anything is written: no half-built repository
+                raise InputError(f"{', '.join(missing)} missing in {plan_dir}; build with `cleanplate export tensorrt`",
+                                 code="bad_option")
+            profiles_file = Path(plan_dir) / "profiles.json"
+            plan_profiles = json.loads(profiles_file.read_text()) if profiles_file.exists() else {}
         repo.mkdir(parents=True, exist_ok=True)
         for name, graph in graphs.items():
             model_dir = repo / name
@@ -223,10 +227,7 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
                 shutil.rmtree(version)
             version.mkdir(parents=True)
             if opts.backend == "tensorrt":
-                plan = Path(plan_dir) / f"{name}.plan"
-                if not plan.exists():
-                    raise InputError(f"{plan} is missing; build it with `cleanplate export tensorrt`", code="bad_option")
-                shutil.copy2(plan, version / "model.plan")
+                shutil.copy2(Path(plan_dir) / f"{name}.plan", version / "model.plan")
             else:
                 files = graph["files"]
                 main = f"{name}.onnx"
@@ -240,7 +241,9 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
             say(f"wrote {model_dir}")
 
         names = {g: g for g in graphs}
-        b = load_bundle(bundle)
+        bundle_dir = Path(bundle) if bundle is not None else default_bundle_path()
+        scheduler = read_config(bundle_dir).scheduler
+        cond = NullConditioning.load(bundle_dir / NULL_CONDITIONING)
         for bls in (REMOVE_MODEL, SCORE_MODEL):
             if bls == SCORE_MODEL and "discriminator" not in graphs:
                 continue
@@ -252,8 +255,7 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
             shutil.copy2(MODELS_DIR / "bls.py", version / "model.py")
             shutil.copy2(_sampling_source(), version / "sampling.py")  # the torch engine's own sampler
             if bls == REMOVE_MODEL:
-                write_atomic(version / "schedules.json", schedule_table_json(b.config.scheduler, MAX_STEPS).encode())
-                cond = b.conditioning
+                write_atomic(version / "schedules.json", schedule_table_json(scheduler, MAX_STEPS).encode())
                 with open(version / "null_conditioning.npz", "wb") as fh:
                     np.savez(fh, prompt_embeds=cond.prompt_embeds.float().numpy(),
                              pooled_prompt_embeds=cond.pooled_prompt_embeds.float().numpy())
