@@ -214,7 +214,11 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
             tail = f.read()
             if not tail.endswith(b"\n"):
                 cut = tail.rfind(b"\n")
-                f.truncate(size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
+                if cut < 0 and size > len(tail):  # a partial line longer than the tail: look at everything
+                    f.seek(0)
+                    tail = f.read()
+                    cut = tail.rfind(b"\n")
+                f.truncate(size - len(tail) + cut + 1)
         f.seek(0, os.SEEK_END)
         f.write(line)
         f.flush()
