@@ -126,9 +126,8 @@ def label_serve(
     """Serve the labeling page: source, mask and result side by side; Y yes, N no, S skip, U undo, E export."""
     from .label_server import serve
 
-    _say(f"labeling page: http://{host}:{port}/" + (f"?labeler={labeler}" if labeler else ""))
     serve(directory, host=host, port=port, labeler=labeler, rounds=round, policy=policy.value,
-          export_path=export_path)
+          export_path=export_path, announce=lambda url: _say(f"labeling page: {url}"))
 
 
 @label_app.command("export")

@@ -28,9 +28,10 @@ behind an SSH tunnel).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel, Field
 
@@ -168,9 +169,13 @@ def create_app(directory: str | os.PathLike, *, labeler: str | None = None, roun
 
 def serve(directory: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8090, labeler: str | None = None,
           rounds: Sequence[int] | None = None, policy: str = "majority",
-          export_path: str | os.PathLike | None = None, log_level: str = "warning") -> None:
-    """Run :func:`create_app` under uvicorn until interrupted."""
+          export_path: str | os.PathLike | None = None, log_level: str = "warning",
+          announce: Callable[[str], None] | None = None) -> None:
+    """Run :func:`create_app` under uvicorn until interrupted; ``announce`` gets the page's URL once the app
+    is built (so a bad directory fails before anything is announced)."""
     import uvicorn
 
     app = create_app(directory, labeler=labeler, rounds=rounds, policy=policy, export_path=export_path)
+    if announce is not None:
+        announce(f"http://{host}:{port}/" + (f"?labeler={quote(labeler)}" if labeler else ""))
     uvicorn.run(app, host=host, port=port, log_level=log_level)
