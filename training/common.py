@@ -230,12 +230,17 @@ def resume(accelerator: Any, cfg: TrainConfig) -> int:
 
 
 def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int) -> None:
-    """accelerate state under ``step_N``; a ``done`` marker makes a checkpoint count, old ones are pruned."""
+    """accelerate state under ``step_N``; a ``done`` marker makes a checkpoint count, old ones are pruned.
+
+    Every process calls ``save_state`` (the main one writes model, optimizer and scheduler; each process
+    its own RNG state, ``random_states_<rank>.pkl``, so a resumed multi-process run restores them all).
+    """
+    accelerator.wait_for_everyone()
+    path = cfg.resolved_work_dir / "checkpoints" / f"step_{step}"
+    accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    path = cfg.resolved_work_dir / "checkpoints" / f"step_{step}"
-    accelerator.save_state(str(path))
     (path / "done").write_text(str(step))
     for old in checkpoints(cfg)[: -cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
