@@ -16,17 +16,20 @@ itself without an EMA copy. The LoRA is written to the bundle's ``lcm_lora/`` in
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from cleanplate.bundle import load_bundle, save_bundle
+from cleanplate.bundle import BundleConfig, load_bundle, save_bundle
 from cleanplate.pipeline import RemovalPipeline
 
-from .common import TrainConfig, TripletDataset, alphas_cumprod, make_accelerator, read_meta, start_training
+from .common import (
+    TrainConfig, TrainingRun, TripletDataset, alphas_cumprod, make_accelerator, read_meta, start_training,
+)
 
 LORA_TARGETS = [  # diffusers' LCM-LoRA SDXL recipe: attention, feed-forward, resnet convs and time projections
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -60,15 +63,77 @@ def predicted_x0(z: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) ->
     return (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
 
+@dataclass
+class ConsistencyTerms:
+    """One LCM distillation step on a batch: the per-item loss and the (no-grad) consistency target.
+
+    Attributes:
+        loss: (B,) float32, d(f_θ(z_{t_{n+k}}), stopgrad f_θ(ẑ_{t_n})) averaged over each item's latent.
+        target: (B,C,h,w) float32, the target f_θ(ẑ_{t_n}, t_n): the student's clean-latent estimate one DDIM
+            step closer to t = 0 (scaled latent space, decodable with ``RemovalPipeline.decode``).
+    """
+
+    loss: torch.Tensor
+    target: torch.Tensor
+
+
+def consistency_terms(cfg: LCMConfig, pipe: RemovalPipeline, raw: Any, latents: torch.Tensor,
+                      mask_latent: torch.Tensor, masked_latents: torch.Tensor, alphas: torch.Tensor,
+                      ddim_timesteps: torch.Tensor, skip: int, accelerator: Any) -> ConsistencyTerms:
+    """The LCD loss of LCM Alg. 1 per item (see the module docstring), for clean latents (B,C,h,w).
+
+    ``pipe.unet`` is the student (LoRA on); ``raw`` its unwrapped module, whose adapters are switched off
+    for the teacher's ε. Draws the DDIM step and the noise from torch's global RNG.
+    """
+    b = latents.shape[0]
+    num_ddim = len(ddim_timesteps)
+    idx = torch.randint(0, num_ddim, (b,), device=latents.device)
+    t_start = ddim_timesteps[idx]
+    t_prev = (t_start - skip).clamp(min=0)
+    a_start = alphas[t_start].view(-1, 1, 1, 1)
+    a_prev = alphas[t_prev].view(-1, 1, 1, 1)  # t_prev = 0 at the first DDIM step, as diffusers' DDIMSolver
+    noise = torch.randn_like(latents)
+    z_start = a_start.sqrt() * latents + (1 - a_start).sqrt() * noise
+    c_skip_s, c_out_s = boundary_scalings(t_start, cfg.timestep_scaling)
+    c_skip_p, c_out_p = boundary_scalings(t_prev, cfg.timestep_scaling)
+
+    with accelerator.autocast():
+        eps_student = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents)
+    pred = c_skip_s * z_start + c_out_s * predicted_x0(z_start, eps_student.float(), a_start)
+    with torch.no_grad(), accelerator.autocast():
+        raw.disable_adapters()  # teacher = the SFT UNet
+        eps_teacher = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents).float()
+        raw.enable_adapters()
+        x0_teacher = predicted_x0(z_start, eps_teacher, a_start)
+        z_prev = a_prev.sqrt() * x0_teacher + (1 - a_prev).sqrt() * eps_teacher  # one DDIM step
+        eps_target = pipe.unet_forward(z_prev, t_prev, mask_latent, masked_latents).float()
+        target = c_skip_p * z_prev + c_out_p * predicted_x0(z_prev, eps_target, a_prev)
+    if cfg.loss == "l2":
+        per_item = ((pred - target) ** 2).flatten(1).mean(1)
+    else:
+        per_item = (torch.sqrt((pred - target) ** 2 + cfg.huber_c**2) - cfg.huber_c).flatten(1).mean(1)
+    return ConsistencyTerms(per_item, target.float())
+
+
+# weigh(batch, pipe, terms, run) -> (B,) weights of the per-item losses (reward-weighted distillation, rwd.py);
+# run is the TrainingRun (accelerator, step), for gathering across processes and logging
+Weigher = Callable[[dict, RemovalPipeline, ConsistencyTerms, TrainingRun], torch.Tensor]
+
+
 def train_lcm(cfg: LCMConfig) -> dict:
     """Distill and write a bundle (the SFT UNet + ``lcm_lora/``) to ``cfg.out``. Returns {"losses": [...]}."""
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    return distill(cfg, "lcm")
+
+
+def distill(cfg: LCMConfig, tag: str, weigh: Weigher | None = None) -> dict:
+    """The LCM-LoRA distillation loop; the loss is ``mean_i w_i · loss_i`` with ``w = weigh(...)`` (1 without).
+
+    Logs and checkpoints under ``tag``; the bundle's provenance records the run under ``tag``.
+    """
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     bundle = load_bundle(cfg.bundle)  # any earlier LoRA is fused: we distill what the bundle serves
-    accelerator = make_accelerator(cfg, "lcm")
+    accelerator = make_accelerator(cfg, tag)
     unet, vae = bundle.unet, bundle.vae.to(accelerator.device)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
@@ -77,7 +142,7 @@ def train_lcm(cfg: LCMConfig) -> dict:
         unet.enable_gradient_checkpointing()
     config = bundle.config.model_copy(update={"resolution": cfg.resolution})
     dataset = TripletDataset(read_meta(cfg.meta), cfg.resolution, cfg.dilate_range)
-    run = start_training(accelerator, cfg, unet, dataset, "lcm")
+    run = start_training(accelerator, cfg, unet, dataset, tag)
     unet = run.model
     pipe = RemovalPipeline(unet, vae, bundle.conditioning, config, accelerator.device, torch.float32, torch.float32)
 
@@ -91,47 +156,37 @@ def train_lcm(cfg: LCMConfig) -> dict:
         with torch.no_grad():
             latents = pipe.encode(batch["gt"])
             mask_latent, masked_latents = pipe.condition_inputs(batch["source"], batch["mask"])
-        b = latents.shape[0]
-        idx = torch.randint(0, cfg.num_ddim_timesteps, (b,), device=latents.device)
-        t_start = ddim_timesteps[idx]
-        t_prev = (t_start - skip).clamp(min=0)
-        a_start = alphas[t_start].view(-1, 1, 1, 1)
-        a_prev = alphas[t_prev].view(-1, 1, 1, 1)  # t_prev = 0 at the first DDIM step, as diffusers' DDIMSolver
-        noise = torch.randn_like(latents)
-        z_start = a_start.sqrt() * latents + (1 - a_start).sqrt() * noise
-        c_skip_s, c_out_s = boundary_scalings(t_start, cfg.timestep_scaling)
-        c_skip_p, c_out_p = boundary_scalings(t_prev, cfg.timestep_scaling)
-
-        with accelerator.autocast():
-            eps_student = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents)
-        pred = c_skip_s * z_start + c_out_s * predicted_x0(z_start, eps_student.float(), a_start)
-        with torch.no_grad(), accelerator.autocast():
-            raw.disable_adapters()  # teacher = the SFT UNet
-            eps_teacher = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents).float()
-            raw.enable_adapters()
-            x0_teacher = predicted_x0(z_start, eps_teacher, a_start)
-            z_prev = a_prev.sqrt() * x0_teacher + (1 - a_prev).sqrt() * eps_teacher  # one DDIM step
-            eps_target = pipe.unet_forward(z_prev, t_prev, mask_latent, masked_latents).float()
-            target = c_skip_p * z_prev + c_out_p * predicted_x0(z_prev, eps_target, a_prev)
-        if cfg.loss == "l2":
-            loss = F.mse_loss(pred, target)
+        terms = consistency_terms(cfg, pipe, raw, latents, mask_latent, masked_latents, alphas, ddim_timesteps,
+                                  skip, accelerator)
+        if weigh is None:
+            loss = terms.loss.mean()
         else:
-            loss = (torch.sqrt((pred - target) ** 2 + cfg.huber_c**2) - cfg.huber_c).mean()
+            loss = (weigh(batch, pipe, terms, run).to(terms.loss) * terms.loss).mean()
         run.update(loss)
     run.bar.close()
 
     if accelerator.is_main_process:
-        lora = get_peft_model_state_dict(raw)
-        scale = (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank
-        if scale != 1:  # the file carries no alphas and loads at scale 1: fold alpha/r into B
-            lora = {k: v * scale if ".lora_B." in k else v for k, v in lora.items()}
-        lora = convert_state_dict_to_diffusers(lora)
-        base = load_bundle(cfg.bundle)
-        provenance = {**config.provenance, "lcm": {"config": cfg.model_dump(mode="json"), "steps": run.step,
-                                                   "final_loss": run.final_loss}}
-        with tempfile.TemporaryDirectory() as tmp:
-            StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
-            save_bundle(cfg.out, config=config.model_copy(update={"provenance": provenance, "name": cfg.name}),
-                        unet=base.unet, vae=base.vae, conditioning=base.conditioning, lora_dir=Path(tmp))
+        provenance = {**config.provenance, tag: {"config": cfg.model_dump(mode="json"), "steps": run.step,
+                                                 "final_loss": run.final_loss}}
+        save_lcm_bundle(cfg, raw, config.model_copy(update={"provenance": provenance, "name": cfg.name}))
     accelerator.end_training()
     return {"losses": run.losses}
+
+
+def save_lcm_bundle(cfg: LCMConfig, raw: Any, config: BundleConfig) -> None:
+    """Write ``cfg.out``: the bundle ``cfg.bundle``'s (fused) UNet, VAE and conditioning, and the student's
+    LoRA (peft state of ``raw``, alpha/r folded into B) as ``lcm_lora/`` in diffusers format."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    lora = get_peft_model_state_dict(raw)
+    scale = (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank
+    if scale != 1:  # the file carries no alphas and loads at scale 1: fold alpha/r into B
+        lora = {k: v * scale if ".lora_B." in k else v for k, v in lora.items()}
+    lora = convert_state_dict_to_diffusers(lora)
+    base = load_bundle(cfg.bundle)
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
+        save_bundle(cfg.out, config=config, unet=base.unet, vae=base.vae, conditioning=base.conditioning,
+                    lora_dir=Path(tmp))
