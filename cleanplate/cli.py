@@ -18,12 +18,14 @@ from .deploy import deploy_app
 from .errors import CleanplateError, ExportError, InputError
 from .export.cli import export_app, triton_app
 from .training.flywheel_cli import flywheel_app, label_app
+from .training.rl_cli import data_dpo_pairs_cmd, train_dpo_cmd, train_grpo_cmd, train_rwd_cmd
 
 app = typer.Typer(help="Remove promo text, watermarks and stickers from product photos.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 bundle_app = typer.Typer(help="Model bundles: convert and inspect.", no_args_is_help=True)
 data_app = typer.Typer(help="Training data.", no_args_is_help=True)
-train_app = typer.Typer(help="Trainers that write bundles (SFT, LCM-LoRA) and the small VAE.", no_args_is_help=True)
+train_app = typer.Typer(help="Trainers that write bundles (SFT, LCM-LoRA, DPO, RWD, GRPO) and the small VAE.",
+                        no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
@@ -250,6 +252,11 @@ def train_discriminator_cmd(
         _say(f"threshold {cal['threshold']:.4f} ({cal['rule']}): precision {cal['precision']:.3f}, "
              f"recall {cal['recall']:.3f}, ROC AUC {cal['roc_auc']:.3f} on {cal['n_pos'] + cal['n_neg']} held-out items")
     _say(f"wrote {cfg.out}")
+
+
+for _name, _cmd in (("dpo", train_dpo_cmd), ("rwd", train_rwd_cmd), ("grpo", train_grpo_cmd)):
+    train_app.command(_name)(_cmd)  # RL after SFT: training/rl_cli.py
+data_app.command("dpo-pairs")(data_dpo_pairs_cmd)
 
 
 @data_app.command("disc-labels")
