@@ -226,3 +226,25 @@ def reference_cmd(
                                      seed=seed, threads=threads, say=_say)
     dev = report["settings"]["device"]
     _finish(report, out or Path("benchmarks/results") / f"reference_{arch.value}{_device_tag(dev)}", reference)
+
+
+@bench_app.command("report")
+def report_cmd(
+    report_json: Annotated[Path, typer.Argument(help="a report written by `cleanplate bench ...` (OUT.json)")],
+) -> None:
+    """Rewrite a report's markdown and plots from its JSON (e.g. one copied back from a GPU machine)."""
+    import json
+
+    from . import latency, load, quality, reference
+    from .common import write_report
+
+    try:
+        report = json.loads(report_json.read_text())
+        module = {"latency": latency, "load": load, "quality": quality, "reference": reference}[report["harness"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code="bad_option") from exc
+    out = report_json.with_suffix("")
+    markdown = module.to_markdown(report, report.get("command", "?"))
+    paths = write_report(out, report, markdown) + module.plot(report, out)
+    typer.echo(markdown)
+    _say("wrote " + ", ".join(str(p) for p in paths))

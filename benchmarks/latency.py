@@ -473,6 +473,9 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         xs = [bt for bt in bat if (r, bt) in by]
         b.plot(xs, [by[r, bt]["per_image_ms"] for bt in xs], marker="o", label=f"R {r}")
     b.set(xlabel="batch", ylabel="ms per image (median)", title="per-image latency vs batch", xticks=bat)
+    per_image = [c["per_image_ms"] for c in cases if c["per_image_ms"]]
+    if per_image and max(per_image) / min(per_image) > 10:
+        b.set_yscale("log")
     b.legend()
     fig.tight_layout()
     paths = [out.with_suffix(".png")]

@@ -220,6 +220,17 @@ def test_cli_latency_writes_reports(cli, tmp_path: Path) -> None:
     assert out.with_suffix(".md").read_text() in r.out
     assert (tmp_path / "res" / "lat.png").exists() and (tmp_path / "res" / "lat_stages.png").exists()
 
+    # `bench report` rebuilds the markdown and plots from the JSON alone (e.g. one brought back from a GPU)
+    md = out.with_suffix(".md").read_text()
+    for p in (tmp_path / "res").glob("lat*.[mp]*"):
+        p.unlink()
+    r = cli("bench", "report", out.with_suffix(".json"))
+    assert r.code == 0, r.err
+    assert out.with_suffix(".md").read_text() == md and (tmp_path / "res" / "lat_stages.png").exists()
+    out.with_suffix(".json").write_text("{}")
+    r = cli("bench", "report", out.with_suffix(".json"))
+    assert r.code == 2 and r.err.startswith("error: ")
+
 
 @pytest.mark.parametrize("args, message", [
     (["latency", "--repeats", "0"], "repeats"),
