@@ -256,7 +256,8 @@ def check_parity(module: nn.Module, spec: GraphSpec, onnx_path: Path, *, batches
             with torch.inference_mode():
                 ref = module(*inputs)
             refs = ref if isinstance(ref, tuple) else (ref,)
-            outs = session.run([t.name for t in spec.outputs], {t.name: x.numpy() for t, x in zip(spec.inputs, inputs)})
+            feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
+            outs = session.run([t.name for t in spec.outputs], feeds)
             for t, r, o in zip(spec.outputs, refs, outs, strict=True):
                 r = r.float().numpy()
                 if o.shape != r.shape:
@@ -270,7 +271,7 @@ def check_parity(module: nn.Module, spec: GraphSpec, onnx_path: Path, *, batches
 
 
 def _parity_markdown(report: ExportReport, atol: float, rtol: float, seed: int) -> str:
-    lines = [f"# ONNX parity (onnxruntime CPU vs PyTorch fp32)\n",
+    lines = ["# ONNX parity (onnxruntime CPU vs PyTorch fp32)\n",
              f"Fresh random inputs (seed {seed}); pass when max |diff| <= {atol:g} + {rtol:g}·max|ref|.\n",
              "| graph | output | batch | resolution | max abs diff | mean abs diff | max abs ref | limit | ok |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -12,8 +12,13 @@ from diffusers import LCMScheduler
 
 from cleanplate.bundle import SDXL_LCM_SCHEDULER
 from cleanplate.pipeline import RemovalPipeline
-from cleanplate.sampling import (lcm_schedule, lcm_step, load_schedule_table, sampling_noise,
-                                 schedule_table_json)
+from cleanplate.sampling import (
+    lcm_schedule,
+    lcm_step,
+    load_schedule_table,
+    sampling_noise,
+    schedule_table_json,
+)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])

@@ -15,18 +15,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from cleanplate.export.triton import RepositoryOptions, export_triton
 from cleanplate.export.triton_server import TritonServer, default_env_path
-from cleanplate.imaging import decode_image, decode_mask, dilate_mask
-from cleanplate.remover import RemovalRequest, prepare
 from cleanplate.serving.app import create_app
 from cleanplate.serving.engines import EngineUnavailable, TorchEngine
 from cleanplate.serving.settings import Settings
 from cleanplate.serving.triton_engine import TritonEngine
-
 from conftest import serve_in_thread
+from PIL import Image
+
+from cleanplate.imaging import decode_image, decode_mask, dilate_mask
+from cleanplate.remover import RemovalRequest, prepare
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 # The tolerance between engines: ONNX Runtime and PyTorch differ by ~1e-6 per graph call, which after
@@ -123,7 +122,7 @@ def test_bls_batches_requests_and_isolates_bad_ones(triton: TritonServer, photos
         inputs = [grpc.InferInput("image", list(images.shape), "UINT8"), grpc.InferInput("mask", list(masks.shape), "UINT8"),
                   grpc.InferInput("seed", [len(seeds), 1], "INT64"), grpc.InferInput("steps", [len(seeds), 1], "INT32")]
         for t, v in zip(inputs, (images, masks, np.array(seeds, np.int64)[:, None],
-                                 np.full((len(seeds), 1), steps, np.int32))):
+                                 np.full((len(seeds), 1), steps, np.int32)), strict=True):
             t.set_data_from_numpy(v)
         return client.infer("cleanplate_remove", inputs).as_numpy("result")
 

@@ -106,7 +106,7 @@ class TritonPythonModel:
         for key, members in groups.items():
             try:
                 outputs = self._run_remove(key, members) if self.mode == "remove" else self._run_score(members)
-                for (i, _), tensor in zip(members, outputs):
+                for (i, _), tensor in zip(members, outputs, strict=True):
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])
             except pb_utils.TritonModelException as exc:
                 for i, _ in members:

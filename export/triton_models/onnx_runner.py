@@ -49,7 +49,7 @@ class TritonPythonModel:
         responses, start = [], 0
         for size in sizes:
             tensors = []
-            for name, value in zip(self.output_names, outputs):
+            for name, value in zip(self.output_names, outputs, strict=True):
                 part = value[start:start + size]
                 if self.output_rank[name] == 1:
                     part = part.reshape(-1, 1)
