@@ -10,7 +10,8 @@ Errors: Triton unreachable or not ready -> :class:`EngineUnavailable` (503), aft
 with exponential backoff on transient failures (UNAVAILABLE, connection refused or reset); Triton's
 queue full or this engine's ``max_inflight`` reached -> :class:`QueueFull` (429); a call past
 ``timeout_s`` -> :class:`EngineUnavailable`. Readiness (``/readyz``) follows a health check every
-``health_interval_s``.
+``health_interval_s``; when Triton comes back after an outage its parameters are read again
+(a rolled-out repository may have a new resolution or threshold).
 """
 
 from __future__ import annotations
@@ -107,7 +108,10 @@ class TritonEngine:
         while True:
             await asyncio.sleep(self.health_interval_s)
             try:
-                self._healthy = bool(await self._client.is_model_ready(self.remove_model))
+                ok = bool(await self._client.is_model_ready(self.remove_model))
+                if ok and not self._healthy:  # back after an outage, maybe with a new repository: re-read it
+                    await self._configure()
+                self._healthy = ok
             except Exception:  # noqa: BLE001 - unreachable counts as not ready
                 self._healthy = False
 

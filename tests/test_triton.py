@@ -188,7 +188,8 @@ def test_gateway_with_triton_engine(triton: TritonServer, tmp_path: Path) -> Non
 
 
 def test_readiness_follows_triton(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path: Path) -> None:
-    """/readyz is 503 until Triton is up, 200 while it is, 503 after it stops; requests then get 503."""
+    """/readyz is 503 until Triton is up, 200 while it is, 503 after it stops (requests then get 503), and
+    200 again when a Triton with a changed repository comes back, whose parameters the engine re-reads."""
     repo = tmp_path / "repo"
     export_triton(gated_bundle, repo, RepositoryOptions(backend="python", max_batch=2, bls_instances=1),
                   onnx_dir=gated_onnx)
@@ -219,6 +220,23 @@ def test_readiness_follows_triton(triton_env: Path, gated_bundle: Path, gated_on
         assert httpx.get(url + "/readyz").status_code == 503
         r = httpx.post(url + "/v1/remove", files=files, timeout=60)
         assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+        # A new repository rolls out (here: the 128 px bucket becomes the serving resolution) on the same
+        # address: the gateway is ready again and serves at the new resolution without a restart.
+        config = repo / "cleanplate_remove" / "config.pbtxt"
+        config.write_text(config.read_text().replace('string_value: "64"\n', 'string_value: "128"\n', 1))
+        assert 'key: "resolution"\n  value {\n    string_value: "128"' in config.read_text()
+        again = TritonServer(repo, env=triton_env, http_port=server.http_port, grpc_port=server.grpc_port,
+                             metrics_port=server.metrics_port, exit_timeout_s=3)
+        again.start(timeout_s=120)
+        try:
+            for _ in range(100):
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+                threading.Event().wait(0.1)
+            assert httpx.get(url + "/readyz").json()["resolution"] == 128
+            assert httpx.post(url + "/v1/remove", files=files, timeout=60).status_code == 200
+        finally:
+            again.stop()
 
 
 def test_unreachable_triton_is_engine_unavailable() -> None:
