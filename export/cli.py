@@ -24,12 +24,6 @@ def _say(message: str) -> None:
     typer.echo(message, err=True)
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
 class TritonBackend(str, Enum):
     tensorrt = "tensorrt"
     onnxruntime = "onnxruntime"
@@ -67,8 +61,8 @@ def export_onnx_cmd(
 def export_tensorrt_cmd(
     onnx_dir: Annotated[Path, typer.Argument(help="a `cleanplate export onnx` directory")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory for <graph>.plan")] = Path("plans"),
-    precision: Annotated[Precision, typer.Option(help="engine precision (fp16/bf16 keep fp32 where the graph "
-                                                      "needs it)")] = Precision.fp16,
+    fp16: Annotated[bool, typer.Option("--fp16", help="allow fp16 kernels (TensorRT keeps fp32 where needed)")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="allow bf16 kernels (Ampere or newer)")] = False,
     profile: Annotated[Optional[list[str]], typer.Option("--profiles", "--profile",
                                                          help="RES:MIN-OPT-MAX batch, e.g. 1024:1-4-8 (repeat; "
                                                               "default: every bucket, 1-max/2-max)")] = None,
@@ -81,13 +75,18 @@ def export_tensorrt_cmd(
     and the tensorrt package)."""
     import json
 
+    from cleanplate.errors import InputError
+
     from .tensorrt import build_engines, plan_profiles
 
+    if fp16 and bf16:
+        raise InputError("give --fp16 or --bf16, not both", code="bad_option")
+    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     plan = plan_profiles(onnx_dir, profile, graphs=graph)
     if plan_only:
         typer.echo(json.dumps({g: [p.as_dict() for p in ps] for g, ps in plan.items()}, indent=2))
         return
-    written = build_engines(onnx_dir, out, plan, precision=precision.value, workspace_gib=workspace_gib, progress=_say)
+    written = build_engines(onnx_dir, out, plan, precision=precision, workspace_gib=workspace_gib, progress=_say)
     _say(f"wrote {', '.join(str(p) for p in written)}")
 
 

@@ -123,9 +123,11 @@ def test_tensorrt_build_without_tensorrt_exits_2(onnx_dir: Path, tmp_path: Path,
             pytest.skip("TensorRT and a GPU are here: the build itself is the GPU check")
     except ImportError:
         pass
-    run = cli("export", "tensorrt", onnx_dir, "--out", tmp_path)
+    run = cli("export", "tensorrt", onnx_dir, "--out", tmp_path, "--fp16")
     assert run.code == 2 and run.err.count("\n") == 1 and "--plan-only" in run.err
     assert not list(tmp_path.iterdir())
+    run = cli("export", "tensorrt", onnx_dir, "--out", tmp_path, "--fp16", "--bf16")
+    assert run.code == 2 and run.err == "error: give --fp16 or --bf16, not both\n"
 
 
 def test_sdxl_inpainting_unet_shapes_and_profile_plan() -> None:
