@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from .benchmarks.cli import bench_app
+from .cli_options import BatchOpt, ConfigOpt, LrOpt, MetaOpt, OutOpt, ResOpt, SeedOpt, StepsOpt, WorkOpt
 from .deploy import deploy_app
 from .errors import CleanplateError, ExportError, InputError
 from .export.cli import export_app, triton_app
@@ -166,17 +167,6 @@ def data_synth(
 
     cfg = SynthConfig(size=size, photos=DEV_PHOTOS, photo_fraction=1.0) if dev else SynthConfig(size=size)
     _say(f"wrote {synth_dataset(out, n, seed=seed, cfg=cfg)}")
-
-
-ConfigOpt = Annotated[Optional[Path], typer.Option(help="JSON config (fields of the trainer's config); options override it")]
-MetaOpt = Annotated[Optional[list[Path]], typer.Option(help="RORem meta.json file (repeatable)")]
-OutOpt = Annotated[Optional[Path], typer.Option(help="output directory")]
-StepsOpt = Annotated[Optional[int], typer.Option(help="optimizer steps")]
-BatchOpt = Annotated[Optional[int], typer.Option(help="batch size per device")]
-LrOpt = Annotated[Optional[float], typer.Option(help="learning rate")]
-ResOpt = Annotated[Optional[int], typer.Option(help="training resolution in px")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="seed")]
-WorkOpt = Annotated[Optional[Path], typer.Option(help="checkpoints/logs directory (default OUT.work)")]
 
 
 def _common(meta, out, max_steps, batch_size, lr, resolution, seed, work_dir) -> dict:

@@ -131,9 +131,12 @@ class RemovalPipeline:
         return mask_latent.to(self.device, self.dtype), masked_latents
 
     def unet_forward(
-        self, latents: torch.Tensor, t: torch.Tensor | int, mask_latent: torch.Tensor, masked_latents: torch.Tensor
+        self, latents: torch.Tensor, t: torch.Tensor | int, mask_latent: torch.Tensor, masked_latents: torch.Tensor,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        """One ε-prediction: UNet(cat(latent, mask, masked latent), t, empty-prompt conditioning)."""
+        """One ε-prediction (B,C,h,w): UNet(cat(latent, mask, masked latent), t, empty-prompt conditioning).
+
+        ``cross_attention_kwargs`` go to the attention processors (the RL trainers' spatial matting)."""
         batch = latents.shape[0]
         cond = self.conditioning
         hidden = cond.prompt_embeds.to(self.device, self.dtype).expand(batch, -1, -1)
@@ -142,7 +145,8 @@ class RemovalPipeline:
             "time_ids": NullConditioning.add_time_ids(self.resolution).to(self.device, self.dtype).expand(batch, -1),
         }
         x = torch.cat([latents, mask_latent, masked_latents], dim=1)
-        return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+        extra = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs is not None else {}
+        return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False, **extra)[0]
 
     @property
     def threshold(self) -> float | None:

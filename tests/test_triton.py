@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -187,6 +187,13 @@ def test_gateway_with_triton_engine(triton: TritonServer, tmp_path: Path) -> Non
     assert unet_runs == 3 * 4
 
 
+def _wait_readyz(url: str, status: int, timeout_s: float = 10.0) -> None:
+    """Poll the gateway's /readyz until it answers ``status`` (the engine's health check runs every 0.2 s)."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(url + "/readyz").status_code != status and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_readiness_follows_triton(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path: Path) -> None:
     """/readyz is 503 until Triton is up, 200 while it is, 503 after it stops (requests then get 503), and
     200 again when a Triton with a changed repository comes back, whose parameters the engine re-reads."""
@@ -205,18 +212,12 @@ def test_readiness_follows_triton(triton_env: Path, gated_bundle: Path, gated_on
         assert httpx.post(url + "/v1/remove", files=files).status_code == 503
         server.start(timeout_s=120)
         try:
-            for _ in range(100):
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-                threading.Event().wait(0.1)
+            _wait_readyz(url, 200)
             assert httpx.get(url + "/readyz").json()["resolution"] == 64
             assert httpx.post(url + "/v1/remove", files=files, timeout=60).status_code == 200
         finally:
             server.stop()
-        for _ in range(50):
-            if httpx.get(url + "/readyz").status_code == 503:
-                break
-            threading.Event().wait(0.1)
+        _wait_readyz(url, 503)
         assert httpx.get(url + "/readyz").status_code == 503
         r = httpx.post(url + "/v1/remove", files=files, timeout=60)
         assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
@@ -229,10 +230,7 @@ def test_readiness_follows_triton(triton_env: Path, gated_bundle: Path, gated_on
                              metrics_port=server.metrics_port, exit_timeout_s=3)
         again.start(timeout_s=120)
         try:
-            for _ in range(100):
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-                threading.Event().wait(0.1)
+            _wait_readyz(url, 200)
             assert httpx.get(url + "/readyz").json()["resolution"] == 128
             assert httpx.post(url + "/v1/remove", files=files, timeout=60).status_code == 200
         finally:

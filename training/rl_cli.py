@@ -13,15 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-ConfigOpt = Annotated[Optional[Path], typer.Option(help="JSON config (fields of the trainer's config); options override it")]
-MetaOpt = Annotated[Optional[list[Path]], typer.Option(help="meta.json file (repeatable)")]
+from cleanplate.cli_options import BatchOpt, ConfigOpt, LrOpt, MetaOpt, ResOpt, SeedOpt, StepsOpt, WorkOpt
+
 OutOpt = Annotated[Optional[Path], typer.Option(help="output bundle directory")]
-StepsOpt = Annotated[Optional[int], typer.Option(help="optimizer steps")]
-BatchOpt = Annotated[Optional[int], typer.Option(help="batch size per device")]
-LrOpt = Annotated[Optional[float], typer.Option(help="learning rate")]
-ResOpt = Annotated[Optional[int], typer.Option(help="training resolution in px")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="seed")]
-WorkOpt = Annotated[Optional[Path], typer.Option(help="checkpoints/logs directory (default OUT.work)")]
 BundleOpt = Annotated[Optional[Path], typer.Option(help="starting bundle (policy base; LoRA disabled = reference)")]
 RankOpt = Annotated[Optional[int], typer.Option(help="LoRA rank")]
 

@@ -119,19 +119,8 @@ def unet_eps(pipe: RemovalPipeline, latents: torch.Tensor, t: torch.Tensor | int
     """ε-prediction (B,C,h,w) as :meth:`RemovalPipeline.unet_forward`, with the spatial-matting mask
     (B,1,h,w) in {0,1} handed to the attention processors (``cross_attention_kwargs``, which diffusers also
     passes through gradient checkpointing). None = no matting bias."""
-    from cleanplate.bundle import NullConditioning
-
-    batch = latents.shape[0]
-    cond = pipe.conditioning
-    hidden = cond.prompt_embeds.to(pipe.device, pipe.dtype).expand(batch, -1, -1)
-    added = {
-        "text_embeds": cond.pooled_prompt_embeds.to(pipe.device, pipe.dtype).expand(batch, -1),
-        "time_ids": NullConditioning.add_time_ids(pipe.resolution).to(pipe.device, pipe.dtype).expand(batch, -1),
-    }
-    x = torch.cat([latents, mask_latent, masked_latents], dim=1)
     kwargs = {"matting_mask": matting_mask} if matting_mask is not None else None
-    return pipe.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, cross_attention_kwargs=kwargs,
-                     return_dict=False)[0]
+    return pipe.unet_forward(latents, t, mask_latent, masked_latents, cross_attention_kwargs=kwargs)
 
 
 # -- spatial matting (RePainter) ----------------------------------------------------------------------
