@@ -32,51 +32,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from cleanplate.errors import InputError
+from cleanplate.metrics import PSNR_CAP_DB, psnr, ssim, telea
 
 from .common import env_line, environment, fmt_ms, pyplot
 
-PSNR_CAP_DB = 100.0
 ENGINES = ("torch", "opencv", "triton")
 LABELS = {"identity": "leave as is", "telea": "OpenCV Telea (whole image, mask as given)",
           "opencv": "opencv engine (Telea on the dilated crop)", "torch": "cleanplate, torch engine",
           "triton": "cleanplate, triton engine", "gt": "GT (the judge's ceiling)"}
 Say = Callable[[str], None]
-
-
-def psnr(result: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """PSNR in dB of uint8 images (H,W,3) over all pixels or the ``mask`` (H,W) bool ones; capped at 100 dB."""
-    a, b = (result, gt) if mask is None else (result[mask], gt[mask])
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * float(np.log10(255.0**2 / mse)))
-
-
-def psnr_in_mask(result: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
-    """PSNR in dB over the masked pixels (all channels) of uint8 images (H,W,3); inf if identical."""
-    diff = result[mask].astype(np.float64) - gt[mask].astype(np.float64)
-    mse = float(np.mean(diff**2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def ssim(result: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """(SSIM inside ``mask``, SSIM of the whole image) of uint8 RGB images (H,W,3), in [-1, 1].
-
-    Wang et al. 2004 via ``skimage.metrics.structural_similarity`` (7x7 window, data range 255, per
-    channel); inside the mask = the mean of the SSIM map over the mask's pixels and channels.
-    """
-    from skimage.metrics import structural_similarity
-
-    whole, smap = structural_similarity(gt, result, channel_axis=2, data_range=255, full=True)
-    return float(smap[mask].mean()), float(whole)
-
-
-def telea(source: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """OpenCV Telea inpainting (Telea 2004, ``cv2.inpaint``, radius 3 px): (H,W,3) uint8 RGB, (H,W) bool -> uint8 RGB."""
-    bgr = cv2.cvtColor(source, cv2.COLOR_RGB2BGR)
-    return cv2.cvtColor(cv2.inpaint(bgr, mask.astype(np.uint8) * 255, 3, cv2.INPAINT_TELEA), cv2.COLOR_BGR2RGB)
 
 
 def find_meta(set_path: str | Path) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import BundleError
 from .imaging import write_atomic
@@ -86,9 +86,21 @@ class BundleConfig(BaseModel):
     guidance_scale: float = 1.0
     dilate_px: int = Field(8, ge=0, description="default mask dilation radius in source px")
     scheduler: dict[str, Any] = Field(default_factory=lambda: dict(SDXL_LCM_SCHEDULER))
+    masked_source: Literal["zero", "telea"] = Field(
+        "zero", description="the UNet's conditioning image: zero = x_s·(1−m) (RORem); telea = the hole pre-filled by "
+                            "OpenCV Telea (cleanplate.masked_source)")
     lcm_lora: Literal["none", "separate", "fused"] = "none"
     discriminator: bool = False
     provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_prediction_type(cls, scheduler: dict[str, Any]) -> dict[str, Any]:
+        from .sampling import PREDICTION_TYPES
+
+        if scheduler.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {scheduler['prediction_type']!r}")
+        return scheduler
 
 
 @dataclass

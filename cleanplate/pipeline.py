@@ -1,8 +1,10 @@
 """RORem removal on a batch of square crops: masked source -> VAE encode -> LCM steps -> VAE decode.
 
 Semantics (RORem, arXiv 2501.00740, on SDXL-inpainting): the UNet input is the concatenation of the
-noisy latent (C), the mask resized to latent size (1) and the latent of the masked source
-``x_s * (1 - m)`` (C); the prompt is empty and guidance is 1, so the text conditioning is the bundle's
+noisy latent (C), the mask resized to latent size (1) and the latent of the masked source (C):
+``x_s * (1 - m)`` for RORem, or the hole pre-filled by Telea when the bundle says ``masked_source:
+telea`` (:mod:`cleanplate.masked_source`); the UNet predicts ε, x0 or v as the bundle's scheduler
+``prediction_type`` says (:mod:`cleanplate.sampling`); the prompt is empty and guidance is 1, so the text conditioning is the bundle's
 precomputed constant. The 4-step sampler is diffusers' ``LCMScheduler`` (Luo et al., LCM-LoRA,
 arXiv 2311.05556), run through :mod:`cleanplate.sampling` so that every engine draws the same noise. The same UNet class and call serve a real SDXL-inpainting/RORem UNet unchanged.
 """
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from .bundle import Bundle, BundleConfig, NullConditioning, load_bundle
 from .errors import InputError
+from .masked_source import masked_source
 from .sampling import LCMStep, lcm_schedule, lcm_step, sampling_noise
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -120,13 +123,31 @@ class RemovalPipeline:
         return self.vae.decode(z).sample.float().clamp(-1, 1)
 
     # -- UNet ----------------------------------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon", "v_prediction" or "sample" (the bundle's scheduler config)."""
+        return str(self.config.scheduler.get("prediction_type", "epsilon"))
+
+    def masked_image(self, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The conditioning image (B,3,H,W) in [-1,1] of the bundle's ``masked_source`` fill.
+
+        source (B,3,H,W) in [-1,1] (uint8 crops scaled, so the round trip to uint8 is exact), mask
+        (B,1,H,W) in {0,1}. ``zero`` stays in torch (differentiable); ``telea`` runs
+        :func:`cleanplate.masked_source.masked_source` on the CPU, as the Triton model does.
+        """
+        if self.config.masked_source == "zero":
+            return source * (1.0 - mask)  # RORem: x_s * (1 - m); masked pixels become 0 (mid-grey)
+        crops = ((source.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        filled = masked_source(crops.permute(0, 2, 3, 1).cpu().numpy(), mask[:, 0].detach().cpu().numpy() > 0.5,
+                               self.config.masked_source)
+        return torch.from_numpy(filled).permute(0, 3, 1, 2).to(source.device, source.dtype)
+
     def condition_inputs(self, source: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask at latent size (B,1,h,w) and masked-source latent (B,C,h,w), as SDXL-inpainting expects.
 
-        source (B,3,H,W) in [-1,1], mask (B,1,H,W) in {0,1} (1 = remove).
+        source (B,3,H,W) in [-1,1], mask (B,1,H,W) in {0,1} (1 = remove); see :meth:`masked_image`.
         """
-        masked = source * (1.0 - mask)  # RORem: x_s * (1 - m); masked pixels become 0 (mid-grey)
-        masked_latents = self.encode(masked)
+        masked_latents = self.encode(self.masked_image(source, mask))
         mask_latent = F.interpolate(mask.float(), size=masked_latents.shape[-2:])  # nearest, as diffusers
         return mask_latent.to(self.device, self.dtype), masked_latents
 
@@ -134,7 +155,8 @@ class RemovalPipeline:
         self, latents: torch.Tensor, t: torch.Tensor | int, mask_latent: torch.Tensor, masked_latents: torch.Tensor,
         cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        """One ε-prediction (B,C,h,w): UNet(cat(latent, mask, masked latent), t, empty-prompt conditioning).
+        """One UNet output (B,C,h,w): UNet(cat(latent, mask, masked latent), t, empty-prompt conditioning);
+        ε, x0 or v as :attr:`prediction_type` says.
 
         ``cross_attention_kwargs`` go to the attention processors (the RL trainers' spatial matting)."""
         batch = latents.shape[0]
@@ -227,8 +249,8 @@ class RemovalPipeline:
         mark("noise")
         latents = noise[0]  # LCM starts from pure noise (strength 1, init_noise_sigma 1)
         for k, step in enumerate(self.schedule(steps)):
-            eps = self.unet_forward(latents, step.timestep, mask_latent, masked_latents)
-            latents = lcm_step(step, latents, eps, None if step.last else noise[k + 1])
+            output = self.unet_forward(latents, step.timestep, mask_latent, masked_latents)
+            latents = lcm_step(step, latents, output, None if step.last else noise[k + 1])
             mark(f"unet_step_{k + 1}")
         images = self.decode(latents)
         mark("vae_decode")

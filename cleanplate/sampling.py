@@ -5,9 +5,12 @@ give the same removal (within float rounding) on any device:
 
 * the schedule (timesteps, ᾱ, boundary-condition scalings) comes from diffusers' ``LCMScheduler``
   (:func:`lcm_schedule`), computed once and stored as plain numbers;
-* one step is :func:`lcm_step`, the arithmetic of ``LCMScheduler.step`` for ε-prediction (Luo et al.,
-  "Latent Consistency Models", arXiv 2310.04378, eq. 9 with the c_skip/c_out of the consistency
-  boundary condition, sigma_data = 0.5);
+* one step is :func:`lcm_step`, the arithmetic of ``LCMScheduler.step`` (Luo et al., "Latent
+  Consistency Models", arXiv 2310.04378, eq. 9 with the c_skip/c_out of the consistency boundary
+  condition, sigma_data = 0.5) for each of diffusers' prediction types: ``epsilon`` (the UNet predicts
+  the noise ε), ``sample`` (it predicts x0) and ``v_prediction`` (v = √ᾱ·ε − √(1−ᾱ)·x0, Salimans & Ho,
+  "Progressive Distillation", arXiv 2202.00512, sec. 4); the conversions are :func:`predicted_x0` and,
+  for the trainers, :func:`training_target`;
 * the noise is :func:`sampling_noise`: numpy's PCG64 seeded with S, so it does not depend on torch's
   generator, the device or the batch.
 
@@ -25,6 +28,48 @@ from typing import Any
 import numpy as np
 
 SIGMA_DATA = 0.5  # LCM's boundary-condition constant (diffusers: LCMScheduler.sigma_data)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names for what the UNet predicts
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def predicted_x0(sample: Any, model_output: Any, sqrt_alpha: Any, sqrt_beta: Any, prediction_type: str = "epsilon") -> Any:
+    """The clean-latent estimate x̂0 from the UNet's output at x_t, as ``LCMScheduler.step`` computes it.
+
+    Args:
+        sample: (B,C,h,w) x_t, numpy or torch.
+        model_output: (B,C,h,w) what the UNet predicts, per ``prediction_type``.
+        sqrt_alpha, sqrt_beta: √ᾱ_t and √(1−ᾱ_t), scalars or arrays broadcasting to (B,1,1,1).
+        prediction_type: "epsilon": x̂0 = (x_t − √(1−ᾱ)·ε̂)/√ᾱ; "sample": x̂0 = output;
+            "v_prediction": x̂0 = √ᾱ·x_t − √(1−ᾱ)·v̂.
+    Returns:
+        (B,C,h,w) x̂0, same type as ``sample``.
+    Raises:
+        ValueError: an unknown prediction type.
+    """
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return (sample - sqrt_beta * model_output) / sqrt_alpha
+    if prediction_type == "sample":
+        return model_output
+    return sqrt_alpha * sample - sqrt_beta * model_output
+
+
+def training_target(x0: Any, noise: Any, sqrt_alpha: Any, sqrt_beta: Any, prediction_type: str = "epsilon") -> Any:
+    """What the UNet should output for x_t = √ᾱ·x0 + √(1−ᾱ)·ε (inverse of :func:`predicted_x0`).
+
+    "epsilon" -> ε; "sample" -> x0; "v_prediction" -> v = √ᾱ·ε − √(1−ᾱ)·x0 (as diffusers'
+    ``DDPMScheduler.get_velocity``). Shapes as :func:`predicted_x0`. Raises ValueError for an unknown type.
+    """
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    return sqrt_alpha * noise - sqrt_beta * x0
 
 
 @dataclass(frozen=True)
@@ -37,6 +82,8 @@ class LCMStep:
         c_skip, c_out: consistency boundary-condition scalings at t (LCM eq. 9, timestep scaled).
         sqrt_alpha_prev, sqrt_beta_prev: sqrt(ᾱ) and sqrt(1 - ᾱ) at the next timestep, for the re-noising.
         last: no re-noising after the last step.
+        prediction_type: what the UNet predicts ("epsilon", "v_prediction" or "sample"), from the
+            bundle's scheduler config, so every engine that holds the schedule reads the output alike.
     """
 
     timestep: int
@@ -47,22 +94,23 @@ class LCMStep:
     sqrt_alpha_prev: float
     sqrt_beta_prev: float
     last: bool
+    prediction_type: str = "epsilon"
 
 
-def lcm_step(step: LCMStep, sample: Any, eps: Any, noise: Any = None) -> Any:
-    """x_t -> x_{t_prev}: ``LCMScheduler.step`` for ε-prediction, on numpy arrays or torch tensors.
+def lcm_step(step: LCMStep, sample: Any, model_output: Any, noise: Any = None) -> Any:
+    """x_t -> x_{t_prev}: ``LCMScheduler.step`` (any of its prediction types), on numpy arrays or torch tensors.
 
     Args:
-        step: the schedule entry of this step.
+        step: the schedule entry of this step (its ``prediction_type`` says how to read ``model_output``).
         sample: (B,C,h,w) the current latent x_t.
-        eps: (B,C,h,w) the UNet's noise prediction at t.
+        model_output: (B,C,h,w) the UNet's output at t: ε̂, x̂0 or v̂.
         noise: (B,C,h,w) standard normal, required unless ``step.last``.
     Returns:
         (B,C,h,w): the denoised latent after the last step, else it re-noised to the next timestep.
     Raises:
-        ValueError: no noise for a step that needs it.
+        ValueError: no noise for a step that needs it, or an unknown prediction type.
     """
-    x0 = (sample - step.sqrt_beta * eps) / step.sqrt_alpha
+    x0 = predicted_x0(sample, model_output, step.sqrt_alpha, step.sqrt_beta, step.prediction_type)
     denoised = step.c_out * x0 + step.c_skip * sample
     if step.last:
         return denoised
@@ -87,16 +135,16 @@ def sampling_noise(seed: int, steps: int, shape: Sequence[int]) -> np.ndarray:
 def lcm_schedule(scheduler_config: dict[str, Any], steps: int) -> list[LCMStep]:
     """The N-step schedule of diffusers' ``LCMScheduler`` built from ``scheduler_config`` (needs diffusers).
 
-    Raises ValueError: a config this sampler does not implement (not ε-prediction, clipping or
-    thresholding on, or init_noise_sigma != 1).
+    Raises ValueError: a config this sampler does not implement (a prediction type outside
+    :data:`PREDICTION_TYPES`, clipping or thresholding on, or init_noise_sigma != 1).
     """
     import torch
     from diffusers import LCMScheduler
 
     sched = LCMScheduler.from_config(scheduler_config)
     cfg = sched.config
-    if cfg.prediction_type != "epsilon" or cfg.clip_sample or cfg.thresholding or sched.init_noise_sigma != 1.0:
-        raise ValueError("only ε-prediction without clipping or thresholding is implemented "
+    if cfg.prediction_type not in PREDICTION_TYPES or cfg.clip_sample or cfg.thresholding or sched.init_noise_sigma != 1.0:
+        raise ValueError(f"only {'/'.join(PREDICTION_TYPES)} without clipping or thresholding is implemented "
                          f"(prediction_type={cfg.prediction_type}, clip_sample={cfg.clip_sample}, "
                          f"thresholding={cfg.thresholding})")
     sched.set_timesteps(steps)
@@ -111,7 +159,7 @@ def lcm_schedule(scheduler_config: dict[str, Any], steps: int) -> list[LCMStep]:
         a_prev = float(alphas[prev]) if prev >= 0 else final
         c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(t)
         out.append(LCMStep(t, a_t ** 0.5, (1 - a_t) ** 0.5, float(c_skip), float(c_out), a_prev ** 0.5,
-                           (1 - a_prev) ** 0.5, last))
+                           (1 - a_prev) ** 0.5, last, str(cfg.prediction_type)))
     return out
 
 

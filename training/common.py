@@ -53,6 +53,9 @@ class TrainConfig(BaseModel):
     log_every: int = Field(20, ge=1)
     num_workers: int = Field(0, ge=0)
     dilate_range: tuple[int, int] = Field((0, 8), description="random mask dilation in px, as serving dilates")
+    crop_window: Literal["random", "serving"] = Field(
+        "random", description="random: a random square of the image's short side; serving: the context window "
+                              "that serving cuts around the dilated mask (imaging.context_crop_box)")
 
     @property
     def resolved_work_dir(self) -> Path:
@@ -132,16 +135,22 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 
 class TripletDataset(torch.utils.data.Dataset):
-    """(source, mask, GT) at ``resolution``: random square crop (resized as serving crops), flip, mask dilation.
+    """(source, mask, GT) at ``resolution``: a square crop resized as serving resizes, flip, mask dilation.
 
     Items: dict of ``source``/``gt`` (3,R,R) float in [-1,1], ``mask`` (1,R,R) float in {0,1}, and
     ``score`` () float when the item has a label.
-    The random dilation mirrors serving, where the model sees the dilated mask.
+    The random dilation mirrors serving, where the model sees the dilated mask. ``crop_window``:
+    "random" cuts a random square of the image's short side and dilates in crop pixels; "serving" dilates
+    the full-size mask and cuts the context window serving cuts (:func:`cleanplate.imaging.context_crop_box`:
+    1:1 around small masks, shrunk for large ones), so training sees what the served model sees.
     """
 
     def __init__(self, items: Sequence[Triplet], resolution: int, dilate_range: tuple[int, int] = (0, 0),
-                 flip: bool = True) -> None:
+                 flip: bool = True, crop_window: str = "random") -> None:
+        if crop_window not in ("random", "serving"):
+            raise InputError(f"crop_window must be random or serving, got {crop_window!r}", code="bad_option")
         self.items, self.resolution, self.dilate_range, self.flip = list(items), resolution, dilate_range, flip
+        self.crop_window = crop_window
 
     def __len__(self) -> int:
         return len(self.items)
@@ -151,12 +160,18 @@ class TripletDataset(torch.utils.data.Dataset):
         source = np.asarray(Image.open(item.source).convert("RGB"))
         gt = np.asarray(Image.open(item.gt).convert("RGB"))
         mask = imaging.decode_mask(item.mask)
-        h, w = mask.shape
-        side = min(h, w)
-        box = imaging.CropBox(random.randint(0, w - side), random.randint(0, h - side), side)
-        source, crop_mask = imaging.crop_to_model(source, mask, box, self.resolution)
-        gt, _ = imaging.crop_to_model(gt, mask, box, self.resolution)
-        mask = imaging.dilate_mask(crop_mask, random.randint(*self.dilate_range))
+        if self.crop_window == "serving":
+            dilated = imaging.dilate_mask(mask, random.randint(*self.dilate_range))
+            box = imaging.context_crop_box(dilated, self.resolution)
+            source, mask = imaging.crop_to_model(source, dilated, box, self.resolution)
+            gt, _ = imaging.crop_to_model(gt, dilated, box, self.resolution)
+        else:
+            h, w = mask.shape
+            side = min(h, w)
+            box = imaging.CropBox(random.randint(0, w - side), random.randint(0, h - side), side)
+            source, crop_mask = imaging.crop_to_model(source, mask, box, self.resolution)
+            gt, _ = imaging.crop_to_model(gt, mask, box, self.resolution)
+            mask = imaging.dilate_mask(crop_mask, random.randint(*self.dilate_range))
         if self.flip and random.random() < 0.5:
             source, gt, mask = source[:, ::-1], gt[:, ::-1], mask[:, ::-1]
         out = {
@@ -302,14 +317,18 @@ class TrainingRun:
 
 
 def start_training(accelerator: Any, cfg: TrainConfig, model: torch.nn.Module, dataset: torch.utils.data.Dataset,
-                   tag: str) -> TrainingRun:
+                   tag: str, checkpointed: Sequence[Any] = ()) -> TrainingRun:
     """AdamW over ``model``'s trainable parameters with :func:`lr_schedule`, prepared by accelerate,
-    resumed from the newest checkpoint; endless batches of ``dataset`` and a progress bar named ``tag``."""
+    resumed from the newest checkpoint; endless batches of ``dataset`` and a progress bar named ``tag``.
+    ``checkpointed``: more objects with ``state_dict``/``load_state_dict`` (e.g. EMA weights) saved and
+    restored with the checkpoints."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = lr_schedule(cfg, optimizer)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.register_for_checkpointing(scheduler)
+    for obj in checkpointed:
+        accelerator.register_for_checkpointing(obj)
     step = resume(accelerator, cfg)
     batches = infinite_loader(dataset, cfg, accelerator)
     return TrainingRun(accelerator, cfg, tag, model, params, optimizer, scheduler, step, batches,
