@@ -22,12 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cleanplate.bundle import default_bundle_path, load_bundle, read_config
+from cleanplate.bundle import default_bundle_path, load_bundle, read_config, save_bundle
 from cleanplate.pipeline import RemovalPipeline
-from cleanplate.sampling import lcm_schedule, lcm_step
+from cleanplate.sampling import lcm_schedule, lcm_step, training_target
 from cleanplate.training import common, lcm
 from cleanplate.training.common import alphas_cumprod
-from cleanplate.training.dpo import DPOConfig, PairDataset, dpo_loss, read_pairs, train_dpo
+from cleanplate.training.dpo import DPOConfig, PairDataset, dpo_errors, dpo_loss, read_pairs, train_dpo
 from cleanplate.training.grpo import (
     GRPOConfig, region_masks, region_policy_loss, step_distribution, train_grpo,
 )
@@ -102,6 +102,27 @@ def test_stochastic_lcm_step_log_prob_is_the_gaussian_of_lcm_step() -> None:
     assert std == 0.05
     with pytest.raises(ValueError):
         gaussian_log_prob(x, x, 0.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_step_distribution_reads_the_declared_prediction_type(prediction_type) -> None:
+    """An x0- or v-model's sampler step has the same Gaussian as the ε-model predicting the same thing."""
+    config = read_config(DEFAULT).scheduler
+    eps_steps = lcm_schedule(config, 4)
+    steps = lcm_schedule({**config, "prediction_type": prediction_type}, 4)
+    g = torch.Generator().manual_seed(0)
+    x, eps = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    for eps_step, step in zip(eps_steps, steps, strict=True):
+        x0 = (x - step.sqrt_beta * eps) / step.sqrt_alpha
+        output = training_target(x0, eps, step.sqrt_alpha, step.sqrt_beta, prediction_type)
+        for std in (0.0, 0.05):
+            mean, sigma = step_distribution(step, x, output, std)
+            mean_eps, sigma_eps = step_distribution(eps_step, x, eps, std)
+            torch.testing.assert_close(mean, mean_eps)
+            assert sigma == sigma_eps
+        if step.timestep > 500:  # read as ε (the old assumption) the x0/v output gives another step
+            wrong = step_distribution(eps_step, x, output, 0.0)[0]
+            assert (wrong - mean_eps).abs().max() > 0.1
 
 
 def test_group_normalize_and_composite_reward_normalise_each_term_within_its_group() -> None:
@@ -264,7 +285,8 @@ def _dpo_eval(policy: Path, meta: Path, beta: float, draws: int = 12) -> tuple[f
         t = torch.randint(0, len(alphas), (b,), generator=g).repeat(2)
         a = alphas[t].view(-1, 1, 1, 1)
         z = a.sqrt() * latents + (1 - a).sqrt() * noise
-        err = [((p.unet_forward(z, t, mask_latent, masked) - noise) ** 2).flatten(1).mean(1) for p in (pol, ref)]
+        y = training_target(latents, noise, a.sqrt(), (1 - a).sqrt(), pol.prediction_type)
+        err = [((p.unet_forward(z, t, mask_latent, masked) - y) ** 2).flatten(1).mean(1) for p in (pol, ref)]
         logits.append(dpo_loss(err[0], err[1], beta)[1])
     logits = torch.cat(logits)
     return (logits > 0).float().mean().item(), logits.mean().item()
@@ -308,6 +330,51 @@ def test_dpo_implicit_accuracy_rises(pairs2, tmp_path) -> None:
     assert b.discriminator is not None  # the quality gate is carried over, calibration included
     assert json.loads((out / "discriminator" / "config.json").read_text())["calibration"]
     assert b.config.provenance["dpo"]["steps"] == 12
+
+
+class _OraclePipe:
+    """Stands in for the policy pipeline in :func:`dpo_errors`: a latent is the image at half size with
+    channels (r, g, b, r), and the UNet is an oracle that knows the preferred latents and outputs their
+    exact training target (ε, x0 or v) for its declared prediction type: its error on preferred items is 0."""
+
+    vae_scale_factor = 2
+
+    def __init__(self, prediction_type: str, alphas: torch.Tensor) -> None:
+        self.prediction_type, self.alphas = prediction_type, alphas
+        self.preferred: torch.Tensor | None = None
+
+    @staticmethod
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(images, 2).repeat(1, 2, 1, 1)[:, :4]
+
+    def condition_inputs(self, source, mask):
+        return torch.nn.functional.max_pool2d(mask, 2), self.encode(source * (1 - mask))
+
+    def unet_forward(self, z, t, mask_latent, masked_latents):
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        x0 = self.preferred.repeat(2, 1, 1, 1)
+        eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
+        return training_target(x0, eps, a.sqrt(), (1 - a).sqrt(), self.prediction_type)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_dpo_errors_compare_with_the_declared_training_target(prediction_type) -> None:
+    import contextlib
+
+    alphas = alphas_cumprod(read_config(DEFAULT).scheduler)
+    g = torch.Generator().manual_seed(0)
+    batch = {k: torch.rand(2, 3, 16, 16, generator=g) * 2 - 1 for k in ("source", "preferred", "rejected")}
+    batch["mask"] = torch.zeros(2, 1, 16, 16)
+    batch["mask"][..., 4:12, 4:12] = 1
+    pipe = _OraclePipe(prediction_type, alphas)
+    pipe.preferred = pipe.encode(batch["preferred"])
+    raw = types.SimpleNamespace(disable_adapters=lambda: None, enable_adapters=lambda: None)
+    accelerator = types.SimpleNamespace(autocast=contextlib.nullcontext)
+    torch.manual_seed(0)
+    model_err, ref_err = dpo_errors(pipe, batch, alphas, raw, accelerator, mask_loss=False)
+    assert model_err.shape == ref_err.shape == (4,)
+    torch.testing.assert_close(model_err[:2], torch.zeros(2), rtol=0, atol=1e-8)  # the preferred: exact
+    assert (model_err[2:] > 1e-3).all()  # the rejected results differ from the preferred ones
 
 
 class _FixedDraws(types.SimpleNamespace):
@@ -400,6 +467,34 @@ def test_grpo_composite_reward_matting_region_split_kl(items2, tmp_path) -> None
     events = EventAccumulator(str(tmp_path / "grpo_full.work" / "logs" / "grpo")).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"grpo/loss", "grpo/reward", "grpo/kl", "grpo/reward_local", "grpo/clip_frac"} <= tags
+
+
+@pytest.fixture(scope="module")
+def x0_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny random bundle (64 px, no LCM-LoRA, no discriminator), declaring prediction_type "sample"."""
+    b = load_bundle(tiny_bundle)
+    scheduler = {**b.config.scheduler, "prediction_type": "sample"}
+    return save_bundle(tmp_path_factory.mktemp("x0") / "bundle", config=b.config.model_copy(
+        update={"scheduler": scheduler}), unet=b.unet, vae=b.vae, conditioning=b.conditioning)
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "rwd", "grpo"])
+def test_trainers_keep_an_x0_bundle_x0(trainer, x0_bundle, items2, pairs2, tmp_path) -> None:
+    """Each trainer runs two steps on an x0-prediction bundle; its output declares x0 and serves."""
+    out = tmp_path / trainer
+    kw = _kw(pairs2 if trainer == "dpo" else items2, out, max_steps=2, bundle=x0_bundle)
+    if trainer == "dpo":
+        result = train_dpo(DPOConfig(**kw))
+    elif trainer == "rwd":
+        result = train_rwd(RWDConfig(**kw, reward="label"))
+    else:
+        result = train_grpo(GRPOConfig(**kw, group_size=2, sampler_steps=2, reward_weights={"toy": 1.0},
+                                       reward_regions={"toy": "edit"}), reward_fn=_toy_brightness)
+        assert all(result["log_prob_finite"])
+    assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+    assert read_config(out).scheduler["prediction_type"] == "sample"
+    assert _unet_diff(out, x0_bundle) > 0  # trained
+    _assert_serves(out, "separate" if trainer == "rwd" else "none")
 
 
 # -- resume, CLI, accelerate -------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
 import types
 from pathlib import Path
 
@@ -13,10 +15,13 @@ import torch
 from conftest import TINY_UNET, TINY_VAE
 from PIL import Image
 
-from cleanplate.bundle import load_bundle
+from cleanplate.bundle import SDXL_LCM_SCHEDULER, load_bundle, read_config, save_bundle
 from cleanplate.imaging import decode_image, dilate_mask
+from cleanplate.sampling import training_target
 from cleanplate.training import common, lcm, sft
-from cleanplate.training.lcm import LCMConfig, boundary_scalings, predicted_x0, train_lcm
+from cleanplate.training.lcm import (
+    LCMConfig, boundary_scalings, consistency_terms, predicted_noise, train_lcm,
+)
 from cleanplate.training.sft import SFTConfig, train_sft
 from cleanplate.training.vae import VAEConfig, train_vae
 
@@ -275,15 +280,130 @@ def test_boundary_scalings():
     assert one_o.item() == pytest.approx(10 / 100.25**0.5)
 
 
-def test_predicted_x0_inverts_forward_noising():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_predicted_noise_recovers_the_noise(prediction_type):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
     eps = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
-    alphas = common.alphas_cumprod({"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                                    "beta_schedule": "scaled_linear"})
+    alphas = common.alphas_cumprod(SDXL_LCM_SCHEDULER)
     a = alphas[torch.tensor([0, 250, 600, 999])].double().view(-1, 1, 1, 1)
     z = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    torch.testing.assert_close(predicted_x0(z, eps, a), x0, rtol=0, atol=1e-10)
+    output = training_target(x0, eps, a.sqrt(), (1 - a).sqrt(), prediction_type)  # a perfect model
+    torch.testing.assert_close(predicted_noise(z, output, a.sqrt(), (1 - a).sqrt(), prediction_type), eps,
+                               rtol=0, atol=1e-9)
+
+
+class _GivenDraws(types.SimpleNamespace):
+    """``torch`` for lcm.py whose DDIM-step indices (``idx``) and noise (``noise``) are given."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def randint(self, low, high, size, device=None):
+        return self.idx.to(device)
+
+    def randn_like(self, x):
+        return self.noise.to(x)
+
+
+class _FakeUNet:
+    """One deterministic ε-model of (z, t), served as the ε-, x0- or v-model predicting the same thing.
+
+    Plays both ``pipe`` (``prediction_type``, ``unet_forward``) and ``raw`` (adapters) for
+    :func:`consistency_terms`: the "LoRA" adds ``w``·flip(z) to the student's ε, the teacher lacks it.
+    ``serves`` is what it outputs; ``prediction_type`` what it declares (they differ only to show a misread).
+    """
+
+    def __init__(self, alphas: torch.Tensor, serves: str, declares: str | None = None) -> None:
+        self.alphas, self.serves, self.prediction_type = alphas, serves, declares or serves
+        self.w = torch.tensor(0.3, requires_grad=True)
+        self.adapters = True
+
+    def disable_adapters(self) -> None:
+        self.adapters = False
+
+    def enable_adapters(self) -> None:
+        self.adapters = True
+
+    def eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        e = 0.7 * torch.tanh(z) + 0.2 * a
+        return e + self.w * z.flip(-1) if self.adapters else e
+
+    def unet_forward(self, z, t, mask_latent, masked_latents):
+        a = self.alphas[t].view(-1, 1, 1, 1).double()
+        e = self.eps(z, t).double()
+        x0 = (z.double() - (1 - a).sqrt() * e) / a.sqrt()
+        return training_target(x0, e, a.sqrt(), (1 - a).sqrt(), self.serves).float()
+
+
+def test_consistency_terms_agree_for_every_prediction_type(tmp_path):
+    """LCM's loss, target and gradient for x0- and v-models equal the ε-model formula (LCM Alg. 1, written
+    out below) when all three predict the same thing; reading an x0-model as ε does not."""
+    alphas = common.alphas_cumprod(SDXL_LCM_SCHEDULER)
+    num_ddim, skip = 50, 20
+    ddim = torch.arange(1, num_ddim + 1) * skip - 1
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=g)
+    draws = _GivenDraws(idx=torch.tensor([0, 10, 30, 49]), noise=torch.randn(4, 4, 8, 8, generator=g))
+    cfg = LCMConfig(meta=[tmp_path / "m.json"], out=tmp_path / "o", bundle=tmp_path / "b")  # huber, s = 10
+    accelerator = types.SimpleNamespace(autocast=contextlib.nullcontext)
+    unused = torch.zeros(4, 1, 8, 8)
+
+    # the ε-model formula, by hand
+    ref = _FakeUNet(alphas, "epsilon")
+    t_s = ddim[draws.idx]
+    t_p = (t_s - skip).clamp(min=0)
+    a_s, a_p = alphas[t_s].view(-1, 1, 1, 1), alphas[t_p].view(-1, 1, 1, 1)
+    z = a_s.sqrt() * latents + (1 - a_s).sqrt() * draws.noise
+    (cs_s, co_s), (cs_p, co_p) = boundary_scalings(t_s, 10.0), boundary_scalings(t_p, 10.0)
+    pred = cs_s * z + co_s * (z - (1 - a_s).sqrt() * ref.eps(z, t_s)) / a_s.sqrt()
+    with torch.no_grad():
+        ref.adapters = False
+        e_teacher = ref.eps(z, t_s)
+        ref.adapters = True
+        z_prev = a_p.sqrt() * (z - (1 - a_s).sqrt() * e_teacher) / a_s.sqrt() + (1 - a_p).sqrt() * e_teacher
+        target = cs_p * z_prev + co_p * (z_prev - (1 - a_p).sqrt() * ref.eps(z_prev, t_p)) / a_p.sqrt()
+    loss = (torch.sqrt((pred - target) ** 2 + cfg.huber_c**2) - cfg.huber_c).flatten(1).mean(1)
+    (grad,) = torch.autograd.grad(loss.sum(), ref.w)
+    assert (target - z_prev)[0].abs().max() == 0  # t_prev = 0: f(z, 0) = z
+    assert loss.min() > 0 and grad != 0
+
+    def run(model: _FakeUNet):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(lcm, "torch", draws)
+            terms = consistency_terms(cfg, model, model, latents, unused, latents, alphas, ddim, skip,
+                                      accelerator)
+        return terms, torch.autograd.grad(terms.loss.sum(), model.w)[0]
+
+    for ptype in ("epsilon", "v_prediction", "sample"):
+        terms, got_grad = run(_FakeUNet(alphas, ptype))
+        torch.testing.assert_close(terms.target, target, rtol=1e-4, atol=1e-4, msg=ptype)
+        torch.testing.assert_close(terms.loss, loss, rtol=1e-3, atol=1e-6, msg=ptype)
+        torch.testing.assert_close(got_grad, grad, rtol=1e-3, atol=1e-6, msg=ptype)
+    misread, _ = run(_FakeUNet(alphas, "sample", declares="epsilon"))  # the old ε-only reading
+    assert (misread.target - target).abs().max() > 0.1
+
+
+# -- prediction types end to end -------------------------------------------------------------------------
+def _with_prediction_type(bundle: Path, prediction_type: str, out: Path) -> Path:
+    """A copy of ``bundle`` (same weights) whose bundle.json declares ``prediction_type``."""
+    b = load_bundle(bundle)
+    scheduler = {**b.config.scheduler, "prediction_type": prediction_type}
+    return save_bundle(out, config=b.config.model_copy(update={"scheduler": scheduler}), unet=b.unet,
+                       vae=b.vae, conditioning=b.conditioning)
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_lcm_distills_an_x0_or_v_bundle(prediction_type, fixed_meta, tiny_bundle, cli, photos, tmp_path):
+    teacher = _with_prediction_type(tiny_bundle, prediction_type, tmp_path / "teacher")
+    out = tmp_path / "lcm"
+    result = train_lcm(LCMConfig(**_train_kw(fixed_meta, out, max_steps=2), bundle=teacher, lora_rank=4))
+    assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+    config = read_config(out)
+    assert config.scheduler["prediction_type"] == prediction_type and config.lcm_lora == "separate"
+    assert _unet_max_diff(load_bundle(out).unet, load_bundle(teacher).unet) > 0  # the LoRA moved
+    _assert_removes_with(out, cli, photos, tmp_path)
 
 
 # -- CLI -----------------------------------------------------------------------------------------------

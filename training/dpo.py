@@ -5,8 +5,16 @@ Objective (Wallace et al., "Diffusion Model Alignment Using Direct Preference Op
 one (source, mask), x^w preferred and x^l rejected, one timestep t ~ U{0..T-1} and one noise ε shared by
 both, z^*_t = sqrt(ᾱ_t) E(x^*) + sqrt(1-ᾱ_t) ε and
 
-    e^*_θ = ||ε - ε_θ(z^*_t, t)||²,   e^*_ref = ||ε - ε_ref(z^*_t, t)||²   (means over latent cells)
+    e^*_θ = ||y^* - f_θ(z^*_t, t)||²,   e^*_ref = ||y^* - f_ref(z^*_t, t)||²   (means over latent cells)
     L = -log σ( -β/2 · [ (e^w_θ - e^w_ref) - (e^l_θ - e^l_ref) ] )
+
+with f the UNet's output and y^* its training target (:func:`cleanplate.sampling.training_target`) for the
+bundle's ``scheduler.prediction_type``: y = ε for ε-models, which is the paper's loss exactly. The paper
+defines it on the ε error only; for x0- and v-models the errors of the declared parameterisation (the
+model's own training loss) are the standard generalisation. Since x̂0 − x0 = −(ε̂ − ε)/√SNR_t and
+v̂ − v = (ε̂ − ε)/√ᾱ_t, they are the ε errors weighted per timestep by 1/SNR_t (x0) or 1/ᾱ_t (v) (Kingma &
+Gao, "Understanding Diffusion Objectives", arXiv 2303.00848: weighted ELBOs), so ``beta``, tuned for ε
+errors, may need retuning for them.
 
 β absorbs the paper's T (β T in eq. 14): 5000 is diffusers' SDXL default (2500 for SD 1.5). The reference
 is the starting (SFT) model: the UNet with the trained LoRA disabled (:mod:`.rl_common`). The implicit
@@ -20,7 +28,7 @@ The UNet conditioning is the same as SFT's: (noisy latent, mask, latent of the m
 Pairs: a meta.json list of {"source", "mask", "preferred", "rejected"} (paths relative to the file).
 ``make_dpo_pairs`` builds synthetic ones from RORem triplets: preferred = GT, rejected = a failed removal
 from :func:`.disc_labels.make_candidate` (source left in, partial removal, blurred or smeared fill,
-re-drawn text).
+re-drawn text). Pairs are images, so they serve a bundle of any prediction type.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from cleanplate import imaging
 from cleanplate.bundle import load_bundle
 from cleanplate.errors import InputError
 from cleanplate.pipeline import RemovalPipeline
+from cleanplate.sampling import training_target
 
 from .common import alphas_cumprod, make_accelerator, read_meta, start_training, to_tensor
 from .rl_common import RLConfig, add_policy_lora, reference_model, region_mean, save_policy_bundle
@@ -170,8 +179,9 @@ def dpo_loss(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> tup
     """Diffusion-DPO loss (eq. 14) from denoising errors.
 
     Args:
-        model_err, ref_err: (2B,) float, the per-item errors ||ε - ε(z_t, t)||² of the policy and of the
-            reference: the B preferred items first, then their B rejected partners.
+        model_err, ref_err: (2B,) float, the per-item denoising errors ||y - f(z_t, t)||² (y = ε, x0 or v,
+            see the module docstring) of the policy and of the reference: the B preferred items first, then
+            their B rejected partners.
         beta: β > 0 (absorbing T).
     Returns:
         (loss () float, logits (B,) float): loss = mean(-log σ(logits)), logits = -β/2 ·
@@ -186,9 +196,11 @@ def dpo_loss(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> tup
 def dpo_errors(pipe: RemovalPipeline, batch: dict[str, torch.Tensor], alphas: torch.Tensor, raw_unet: Any,
                accelerator: Any, mask_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoising errors (2B,) float32 of the policy (with grad) and of the reference (no grad) on a pair
-    batch (:class:`PairDataset` items): one t and one ε per pair (torch's global RNG), shared by its
-    preferred and rejected result; order: the B preferred, then the B rejected. With ``mask_loss`` the
-    errors average over latent cells under the mask (max-pooled to latent size, so thin strokes count)."""
+    batch (:class:`PairDataset` items): ||y − f(z_t, t)||² with y the training target of
+    ``pipe.prediction_type`` (ε, x0 or v) for that item's latent; one t and one ε per pair (torch's global
+    RNG), shared by its preferred and rejected result; order: the B preferred, then the B rejected. With
+    ``mask_loss`` the errors average over latent cells under the mask (max-pooled to latent size, so thin
+    strokes count)."""
     from cleanplate.discriminator import Discriminator
 
     with torch.no_grad():
@@ -199,17 +211,18 @@ def dpo_errors(pipe: RemovalPipeline, batch: dict[str, torch.Tensor], alphas: to
     t = torch.randint(0, len(alphas), (b,), device=latents.device).repeat(2)
     a = alphas[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = training_target(latents, noise, a.sqrt(), (1 - a).sqrt(), pipe.prediction_type)
     mask_latent, masked_latents = mask_latent.repeat(2, 1, 1, 1), masked_latents.repeat(2, 1, 1, 1)
     if mask_loss:
         region = Discriminator.mask_to_latent(batch["mask"].to(latents.device), pipe.vae_scale_factor).repeat(2, 1, 1, 1)
     else:
         region = torch.ones_like(mask_latent)
     with accelerator.autocast():
-        eps = pipe.unet_forward(noisy, t, mask_latent, masked_latents).float()
-    model_err = region_mean((eps - noise) ** 2, region)
+        output = pipe.unet_forward(noisy, t, mask_latent, masked_latents).float()
+    model_err = region_mean((output - target) ** 2, region)
     with torch.no_grad(), accelerator.autocast(), reference_model(raw_unet):
         ref = pipe.unet_forward(noisy, t, mask_latent, masked_latents).float()
-    return model_err, region_mean((ref - noise) ** 2, region)
+    return model_err, region_mean((ref - target) ** 2, region)
 
 
 def train_dpo(cfg: DPOConfig) -> dict:

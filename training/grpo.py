@@ -1,8 +1,9 @@
 """`cleanplate train grpo`: GRPO on the 4-step LCM sampler, with RePainter's composite reward and spatial
 matting and Edit-GRPO's region split.
 
-Policy. The bundle's sampler (:mod:`cleanplate.sampling`, LCMScheduler for ε-prediction) with a trainable
-LoRA on the served UNet. Each non-final step is Gaussian given its input:
+Policy. The bundle's sampler (:mod:`cleanplate.sampling`: LCMScheduler for the bundle's prediction type,
+ε, x0 or v, each step read by :func:`cleanplate.sampling.lcm_step`) with a trainable LoRA on the served
+UNet. Each non-final step is Gaussian given its input:
 
     x_{k+1} = sqrt(ᾱ_{k+1}) f_θ(x_k, t_k) + sqrt(1-ᾱ_{k+1}) ε   ~   N(μ_θ(x_k), σ_k²),
     μ_θ(x_k) = sqrt(ᾱ_{k+1}) f_θ(x_k, t_k),   σ_k = sqrt(1-ᾱ_{k+1})     (f_θ: LCM's consistency function)
@@ -61,7 +62,8 @@ from cleanplate.sampling import LCMStep, lcm_schedule, lcm_step
 from .common import TripletDataset, make_accelerator, read_meta, start_training
 from .rl_common import (
     CompositeReward, RewardFn, RLConfig, SpatialMattingProcessor, add_policy_lora, combine_rewards,
-    discriminator_scorer, gaussian_log_prob, group_normalize, reference_model, region_mean, save_policy_bundle, unet_eps,
+    discriminator_scorer, gaussian_log_prob, group_normalize, reference_model, region_mean, save_policy_bundle,
+    unet_output,
 )
 
 Region = Literal["edit", "preserve"]
@@ -111,16 +113,18 @@ class Transition:
     log_prob_old: dict[str, torch.Tensor]
 
 
-def step_distribution(step: LCMStep, x: torch.Tensor, eps: torch.Tensor, last_step_std: float
+def step_distribution(step: LCMStep, x: torch.Tensor, model_output: torch.Tensor, last_step_std: float
                       ) -> tuple[torch.Tensor, float | None]:
-    """(mean, std) of the sampler's next latent given x (B,C,h,w) and the UNet's ε at x.
+    """(mean, std) of the sampler's next latent given x (B,C,h,w) and the UNet's output at x (B,C,h,w): ε,
+    x0 or v as ``step.prediction_type`` says (f(x) below: :func:`cleanplate.sampling.lcm_step`'s denoised
+    latent).
 
     Non-final step: (sqrt(ᾱ_prev)·f(x), sqrt(1-ᾱ_prev)), exactly ``lcm_step``'s re-noising distribution.
     Final step: (f(x), ``last_step_std``), or std None when it is 0 (deterministic, no log-probability).
     """
     if step.last:
-        return lcm_step(step, x, eps), (last_step_std if last_step_std > 0 else None)
-    return lcm_step(step, x, eps, torch.zeros_like(x)), step.sqrt_beta_prev
+        return lcm_step(step, x, model_output), (last_step_std if last_step_std > 0 else None)
+    return lcm_step(step, x, model_output, torch.zeros_like(x)), step.sqrt_beta_prev
 
 
 def region_masks(region_latent: torch.Tensor, split: bool) -> dict[str, torch.Tensor]:
@@ -140,8 +144,8 @@ def rollout(pipe: RemovalPipeline, schedule: list[LCMStep], mask_latent: torch.T
     transitions: list[Transition] = []
     for k, step in enumerate(schedule):
         with accelerator.autocast():
-            eps = unet_eps(pipe, x, step.timestep, mask_latent, masked_latents, matting_mask)
-        mean, std = step_distribution(step, x.float(), eps.float(), last_step_std)
+            output = unet_output(pipe, x, step.timestep, mask_latent, masked_latents, matting_mask)
+        mean, std = step_distribution(step, x.float(), output.float(), last_step_std)
         if std is None:
             x = mean.to(x.dtype)
             continue
@@ -270,8 +274,9 @@ def train_grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> dict:
                 ctx = accelerator.no_sync(run.model) if not last else nullcontext()
                 with ctx:
                     with accelerator.autocast():
-                        eps = unet_eps(policy, tr.x, step.timestep, mask_latent, masked_latents, matting_mask)
-                    mean, _ = step_distribution(step, tr.x.float(), eps.float(), cfg.last_step_std)
+                        output = unet_output(policy, tr.x, step.timestep, mask_latent, masked_latents,
+                                             matting_mask)
+                    mean, _ = step_distribution(step, tr.x.float(), output.float(), cfg.last_step_std)
                     lp = gaussian_log_prob(tr.sample, mean, tr.std)
                     loss, ratios = region_policy_loss(lp, tr.log_prob_old, advantages, regions, cfg.region_weights,
                                                       cfg.clip_range)
@@ -281,8 +286,10 @@ def train_grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> dict:
                         clip_fracs.append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
                     if cfg.kl_coef > 0:
                         with torch.no_grad(), accelerator.autocast(), reference_model(raw):
-                            eps_ref = unet_eps(sampler, tr.x, step.timestep, mask_latent, masked_latents, matting_mask)
-                        mean_ref, _ = step_distribution(step, tr.x.float(), eps_ref.float(), cfg.last_step_std)
+                            out_ref = unet_output(sampler, tr.x, step.timestep, mask_latent, masked_latents,
+                                                  matting_mask)
+                        mean_ref, _ = step_distribution(step, tr.x.float(), out_ref.float(),
+                                                        cfg.last_step_std)
                         kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * tr.std**2)
                         kls.append(kl.mean().item())
                         loss = loss + cfg.kl_coef * kl.mean()

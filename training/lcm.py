@@ -4,10 +4,16 @@ Latent consistency distillation (Luo et al., LCM arXiv 2310.04378, Alg. 1; LCM-L
 as RORem-4S does, with guidance 1 (no CFG, empty prompt):
 
 * skipping-step DDIM solver: N = ``num_ddim_timesteps`` teacher steps, skip k = T / N;
-  t_{n+k} ~ U{τ_1..τ_N}, ẑ_{t_n} = DDIM(z_{t_{n+k}}, ε_teacher, t_{n+k} → t_n);
+  t_{n+k} ~ U{τ_1..τ_N}, ẑ_{t_n} = √ᾱ_{t_n}·x̂0_teacher + √(1−ᾱ_{t_n})·ε̂_teacher (DDIM, t_{n+k} → t_n);
 * consistency function f(z, t) = c_skip(t) z + c_out(t) x̂0(z, t) with the boundary scalings
   c_skip = σ_d² / ((s t)² + σ_d²), c_out = s t / sqrt((s t)² + σ_d²), σ_d = 0.5, s = timestep_scaling;
 * loss d(f_θ(z_{t_{n+k}}, t_{n+k}), stopgrad f_θ(ẑ_{t_n}, t_n)), d = l2 or pseudo-Huber.
+
+Prediction types: the UNet's output (ε, x0 or v, the bundle's ``scheduler.prediction_type``) is read
+through :func:`cleanplate.sampling.predicted_x0`, as the served sampler reads it, for student, teacher
+and target alike; the solver's ε̂ is the output itself for ε-models and ε̂ = (z − √ᾱ·x̂0)/√(1−ᾱ) otherwise
+(:func:`predicted_noise`, as diffusers' ``train_lcm_distill_lora_sdxl.py``). The written bundle keeps the
+teacher's scheduler config, so it is served with the type it was trained with.
 
 The teacher is the same UNet with the LoRA disabled, and (as in LCM-LoRA) the target uses the student
 itself without an EMA copy. The LoRA is written to the bundle's ``lcm_lora/`` in diffusers format.
@@ -26,6 +32,7 @@ from pydantic import Field
 
 from cleanplate.bundle import BundleConfig, load_bundle, save_bundle
 from cleanplate.pipeline import RemovalPipeline
+from cleanplate.sampling import predicted_x0
 
 from .common import (
     TrainConfig, TrainingRun, TripletDataset, alphas_cumprod, make_accelerator, read_meta, start_training,
@@ -58,9 +65,19 @@ def boundary_scalings(t: torch.Tensor, timestep_scaling: float, sigma_data: floa
     return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
 
 
-def predicted_x0(z: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """x̂0 = (z - sqrt(1-ᾱ) ε) / sqrt(ᾱ) for ε-prediction; alpha_bar (B,1,1,1)."""
-    return (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+def predicted_noise(z: torch.Tensor, model_output: torch.Tensor, sqrt_alpha: torch.Tensor,
+                    sqrt_beta: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The noise estimate ε̂ (B,C,h,w) at z = x_t from the UNet's output there, for the DDIM solver step.
+
+    "epsilon": the output itself; otherwise ε̂ = (z − √ᾱ·x̂0)/√(1−ᾱ) with x̂0 =
+    :func:`cleanplate.sampling.predicted_x0` (for "v_prediction" this is √(1−ᾱ)·z + √ᾱ·v̂).
+    z, model_output: (B,C,h,w); sqrt_alpha, sqrt_beta: √ᾱ_t, √(1−ᾱ_t) broadcasting to (B,1,1,1), with
+    √(1−ᾱ_t) > 0 (true at every t of a DDPM schedule with β > 0). Raises ValueError for an unknown type.
+    """
+    if prediction_type == "epsilon":
+        return model_output
+    x0 = predicted_x0(z, model_output, sqrt_alpha, sqrt_beta, prediction_type)
+    return (z - sqrt_alpha * x0) / sqrt_beta
 
 
 @dataclass
@@ -83,31 +100,36 @@ def consistency_terms(cfg: LCMConfig, pipe: RemovalPipeline, raw: Any, latents: 
     """The LCD loss of LCM Alg. 1 per item (see the module docstring), for clean latents (B,C,h,w).
 
     ``pipe.unet`` is the student (LoRA on); ``raw`` its unwrapped module, whose adapters are switched off
-    for the teacher's ε. Draws the DDIM step and the noise from torch's global RNG.
+    for the teacher. Every UNet output is read as ``pipe.prediction_type`` says (ε, x0 or v). Draws the
+    DDIM step and the noise from torch's global RNG.
     """
     b = latents.shape[0]
     num_ddim = len(ddim_timesteps)
+    ptype = pipe.prediction_type
     idx = torch.randint(0, num_ddim, (b,), device=latents.device)
     t_start = ddim_timesteps[idx]
     t_prev = (t_start - skip).clamp(min=0)
     a_start = alphas[t_start].view(-1, 1, 1, 1)
     a_prev = alphas[t_prev].view(-1, 1, 1, 1)  # t_prev = 0 at the first DDIM step, as diffusers' DDIMSolver
+    sa_s, sb_s = a_start.sqrt(), (1 - a_start).sqrt()
+    sa_p, sb_p = a_prev.sqrt(), (1 - a_prev).sqrt()
     noise = torch.randn_like(latents)
-    z_start = a_start.sqrt() * latents + (1 - a_start).sqrt() * noise
+    z_start = sa_s * latents + sb_s * noise
     c_skip_s, c_out_s = boundary_scalings(t_start, cfg.timestep_scaling)
     c_skip_p, c_out_p = boundary_scalings(t_prev, cfg.timestep_scaling)
 
     with accelerator.autocast():
-        eps_student = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents)
-    pred = c_skip_s * z_start + c_out_s * predicted_x0(z_start, eps_student.float(), a_start)
+        out_student = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents)
+    pred = c_skip_s * z_start + c_out_s * predicted_x0(z_start, out_student.float(), sa_s, sb_s, ptype)
     with torch.no_grad(), accelerator.autocast():
         raw.disable_adapters()  # teacher = the SFT UNet
-        eps_teacher = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents).float()
+        out_teacher = pipe.unet_forward(z_start, t_start, mask_latent, masked_latents).float()
         raw.enable_adapters()
-        x0_teacher = predicted_x0(z_start, eps_teacher, a_start)
-        z_prev = a_prev.sqrt() * x0_teacher + (1 - a_prev).sqrt() * eps_teacher  # one DDIM step
-        eps_target = pipe.unet_forward(z_prev, t_prev, mask_latent, masked_latents).float()
-        target = c_skip_p * z_prev + c_out_p * predicted_x0(z_prev, eps_target, a_prev)
+        x0_teacher = predicted_x0(z_start, out_teacher, sa_s, sb_s, ptype)
+        eps_teacher = predicted_noise(z_start, out_teacher, sa_s, sb_s, ptype)
+        z_prev = sa_p * x0_teacher + sb_p * eps_teacher  # one DDIM step
+        out_target = pipe.unet_forward(z_prev, t_prev, mask_latent, masked_latents).float()
+        target = c_skip_p * z_prev + c_out_p * predicted_x0(z_prev, out_target, sa_p, sb_p, ptype)
     if cfg.loss == "l2":
         per_item = ((pred - target) ** 2).flatten(1).mean(1)
     else:
@@ -175,7 +197,8 @@ def distill(cfg: LCMConfig, tag: str, weigh: Weigher | None = None) -> dict:
 
 def save_lcm_bundle(cfg: LCMConfig, raw: Any, config: BundleConfig) -> None:
     """Write ``cfg.out``: the bundle ``cfg.bundle``'s (fused) UNet, VAE and conditioning, and the student's
-    LoRA (peft state of ``raw``, alpha/r folded into B) as ``lcm_lora/`` in diffusers format."""
+    LoRA (peft state of ``raw``, alpha/r folded into B) as ``lcm_lora/`` in diffusers format. ``config`` is
+    written as given: :func:`distill` passes the teacher's, so its scheduler (prediction type) is kept."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict

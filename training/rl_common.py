@@ -114,11 +114,13 @@ def discriminator_scorer(bundle_dir: str | Path, device: torch.device | str, wha
                            b.discriminator.to(device))
 
 
-def unet_eps(pipe: RemovalPipeline, latents: torch.Tensor, t: torch.Tensor | int, mask_latent: torch.Tensor,
-             masked_latents: torch.Tensor, matting_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ε-prediction (B,C,h,w) as :meth:`RemovalPipeline.unet_forward`, with the spatial-matting mask
-    (B,1,h,w) in {0,1} handed to the attention processors (``cross_attention_kwargs``, which diffusers also
-    passes through gradient checkpointing). None = no matting bias."""
+def unet_output(pipe: RemovalPipeline, latents: torch.Tensor, t: torch.Tensor | int,
+                mask_latent: torch.Tensor, masked_latents: torch.Tensor,
+                matting_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's output (B,C,h,w) as :meth:`RemovalPipeline.unet_forward` (ε, x0 or v, as
+    ``pipe.prediction_type`` says), with the spatial-matting mask (B,1,h,w) in {0,1} handed to the attention
+    processors (``cross_attention_kwargs``, which diffusers also passes through gradient checkpointing).
+    None = no matting bias."""
     kwargs = {"matting_mask": matting_mask} if matting_mask is not None else None
     return pipe.unet_forward(latents, t, mask_latent, masked_latents, cross_attention_kwargs=kwargs)
 

@@ -21,7 +21,9 @@ Scores (``reward``):
 * ``auto`` (default): ``label`` when every item has a score, else ``data``.
 
 The discriminator is that of ``reward_bundle`` (default: ``bundle``). The output is an LCM bundle as
-``train lcm`` writes it (the SFT UNet + ``lcm_lora/``).
+``train lcm`` writes it (the SFT UNet + ``lcm_lora/``). The consistency terms are :mod:`.lcm`'s, which read
+the UNet's output as the bundle's ``scheduler.prediction_type`` says (ε, x0 or v); the distillation target
+scored by ``target`` is a clean-latent estimate whatever the type, and the output keeps the type.
 """
 
 from __future__ import annotations
