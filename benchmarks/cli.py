@@ -228,6 +228,27 @@ def reference_cmd(
     _finish(report, out or Path("benchmarks/results") / f"reference_{arch.value}{_device_tag(dev)}", reference)
 
 
+@bench_app.command("ablation")
+def ablation_cmd(
+    base: Annotated[Path, typer.Option(help="the SFT config every arm starts from")] = Path(
+        "training/configs/default_sft.json"),
+    arm: Annotated[Optional[list[str]], typer.Option(help="arms to run (repeatable; default: all)")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps per arm")] = 400,
+    items: Annotated[int, typer.Option(min=1, help="first N training items of the base config's meta")] = 1000,
+    eval_every: Annotated[Optional[int], typer.Option(min=1, help="evaluate every N steps (default: at the end)")] = None,
+    work: Annotated[Path, typer.Option(help="arms' bundles, checkpoints and shared latent caches")] = Path(
+        "runs/ablation"),
+    out: OutOpt = None,
+) -> None:
+    """Train SFT arms that differ in one objective choice at equal cost and compare their removals (PSNR/SSIM in
+    mask through the production path). Resumes arm by arm."""
+    from . import ablation
+
+    report = ablation.run_ablation(base, work, steps=steps, items=items, arms=arm or list(ablation.ARMS),
+                                   eval_every=eval_every, say=_say)
+    _finish(report, out or Path("benchmarks/results/sft_ablation"), ablation)
+
+
 @bench_app.command("report")
 def report_cmd(
     report_json: Annotated[Path, typer.Argument(help="a report written by `cleanplate bench ...` (OUT.json)")],
@@ -235,12 +256,13 @@ def report_cmd(
     """Rewrite a report's markdown and plots from its JSON (e.g. one copied back from a GPU machine)."""
     import json
 
-    from . import latency, load, quality, reference
+    from . import ablation, latency, load, quality, reference
     from .common import write_report
 
     try:
         report = json.loads(report_json.read_text())
-        module = {"latency": latency, "load": load, "quality": quality, "reference": reference}[report["harness"]]
+        module = {"latency": latency, "load": load, "quality": quality, "reference": reference,
+                  "ablation": ablation}[report["harness"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code="bad_option") from exc
     out = report_json.with_suffix("")

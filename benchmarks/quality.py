@@ -6,6 +6,9 @@ Methods, every one on the full-size image and judged the same way:
 * ``identity``: leave the image as it is (the floor; bit-exact everywhere by definition);
 * ``telea``: OpenCV's Telea inpainting (``cv2.inpaint``, radius 3) on the whole image with the mask as
   given (the classical baseline of ``benchmarks/default_bundle.py``);
+* ``vae_ceiling``: the GT itself through the bundle's VAE (encode, decode) on the removal's context window,
+  pasted back as a removal is: the best any fill of this bundle can score, since every fill is decoded by
+  that VAE at that crop scale;
 * each engine asked for (``torch``, ``opencv``, ``triton``): the gateway's own removal
   (:func:`cleanplate.serving.removal.run_removal`: dilate, crop, engine, feathered paste-back) with the
   engine that ``cleanplate serve --engine NAME`` builds from the same settings. ``opencv`` is Telea on
@@ -41,6 +44,7 @@ from .common import env_line, environment, fmt_ms, pyplot
 
 ENGINES = ("torch", "opencv", "triton")
 LABELS = {"identity": "leave as is", "telea": "OpenCV Telea (whole image, mask as given)",
+          "vae_ceiling": "ceiling: GT through the bundle's VAE, crop and paste-back",
           "opencv": "opencv engine (Telea on the dilated crop)", "torch": "cleanplate, torch engine",
           "triton": "cleanplate, triton engine", "gt": "GT (the judge's ceiling)"}
 Say = Callable[[str], None]
@@ -128,11 +132,10 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
     items = read_meta([meta])[:limit]
     t_start = time.perf_counter()
 
-    judge = None
-    if config.discriminator:
-        from cleanplate.pipeline import RemovalPipeline
+    from cleanplate.pipeline import RemovalPipeline
 
-        judge = RemovalPipeline.from_bundle(bundle, device=device, dtype=dtype)
+    pipe = RemovalPipeline.from_bundle(bundle, device=device, dtype=dtype)
+    judge = pipe if config.discriminator else None
 
     def measure(triton: str | None) -> tuple[list[dict[str, np.ndarray]], dict[str, list[float]]]:
         built = {e: _engine(e, bundle, device, dtype, threads, triton) for e in engines}
@@ -149,7 +152,10 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
         outputs, times = measure(triton_url)
         triton_where = triton_url
 
-    methods = ["identity", "telea", *engines]
+    for item, out in zip(items, outputs):
+        out["vae_ceiling"] = vae_ceiling(pipe, imaging.decode_image(item.source), imaging.decode_image(item.gt).rgb,
+                                         imaging.decode_mask(item.mask))
+    methods = ["identity", "telea", "vae_ceiling", *engines]
     per_item: list[dict[str, Any]] = []
     for item, out in zip(items, outputs):
         src = imaging.decode_image(item.source)
@@ -186,6 +192,24 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
         "summary": summary, "items": per_item, "wall_s": time.perf_counter() - t_start,
         "environment": environment(device),
     }
+
+
+def vae_ceiling(pipe: Any, source: Any, gt: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The GT's context window through the bundle's VAE, pasted back over ``source`` as a removal is.
+
+    source: the DecodedImage; gt: (H,W,3) uint8; mask: (H,W) bool as given. Returns (H,W,3) uint8 RGB.
+    """
+    import torch
+
+    from cleanplate import imaging
+    from cleanplate.remover import RemovalRequest, composite, crops_to_tensors, prepare, to_uint8_crops
+
+    req = RemovalRequest(source, mask)
+    prep = prepare(req, pipe.resolution, pipe.config.dilate_px)
+    gt_crop, _ = imaging.crop_to_model(gt, prep.dilated, prep.box, pipe.resolution)
+    with torch.inference_mode():
+        recon = pipe.decode(pipe.encode(crops_to_tensors([gt_crop])))
+    return imaging.to_rgb8(composite(req, prep, to_uint8_crops(recon)[0]))
 
 
 def _summarize(rows: list[dict[str, Any]], times: list[float] | None) -> dict[str, Any]:

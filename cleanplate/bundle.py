@@ -89,6 +89,10 @@ class BundleConfig(BaseModel):
     masked_source: Literal["zero", "telea"] = Field(
         "zero", description="the UNet's conditioning image: zero = x_s·(1−m) (RORem); telea = the hole pre-filled by "
                             "OpenCV Telea (cleanplate.masked_source)")
+    decode_residual: bool = Field(
+        False, description="the fill is the conditioning image plus the decoded correction, x̃_s + D(ẑ) − D(E(x̃_s)) "
+                           "(one more VAE decode): the VAE's reconstruction error of the conditioning image cancels, "
+                           "so with masked_source telea a zero correction returns Telea's fill exactly")
     lcm_lora: Literal["none", "separate", "fused"] = "none"
     discriminator: bool = False
     provenance: dict[str, Any] = Field(default_factory=dict)

@@ -226,8 +226,10 @@ class RemovalPipeline:
                 "noise", "unet_step_1" .. "unet_step_N" (UNet + LCM update), "vae_decode". It does not
                 change the result (``cleanplate bench latency`` synchronises the device and reads a clock in it).
         Returns:
-            (B,3,R,R) float32 in [-1,1] on the pipeline device; outside the mask it is a VAE
-            reconstruction, so callers composite it back (see :func:`cleanplate.remover.remove`).
+            (B,3,R,R) float32 in [-1,1] on the pipeline device: the decoded latent, or with the bundle's
+            ``decode_residual`` the conditioning image plus the decoded correction x̃_s + D(ẑ) − D(E(x̃_s)).
+            Outside the mask it is not the source, so callers composite it back
+            (see :func:`cleanplate.remover.remove`).
         Raises:
             InputError: bad steps, seed count or shapes.
         """
@@ -242,7 +244,10 @@ class RemovalPipeline:
                              code="bad_option")
 
         mark = on_stage or _no_stage
-        mask_latent, masked_latents = self.condition_inputs(source.to(self.device), mask.to(self.device))
+        source, mask = source.to(self.device), mask.to(self.device)
+        masked = self.masked_image(source, mask)
+        masked_latents = self.encode(masked)
+        mask_latent = F.interpolate(mask.float(), size=masked_latents.shape[-2:]).to(self.dtype)  # as condition_inputs
         mark("vae_encode")
         noise = np.stack([sampling_noise(int(s), steps, masked_latents.shape[1:]) for s in seeds], axis=1)
         noise = torch.from_numpy(noise).to(self.device, self.dtype)  # (steps, B, C, h, w)
@@ -252,6 +257,11 @@ class RemovalPipeline:
             output = self.unet_forward(latents, step.timestep, mask_latent, masked_latents)
             latents = lcm_step(step, latents, output, None if step.last else noise[k + 1])
             mark(f"unet_step_{k + 1}")
-        images = self.decode(latents)
+        if self.config.decode_residual:
+            # x̃_s + D(ẑ) − D(E(x̃_s)): the VAE's reconstruction error of the conditioning image cancels
+            fill, recon = self.decode(torch.cat([latents, masked_latents])).chunk(2)
+            images = (masked.float() + fill - recon).clamp(-1, 1)
+        else:
+            images = self.decode(latents)
         mark("vae_decode")
         return images

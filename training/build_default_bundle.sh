@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # Rebuilds the default bundle (cleanplate/default_bundle) from nothing, on a CPU, with fixed seeds.
-# Every stage resumes from its newest checkpoint under runs/default/*.work if interrupted.
-# Measured on a 2-core CPU: data ~6 min, vae ~9 min, sft ~17 min, lcm ~8 min, discriminator labels
-# ~4 min, discriminator ~26 min. One torch thread per
-# process: with other CPU work on the machine, 2 OpenMP threads ran 5x slower than 1.
+# Every stage resumes (synth skips written items, trainers continue from runs/default/*.work checkpoints,
+# the SFT latent cache under runs/cache is reused), so rerunning after an interruption continues.
+# Stage times measured on this 2-core CPU (other work running): see the README's "Default bundle" table.
+# One torch thread per process: with other CPU work on the machine, 2 OpenMP threads ran 5x slower than 1.
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "$0")/.."
-cleanplate data synth --n 8000 --out runs/data/train --seed 0 --size 256
+
+# Data: training items at the dev size (serving cuts 256 px context windows out of them), a VAE set, a
+# small validation set for checkpoint selection (training photos, new overlays), and the held-out dev set
+# (scikit-image photos never used in training) that only the benchmarks read.
+cleanplate data synth --n 3500 --out runs/data/train --seed 0 --size 512
+cleanplate data synth --n 400 --out runs/data/vae --seed 77 --size 256
+cleanplate data synth --n 24 --out runs/data/val --seed 3000 --size 512
 cleanplate data synth --n 100 --out runs/data/dev --seed 1000 --size 512 --dev
+
+# VAE with 8 latent channels (the 4-channel one capped every fill), then the x0-prediction UNet conditioned
+# on the Telea-prefilled source, trained on cached latents and evaluated through the production path.
 cleanplate train vae --config training/configs/default_vae.json
 cleanplate train sft --config training/configs/default_sft.json
-cleanplate train lcm --config training/configs/default_lcm.json
+
+# The quality gate, trained on the bundle's own removals, Telea fills, GT and synthetic corruptions.
 cleanplate data disc-labels --meta runs/data/train/meta.json --out runs/data/disc_train --per-item 1 --seed 0
-cleanplate data disc-labels --meta runs/data/dev/meta.json --out runs/data/disc_dev --per-item 4 --seed 1000
-cleanplate train discriminator --config training/configs/default_discriminator.json  # lcm bundle + discriminator/
+cleanplate data disc-labels --meta runs/data/val/meta.json --out runs/data/disc_val --per-item 4 --seed 1000
+cleanplate train discriminator --config training/configs/default_discriminator.json  # sft bundle + discriminator/
 rm -rf cleanplate/default_bundle
 cp -r runs/default/disc cleanplate/default_bundle
 echo "default bundle: $(du -sh cleanplate/default_bundle | cut -f1)"

@@ -66,6 +66,7 @@ class SFTConfig(TrainConfig):
     prediction_type: PredictionType | None = Field(None, description="what the UNet predicts (scheduler config)")
     masked_source: Literal["zero", "telea"] | None = Field(None, description="the UNet's conditioning fill")
     dilate_px: int | None = Field(None, ge=0, description="the bundle's default serving dilation in px")
+    decode_residual: bool | None = Field(None, description="the bundle decodes x̃_s + D(ẑ) − D(E(x̃_s))")
     # The objective (defaults: RORem's).
     mask_weight: float = Field(1.0, ge=1.0, description="loss weight of latent cells the mask touches (others 1)")
     timesteps: Literal["uniform", "sampler"] = "uniform"
@@ -75,6 +76,8 @@ class SFTConfig(TrainConfig):
     # Cost and evaluation.
     latent_cache: bool = False
     cache_variants: int = Field(1, ge=1, description="random crops/dilations cached per item")
+    cache_dir: Path | None = Field(None, description="where the latent cache lives (default: work_dir), so "
+                                                     "runs on the same data, VAE and fill can share it")
     eval_meta: list[Path] = Field(default_factory=list, description="held-out meta.json for evaluation")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: never)")
     eval_items: int = Field(16, ge=1)
@@ -109,6 +112,8 @@ def build_pipeline(cfg: SFTConfig) -> tuple[RemovalPipeline, BundleConfig]:
         update["masked_source"] = cfg.masked_source
     if cfg.dilate_px is not None:
         update["dilate_px"] = cfg.dilate_px
+    if cfg.decode_residual is not None:
+        update["decode_residual"] = cfg.decode_residual
     bundle_cfg = bundle_cfg.model_copy(update=update)
     vae.requires_grad_(False).eval()
     unet.requires_grad_(True).train()  # load_bundle freezes it
@@ -255,13 +260,13 @@ def train_sft(cfg: SFTConfig) -> dict:
     triplets = TripletDataset(read_meta(cfg.meta), cfg.resolution, cfg.dilate_range, crop_window=cfg.crop_window)
     dataset: torch.utils.data.Dataset = triplets
     if cfg.latent_cache:
-        pipe.config = bundle_cfg
-        cache_path = work / f"latents_{cfg.crop_window}_{bundle_cfg.masked_source}_x{cfg.cache_variants}.safetensors"
+        cache_path = (cfg.cache_dir or work) / (f"latents_{cfg.crop_window}_{bundle_cfg.masked_source}_r{cfg.resolution}"
+                                                f"_d{cfg.dilate_range[0]}-{cfg.dilate_range[1]}_x{cfg.cache_variants}"
+                                                f"_s{cfg.seed}.safetensors")
         dataset = build_latent_cache(pipe, triplets, cache_path, cfg.cache_variants, cfg.seed)
     ema = _ema(cfg, pipe.unet) if cfg.ema_decay else None
     run = start_training(accelerator, cfg, pipe.unet, dataset, "sft", checkpointed=[ema] if ema else [])
     pipe.unet = run.model
-    pipe.config = bundle_cfg
     alphas = alphas_cumprod(bundle_cfg.scheduler).to(accelerator.device)
     ptype = pipe.prediction_type
     f = pipe.vae_scale_factor
