@@ -68,7 +68,7 @@ def run_ablation(base_config: Path, work: Path, *, steps: int, items: int, arms:
     work.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
     for meta in base["meta"]:
-        root = Path(meta).parent
+        root = Path(meta).resolve().parent
         entries += [{k: (str(root / v) if k in ("source", "mask", "GT") else v) for k, v in e.items()}
                     for e in json.loads(Path(meta).read_text())]
     subset = work / "train_subset.json"

@@ -228,6 +228,22 @@ def reference_cmd(
     _finish(report, out or Path("benchmarks/results") / f"reference_{arch.value}{_device_tag(dev)}", reference)
 
 
+@bench_app.command("panel")
+def panel_cmd(
+    set_dir: Annotated[Path, typer.Argument(help="a folder with meta.json (or the meta.json)")],
+    bundle: Annotated[list[Path], typer.Option(help="bundle whose removals make a column (repeatable)")],
+    label: Annotated[Optional[list[str]], typer.Option(help="column title per bundle (repeatable)")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="rows: the first N items")] = 8,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG path")] = Path("benchmarks/results/side_by_side.png"),
+) -> None:
+    """A side-by-side PNG (source | Telea | each bundle | GT), to look at removals before trusting a number."""
+    from . import quality
+
+    if label and len(label) != len(bundle):
+        raise InputError(f"give one --label per --bundle ({len(bundle)}), got {len(label)}", code="bad_option")
+    _say(f"wrote {quality.panel(set_dir, bundle, out, limit=limit, labels=label)}")
+
+
 @bench_app.command("ablation")
 def ablation_cmd(
     base: Annotated[Path, typer.Option(help="the SFT config every arm starts from")] = Path(

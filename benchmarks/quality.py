@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from cleanplate.errors import InputError
@@ -287,3 +288,54 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def panel(set_path: str | Path, bundles: Sequence[str | Path], out: Path, *, limit: int = 8, seed: int = 0,
+          tile: int = 256, labels: Sequence[str] | None = None) -> Path:
+    """A side-by-side PNG: one row per item, columns source | Telea | each bundle's removal | GT.
+
+    Every removal goes through the production path (:func:`cleanplate.remover.remove`, the bundle's own
+    dilation); Telea is the quality table's (whole image, mask as given). Tiles are ``tile`` px squares
+    (aspect kept, letterboxed); the mask is outlined in red on the source column.
+    Raises InputError: no meta.json, no bundle, limit < 1.
+    """
+    from cleanplate import imaging
+    from cleanplate.pipeline import RemovalPipeline
+    from cleanplate.remover import remove
+    from cleanplate.training.common import read_meta
+
+    if not bundles or limit < 1:
+        raise InputError("panel needs at least one bundle and limit >= 1", code="bad_option")
+    names = list(labels) if labels else [Path(b).name for b in bundles]
+    pipes = [RemovalPipeline.from_bundle(b) for b in bundles]
+
+    def fit(rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        k = tile / max(h, w)
+        small = cv2.resize(rgb, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
+        canvas = np.full((tile, tile, 3), 255, np.uint8)
+        y, x = (tile - small.shape[0]) // 2, (tile - small.shape[1]) // 2
+        canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
+        return canvas
+
+    header = ["source + mask", "OpenCV Telea", *names, "GT"]
+    rows = [np.concatenate([_label(h, tile) for h in header], axis=1)]
+    for item in read_meta([find_meta(set_path)])[:limit]:
+        src = imaging.decode_image(item.source)
+        mask = imaging.decode_mask(item.mask)
+        outlined = src.rgb.copy()
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(outlined, contours, -1, (255, 0, 0), 2)
+        cells = [outlined, telea(src.rgb, mask)]
+        cells += [imaging.to_rgb8(remove(p, src, mask, seed=seed).pixels) for p in pipes]
+        cells.append(imaging.decode_image(item.gt).rgb)
+        rows.append(np.concatenate([fit(c) for c in cells], axis=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    imaging.write_atomic(out, cv2.imencode(".png", cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR))[1].tobytes())
+    return out
+
+
+def _label(text: str, width: int) -> np.ndarray:
+    strip = np.full((28, width, 3), 255, np.uint8)
+    cv2.putText(strip, text[:30], (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
