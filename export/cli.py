@@ -121,7 +121,7 @@ def triton_setup_cmd(
     env: Annotated[Optional[Path], typer.Option(help="where (default: $CLEANPLATE_TRITON_ENV or "
                                                      "<this venv>/triton-env)")] = None,
 ) -> None:
-    """Create Triton's own Python environment (nvidia-pytriton's tritonserver, numpy<2, onnxruntime)."""
+    """Create Triton's own Python environment (nvidia-pytriton's tritonserver, numpy<2, onnxruntime, OpenCV)."""
     from .triton_server import setup_env
 
     setup_env(env, progress=_say)

@@ -16,8 +16,12 @@ graph              inputs                                                 output
 
 All float32; H = h·f with f the VAE scale factor. The UNet has the LCM-LoRA fused in (``load_bundle``),
 the VAE graphs include the latent scaling (``(z - shift) · scaling_factor``, posterior mode), and the
-discriminator graph ends in the sigmoid, so a consumer needs no bundle config to use them. The
-exporter is torch's ``torch.export``-based ONNX exporter (``torch.onnx.export(dynamo=True)``).
+discriminator graph ends in the sigmoid, so a consumer needs no bundle config to use them, except two
+facts that ``export.json`` records: ``prediction_type``, what ``noise_pred`` is (the name is kept for
+compatibility): ε for "epsilon", x0 for "sample", v for "v_prediction" (:mod:`cleanplate.sampling`);
+and ``masked_source``, how the hole of the image whose latent conditions the UNet is filled: "zero" or
+"telea" (:mod:`cleanplate.masked_source`). The exporter is torch's ``torch.export``-based ONNX exporter
+(``torch.onnx.export(dynamo=True)``).
 """
 
 from __future__ import annotations
@@ -87,7 +91,11 @@ def graph_specs(latent_channels: int, text_dim: int, pooled_dim: int, text_len: 
 
 # -- the graphs as modules ---------------------------------------------------------------------------
 class UNetGraph(nn.Module):
-    """ε-prediction of the (LoRA-fused) remover UNet with SDXL's added conditioning as plain inputs."""
+    """The (LoRA-fused) remover UNet with SDXL's added conditioning as plain inputs.
+
+    Returns (B,C,h,w): ε, x0 or v as the bundle's scheduler ``prediction_type`` says (the graph output
+    is named ``noise_pred`` whichever it is).
+    """
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
@@ -290,7 +298,8 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
     Args:
         bundle: bundle directory (None: the default bundle).
         out_dir: created if missing; gets ``<graph>.onnx`` (+ ``.onnx.data`` above 1 GiB of weights),
-            ``export.json`` (the manifest: I/O specs, buckets, conditioning sizes, versions),
+            ``export.json`` (the manifest: I/O specs, buckets, conditioning sizes, versions, the UNet's
+            ``prediction_type`` and the ``masked_source`` fill),
             ``parity.json`` and ``parity.md``.
         buckets: square resolutions R in px the graphs must serve (default: the bundle's resolution);
             each a multiple of f·2^(UNet down blocks - 1) (64 for SDXL). Parity runs at each.
@@ -352,6 +361,9 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
         "resolution": b.config.resolution, "buckets": buckets, "max_batch": max_batch, "opset": opset,
         "vae_scale_factor": f, "resolution_step": step, "latent_channels": int(vae_cfg.latent_channels), "steps": b.config.steps,
         "dilate_px": b.config.dilate_px, "threshold": threshold,
+        # how to read unet's noise_pred (ε, x0 or v) and how to fill the masked source it is conditioned on
+        "prediction_type": str(b.config.scheduler.get("prediction_type", "epsilon")),
+        "masked_source": b.config.masked_source,
         "graphs": {name: {"files": report.files[name], "inputs": [asdict(t) for t in specs[name].inputs],
                           "outputs": [asdict(t) for t in specs[name].outputs]} for name in wanted},
         "versions": {"torch": torch.__version__, "onnx_opset": opset},

@@ -7,7 +7,8 @@ Layout (``cleanplate export triton BUNDLE --out REPO --backend B``)::
     REPO/vae_decoder/
     REPO/discriminator/  when the bundle has one
     REPO/cleanplate_remove/  BLS python model: the whole N-step removal inside Triton
-                             (1/model.py, 1/sampling.py, 1/schedules.json, 1/null_conditioning.npz)
+                             (1/model.py, 1/sampling.py, 1/masked_source.py, 1/schedules.json,
+                             1/null_conditioning.npz)
     REPO/cleanplate_score/   BLS python model: discriminator score of (source, result, mask) crops
 
 Every ``config.pbtxt`` is built as Triton's ``ModelConfig`` protobuf (tritonclient's
@@ -15,7 +16,9 @@ Every ``config.pbtxt`` is built as Triton's ``ModelConfig`` protobuf (tritonclie
 Graph models get dynamic batching with a queue delay and ``max_batch_size``; graph inputs or outputs
 that are (B,) in the graph (timestep, score) are (B,1) to clients via ``reshape``. The BLS models'
 ``parameters`` carry what a client needs (resolution, buckets, steps, dilation, gate threshold), so the
-gateway's triton engine needs no bundle.
+gateway's triton engine needs no bundle, and what the removal needs from the bundle: ``masked_source``
+(the conditioning fill, zero or telea) and, for reference, ``prediction_type`` (the sampler reads it
+from ``schedules.json``, which the bundle's scheduler config produced).
 """
 
 from __future__ import annotations
@@ -136,8 +139,13 @@ def graph_config(name: str, graph: dict[str, Any], opts: RepositoryOptions, n_pr
     return config
 
 
-def bls_config(name: str, manifest: dict[str, Any], opts: RepositoryOptions, graph_names: dict[str, str]) -> Any:
-    """``ModelConfig`` of ``cleanplate_remove`` or ``cleanplate_score`` (python backend, CPU instances)."""
+def bls_config(name: str, manifest: dict[str, Any], opts: RepositoryOptions, graph_names: dict[str, str],
+               removal: dict[str, str] | None = None) -> Any:
+    """``ModelConfig`` of ``cleanplate_remove`` or ``cleanplate_score`` (python backend, CPU instances).
+
+    ``removal``: parameters of ``cleanplate_remove`` taken from the bundle rather than the ONNX manifest
+    (``masked_source``, ``prediction_type``); default: the manifest's, else zero / epsilon.
+    """
     mc = _mc()
     config = mc.ModelConfig(name=name, backend="python")
     u8, tensors = mc.TYPE_UINT8, []
@@ -160,6 +168,10 @@ def bls_config(name: str, manifest: dict[str, Any], opts: RepositoryOptions, gra
         "graph_max_batch": opts.max_batch, "bundle_name": manifest["bundle_name"],
         **{f"{graph}_model": model for graph, model in graph_names.items()},
     }
+    if name == REMOVE_MODEL:
+        params["masked_source"] = manifest.get("masked_source", "zero")
+        params["prediction_type"] = manifest.get("prediction_type", "epsilon")
+        params.update(removal or {})
     if manifest.get("threshold") is not None:
         params["threshold"] = manifest["threshold"]
     for key, value in params.items():
@@ -182,7 +194,8 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
     """Write a Triton model repository for ``bundle`` into ``out_repo`` and validate it.
 
     Args:
-        bundle: bundle directory (None: the default bundle); gives the null conditioning and scheduler.
+        bundle: bundle directory (None: the default bundle); gives the null conditioning, the scheduler
+            (``schedules.json``, whose steps carry its prediction_type) and the ``masked_source`` fill.
         out_repo: the repository directory (created; models already in it are replaced).
         opts: backend and scheduling, see :class:`RepositoryOptions`.
         onnx_dir: a ``cleanplate export onnx`` directory to reuse (default: export now, parity-checked).
@@ -242,7 +255,10 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
 
         names = {g: g for g in graphs}
         bundle_dir = Path(bundle) if bundle is not None else default_bundle_path()
-        scheduler = read_config(bundle_dir).scheduler
+        bundle_config = read_config(bundle_dir)
+        scheduler = bundle_config.scheduler
+        removal = {"masked_source": bundle_config.masked_source,
+                   "prediction_type": str(scheduler.get("prediction_type", "epsilon"))}
         cond = NullConditioning.load(bundle_dir / NULL_CONDITIONING)
         for bls in (REMOVE_MODEL, SCORE_MODEL):
             if bls == SCORE_MODEL and "discriminator" not in graphs:
@@ -254,12 +270,13 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
             version.mkdir(parents=True)
             shutil.copy2(MODELS_DIR / "bls.py", version / "model.py")
             shutil.copy2(_sampling_source(), version / "sampling.py")  # the torch engine's own sampler
+            shutil.copy2(_masked_source_source(), version / "masked_source.py")  # and its conditioning fill
             if bls == REMOVE_MODEL:
                 write_atomic(version / "schedules.json", schedule_table_json(scheduler, MAX_STEPS).encode())
                 with open(version / "null_conditioning.npz", "wb") as fh:
                     np.savez(fh, prompt_embeds=cond.prompt_embeds.float().numpy(),
                              pooled_prompt_embeds=cond.pooled_prompt_embeds.float().numpy())
-            write_config(model_dir, bls_config(bls, manifest, opts, names))
+            write_config(model_dir, bls_config(bls, manifest, opts, names, removal))
             say(f"wrote {model_dir}")
     return validate_repository(repo)
 
@@ -268,6 +285,12 @@ def _sampling_source() -> Path:
     import cleanplate.sampling
 
     return Path(cleanplate.sampling.__file__)
+
+
+def _masked_source_source() -> Path:
+    import cleanplate.masked_source
+
+    return Path(cleanplate.masked_source.__file__)
 
 
 def validate_repository(repo: str | Path) -> list[str]:

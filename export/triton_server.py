@@ -3,9 +3,9 @@
 
 The python backend's stub embeds the Python found first on ``PATH`` and imports numpy into it; the
 stub is built against numpy 1.x, so Triton gets its own virtual environment (``numpy<2``,
-onnxruntime, the wheel) apart from the gateway's, as in production where Triton runs in its own
-container. :func:`setup_env` makes it; :class:`TritonServer` starts the binary from it, bound to
-127.0.0.1, and waits for ``/v2/health/ready``.
+onnxruntime, OpenCV for the ``telea`` masked source, the wheel) apart from the gateway's, as in
+production where Triton runs in its own container. :func:`setup_env` makes it; :class:`TritonServer`
+starts the binary from it, bound to 127.0.0.1, and waits for ``/v2/health/ready``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from pathlib import Path
 from cleanplate.errors import CleanplateError
 
 # What the Triton side needs; numpy<2 for the python-backend stub (see the module docstring).
-TRITON_ENV_PACKAGES = ("nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime>=1.19,<2")
+# OpenCV runs the telea masked source inside cleanplate_remove; 4.12 and later require numpy>=2.
+TRITON_ENV_PACKAGES = ("nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime>=1.19,<2",
+                       "opencv-python-headless>=4.10,<4.12")
 ENV_MARKER = "cleanplate-triton-env.txt"
 
 

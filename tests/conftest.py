@@ -83,6 +83,26 @@ def make_tiny_gated_bundle(out: Path, resolution: int = 64) -> Path:
     return path
 
 
+def bundle_variant(src: Path, out: Path, *, prediction_type: str | None = None,
+                   masked_source: str | None = None) -> Path:
+    """A copy of the bundle ``src`` at ``out`` (same weights) whose bundle.json says another
+    ``scheduler.prediction_type`` and/or ``masked_source``; validated by reading it back."""
+    import json
+    import shutil
+
+    from cleanplate.bundle import BUNDLE_JSON, read_config
+
+    shutil.copytree(src, out)
+    config = json.loads((out / BUNDLE_JSON).read_text())
+    if prediction_type is not None:
+        config["scheduler"]["prediction_type"] = prediction_type
+    if masked_source is not None:
+        config["masked_source"] = masked_source
+    (out / BUNDLE_JSON).write_text(json.dumps(config, indent=2) + "\n")
+    read_config(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_gated_bundle(tmp_path_factory.mktemp("gated") / "tiny")

@@ -14,11 +14,13 @@ import torch
 from cleanplate.export.onnx import export_onnx, graph_specs
 from cleanplate.export.tensorrt import default_ranges, parse_profile, plan_profiles, profiles_for_graph
 from cleanplate.export.triton import RepositoryOptions, export_triton, validate_repository
-from conftest import make_tiny_gated_bundle
+from conftest import bundle_variant, make_tiny_gated_bundle
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cleanplate.errors import ExportError, InputError
+
+CLEANPLATE = Path(__file__).parents[1] / "cleanplate"
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,7 @@ def test_onnx_export_writes_graphs_manifest_and_parity(onnx_dir: Path) -> None:
     manifest = json.loads((onnx_dir / "export.json").read_text())
     assert manifest["buckets"] == [64, 128] and manifest["max_batch"] == 4 and manifest["vae_scale_factor"] == 2
     assert manifest["threshold"] == 0.5 and manifest["steps"] == 4
+    assert manifest["prediction_type"] == "epsilon" and manifest["masked_source"] == "zero"  # the bundle defaults
     assert [t["name"] for t in manifest["graphs"]["unet"]["inputs"]] == [
         "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     parity = json.loads((onnx_dir / "parity.json").read_text())
@@ -183,11 +186,36 @@ def test_triton_repository(onnx_dir: Path, gated_bundle: Path, tmp_path: Path, b
     params = {k: v.string_value for k, v in remove.parameters.items()}
     assert params["mode"] == "remove" and params["resolution"] == "64" and params["buckets"] == "64,128"
     assert params["default_steps"] == "4" and params["dilate_px"] == "2" and params["threshold"] == "0.5"
-    for name in ("model.py", "sampling.py", "schedules.json", "null_conditioning.npz"):
+    assert params["masked_source"] == "zero" and params["prediction_type"] == "epsilon"
+    for name in ("model.py", "sampling.py", "masked_source.py", "schedules.json", "null_conditioning.npz"):
         assert (tmp_path / "cleanplate_remove" / "1" / name).exists()
+    # the BLS model runs the torch engine's own sampler and conditioning fill, byte for byte
+    for module in ("sampling.py", "masked_source.py"):
+        assert (tmp_path / "cleanplate_remove/1" / module).read_bytes() == (CLEANPLATE / module).read_bytes()
     cond = np.load(tmp_path / "cleanplate_remove/1/null_conditioning.npz")
     assert cond["prompt_embeds"].shape == (1, 77, 16) and cond["pooled_prompt_embeds"].shape == (1, 16)
     assert _config(tmp_path / "cleanplate_score" / "config.pbtxt").output[0].name == "score"
+
+
+def test_triton_repository_follows_the_bundle(onnx_dir: Path, gated_bundle: Path, tmp_path: Path, cli) -> None:
+    """The bundle's prediction_type and masked_source reach the BLS model (its parameters and every step of
+    schedules.json, which the sampler reads) and the ONNX manifest, even when the graphs come from
+    another export of the same weights."""
+    from cleanplate.sampling import load_schedule_table
+
+    prediction_type = "v_prediction"
+    bundle = bundle_variant(gated_bundle, tmp_path / "b", prediction_type=prediction_type, masked_source="telea")
+    export_triton(bundle, tmp_path / "repo", RepositoryOptions(backend="python", max_batch=2), onnx_dir=onnx_dir)
+    params = {k: v.string_value for k, v in _config(tmp_path / "repo/cleanplate_remove/config.pbtxt").parameters.items()}
+    assert params["masked_source"] == "telea" and params["prediction_type"] == prediction_type
+    table = load_schedule_table((tmp_path / "repo/cleanplate_remove/1/schedules.json").read_text())
+    assert sorted(table) == list(range(1, 51))
+    assert {step.prediction_type for steps in table.values() for step in steps} == {prediction_type}
+    assert "masked_source" not in _config(tmp_path / "repo/cleanplate_score/config.pbtxt").parameters
+    run = cli("export", "onnx", bundle, "--out", tmp_path / "onnx", "--graph", "vae_decoder")
+    assert run.code == 0, run.err
+    manifest = json.loads((tmp_path / "onnx/export.json").read_text())
+    assert manifest["prediction_type"] == prediction_type and manifest["masked_source"] == "telea"
 
 
 def test_triton_repository_without_discriminator(tiny_bundle: Path, tmp_path: Path) -> None:

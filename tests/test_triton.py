@@ -1,6 +1,7 @@
 """A real Triton Inference Server (the nvidia-pytriton wheel's tritonserver, python backend, CPU) serving
 the default bundle's exported repository: the triton engine equals the torch engine on real photos,
-the gateway serves through it, and Triton's own /metrics count the requests.
+the gateway serves through it, and Triton's own /metrics count the requests. A second server holds tiny
+bundles of every prediction type and masked-source fill, each equal to its torch engine.
 
 Needs Triton's environment (`cleanplate triton setup`, part of README's install command)."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from cleanplate.serving.app import create_app
 from cleanplate.serving.engines import EngineUnavailable, TorchEngine
 from cleanplate.serving.settings import Settings
 from cleanplate.serving.triton_engine import TritonEngine
-from conftest import serve_in_thread
+from conftest import bundle_variant, serve_in_thread
 from PIL import Image
 
 from cleanplate.imaging import decode_image, decode_mask, dilate_mask
@@ -106,6 +108,79 @@ def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, 
                 assert s_triton == pytest.approx(s_torch, abs=1e-4)
         finally:
             await engine.close()
+            await torch_engine.close()
+
+    asyncio.run(run())
+
+
+# Bundles that predict each kind of output and fill the masked source with Telea (and one with zero fill):
+# (prediction_type, masked_source). Adjacent pairs differ in one of the two.
+VARIANTS = (("epsilon", "telea"), ("v_prediction", "telea"), ("sample", "telea"), ("sample", "zero"))
+
+
+def _variant_model(prediction_type: str, fill: str) -> str:
+    return f"cleanplate_remove_{prediction_type}_{fill}"
+
+
+@pytest.fixture(scope="module")
+def variants(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One Triton for every variant of the tiny gated bundle (same weights, so one ONNX export): the graph
+    models and cleanplate_score of one export, and each variant's cleanplate_remove renamed
+    ``cleanplate_remove_<prediction_type>_<fill>``, all calling the same graph models.
+    Yields (server, {variant: bundle path})."""
+    from cleanplate.export.triton import validate_repository
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    root = tmp_path_factory.mktemp("variants")
+    merged = root / "repo"
+    bundles = {}
+    opts = RepositoryOptions(backend="python", max_batch=2, bls_instances=1, intra_op_threads=1)
+    for i, (prediction_type, fill) in enumerate(VARIANTS):
+        name = _variant_model(prediction_type, fill)
+        bundles[prediction_type, fill] = bundle_variant(gated_bundle, root / name, prediction_type=prediction_type,
+                                                        masked_source=fill)
+        repo = root / f"repo_{name}"
+        export_triton(bundles[prediction_type, fill], repo, opts, onnx_dir=gated_onnx)
+        if i == 0:
+            shutil.copytree(repo, merged, ignore=shutil.ignore_patterns("cleanplate_remove"))
+        shutil.copytree(repo / "cleanplate_remove", merged / name)
+        config = text_format.Parse((merged / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        config.name = name
+        (merged / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+    validate_repository(merged)
+    server = TritonServer(merged, env=triton_env)
+    server.start(timeout_s=180)
+    yield server, bundles
+    assert server.stop() == 0, server.log_tail()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["_".join(v) for v in VARIANTS])
+def test_triton_engine_follows_prediction_type_and_masked_source(variants, photos, variant: tuple[str, str]) -> None:
+    """For a bundle predicting ε, v or x0 with a Telea- or zero-filled masked source, the Triton repository
+    removes as the torch engine does; every other variant gives another removal, so the comparison sees
+    both the prediction type and the fill."""
+    server, bundles = variants
+
+    async def run() -> None:
+        engines = {v: TritonEngine(server.grpc_url, remove_model=_variant_model(*v)) for v in VARIANTS}
+        torch_engine = TorchEngine(bundles[variant], max_batch=1)
+        await asyncio.gather(*(asyncio.wait_for(e.start(), 30) for e in engines.values()))
+        await torch_engine.start()
+        try:
+            assert engines[variant].resolution == torch_engine.resolution == 64
+            for i, (name, crop, mask) in enumerate(_crops(photos, 64)):
+                steps = (4, 2, 1)[i]
+                ours, ref = await _both(engines[variant], torch_engine, crop, mask, seed=20 + i, steps=steps)
+                diff = np.abs(ours.astype(int) - ref.astype(int))
+                assert diff.max() <= MAX_LEVELS and diff.mean() <= MAX_MEAN_LEVELS, (name, diff.max(), diff.mean())
+                for other in VARIANTS:
+                    if other != variant:
+                        theirs = await engines[other].inpaint(crop, mask, seed=20 + i, steps=steps)
+                        assert np.abs(theirs.astype(int) - ours.astype(int)).max() > 10, (name, other)
+        finally:
+            for engine in engines.values():
+                await engine.close()
             await torch_engine.close()
 
     asyncio.run(run())

@@ -2,8 +2,11 @@
 
 ``cleanplate_remove`` runs the whole removal of a batch of model crops inside Triton, with the same
 semantics as :class:`cleanplate.pipeline.RemovalPipeline` (RORem, arXiv 2501.00740):
-masked source ``x_s·(1-m)`` -> ``vae_encoder`` -> N LCM steps (``unet`` + :mod:`sampling`, the
-module the torch engine uses, copied next to this file) -> ``vae_decoder``.
+masked source (:mod:`masked_source` with the bundle's fill, parameter ``masked_source``: ``zero`` =
+``x_s·(1-m)``, ``telea`` = the hole pre-filled by OpenCV Telea) -> ``vae_encoder`` -> N LCM steps
+(``unet`` + :mod:`sampling`; the UNet output is ε, x0 or v as each schedule step's ``prediction_type``
+says, from ``schedules.json``) -> ``vae_decoder``. Both modules are the torch engine's own, copied next
+to this file.
 
     inputs   image (B,R,R,3) UINT8 RGB, mask (B,R,R) UINT8 (nonzero = remove),
              seed (B,1) INT64 >= 0, steps (B,1) INT32 in 1..max_steps
@@ -24,6 +27,7 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from masked_source import MASKED_SOURCE_FILLS, masked_source
 from sampling import lcm_step, load_schedule_table, sampling_noise
 
 
@@ -44,8 +48,24 @@ class TritonPythonModel:
                       if f"{k}_model" in params}
         if self.mode == "remove":
             self.max_steps = int(params["max_steps"])
+            self.fill = params.get("masked_source", "zero")  # absent: the bundle default (RORem)
+            if self.fill not in MASKED_SOURCE_FILLS:
+                raise pb_utils.TritonModelException(f"masked_source must be one of {MASKED_SOURCE_FILLS}, "
+                                                    f"got {self.fill!r}")
+            if self.fill == "telea":
+                try:  # fail the model load, not every request
+                    import cv2  # noqa: F401
+                except ImportError as exc:
+                    raise pb_utils.TritonModelException(
+                        "masked_source telea needs OpenCV in Triton's python environment "
+                        "(opencv-python-headless; `cleanplate triton setup` installs it)") from exc
             with open(os.path.join(here, "schedules.json")) as fh:
                 self.schedules = load_schedule_table(fh.read())
+            # the schedule decides how the UNet output is read; the parameter only documents it, so they must agree
+            kinds = {step.prediction_type for steps in self.schedules.values() for step in steps}
+            if kinds != {params.get("prediction_type", "epsilon")}:
+                raise pb_utils.TritonModelException(f"schedules.json reads the UNet output as {sorted(kinds)}, but the "
+                                                    f"prediction_type parameter says {params.get('prediction_type')!r}")
             cond = np.load(os.path.join(here, "null_conditioning.npz"))
             self.prompt_embeds = cond["prompt_embeds"].astype(np.float32)
             self.pooled_prompt_embeds = cond["pooled_prompt_embeds"].astype(np.float32)
@@ -71,7 +91,7 @@ class TritonPythonModel:
         return np.concatenate(parts)
 
     def _encode(self, images_uint8):
-        """(B,R,R,3) uint8 or float [-1,1] NHWC -> scaled latents (B,C,R/f,R/f)."""
+        """(B,R,R,3) uint8 or float32 in [-1,1] NHWC -> scaled latents (B,C,R/f,R/f)."""
         x = images_uint8.astype(np.float32)
         if images_uint8.dtype == np.uint8:
             x = x / 127.5 - 1.0
@@ -130,13 +150,11 @@ class TritonPythonModel:
     def _run_remove(self, key, members):
         steps, resolution = key
         image = np.concatenate([m[1][0] for m in members])
-        mask = (np.concatenate([m[1][1] for m in members]) > 0).astype(np.float32)[:, None]  # (B,1,R,R)
+        hole = np.concatenate([m[1][1] for m in members]) > 0  # (B,R,R)
         seeds = np.concatenate([m[1][2] for m in members])
         batch, f = len(image), self.f
-        source = image.astype(np.float32) / 127.5 - 1.0
-        masked = source * (1.0 - np.transpose(mask, (0, 2, 3, 1)))  # RORem: x_s * (1 - m)
-        masked_latent = self._encode(masked)
-        mask_latent = mask[:, :, ::f, ::f]  # nearest resize by an integer factor, as F.interpolate
+        masked_latent = self._encode(masked_source(image, hole, self.fill))
+        mask_latent = hole[:, None, ::f, ::f].astype(np.float32)  # nearest resize by factor f, as F.interpolate
         noise = np.stack([sampling_noise(int(s), steps, masked_latent.shape[1:]) for s in seeds], axis=1)
         cond = {
             "encoder_hidden_states": np.repeat(self.prompt_embeds, batch, axis=0),
@@ -148,8 +166,9 @@ class TritonPythonModel:
         for k, step in enumerate(self.schedules[steps]):
             sample = np.concatenate([latent, mask_latent, masked_latent], axis=1)
             timestep = np.full((batch, 1), step.timestep, np.float32)
-            eps = self._infer("unet", {"sample": sample, "timestep": timestep, **cond}, "noise_pred")
-            latent = lcm_step(step, latent, eps, None if step.last else noise[k + 1]).astype(np.float32)
+            # the graph's output keeps the name noise_pred; step.prediction_type says whether it is ε, x0 or v
+            model_output = self._infer("unet", {"sample": sample, "timestep": timestep, **cond}, "noise_pred")
+            latent = lcm_step(step, latent, model_output, None if step.last else noise[k + 1]).astype(np.float32)
         decoded = self._infer("vae_decoder", {"latent": latent}, "image")
         result = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
         out, start = [], 0
