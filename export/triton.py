@@ -144,7 +144,8 @@ def bls_config(name: str, manifest: dict[str, Any], opts: RepositoryOptions, gra
     """``ModelConfig`` of ``cleanplate_remove`` or ``cleanplate_score`` (python backend, CPU instances).
 
     ``removal``: parameters of ``cleanplate_remove`` taken from the bundle rather than the ONNX manifest
-    (``masked_source``, ``prediction_type``); default: the manifest's, else zero / epsilon.
+    (``masked_source``, ``prediction_type``, ``decode_residual``); default: the manifest's, else zero /
+    epsilon / off.
     """
     mc = _mc()
     config = mc.ModelConfig(name=name, backend="python")
@@ -171,6 +172,7 @@ def bls_config(name: str, manifest: dict[str, Any], opts: RepositoryOptions, gra
     if name == REMOVE_MODEL:
         params["masked_source"] = manifest.get("masked_source", "zero")
         params["prediction_type"] = manifest.get("prediction_type", "epsilon")
+        params["decode_residual"] = str(int(bool(manifest.get("decode_residual", False))))
         params.update(removal or {})
     if manifest.get("threshold") is not None:
         params["threshold"] = manifest["threshold"]
@@ -258,7 +260,8 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
         bundle_config = read_config(bundle_dir)
         scheduler = bundle_config.scheduler
         removal = {"masked_source": bundle_config.masked_source,
-                   "prediction_type": str(scheduler.get("prediction_type", "epsilon"))}
+                   "prediction_type": str(scheduler.get("prediction_type", "epsilon")),
+                   "decode_residual": str(int(bundle_config.decode_residual))}
         cond = NullConditioning.load(bundle_dir / NULL_CONDITIONING)
         for bls in (REMOVE_MODEL, SCORE_MODEL):
             if bls == SCORE_MODEL and "discriminator" not in graphs:

@@ -84,9 +84,9 @@ def make_tiny_gated_bundle(out: Path, resolution: int = 64) -> Path:
 
 
 def bundle_variant(src: Path, out: Path, *, prediction_type: str | None = None,
-                   masked_source: str | None = None) -> Path:
+                   masked_source: str | None = None, decode_residual: bool | None = None) -> Path:
     """A copy of the bundle ``src`` at ``out`` (same weights) whose bundle.json says another
-    ``scheduler.prediction_type`` and/or ``masked_source``; validated by reading it back."""
+    ``scheduler.prediction_type``, ``masked_source`` and/or ``decode_residual``; validated by reading it back."""
     import json
     import shutil
 
@@ -98,6 +98,8 @@ def bundle_variant(src: Path, out: Path, *, prediction_type: str | None = None,
         config["scheduler"]["prediction_type"] = prediction_type
     if masked_source is not None:
         config["masked_source"] = masked_source
+    if decode_residual is not None:
+        config["decode_residual"] = decode_residual
     (out / BUNDLE_JSON).write_text(json.dumps(config, indent=2) + "\n")
     read_config(out)
     return out

@@ -115,11 +115,13 @@ def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, 
 
 # Bundles that predict each kind of output and fill the masked source with Telea (and one with zero fill):
 # (prediction_type, masked_source). Adjacent pairs differ in one of the two.
-VARIANTS = (("epsilon", "telea"), ("v_prediction", "telea"), ("sample", "telea"), ("sample", "zero"))
+# (prediction_type, masked_source, decode_residual)
+VARIANTS = (("epsilon", "telea", False), ("v_prediction", "telea", False), ("sample", "telea", False),
+            ("sample", "zero", False), ("sample", "telea", True))
 
 
-def _variant_model(prediction_type: str, fill: str) -> str:
-    return f"cleanplate_remove_{prediction_type}_{fill}"
+def _variant_model(prediction_type: str, fill: str, residual: bool) -> str:
+    return f"cleanplate_remove_{prediction_type}_{fill}" + ("_residual" if residual else "")
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +138,13 @@ def variants(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path_fa
     merged = root / "repo"
     bundles = {}
     opts = RepositoryOptions(backend="python", max_batch=2, bls_instances=1, intra_op_threads=1)
-    for i, (prediction_type, fill) in enumerate(VARIANTS):
-        name = _variant_model(prediction_type, fill)
-        bundles[prediction_type, fill] = bundle_variant(gated_bundle, root / name, prediction_type=prediction_type,
-                                                        masked_source=fill)
+    for i, variant in enumerate(VARIANTS):
+        prediction_type, fill, residual = variant
+        name = _variant_model(*variant)
+        bundles[variant] = bundle_variant(gated_bundle, root / name, prediction_type=prediction_type,
+                                          masked_source=fill, decode_residual=residual)
         repo = root / f"repo_{name}"
-        export_triton(bundles[prediction_type, fill], repo, opts, onnx_dir=gated_onnx)
+        export_triton(bundles[variant], repo, opts, onnx_dir=gated_onnx)
         if i == 0:
             shutil.copytree(repo, merged, ignore=shutil.ignore_patterns("cleanplate_remove"))
         shutil.copytree(repo / "cleanplate_remove", merged / name)
@@ -155,11 +158,12 @@ def variants(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path_fa
     assert server.stop() == 0, server.log_tail()
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["_".join(v) for v in VARIANTS])
-def test_triton_engine_follows_prediction_type_and_masked_source(variants, photos, variant: tuple[str, str]) -> None:
-    """For a bundle predicting ε, v or x0 with a Telea- or zero-filled masked source, the Triton repository
-    removes as the torch engine does; every other variant gives another removal, so the comparison sees
-    both the prediction type and the fill."""
+@pytest.mark.parametrize("variant", VARIANTS, ids=["_".join(map(str, v)) for v in VARIANTS])
+def test_triton_engine_follows_prediction_type_and_masked_source(variants, photos, variant: tuple[str, str, bool]
+                                                                 ) -> None:
+    """For a bundle predicting ε, v or x0 with a Telea- or zero-filled masked source, with or without the
+    residual decode, the Triton repository removes as the torch engine does; every other variant gives
+    another removal, so the comparison sees the prediction type, the fill and the decode."""
     server, bundles = variants
 
     async def run() -> None:

@@ -5,8 +5,9 @@ semantics as :class:`cleanplate.pipeline.RemovalPipeline` (RORem, arXiv 2501.007
 masked source (:mod:`masked_source` with the bundle's fill, parameter ``masked_source``: ``zero`` =
 ``x_s·(1-m)``, ``telea`` = the hole pre-filled by OpenCV Telea) -> ``vae_encoder`` -> N LCM steps
 (``unet`` + :mod:`sampling`; the UNet output is ε, x0 or v as each schedule step's ``prediction_type``
-says, from ``schedules.json``) -> ``vae_decoder``. Both modules are the torch engine's own, copied next
-to this file.
+says, from ``schedules.json``) -> ``vae_decoder`` (with parameter ``decode_residual`` = 1 the result is
+the masked source plus the decoded correction, x̃_s + D(ẑ) − D(E(x̃_s)), both latents decoded in one
+batch). Both modules are the torch engine's own, copied next to this file.
 
     inputs   image (B,R,R,3) UINT8 RGB, mask (B,R,R) UINT8 (nonzero = remove),
              seed (B,1) INT64 >= 0, steps (B,1) INT32 in 1..max_steps
@@ -49,6 +50,7 @@ class TritonPythonModel:
         if self.mode == "remove":
             self.max_steps = int(params["max_steps"])
             self.fill = params.get("masked_source", "zero")  # absent: the bundle default (RORem)
+            self.residual = params.get("decode_residual", "0") == "1"
             if self.fill not in MASKED_SOURCE_FILLS:
                 raise pb_utils.TritonModelException(f"masked_source must be one of {MASKED_SOURCE_FILLS}, "
                                                     f"got {self.fill!r}")
@@ -153,7 +155,8 @@ class TritonPythonModel:
         hole = np.concatenate([m[1][1] for m in members]) > 0  # (B,R,R)
         seeds = np.concatenate([m[1][2] for m in members])
         batch, f = len(image), self.f
-        masked_latent = self._encode(masked_source(image, hole, self.fill))
+        masked = masked_source(image, hole, self.fill)  # (B,R,R,3) float32 in [-1,1]
+        masked_latent = self._encode(masked)
         mask_latent = hole[:, None, ::f, ::f].astype(np.float32)  # nearest resize by factor f, as F.interpolate
         noise = np.stack([sampling_noise(int(s), steps, masked_latent.shape[1:]) for s in seeds], axis=1)
         cond = {
@@ -169,7 +172,11 @@ class TritonPythonModel:
             # the graph's output keeps the name noise_pred; step.prediction_type says whether it is ε, x0 or v
             model_output = self._infer("unet", {"sample": sample, "timestep": timestep, **cond}, "noise_pred")
             latent = lcm_step(step, latent, model_output, None if step.last else noise[k + 1]).astype(np.float32)
-        decoded = self._infer("vae_decoder", {"latent": latent}, "image")
+        if self.residual:  # x̃_s + D(ẑ) − D(E(x̃_s)), as RemovalPipeline: the VAE's error on the prefill cancels
+            both = self._infer("vae_decoder", {"latent": np.concatenate([latent, masked_latent])}, "image")
+            decoded = np.clip(np.transpose(masked, (0, 3, 1, 2)) + both[:batch] - both[batch:], -1.0, 1.0)
+        else:
+            decoded = self._infer("vae_decoder", {"latent": latent}, "image")
         result = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
         out, start = [], 0
         for _, (img, _, _) in members:
