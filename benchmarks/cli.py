@@ -1,5 +1,6 @@
-"""``cleanplate bench ...`` (registered in :mod:`cleanplate.cli`): latency, load, quality and the reference
-comparison. Each writes ``OUT.json`` (machines), ``OUT.md`` (people) and PNG plots, and prints the markdown.
+"""``cleanplate bench ...`` (registered in :mod:`cleanplate.cli`): latency, load, quality, the reference
+comparison and the quality gate. Each writes ``OUT.json`` (machines), ``OUT.md`` (people) and PNG plots,
+and prints the markdown.
 
 List options take several values after one flag, as ``--resolution 256 512 --batch 1 2 4`` (or repeated
 flags). Bad input exits 2 with one line ``error: ...``.
@@ -17,8 +18,9 @@ from typer.core import TyperCommand
 
 from cleanplate.errors import InputError
 
-bench_app = typer.Typer(help="Benchmarks: per-stage latency, HTTP load, removal quality, and a reference comparison "
-                             "with diffusers' SDXL inpainting pipeline. Results: JSON, markdown and PNG plots.",
+bench_app = typer.Typer(help="Benchmarks: per-stage latency, HTTP load, removal quality, a reference comparison "
+                             "with diffusers' SDXL inpainting pipeline, and the quality gate. Results: JSON, "
+                             "markdown and PNG plots.",
                         no_args_is_help=True)
 
 ENGINE_NAMES = ("torch", "opencv", "triton")
@@ -265,6 +267,27 @@ def ablation_cmd(
     _finish(report, out or Path("benchmarks/results/sft_ablation"), ablation)
 
 
+@bench_app.command("gate")
+def gate_cmd(
+    heldout_meta: Annotated[Path, typer.Argument(help="held-out labelled candidates: the meta.json of `cleanplate data "
+                                                      "disc-labels --bundle` on photos the gate never trained on")],
+    bundle: BundleOpt = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 (CUDA) or bf16")] = "fp32",
+    limit: Annotated[Optional[int], typer.Option(help="only the first N candidates")] = None,
+    threads: ThreadsOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """The quality gate on held-out labelled candidates: ROC AUC, pass rate per label kind at the calibrated
+    threshold (GT, source, Telea, the bundle's removals, each synthetic kind), Spearman of the score with
+    in-mask PSNR across the bundle's removals, and the targets met or not."""
+    from . import discriminator
+
+    report = discriminator.run_gate(heldout_meta, bundle=bundle, device=device, dtype=dtype, limit=limit,
+                                    threads=threads, say=_say)
+    _finish(report, out or Path("benchmarks/results/gate"), discriminator)
+
+
 @bench_app.command("report")
 def report_cmd(
     report_json: Annotated[Path, typer.Argument(help="a report written by `cleanplate bench ...` (OUT.json)")],
@@ -272,13 +295,13 @@ def report_cmd(
     """Rewrite a report's markdown and plots from its JSON (e.g. one copied back from a GPU machine)."""
     import json
 
-    from . import ablation, latency, load, quality, reference
+    from . import ablation, discriminator, latency, load, quality, reference
     from .common import write_report
 
     try:
         report = json.loads(report_json.read_text())
         module = {"latency": latency, "load": load, "quality": quality, "reference": reference,
-                  "ablation": ablation}[report["harness"]]
+                  "ablation": ablation, "gate": discriminator}[report["harness"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code="bad_option") from exc
     out = report_json.with_suffix("")

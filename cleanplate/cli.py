@@ -228,19 +228,27 @@ def train_discriminator_cmd(
     batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None, work_dir: WorkOpt = None,
     bundle: Annotated[Optional[Path], typer.Option(help="remover bundle to start from (its UNet and VAE)")] = None,
     val_meta: Annotated[Optional[list[Path]], typer.Option(help="held-out labelled meta.json for the threshold")] = None,
-    target_precision: Annotated[Optional[float], typer.Option(help="precision the pass threshold must reach")] = None,
+    target_precision: Annotated[Optional[float], typer.Option(help="without gt/source kinds in --val-meta: "
+                                                                   "precision the pass threshold must reach")] = None,
+    gt_pass_min: Annotated[Optional[float], typer.Option(help="share of held-out GT that must pass (0.9)")] = None,
+    source_pass_max: Annotated[Optional[float], typer.Option(help="share of held-out sources (nothing removed) "
+                                                                  "that may pass (0.02)")] = None,
 ) -> None:
     """RORem quality discriminator on labelled meta.json (score 0/1), calibrated on --val-meta; adds it to a bundle."""
     from .training.common import load_config
     from .training.discriminator import DiscriminatorConfig, train_discriminator
 
     overrides = _common(meta, out, max_steps, batch_size, lr, None, seed, work_dir)
-    overrides.update(bundle=bundle, val_meta=val_meta, target_precision=target_precision)
+    overrides.update(bundle=bundle, val_meta=val_meta, target_precision=target_precision, gt_pass_min=gt_pass_min,
+                     source_pass_max=source_pass_max)
     cfg = load_config(DiscriminatorConfig, config, overrides)
     cal = train_discriminator(cfg)["calibration"]
     if "threshold" in cal:
         _say(f"threshold {cal['threshold']:.4f} ({cal['rule']}): precision {cal['precision']:.3f}, "
              f"recall {cal['recall']:.3f}, ROC AUC {cal['roc_auc']:.3f} on {cal['n_pos'] + cal['n_neg']} held-out items")
+        if "gt_pass_rate" in cal:
+            _say(f"GT passes {cal['gt_pass_rate']:.1%}, source {cal['source_pass_rate']:.1%}; targets "
+                 f"{'met' if cal['targets_met'] else 'NOT met'}")
     _say(f"wrote {cfg.out}")
 
 
@@ -252,17 +260,41 @@ data_app.command("dpo-pairs")(data_dpo_pairs_cmd)
 @data_app.command("disc-labels")
 def data_disc_labels(
     meta: Annotated[list[Path], typer.Option(help="RORem meta.json with (source, mask, GT) (repeatable)")],
-    out: Annotated[Path, typer.Option(help="output directory (meta.json with score, result/)")],
-    per_item: Annotated[int, typer.Option(help="labelled candidates per input item")] = 2,
-    seed: Annotated[int, typer.Option(help="seed; same seed, same data")] = 0,
-    positive_fraction: Annotated[float, typer.Option(help="share of good-removal candidates")] = 0.5,
+    out: Annotated[Path, typer.Option(help="output directory (meta.json with score, result/, labels.jsonl)")],
+    per_item: Annotated[int, typer.Option(help="synthetic labelled candidates per input item (>= 0 with --bundle)")] = 2,
+    seed: Annotated[int, typer.Option(help="seed; same seed, same data; also the first removal seed")] = 0,
+    positive_fraction: Annotated[float, typer.Option(help="share of good synthetic candidates (without --bundle "
+                                                          "or with --no-balance)")] = 0.5,
     limit: Annotated[Optional[int], typer.Option(help="use only the first N input items")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="remover bundle: add its own removals, a Telea fill and the "
+                                                        "GT/source anchors, labelled by agreement with the GT")] = None,
+    removals_per_item: Annotated[Optional[int], typer.Option(help="removals per item, seeds SEED..SEED+K-1 "
+                                                                  "(with --bundle; default 2)")] = None,
+    psnr_good: Annotated[float, typer.Option(help="good removal: in-mask PSNR >= this (dB)")] = 24.0,
+    ssim_good: Annotated[float, typer.Option(help="good removal: in-mask SSIM >= this")] = 0.7,
+    max_cast: Annotated[float, typer.Option(help="good removal: in-mask mean colour shift <= this (0..255 levels; "
+                                                 "255 turns it off)")] = 8.0,
+    balance: Annotated[bool, typer.Option(help="with --bundle: pick each item's synthetic labels to balance its "
+                                               "good and bad candidates")] = True,
+    device: Annotated[Device, typer.Option(help="where the bundle runs")] = Device.cpu,
+    dtype: Annotated[DType, typer.Option(help="bundle precision")] = DType.fp32,
 ) -> None:
-    """Synthetic discriminator labels: good removals (GT and mild variants) and failures (source left in,
-    partial removal, blurred or smeared fills, re-drawn text)."""
-    from .training.disc_labels import make_disc_labels
+    """Discriminator labels: good removals (GT and mild variants) and failures (source left in, partial removal,
+    blurred or smeared fills, re-drawn text); with --bundle also the bundle's own removals and Telea fills,
+    good when in-mask PSNR, SSIM and colour cast agree with the GT. Resumes an interrupted run."""
+    import json
 
-    _say(f"wrote {make_disc_labels(meta, out, per_item=per_item, seed=seed, positive_fraction=positive_fraction, limit=limit)}")
+    from .training.disc_labels import make_disc_labels, summarize_labels
+
+    path = make_disc_labels(meta, out, per_item=per_item, seed=seed, positive_fraction=positive_fraction, limit=limit,
+                            bundle=bundle, removals_per_item=removals_per_item, psnr_good=psnr_good,
+                            ssim_good=ssim_good, max_cast=max_cast, balance=balance, device=device.value,
+                            dtype=dtype.value)
+    for kind, row in summarize_labels(json.loads(path.read_text())).items():
+        median = row["psnr_mask_db_median"]
+        _say(f"{kind:9s} {row['n']:6d} candidates, {row['good']:6d} good"
+             + ("" if median is None else f", median in-mask PSNR {median:.1f} dB"))
+    _say(f"wrote {path}")
 
 
 @app.command()

@@ -116,7 +116,7 @@ def test_quality_metrics(gated_bundle: Path, synth_data: Path, tmp_path: Path) -
     assert quality.psnr(b, a, m) == pytest.approx(20 * np.log10(255 / 10)) and quality.psnr(b, a, ~m) == 100.0
 
     report = quality.run_quality(synth_data, engines=["torch", "opencv"], bundle=gated_bundle, limit=3)
-    assert report["n"] == 3 and set(report["summary"]) == {"identity", "telea", "torch", "opencv", "gt"}
+    assert report["n"] == 3 and set(report["summary"]) == {"identity", "telea", "vae_ceiling", "torch", "opencv", "gt"}
     items = read_meta([synth_data])[:3]
     for row, item in zip(report["items"], items):
         src = imaging.decode_image(item.source).rgb
@@ -138,6 +138,78 @@ def test_quality_metrics(gated_bundle: Path, synth_data: Path, tmp_path: Path) -
     md = quality.to_markdown(report, "cmd")
     assert "| leave as is |" in md and "| cleanplate, torch engine |" in md
     assert quality.plot(report, tmp_path / "q")[0].read_bytes()[:8] == PNG_MAGIC
+
+
+# -- the quality gate --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gate_labels(gated_bundle: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Held-out labelled candidates of 3 synthetic items: anchors, Telea, 2 removals, 1 synthetic each."""
+    from cleanplate.training.disc_labels import make_disc_labels
+
+    return make_disc_labels([synth_data], tmp_path_factory.mktemp("gate") / "labels", bundle=gated_bundle,
+                            removals_per_item=2, per_item=1, seed=3, limit=3, psnr_good=20.0, ssim_good=0.5)
+
+
+def test_gate_report(gated_bundle: Path, gate_labels: Path, tmp_path: Path) -> None:
+    from scipy.stats import spearmanr
+
+    from cleanplate import imaging
+    from cleanplate.benchmarks import discriminator
+    from cleanplate.pipeline import RemovalPipeline
+    from cleanplate.remover import ScoreRequest, score_batch
+
+    entries = json.loads(gate_labels.read_text())
+    report = discriminator.run_gate(gate_labels, bundle=gated_bundle, batch_size=3)
+    assert report["harness"] == "gate" and report["n"] == len(entries) == 3 * 6
+    items, t = report["items"], report["threshold"]
+    assert t == 0.5 and [r["label_kind"] for r in items] == [e["label_kind"] for e in entries]
+    # each score is the gateway's: the production scoring path on that one candidate
+    pipe = RemovalPipeline.from_bundle(gated_bundle)
+    e = entries[4]
+    one = score_batch(pipe, [ScoreRequest(imaging.decode_image(gate_labels.parent / e["source"]),
+                                          imaging.decode_image(gate_labels.parent / e["GT"]),
+                                          imaging.decode_mask(gate_labels.parent / e["mask"]))])[0]
+    assert items[4]["score"] == pytest.approx(one, abs=1e-6)
+    scores = np.array([r["score"] for r in items])
+    labels = np.array([r["label"] for r in items]) == 1
+    pairs = [(p > n) + 0.5 * (p == n) for p in scores[labels] for n in scores[~labels]]
+    assert report["summary"]["roc_auc"] == pytest.approx(np.mean(pairs))
+    assert list(report["by_kind"])[:4] == ["gt", "source", "telea", "removal"]
+    for kind, row in report["by_kind"].items():
+        mine = [r for r in items if r["label_kind"] == kind]
+        assert row["n"] == len(mine) and row["good"] == sum(r["label"] for r in mine)
+        assert row["pass_rate"] == pytest.approx(np.mean([r["score"] >= t for r in mine]))
+    removal = [r for r in items if r["label_kind"] == "removal"]
+    rho = spearmanr([r["score"] for r in removal], [r["psnr_mask_db"] for r in removal]).statistic
+    assert report["removal_spearman"]["n"] == 6 and report["removal_spearman"]["psnr"] == pytest.approx(rho)
+    targets = {row["name"]: row for row in report["targets"]}
+    gt_row = targets["GT pass rate"]
+    assert gt_row["value"] == report["by_kind"]["gt"]["pass_rate"] and gt_row["met"] == (gt_row["value"] >= 0.9)
+    md = discriminator.to_markdown(report, "cleanplate bench gate X")
+    assert "| removal | 6 |" in md and "| source pass rate |" in md and "Spearman" in md
+    assert report["labels"]["removals_per_item"] == 2 and "2 removals per item by" in md  # how they were made
+    assert discriminator.plot(report, tmp_path / "g")[0].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_gate_writes_reports_and_report_rebuilds_them(cli, gated_bundle: Path, gate_labels: Path,
+                                                          tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "res" / "gate"
+    r = cli("bench", "gate", gate_labels, "--bundle", gated_bundle, "--limit", 12, "--out", out)
+    assert r.code == 0, r.err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["n"] == 12 and report["command"].startswith("cleanplate bench gate")
+    md = out.with_suffix(".md").read_text()
+    assert md in r.out and out.with_suffix(".png").exists()
+    out.with_suffix(".md").unlink()
+    out.with_suffix(".png").unlink()
+    r = cli("bench", "report", out.with_suffix(".json"))
+    assert r.code == 0, r.err
+    assert out.with_suffix(".md").read_text() == md and out.with_suffix(".png").exists()
+    for args, message in ((["/no/such/meta.json"], "meta.json"), ([gate_labels, "--limit", 0], "limit"),
+                          ([gate_labels, "--bundle", tiny_bundle], "discriminator")):
+        r = cli("bench", "gate", *args, "--out", tmp_path / "bad" / "x")
+        assert r.code == 2 and r.err.startswith("error: ") and message in r.err, r.err
+        assert not (tmp_path / "bad").exists()
 
 
 # -- load --------------------------------------------------------------------------------------------------

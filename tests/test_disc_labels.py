@@ -14,6 +14,7 @@ from cleanplate.training import disc_labels as disc
 from cleanplate.training.common import read_meta
 from PIL import Image
 
+from cleanplate import imaging
 from cleanplate.errors import InputError
 
 N_ITEMS, PER_ITEM, SIZE = 8, 8, 64
@@ -88,9 +89,11 @@ def test_output_shape_and_fields(run):
     assert Counter(e["item"] for e in entries) == {i: PER_ITEM for i in range(N_ITEMS)}
     kinds = disc.label_kinds()
     for e in entries:
-        assert set(e) == {"source", "mask", "GT", "score", "label_kind", "item"}
+        assert set(e) == {"source", "mask", "GT", "score", "label_kind", "item", "psnr_mask_db", "ssim_mask",
+                          "cast_mask"}
         assert e["score"] == kinds[e["label_kind"]]
     assert not list(meta.parent.glob("*.tmp")) and not list((meta.parent / "result").glob("*.tmp"))
+    assert (meta.parent / disc.JOURNAL).exists()
 
 
 def test_outside_mask_every_candidate_equals_source(run):
@@ -202,3 +205,158 @@ def test_limit_and_empty_masks_are_skipped(tmp_path: Path):
     only_empty = make_input(tmp_path / "in2", n=1, empty_mask_at=0)
     with pytest.raises(InputError):
         disc.make_disc_labels([only_empty], tmp_path / "out2")
+
+
+# -- metrics and the agreement rule --------------------------------------------------------------------------
+def test_mask_metrics_and_the_agreement_rule(photos) -> None:
+    from cleanplate.metrics import psnr, ssim
+
+    gt = np.ascontiguousarray(photos["astronaut"][:200, :240])
+    mask = np.zeros(gt.shape[:2], bool)
+    mask[60:110, 80:170] = True
+    shifted = gt.astype(int)
+    shifted[mask] += (0, 12, -5)  # a green cast over the fill
+    shifted = np.clip(shifted, 0, 255).astype(np.uint8)
+    m = disc.mask_metrics(shifted, gt, mask)
+    clipped = np.abs(shifted[mask].astype(float).mean(0) - gt[mask].astype(float).mean(0)).max()
+    assert m["cast_mask"] == pytest.approx(clipped, abs=0.01) and 11 < m["cast_mask"] <= 12
+    assert m["psnr_mask_db"] == pytest.approx(psnr(shifted, gt, mask), abs=1e-3)
+    # SSIM on the mask's box equals the whole image's map inside the mask
+    assert m["ssim_mask"] == pytest.approx(ssim(shifted, gt, mask)[0], abs=1e-4)
+    # high PSNR and SSIM, yet the cast is visible: the rule says bad unless the cast limit allows it
+    assert m["psnr_mask_db"] > 24 and m["ssim_mask"] > 0.7
+    assert not disc.agrees_with_gt(m) and disc.agrees_with_gt(m, max_cast=12.0)
+    same = disc.mask_metrics(gt, gt, mask)
+    assert same == {"psnr_mask_db": 100.0, "ssim_mask": 1.0, "cast_mask": 0.0} and disc.agrees_with_gt(same)
+    assert not disc.agrees_with_gt(same, psnr_good=100.5)
+
+
+# -- labels from the bundle's own removals -------------------------------------------------------------------
+K, SYN = 2, 3  # removals and synthetic candidates per item
+RULE = {"psnr_good": 20.0, "ssim_good": 0.5, "max_cast": 8.0}
+
+
+@pytest.fixture(scope="module")
+def real(synth_data: Path, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(meta path, entries, input triplets) of 4 synthetic 64 px items with the tiny bundle's removals."""
+    out = tmp_path_factory.mktemp("real") / "a"
+    meta = disc.make_disc_labels([synth_data], out, bundle=tiny_bundle, removals_per_item=K, per_item=SYN, seed=7,
+                                 limit=4, **RULE)
+    return meta, json.loads(meta.read_text()), read_meta([synth_data])
+
+
+def test_real_candidates_of_each_kind_in_order(real) -> None:
+    meta, entries, triplets = real
+    assert {e["item"] for e in entries} == {0, 1, 2, 3}
+    for i in range(4):
+        kinds = [e["label_kind"] for e in entries if e["item"] == i]
+        assert kinds[:3 + K] == ["gt", "source", "telea"] + ["removal"] * K
+        synthetic = kinds[3 + K:]
+        assert len(synthetic) == SYN and "gt" not in synthetic  # anchors are not drawn again
+        assert set(synthetic) <= set(disc.label_kinds())
+        assert [e["seed"] for e in entries if e["item"] == i and e["label_kind"] == "removal"] == [7, 8]
+    assert [e["GT"] for e in entries] == [f"result/{n:06d}.png" for n in range(len(entries))]
+
+
+def test_removals_and_telea_are_the_production_outputs(real, tiny_bundle: Path) -> None:
+    from cleanplate.metrics import telea
+    from cleanplate.pipeline import RemovalPipeline
+    from cleanplate.remover import remove
+
+    meta, entries, triplets = real
+    pipe = RemovalPipeline.from_bundle(tiny_bundle)
+    t = triplets[1]
+    src = load(t.source)
+    mask = np.asarray(Image.open(t.mask)) > 127
+    image = imaging.decode_image(t.source)
+    for e in (e for e in entries if e["item"] == 1):
+        cand = load(meta.parent / e["GT"])
+        if e["label_kind"] == "removal":
+            expected = imaging.to_rgb8(remove(pipe, image, mask, seed=e["seed"]).pixels)
+            assert np.abs(cand.astype(int) - expected).max() <= 1  # batch of K vs one: float rounding only
+        elif e["label_kind"] == "telea":
+            assert np.array_equal(cand, telea(src, mask))
+        elif e["label_kind"] == "gt":
+            assert np.array_equal(cand, load(t.gt))
+        elif e["label_kind"] == "source":
+            assert np.array_equal(cand, src)
+
+
+def test_labels_follow_the_recorded_metrics(real) -> None:
+    from cleanplate.metrics import psnr
+
+    meta, entries, triplets = real
+    metric = [e for e in entries if e["label_kind"] in disc.METRIC_KINDS]
+    assert len(metric) == 4 * (1 + K)
+    for e in entries:
+        t = triplets[e["item"]]
+        cand, gt = load(meta.parent / e["GT"]), load(t.gt)
+        mask = np.asarray(Image.open(t.mask)) > 127
+        assert e["psnr_mask_db"] == pytest.approx(psnr(cand, gt, mask), abs=1e-3)
+        good = e["psnr_mask_db"] >= RULE["psnr_good"] and e["ssim_mask"] >= RULE["ssim_good"] \
+            and e["cast_mask"] <= RULE["max_cast"]
+        if e["label_kind"] in disc.METRIC_KINDS:
+            assert e["score"] == int(good), e
+        else:
+            assert e["score"] == disc.label_kinds()[e["label_kind"]], e
+    # a random-weight bundle removes nothing well; Telea fills the smooth synthetic backgrounds well
+    assert {e["score"] for e in metric if e["label_kind"] == "removal"} == {0}
+    assert any(e["score"] for e in metric if e["label_kind"] == "telea")
+
+
+def test_synthetic_labels_balance_each_item(real) -> None:
+    _, entries, _ = real
+    for i in range(4):
+        rows = [e for e in entries if e["item"] == i]
+        real_scores = [e["score"] for e in rows if e["label_kind"] in disc.METRIC_KINDS]
+        synthetic = [e["score"] for e in rows[3 + K:]]
+        want = min(SYN, max(0, math.ceil((len(real_scores) + SYN) / 2) - sum(real_scores)))
+        assert sum(synthetic) == want, (i, real_scores, synthetic)
+
+
+def test_same_options_resume_to_the_same_files(real, synth_data: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    meta_a, _, _ = real
+    out = meta_a.parent.parent / f"resume-{tmp_path.name}"  # run A's sibling: the same relative input paths
+    kw = dict(bundle=tiny_bundle, removals_per_item=K, per_item=SYN, seed=7, **RULE)
+    disc.make_disc_labels([synth_data], out, limit=2, **kw)  # "killed" after two items
+    with open(out / disc.JOURNAL, "a") as f:
+        f.write('{"item": 2, "entries": [{"trunc')  # and mid-line
+    meta_b = disc.make_disc_labels([synth_data], out, limit=4, **kw)
+    assert meta_b.read_bytes() == meta_a.read_bytes()
+    for e in json.loads(meta_a.read_text()):
+        assert (out / e["GT"]).read_bytes() == (meta_a.parent / e["GT"]).read_bytes(), e
+    # a finished run is not redone: nothing is rewritten
+    before = {p: p.stat().st_mtime_ns for p in (out / "result").iterdir()}
+    disc.make_disc_labels([synth_data], out, limit=4, **kw)
+    assert {p: p.stat().st_mtime_ns for p in (out / "result").iterdir()} == before
+    # other thresholds: starts over, and every real candidate now fails
+    strict = json.loads(disc.make_disc_labels([synth_data], out, limit=4, **{**kw, "psnr_good": 99.0}).read_text())
+    assert {e["score"] for e in strict if e["label_kind"] in disc.METRIC_KINDS} == {0}
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"removals_per_item": 2}, "needs a bundle"),
+    ({"bundle": "B", "removals_per_item": 0}, "removals_per_item"),
+    ({"bundle": "B", "psnr_good": 0.0}, "psnr_good"),
+    ({"bundle": "B", "ssim_good": 1.5}, "ssim_good"),
+    ({"bundle": "B", "max_cast": -1.0}, "max_cast"),
+    ({"bundle": "B", "per_item": -1}, "per_item"),
+])
+def test_bad_real_options_raise(data_meta: Path, tiny_bundle: Path, tmp_path: Path, kw, message) -> None:
+    kw = {k: tiny_bundle if v == "B" else v for k, v in kw.items()}
+    with pytest.raises(InputError, match=message) as err:
+        disc.make_disc_labels([data_meta], tmp_path / "x", **kw)
+    assert err.value.code == "bad_option" and not (tmp_path / "x").exists()
+
+
+def test_cli_writes_real_labels_and_rejects_bad_options(cli, synth_data: Path, tiny_bundle: Path,
+                                                       tmp_path: Path) -> None:
+    r = cli("data", "disc-labels", "--meta", synth_data, "--out", tmp_path / "o", "--bundle", tiny_bundle,
+            "--removals-per-item", 1, "--per-item", 0, "--limit", 2)
+    assert r.code == 0, r.err
+    entries = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert [e["label_kind"] for e in entries] == ["gt", "source", "telea", "removal"] * 2
+    assert "removal" in r.err and "good" in r.err
+    r = cli("data", "disc-labels", "--meta", synth_data, "--out", tmp_path / "p", "--removals-per-item", 2)
+    assert r.code == 2 and r.err.strip().splitlines()[-1].startswith("error: ") and "bundle" in r.err
+    assert not (tmp_path / "p").exists()

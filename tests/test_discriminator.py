@@ -100,6 +100,62 @@ def test_calibrate_picks_the_lowest_threshold_reaching_the_precision() -> None:
         calibrate(np.array([0.1, 0.2]), np.array([1, 1]))
 
 
+def test_calibrate_serves_the_gt_and_source_targets() -> None:
+    """With gt/source kinds: the threshold lies where >= 90% of GT and <= 2% of sources pass, and is the one
+    with the largest Youden's J there; precision is still reported."""
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0.6, 1.0, 50)          # 50 GT: 90% pass at t <= their 10th percentile
+    source = rng.uniform(0.0, 0.5, 50)      # 50 sources: <= 1 may pass
+    good = rng.uniform(0.4, 0.9, 100)       # good removals, overlapping the bad ones
+    bad = rng.uniform(0.2, 0.7, 100)
+    scores = np.r_[gt, source, good, bad]
+    labels = np.r_[np.ones(50), np.zeros(50), np.ones(100), np.zeros(100)]
+    kinds = ["gt"] * 50 + ["source"] * 50 + ["removal"] * 200
+    cal = calibrate(scores, labels, kinds=kinds)
+    t = cal["threshold"]
+    assert cal["targets_met"] is True and cal["rule"].startswith("max Youden's J")
+    assert np.mean(gt >= t) >= 0.9 and np.mean(source >= t) <= 0.02
+    assert cal["gt_pass_rate"] == np.mean(gt >= t) and cal["source_pass_rate"] == np.mean(source >= t)
+    lo, hi = cal["interval"]
+    feasible = [u for u in np.unique(scores) if np.mean(gt >= u) >= 0.9 and np.mean(source >= u) <= 0.02]
+    assert (lo, hi) == (min(feasible), max(feasible)) and lo <= t <= hi
+
+    def youden(u: float) -> float:
+        return np.mean(scores[labels == 1] >= u) - np.mean(scores[labels == 0] >= u)
+
+    assert cal["youden_j"] == pytest.approx(youden(t)) and youden(t) == max(youden(u) for u in feasible)
+    passed = scores >= t
+    assert cal["precision"] == pytest.approx(labels[passed].mean()) and cal["recall"] == pytest.approx(
+        passed[labels == 1].mean())
+    # Youden's J does not depend on the share of good candidates: twice each good one, same threshold
+    pos = labels == 1
+    doubled = calibrate(np.r_[scores, scores[pos]], np.r_[labels, labels[pos]],
+                        kinds=kinds + [k for k, p in zip(kinds, pos) if p])
+    assert doubled["threshold"] == t and doubled["precision"] > cal["precision"]
+
+    # GT and source overlap: no threshold meets both targets; the source target wins
+    overlap = calibrate(np.r_[gt - 0.3, source], np.r_[np.ones(50), np.zeros(50)], kinds=["gt"] * 50 + ["source"] * 50)
+    assert overlap["targets_met"] is False and overlap["interval"] is None
+    assert overlap["source_pass_rate"] <= 0.02 and overlap["gt_pass_rate"] < 0.9
+    lowest = min(u for u in np.unique(np.r_[gt - 0.3, source]) if np.mean(source >= u) <= 0.02)
+    assert overlap["threshold"] == lowest
+    # without the kinds the precision rule applies as before
+    assert calibrate(scores, labels)["rule"].startswith("lowest threshold with precision")
+    assert calibrate(scores, labels)["targets_met"] is None
+    with pytest.raises(InputError, match="kinds"):
+        calibrate(scores, labels, kinds=kinds[:3])
+
+
+def test_roc_auc_and_spearman() -> None:
+    from cleanplate.training.discriminator import roc_auc, spearman
+
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert roc_auc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5  # ties count half
+    assert spearman([1, 2, 3, 4], [10, 20, 25, 100]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
 def _labelled_set(root: Path, n: int) -> Path:
     """A learnable toy problem: good = the masked square filled with the background, bad = a bright square."""
     rng = np.random.default_rng(0)

@@ -9,10 +9,19 @@ Data: RORem ``meta.json`` entries where ``GT`` is the *result being judged* and 
 (``cleanplate data disc-labels`` makes synthetic ones). Each item is cut exactly as serving cuts it: the
 mask is dilated, the context window around it is cropped and resized to the bundle resolution.
 
-Calibration: the scores are not probabilities, so after training the held-out split (``val_meta``) is
-scored and the pass threshold is the lowest score whose precision (share of real good removals among
-passes) reaches ``target_precision``; if none does, the F1-best one. The threshold and the report are
-stored with the discriminator in the bundle.
+Calibration (:func:`calibrate`): the scores are not probabilities, so after training the held-out split
+(``val_meta``, photos never trained on) is scored and the pass threshold chosen for the gate's two fixed
+points. When the split has ``gt`` and ``source`` candidates (``cleanplate data disc-labels --bundle`` gives
+every item one of each): the thresholds at which at least ``gt_pass_min`` (90%) of the GT passes and at
+most ``source_pass_max`` (2%) of the sources (nothing removed) pass form an interval, and the threshold in
+it with the largest Youden's J (TPR - FPR over all held-out candidates) is chosen. J does not depend on the
+share of good candidates, which the label generator's rebalancing moves, where F1 and precision do. If no
+threshold meets both targets, the lowest one with source pass <= ``source_pass_max`` is taken (passing an
+untouched overlay is the worse error: a failed GT goes to review, a passed source ships), and
+``targets_met`` is false. Without those kinds (e.g. human labels only) the rule is the earlier one: the
+lowest score whose precision reaches ``target_precision``, else the F1-best. Precision, recall, F1 and
+accuracy at the threshold are reported in every case; the threshold and the report are stored with the
+discriminator in the bundle.
 """
 
 from __future__ import annotations
@@ -50,7 +59,11 @@ class DiscriminatorConfig(TrainConfig):
     val_meta: list[Path] = Field(default_factory=list, description="held-out labelled meta.json for calibration")
     lora_rank: int = Field(4, ge=1, description="RORem uses 4")
     head_channels: int = Field(128, ge=8)
-    target_precision: float = Field(0.9, gt=0, le=1, description="precision of 'passed' the threshold must reach")
+    target_precision: float = Field(0.9, gt=0, le=1, description="without gt/source kinds in val_meta: precision "
+                                                                 "of 'passed' the threshold must reach")
+    gt_pass_min: float = Field(0.9, ge=0, le=1, description="share of held-out GT candidates that must pass")
+    source_pass_max: float = Field(0.02, ge=0, le=1, description="share of held-out source candidates (nothing "
+                                                                 "removed) that may pass")
     lr: float = 1e-4
     batch_size: int = 16
 
@@ -83,43 +96,86 @@ class DiscriminatorDataset(torch.utils.data.Dataset):
                 "mask": masks_to_tensor([mask])[0], "score": torch.tensor(float(item.score > 0.5))}
 
 
-def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 0.9) -> dict[str, Any]:
-    """Pick the pass threshold on held-out scores.
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC = P(score of a good > score of a bad), ties counted half (Mann-Whitney U / (n_pos n_neg)).
+
+    scores (N,) float, labels (N,) {0,1}. Raises InputError without both labels."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise InputError(f"ROC AUC needs both labels; got {n_pos} positives and {n_neg} negatives", code="bad_option")
+    ranks = _average_ranks(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 0.9, *,
+              kinds: Sequence[str | None] | None = None, gt_pass_min: float = 0.9,
+              source_pass_max: float = 0.02) -> dict[str, Any]:
+    """Pick the pass threshold on held-out scores (module docstring: the rule and why).
 
     Args:
-        scores: (N,) float in [0,1]; labels: (N,) {0,1}, 1 = good removal. "Passed" means ``score >= t``.
-        target_precision: the threshold is the lowest t whose precision >= this (the most recall at that
-            precision); if no t reaches it, the t with the best F1 ("rule" says which).
+        scores: (N,) float in [0,1]; labels: (N,) {0,1}, 1 = good removal. "Passed" means ``score >= t``;
+            the candidate thresholds are the distinct scores.
+        target_precision: the fallback rule's precision target (used without ``gt``/``source`` kinds).
+        kinds: (N,) ``label_kind`` per item (None entries allowed), or None.
+        gt_pass_min: share in [0,1] of ``gt`` items that must pass; source_pass_max: share of ``source``
+            items that may pass.
     Returns:
-        dict: threshold, rule, precision, recall, f1, accuracy at it, the same at 0.5, ROC AUC, counts.
+        dict: threshold, rule, targets_met (None for the fallback rule), precision, recall, f1, accuracy,
+        pass_rate, youden_j at it; gt_pass_rate / source_pass_rate and the feasible ``interval`` [lowest,
+        highest] (None when empty) with the kinds; the same metrics at 0.5 (``at_0.5``), roc_auc, n_pos, n_neg.
     Raises:
-        InputError: fewer than one item of either label.
+        InputError: fewer than one item of either label, or kinds of another length.
     """
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         raise InputError(f"calibration needs both labels; got {n_pos} positives and {n_neg} negatives",
                          code="bad_option")
+    kind = np.asarray([str(k) for k in kinds]) if kinds is not None else None
+    if kind is not None and kind.shape != scores.shape:
+        raise InputError(f"{len(kind)} kinds for {len(scores)} scores", code="bad_option")
+    gt = kind == "gt" if kind is not None else np.zeros_like(labels)
+    src = kind == "source" if kind is not None else np.zeros_like(labels)
 
-    def at(t: float) -> dict[str, float]:
+    def at(t: float) -> dict[str, Any]:
         passed = scores >= t
         tp = int((passed & labels).sum())
         precision = tp / max(1, int(passed.sum()))
         recall = tp / n_pos
         f1 = 2 * precision * recall / max(1e-12, precision + recall)
-        return {"threshold": float(t), "precision": precision, "recall": recall, "f1": f1,
-                "accuracy": float((passed == labels).mean()), "pass_rate": float(passed.mean())}
+        row = {"threshold": float(t), "precision": precision, "recall": recall, "f1": f1,
+               "accuracy": float((passed == labels).mean()), "pass_rate": float(passed.mean()),
+               "youden_j": recall - int((passed & ~labels).sum()) / n_neg}
+        if gt.any() and src.any():
+            row |= {"gt_pass_rate": float(passed[gt].mean()), "source_pass_rate": float(passed[src].mean())}
+        return row
 
-    candidates = [at(t) for t in np.unique(scores)]
-    reaching = [c for c in candidates if c["precision"] >= target_precision]
-    if reaching:
-        best, rule = min(reaching, key=lambda c: c["threshold"]), f"lowest threshold with precision >= {target_precision}"
+    candidates = [at(t) for t in np.unique(scores)]  # ascending thresholds
+    extra: dict[str, Any] = {}
+    if gt.any() and src.any():
+        gt_ok = [c for c in candidates if c["gt_pass_rate"] >= gt_pass_min]
+        src_ok = [c for c in candidates if c["source_pass_rate"] <= source_pass_max]
+        feasible = [c for c in gt_ok if c["source_pass_rate"] <= source_pass_max]
+        targets = f"GT pass >= {gt_pass_min:g}, source pass <= {source_pass_max:g}"
+        if feasible:
+            best = max(feasible, key=lambda c: (c["youden_j"], c["threshold"]))
+            rule, met = f"max Youden's J with {targets}", True
+        else:
+            # src_ok is empty only when sources hold the top scores: the highest threshold comes closest
+            best = src_ok[0] if src_ok else candidates[-1]
+            rule, met = f"lowest threshold with source pass <= {source_pass_max:g} ({targets} not reachable)", False
+        extra = {"targets_met": met, "interval": [feasible[0]["threshold"], feasible[-1]["threshold"]] if feasible
+                 else None, "gt_pass_min": gt_pass_min, "source_pass_max": source_pass_max}
     else:
-        best, rule = max(candidates, key=lambda c: c["f1"]), f"best F1 (precision {target_precision} not reachable)"
-    # ROC AUC = P(score_pos > score_neg) (Mann-Whitney U), ties counted half.
-    ranks = _average_ranks(scores)
-    auc = (ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return {**best, "rule": rule, "at_0.5": at(0.5), "roc_auc": float(auc), "n_pos": n_pos, "n_neg": n_neg}
+        reaching = [c for c in candidates if c["precision"] >= target_precision]
+        if reaching:
+            best, rule = reaching[0], f"lowest threshold with precision >= {target_precision}"
+        else:
+            best, rule = max(candidates, key=lambda c: c["f1"]), f"best F1 (precision {target_precision} not reachable)"
+        extra = {"targets_met": None}
+    return {**best, "rule": rule, **extra, "at_0.5": at(0.5), "roc_auc": roc_auc(scores, labels), "n_pos": n_pos,
+            "n_neg": n_neg}
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -147,11 +203,31 @@ def score_dataset(pipe: RemovalPipeline, disc: Discriminator, dataset: Discrimin
     return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
 
-def _kinds(meta: Sequence[Path]) -> list[str | None]:
-    kinds: list[str | None] = []
+def _entries(meta: Sequence[Path]) -> list[dict[str, Any]]:
+    """The raw entries of meta.json files, in :func:`read_meta` order (for label_kind and the metrics)."""
+    entries: list[dict[str, Any]] = []
     for path in meta:
-        kinds.extend(e.get("label_kind") for e in json.loads(Path(path).read_text()))
-    return kinds
+        entries.extend(json.loads(Path(path).read_text()))
+    return entries
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (``scipy.stats.spearmanr``; ties get average ranks); None for fewer than
+    3 pairs or a constant side."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+def pass_rates_by_kind(scores: np.ndarray, kinds: Sequence[str | None], threshold: float) -> dict[str, float]:
+    """Share of ``score >= threshold`` per label kind (sorted by kind)."""
+    by_kind: dict[str, list[bool]] = {}
+    for kind, s in zip(kinds, scores, strict=True):
+        by_kind.setdefault(str(kind), []).append(bool(s >= threshold))
+    return {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
 
 
 def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
@@ -204,14 +280,18 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             d = bundle.config.dilate_px
             val = DiscriminatorDataset(read_meta(cfg.val_meta), resolution, (d, d), flip=False)
             scores, labels = score_dataset(pipe, final, val)
-            calibration = calibrate(scores, labels, cfg.target_precision)
+            entries = _entries(cfg.val_meta)
+            kinds = [e.get("label_kind") for e in entries]
+            calibration = calibrate(scores, labels, cfg.target_precision, kinds=kinds if any(kinds) else None,
+                                    gt_pass_min=cfg.gt_pass_min, source_pass_max=cfg.source_pass_max)
             final.threshold = calibration["threshold"]
-            kinds = _kinds(cfg.val_meta)
             if any(kinds):
-                by_kind: dict[str, list[bool]] = {}
-                for kind, s in zip(kinds, scores, strict=True):
-                    by_kind.setdefault(str(kind), []).append(bool(s >= final.threshold))
-                calibration["pass_rate_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+                calibration["pass_rate_by_kind"] = pass_rates_by_kind(scores, kinds, final.threshold)
+            removals = [(s, e["psnr_mask_db"]) for s, e in zip(scores, entries, strict=True)
+                        if e.get("label_kind") == "removal" and e.get("psnr_mask_db") is not None]
+            if removals:  # does the gate rank the bundle's own removals as their agreement with GT does?
+                calibration["removal_spearman_psnr"] = spearman(*zip(*removals))
+                calibration["removal_n"] = len(removals)
         calibration.update({"train_items": len(items), "train_positives": n_pos, "steps": run.step,
                             "final_loss": run.final_loss,
                             "config": cfg.model_dump(mode="json")})
