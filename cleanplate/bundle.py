@@ -93,6 +93,9 @@ class BundleConfig(BaseModel):
         False, description="the fill is the conditioning image plus the decoded correction, x̃_s + D(ẑ) − D(E(x̃_s)) "
                            "(one more VAE decode): the VAE's reconstruction error of the conditioning image cancels, "
                            "so with masked_source telea a zero correction returns Telea's fill exactly")
+    residual_scale: float = Field(
+        1.0, ge=0.0, le=1.0, description="with decode_residual: the fill is x̃_s + s·(D(ẑ) − D(E(x̃_s))); s < 1 damps "
+                                         "the learned correction (calibrated on held-out photos, like the gate's threshold)")
     lcm_lora: Literal["none", "separate", "fused"] = "none"
     discriminator: bool = False
     provenance: dict[str, Any] = Field(default_factory=dict)

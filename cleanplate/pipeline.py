@@ -227,7 +227,8 @@ class RemovalPipeline:
                 change the result (``cleanplate bench latency`` synchronises the device and reads a clock in it).
         Returns:
             (B,3,R,R) float32 in [-1,1] on the pipeline device: the decoded latent, or with the bundle's
-            ``decode_residual`` the conditioning image plus the decoded correction x̃_s + D(ẑ) − D(E(x̃_s)).
+            ``decode_residual`` the conditioning image plus the decoded correction x̃_s + s·(D(ẑ) − D(E(x̃_s)))
+            (s = the bundle's ``residual_scale``).
             Outside the mask it is not the source, so callers composite it back
             (see :func:`cleanplate.remover.remove`).
         Raises:
@@ -260,7 +261,7 @@ class RemovalPipeline:
         if self.config.decode_residual:
             # x̃_s + D(ẑ) − D(E(x̃_s)): the VAE's reconstruction error of the conditioning image cancels
             fill, recon = self.decode(torch.cat([latents, masked_latents])).chunk(2)
-            images = (masked.float() + fill - recon).clamp(-1, 1)
+            images = (masked.float() + self.config.residual_scale * (fill - recon)).clamp(-1, 1)
         else:
             images = self.decode(latents)
         mark("vae_decode")

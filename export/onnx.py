@@ -365,6 +365,7 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
         "prediction_type": str(b.config.scheduler.get("prediction_type", "epsilon")),
         "masked_source": b.config.masked_source,
         "decode_residual": b.config.decode_residual,
+        "residual_scale": b.config.residual_scale,
         "graphs": {name: {"files": report.files[name], "inputs": [asdict(t) for t in specs[name].inputs],
                           "outputs": [asdict(t) for t in specs[name].outputs]} for name in wanted},
         "versions": {"torch": torch.__version__, "onnx_opset": opset},

@@ -173,6 +173,7 @@ def bls_config(name: str, manifest: dict[str, Any], opts: RepositoryOptions, gra
         params["masked_source"] = manifest.get("masked_source", "zero")
         params["prediction_type"] = manifest.get("prediction_type", "epsilon")
         params["decode_residual"] = str(int(bool(manifest.get("decode_residual", False))))
+        params["residual_scale"] = repr(float(manifest.get("residual_scale", 1.0)))
         params.update(removal or {})
     if manifest.get("threshold") is not None:
         params["threshold"] = manifest["threshold"]
@@ -261,7 +262,8 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
         scheduler = bundle_config.scheduler
         removal = {"masked_source": bundle_config.masked_source,
                    "prediction_type": str(scheduler.get("prediction_type", "epsilon")),
-                   "decode_residual": str(int(bundle_config.decode_residual))}
+                   "decode_residual": str(int(bundle_config.decode_residual)),
+                   "residual_scale": repr(float(bundle_config.residual_scale))}
         cond = NullConditioning.load(bundle_dir / NULL_CONDITIONING)
         for bls in (REMOVE_MODEL, SCORE_MODEL):
             if bls == SCORE_MODEL and "discriminator" not in graphs:

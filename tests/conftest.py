@@ -84,7 +84,8 @@ def make_tiny_gated_bundle(out: Path, resolution: int = 64) -> Path:
 
 
 def bundle_variant(src: Path, out: Path, *, prediction_type: str | None = None,
-                   masked_source: str | None = None, decode_residual: bool | None = None) -> Path:
+                   masked_source: str | None = None, decode_residual: bool | None = None,
+                   residual_scale: float | None = None) -> Path:
     """A copy of the bundle ``src`` at ``out`` (same weights) whose bundle.json says another
     ``scheduler.prediction_type``, ``masked_source`` and/or ``decode_residual``; validated by reading it back."""
     import json
@@ -100,6 +101,8 @@ def bundle_variant(src: Path, out: Path, *, prediction_type: str | None = None,
         config["masked_source"] = masked_source
     if decode_residual is not None:
         config["decode_residual"] = decode_residual
+    if residual_scale is not None:
+        config["residual_scale"] = residual_scale
     (out / BUNDLE_JSON).write_text(json.dumps(config, indent=2) + "\n")
     read_config(out)
     return out

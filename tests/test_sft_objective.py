@@ -173,3 +173,17 @@ def test_sft_keeps_the_best_evaluated_bundle(tiny_bundle: Path, synth_data: Path
     again = evaluate_removals(RemovalPipeline.from_bundle(load_bundle(cfg.out)), read_meta([synth_data])[:3])
     assert again["psnr_mask_db"] == pytest.approx(best["psnr_mask_db"], abs=1e-6)
     assert train_sft(cfg)["losses"] == []  # resumed at max_steps: nothing left to train
+
+
+def test_residual_scale_damps_the_correction(tiny_bundle: Path) -> None:
+    """residual_scale s gives x̃_s + s·(D(ẑ) − D(E(x̃_s))): the correction at s is s times the one at 1."""
+    source, mask = _batch()
+    sched = {**read_config(tiny_bundle).scheduler, "prediction_type": "sample"}
+    outs = {}
+    for s in (1.0, 0.5, 0.0):
+        pipe = _pipe(tiny_bundle, scheduler=sched, masked_source="telea", decode_residual=True, residual_scale=s)
+        outs[s] = pipe(source, mask, seeds=[0, 1], steps=2)
+    prefill = pipe.masked_image(source, mask)
+    inside = (outs[1.0].abs() < 0.99) & (prefill.abs() < 0.99)  # where no clamp acted
+    torch.testing.assert_close((outs[0.5] - prefill)[inside], 0.5 * (outs[1.0] - prefill)[inside], atol=1e-5, rtol=0)
+    torch.testing.assert_close(outs[0.0], prefill, atol=1e-6, rtol=0)

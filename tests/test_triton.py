@@ -115,13 +115,13 @@ def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, 
 
 # Bundles that predict each kind of output and fill the masked source with Telea (and one with zero fill):
 # (prediction_type, masked_source). Adjacent pairs differ in one of the two.
-# (prediction_type, masked_source, decode_residual)
-VARIANTS = (("epsilon", "telea", False), ("v_prediction", "telea", False), ("sample", "telea", False),
-            ("sample", "zero", False), ("sample", "telea", True))
+# (prediction_type, masked_source, decode_residual with this residual_scale, or None)
+VARIANTS = (("epsilon", "telea", None), ("v_prediction", "telea", None), ("sample", "telea", None),
+            ("sample", "zero", None), ("sample", "telea", 1.0), ("sample", "telea", 0.4))
 
 
-def _variant_model(prediction_type: str, fill: str, residual: bool) -> str:
-    return f"cleanplate_remove_{prediction_type}_{fill}" + ("_residual" if residual else "")
+def _variant_model(prediction_type: str, fill: str, residual: float | None) -> str:
+    return f"cleanplate_remove_{prediction_type}_{fill}" + ("" if residual is None else f"_residual{round(residual * 100)}")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,8 @@ def variants(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path_fa
         prediction_type, fill, residual = variant
         name = _variant_model(*variant)
         bundles[variant] = bundle_variant(gated_bundle, root / name, prediction_type=prediction_type,
-                                          masked_source=fill, decode_residual=residual)
+                                          masked_source=fill, decode_residual=residual is not None,
+                                          residual_scale=residual)
         repo = root / f"repo_{name}"
         export_triton(bundles[variant], repo, opts, onnx_dir=gated_onnx)
         if i == 0:
@@ -159,8 +160,8 @@ def variants(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path_fa
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["_".join(map(str, v)) for v in VARIANTS])
-def test_triton_engine_follows_prediction_type_and_masked_source(variants, photos, variant: tuple[str, str, bool]
-                                                                 ) -> None:
+def test_triton_engine_follows_prediction_type_and_masked_source(variants, photos,
+                                                                 variant: tuple[str, str, float | None]) -> None:
     """For a bundle predicting ε, v or x0 with a Telea- or zero-filled masked source, with or without the
     residual decode, the Triton repository removes as the torch engine does; every other variant gives
     another removal, so the comparison sees the prediction type, the fill and the decode."""

@@ -6,8 +6,8 @@ masked source (:mod:`masked_source` with the bundle's fill, parameter ``masked_s
 ``x_s·(1-m)``, ``telea`` = the hole pre-filled by OpenCV Telea) -> ``vae_encoder`` -> N LCM steps
 (``unet`` + :mod:`sampling`; the UNet output is ε, x0 or v as each schedule step's ``prediction_type``
 says, from ``schedules.json``) -> ``vae_decoder`` (with parameter ``decode_residual`` = 1 the result is
-the masked source plus the decoded correction, x̃_s + D(ẑ) − D(E(x̃_s)), both latents decoded in one
-batch). Both modules are the torch engine's own, copied next to this file.
+the masked source plus the decoded correction, x̃_s + s·(D(ẑ) − D(E(x̃_s))) with s the parameter
+``residual_scale``, both latents decoded in one batch). Both modules are the torch engine's own, copied next to this file.
 
     inputs   image (B,R,R,3) UINT8 RGB, mask (B,R,R) UINT8 (nonzero = remove),
              seed (B,1) INT64 >= 0, steps (B,1) INT32 in 1..max_steps
@@ -51,6 +51,7 @@ class TritonPythonModel:
             self.max_steps = int(params["max_steps"])
             self.fill = params.get("masked_source", "zero")  # absent: the bundle default (RORem)
             self.residual = params.get("decode_residual", "0") == "1"
+            self.residual_scale = float(params.get("residual_scale", "1.0"))
             if self.fill not in MASKED_SOURCE_FILLS:
                 raise pb_utils.TritonModelException(f"masked_source must be one of {MASKED_SOURCE_FILLS}, "
                                                     f"got {self.fill!r}")
@@ -174,7 +175,8 @@ class TritonPythonModel:
             latent = lcm_step(step, latent, model_output, None if step.last else noise[k + 1]).astype(np.float32)
         if self.residual:  # x̃_s + D(ẑ) − D(E(x̃_s)), as RemovalPipeline: the VAE's error on the prefill cancels
             both = self._infer("vae_decoder", {"latent": np.concatenate([latent, masked_latent])}, "image")
-            decoded = np.clip(np.transpose(masked, (0, 3, 1, 2)) + both[:batch] - both[batch:], -1.0, 1.0)
+            correction = self.residual_scale * (both[:batch] - both[batch:])
+            decoded = np.clip(np.transpose(masked, (0, 3, 1, 2)) + correction, -1.0, 1.0)
         else:
             decoded = self._infer("vae_decoder", {"latent": latent}, "image")
         result = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
