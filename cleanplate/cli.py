@@ -153,6 +153,22 @@ def bundle_info(bundle: Annotated[Optional[Path], typer.Argument(help="bundle di
     typer.echo(read_config(bundle or default_bundle_path()).model_dump_json(indent=2))
 
 
+@bundle_app.command("tune")
+def bundle_tune(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory (its bundle.json is rewritten)")],
+    meta: Annotated[list[Path], typer.Option(help="held-out RORem meta.json (repeatable)")],
+    dilate_px: Annotated[list[int], typer.Option(help="serving dilations to try (repeatable)")],
+    residual_scale: Annotated[Optional[list[float]], typer.Option(help="residual scales to try (repeatable)")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="first N items of --meta")] = 24,
+) -> None:
+    """Pick the serving dilation and the residual scale with the best in-mask PSNR on held-out photos."""
+    from .training.sft import tune_bundle
+
+    best = tune_bundle(bundle, meta, dilations=dilate_px, scales=residual_scale or [1.0], limit=limit, say=_say)["best"]
+    _say(f"wrote {bundle}/bundle.json: dilate_px {best['dilate_px']}, residual_scale {best['residual_scale']:g} "
+         f"({best['psnr_mask_db']:.2f} dB in mask on {best['n']} items)")
+
+
 @data_app.command("synth")
 def data_synth(
     n: Annotated[int, typer.Option("--n", help="number of triplets")],

@@ -187,3 +187,27 @@ def test_residual_scale_damps_the_correction(tiny_bundle: Path) -> None:
     inside = (outs[1.0].abs() < 0.99) & (prefill.abs() < 0.99)  # where no clamp acted
     torch.testing.assert_close((outs[0.5] - prefill)[inside], 0.5 * (outs[1.0] - prefill)[inside], atol=1e-5, rtol=0)
     torch.testing.assert_close(outs[0.0], prefill, atol=1e-6, rtol=0)
+
+
+def test_tune_writes_the_best_dilation_and_scale(tiny_bundle: Path, synth_data: Path, tmp_path: Path) -> None:
+    from cleanplate.bundle import BUNDLE_JSON
+    from cleanplate.errors import InputError
+    from cleanplate.training.sft import tune_bundle
+
+    bundle = tmp_path / "b"
+    import shutil
+
+    shutil.copytree(tiny_bundle, bundle)
+    with pytest.raises(InputError, match="decode_residual"):
+        tune_bundle(bundle, [synth_data], dilations=[0], scales=[0.0, 1.0], limit=2)
+    config = json.loads((bundle / BUNDLE_JSON).read_text())
+    config.update(decode_residual=True, masked_source="telea", scheduler={**config["scheduler"], "prediction_type": "sample"})
+    (bundle / BUNDLE_JSON).write_text(json.dumps(config))
+    result = tune_bundle(bundle, [synth_data], dilations=[0, 2], scales=[0.0, 1.0], limit=2, say=lambda m: None)
+    assert len(result["grid"]) == 4
+    best = max(result["grid"], key=lambda r: r["psnr_mask_db"])
+    tuned = read_config(bundle)
+    assert (tuned.dilate_px, tuned.residual_scale) == (best["dilate_px"], best["residual_scale"])
+    assert tuned.provenance["tune"]["best"] == best
+    pipe = RemovalPipeline.from_bundle(bundle)
+    assert evaluate_removals(pipe, read_meta([synth_data])[:2])["psnr_mask_db"] == pytest.approx(best["psnr_mask_db"])

@@ -20,10 +20,16 @@ cleanplate data synth --n 100 --out runs/data/dev --seed 1000 --size 512 --dev
 # on the Telea-prefilled source, trained on cached latents and evaluated through the production path.
 cleanplate train vae --config training/configs/default_vae.json
 cleanplate train sft --config training/configs/default_sft.json
+# Serving dilation and the damping of the learned correction, picked on the validation set (not dev).
+cleanplate bundle tune runs/default/sft --meta runs/data/val/meta.json --limit 24 --dilate-px 0 --dilate-px 1 \
+  --dilate-px 2 --residual-scale 0 --residual-scale 0.25 --residual-scale 0.5 --residual-scale 0.75 --residual-scale 1
 
-# The quality gate, trained on the bundle's own removals, Telea fills, GT and synthetic corruptions.
-cleanplate data disc-labels --meta runs/data/train/meta.json --out runs/data/disc_train --per-item 1 --seed 0
-cleanplate data disc-labels --meta runs/data/val/meta.json --out runs/data/disc_val --per-item 4 --seed 1000
+# The quality gate, trained on the SFT bundle's own removals, Telea fills, GT/source anchors and synthetic
+# corruptions, labelled by agreement with the GT in the mask; calibrated on held-out photos (dev photos,
+# other overlays than dev).
+cleanplate data disc-labels --meta runs/data/train/meta.json --out runs/data/disc_train --bundle runs/default/sft --removals-per-item 2 --per-item 2 --seed 0 --limit 400
+cleanplate data synth --n 60 --out runs/data/dev_cal --seed 2000 --size 512 --dev
+cleanplate data disc-labels --meta runs/data/dev_cal/meta.json --out runs/data/disc_cal --bundle runs/default/sft --removals-per-item 4 --per-item 4 --no-balance --seed 2000
 cleanplate train discriminator --config training/configs/default_discriminator.json  # sft bundle + discriminator/
 rm -rf cleanplate/default_bundle
 cp -r runs/default/disc cleanplate/default_bundle

@@ -343,3 +343,39 @@ def train_sft(cfg: SFTConfig) -> dict:
             export(final, cfg.out, {"steps": run.step, "final_loss": run.final_loss})
     accelerator.end_training()
     return {"losses": run.losses, "evals": evals}
+
+
+def tune_bundle(bundle_dir: Path, meta: list[Path], *, dilations: list[int], scales: list[float], limit: int = 24,
+                say: Any = print) -> dict[str, Any]:
+    """Pick the bundle's serving ``dilate_px`` and ``residual_scale`` on held-out triplets and write them.
+
+    Every (dilation, scale) pair is judged by :func:`evaluate_removals` (the production path, seed 0) on the
+    first ``limit`` items of ``meta``; the pair with the highest mean in-mask PSNR is written into
+    ``bundle.json`` (atomically) with the whole grid under ``provenance.tune``. ``scales`` other than [1]
+    need ``decode_residual``. Returns {"grid": [...], "best": {...}}.
+    Raises InputError: empty grid, a scale outside [0, 1] or without decode_residual.
+    """
+    from cleanplate.bundle import BUNDLE_JSON, read_config
+
+    config = read_config(bundle_dir)
+    if not dilations or not scales or any(not 0 <= s <= 1 for s in scales) or any(d < 0 for d in dilations):
+        raise InputError("tune needs dilations >= 0 and scales in [0, 1]", code="bad_option")
+    if not config.decode_residual and scales != [1.0]:
+        raise InputError("residual_scale needs a bundle with decode_residual", code="bad_option")
+    pipe = RemovalPipeline.from_bundle(bundle_dir)
+    items = read_meta(meta)[:limit]
+    grid = []
+    for d in dilations:
+        for s in scales:
+            pipe.config = config.model_copy(update={"dilate_px": d, "residual_scale": s})
+            result = {"dilate_px": d, "residual_scale": s, **evaluate_removals(pipe, items)}
+            say(f"dilate {d} px, residual_scale {s:g}: PSNR in mask {result['psnr_mask_db']:.2f} dB, "
+                f"SSIM {result['ssim_mask']:.3f}")
+            grid.append(result)
+    best = max(grid, key=lambda r: r["psnr_mask_db"])
+    provenance = {**config.provenance, "tune": {"meta": [str(m) for m in meta], "limit": limit, "grid": grid,
+                                                "best": best}}
+    tuned = config.model_copy(update={"dilate_px": best["dilate_px"], "residual_scale": best["residual_scale"],
+                                      "provenance": provenance})
+    write_atomic(Path(bundle_dir) / BUNDLE_JSON, (json.dumps(tuned.model_dump(), indent=2) + "\n").encode())
+    return {"grid": grid, "best": best}
