@@ -80,7 +80,7 @@ def _torch_rep(pipe: Any, image_bytes: bytes | None, mask_bytes: bytes | None, b
     out = pipe(source, mask, seeds=[q.seed for q in reqs], steps=steps, on_stage=mark if instrument else None)
     crops = to_uint8_crops(out)
     mark("readback")
-    pixels = [composite(q, p, c) for q, p, c in zip(reqs, preps, crops)]
+    pixels = [composite(q, p, c, pipe.config.paste_prefill) for q, p, c in zip(reqs, preps, crops)]
     mark("composite")
     if gate:
         cut = [score_crops(q.image.rgb, imaging.to_rgb8(px), p.dilated, p.box, r) for q, p, px in zip(reqs, preps, pixels)]
@@ -139,7 +139,7 @@ async def _engine_rep(engine: Any, image_bytes: bytes, mask_bytes: bytes, batch:
     crops = await asyncio.gather(*[engine.inpaint(p.crop, p.crop_mask, seed=q.seed, steps=steps)
                                    for q, p in zip(reqs, preps)])
     clock.mark("model" if engine.name == "triton" else "inpaint")
-    pixels = [composite(q, p, c) for q, p, c in zip(reqs, preps, crops)]
+    pixels = [composite(q, p, c, engine.paste_prefill) for q, p, c in zip(reqs, preps, crops)]
     clock.mark("composite")
     if gate:
         cut = [score_crops(q.image.rgb, imaging.to_rgb8(px), p.dilated, p.box, r) for q, p, px in zip(reqs, preps, pixels)]

@@ -5,7 +5,7 @@ Methods, every one on the full-size image and judged the same way:
 
 * ``identity``: leave the image as it is (the floor; bit-exact everywhere by definition);
 * ``telea``: OpenCV's Telea inpainting (``cv2.inpaint``, radius 3) on the whole image with the mask as
-  given (the classical baseline of ``benchmarks/default_bundle.py``);
+  given (the classical baseline);
 * ``vae_ceiling``: the GT itself through the bundle's VAE (encode, decode) on the removal's context window,
   pasted back as a removal is: the best any fill of this bundle can score, since every fill is decoded by
   that VAE at that crop scale;

@@ -100,6 +100,13 @@ class BundleConfig(BaseModel):
     discriminator: bool = False
     provenance: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def paste_prefill(self) -> str | None:
+        """"telea" when the fill is Telea plus a learned correction (``masked_source`` telea with
+        ``decode_residual``): paste-back then adds the correction to a full-resolution Telea fill of the window
+        (:func:`cleanplate.remover.composite`); None otherwise."""
+        return "telea" if self.decode_residual and self.masked_source == "telea" else None
+
     @field_validator("scheduler")
     @classmethod
     def _known_prediction_type(cls, scheduler: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import torch
 
@@ -80,10 +81,44 @@ def prepare(req: RemovalRequest, resolution: int, default_dilate_px: int) -> Pre
     return Prepared(crop, crop_mask, box, dilated, dilate_px)
 
 
-def composite(req: RemovalRequest, prep: Prepared, result_crop: np.ndarray) -> np.ndarray:
+# Windows up to this many times the model side get the full-resolution prefill; larger ones (huge masks on
+# huge photos) paste the plain upsampled fill, which bounds Telea's time and memory.
+MAX_PREFILL_UPSCALE = 4
+
+
+def full_resolution_fill(req: RemovalRequest, prep: Prepared, result_crop: np.ndarray, prefill: str) -> np.ndarray:
+    """The fill of the whole window at source scale: the prefill computed there plus the model's correction.
+
+    For a bundle whose fill is its prefill plus a learned correction (``BundleConfig.paste_prefill``), the
+    model crop is ``P(crop) + Δ``. Upsampling that whole crop to a window larger than the model side blurs
+    the prefill too; instead the correction ``result_crop − P(crop)`` is upsampled (bilinear) and added to
+    ``P`` computed on the window at full resolution. At 1:1 scale this equals ``result_crop`` exactly.
+
+    Args:
+        result_crop: (R,R,3) uint8 model output for ``prep``; prefill: a :mod:`cleanplate.masked_source` fill.
+    Returns:
+        (S,S,3) uint8, S = ``prep.box.size``.
+    """
+    from .masked_source import masked_source
+
+    size, r = prep.box.size, result_crop.shape[0]
+    window, window_mask = imaging.crop_to_model(req.image.rgb, prep.dilated, prep.box, size)
+    full = masked_source(window[None], window_mask[None], prefill)[0]
+    small = masked_source(prep.crop[None], prep.crop_mask[None], prefill)[0]
+    correction = (result_crop.astype(np.float32) / 127.5 - 1.0) - small
+    if size != r:
+        correction = cv2.resize(correction, (size, size), interpolation=cv2.INTER_LINEAR)
+    return np.clip(np.round((full + correction + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def composite(req: RemovalRequest, prep: Prepared, result_crop: np.ndarray, prefill: str | None = None) -> np.ndarray:
     """Feathered paste-back of the (R,R,3) uint8 model output; native dtype/channels, bit-exact outside
-    the dilated mask (DESIGN.md step 5)."""
-    return imaging.paste_back(req.image, result_crop, prep.box, req.mask, prep.dilated,
+    the dilated mask (DESIGN.md step 5). With ``prefill`` (the engine's ``paste_prefill``) and a window of
+    at most :data:`MAX_PREFILL_UPSCALE` × R, the fill is :func:`full_resolution_fill`."""
+    fill = result_crop
+    if prefill is not None and result_crop.shape[0] < prep.box.size <= MAX_PREFILL_UPSCALE * result_crop.shape[0]:
+        fill = full_resolution_fill(req, prep, result_crop, prefill)
+    return imaging.paste_back(req.image, fill, prep.box, req.mask, prep.dilated,
                               feather_px=max(1.0, prep.dilate_px / 2))
 
 
@@ -121,7 +156,7 @@ def remove_batch(pipe: RemovalPipeline, requests: Sequence[RemovalRequest], *, m
     results = []
     for i, (req, prep) in enumerate(zip(requests, prepared, strict=True)):
         t2 = time.perf_counter()
-        pixels = composite(req, prep, outputs[i])
+        pixels = composite(req, prep, outputs[i], pipe.config.paste_prefill)
         timings = {"crop": crop_ms, "model": model_ms[i], "composite": (time.perf_counter() - t2) * 1000}
         results.append(RemovalResult(pixels, prep.box, prep.dilated, timings))
     return results

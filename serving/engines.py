@@ -53,6 +53,7 @@ class Engine(Protocol):
     default_dilate_px: int
     default_steps: int
     threshold: float | None  # calibrated gate threshold; None = no discriminator
+    paste_prefill: str | None  # the fill paste-back computes at full resolution (BundleConfig.paste_prefill)
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -195,6 +196,7 @@ class TorchEngine:
         self._bundle, self._device, self._dtype, self._threads = bundle, device, dtype, torch_threads
         config = read_config(bundle or default_bundle_path())  # fail fast on a bad path, before any load
         self.resolution, self.default_dilate_px, self.default_steps = config.resolution, config.dilate_px, config.steps
+        self.paste_prefill = config.paste_prefill
         self.threshold: float | None = None
         self.pipe: Any = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleanplate-model")
@@ -277,6 +279,7 @@ class OpenCVEngine:
     def __init__(self, *, radius: int = 5, resolution: int = 512, dilate_px: int = 8, workers: int = 2) -> None:
         self.radius, self.resolution, self.default_dilate_px, self.default_steps = radius, resolution, dilate_px, 1
         self.threshold: float | None = None
+        self.paste_prefill: str | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cleanplate-cv")
         self._running = 0
 

@@ -79,7 +79,7 @@ async def run_removal(engine: Engine, image: DecodedImage, mask: np.ndarray, opt
     for attempt in range(attempts):
         crop = await engine.inpaint(prep.crop, prep.crop_mask, seed=opts.seed + attempt, steps=steps)
         t = _add(timings, "model", t)
-        pixels = await to_thread.run_sync(composite, request, prep, crop)
+        pixels = await to_thread.run_sync(composite, request, prep, crop, engine.paste_prefill)
         t = _add(timings, "composite", t)
         if threshold is None:
             return Outcome(pixels, None, None, 1, None, opts.seed, timings)

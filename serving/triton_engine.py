@@ -56,6 +56,7 @@ class TritonEngine:
         self.health_interval_s = health_interval_s
         self.resolution, self.default_dilate_px, self.default_steps = 0, 0, 4
         self.threshold: float | None = None
+        self.paste_prefill: str | None = None
         self.buckets: list[int] = []
         self._client: Any = None
         self._mod: Any = None
@@ -93,6 +94,8 @@ class TritonEngine:
         self.buckets = [int(r) for r in params.get("buckets", str(self.resolution)).split(",")]
         self.default_steps = int(params["default_steps"])
         self.default_dilate_px = int(params["dilate_px"])
+        residual = params.get("decode_residual", "0") == "1"
+        self.paste_prefill = "telea" if residual and params.get("masked_source") == "telea" else None
         self.threshold = None
         if "threshold" in params and await self._client.is_model_ready(self.score_model):
             self.threshold = float(params["threshold"])

@@ -211,3 +211,35 @@ def test_tune_writes_the_best_dilation_and_scale(tiny_bundle: Path, synth_data: 
     assert tuned.provenance["tune"]["best"] == best
     pipe = RemovalPipeline.from_bundle(bundle)
     assert evaluate_removals(pipe, read_meta([synth_data])[:2])["psnr_mask_db"] == pytest.approx(best["psnr_mask_db"])
+
+
+def test_paste_back_adds_the_correction_to_a_full_resolution_prefill(photos) -> None:
+    """A window larger than the model side gets Telea computed at full resolution plus the upsampled
+    correction: a zero correction pastes full-resolution Telea, a 1:1 window pastes the model crop as is."""
+    from cleanplate.masked_source import masked_source
+    from cleanplate.remover import MAX_PREFILL_UPSCALE, composite
+
+    rgb = np.ascontiguousarray(photos["astronaut"])  # 512²
+    image = imaging.DecodedImage(rgb, None, "RGB", None, None, None)
+    big = np.zeros(rgb.shape[:2], bool)
+    big[100:400, 120:380] = True  # the window is larger than 128, so the crop is shrunk
+    req = RemovalRequest(image, big)
+    prep = prepare(req, 128, 0)
+    assert 128 < prep.box.size <= MAX_PREFILL_UPSCALE * 128
+    prefilled_crop = np.round((masked_source(prep.crop[None], prep.crop_mask[None], "telea")[0] + 1) * 127.5)
+    out = composite(req, prep, prefilled_crop.astype(np.uint8), "telea")
+    window, window_mask = imaging.crop_to_model(rgb, prep.dilated, prep.box, prep.box.size)
+    telea_full = np.round((masked_source(window[None], window_mask[None], "telea")[0] + 1) * 127.5).astype(np.uint8)
+    y0, x0 = prep.box.y0, prep.box.x0
+    inside = big[max(y0, 0):, max(x0, 0):][: telea_full.shape[0], : telea_full.shape[1]]
+    np.testing.assert_array_equal(out[max(y0, 0):, max(x0, 0):][: telea_full.shape[0], : telea_full.shape[1]][inside],
+                                  telea_full[max(-y0, 0):, max(-x0, 0):][: inside.shape[0], : inside.shape[1]][inside])
+    plain = composite(req, prep, prefilled_crop.astype(np.uint8))
+    assert np.abs(plain[big].astype(int) - out[big].astype(int)).mean() > 1  # the plain paste is the blurred one
+    small = np.zeros(rgb.shape[:2], bool)
+    small[200:230, 200:260] = True
+    req1 = RemovalRequest(image, small)
+    prep1 = prepare(req1, 128, 0)
+    assert prep1.box.size == 128
+    crop = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(composite(req1, prep1, crop, "telea"), composite(req1, prep1, crop))

@@ -174,6 +174,8 @@ def test_triton_engine_follows_prediction_type_and_masked_source(variants, photo
         await torch_engine.start()
         try:
             assert engines[variant].resolution == torch_engine.resolution == 64
+            expected_prefill = "telea" if variant[2] is not None and variant[1] == "telea" else None
+            assert engines[variant].paste_prefill == torch_engine.paste_prefill == expected_prefill
             for i, (name, crop, mask) in enumerate(_crops(photos, 64)):
                 steps = (4, 2, 1)[i]
                 ours, ref = await _both(engines[variant], torch_engine, crop, mask, seed=20 + i, steps=steps)
