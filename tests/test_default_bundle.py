@@ -19,11 +19,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_default_bundle_is_complete_and_small():
     root = default_bundle_path()
     config = read_config(root)
-    assert config.steps == 4 and config.lcm_lora in {"separate", "fused"}
+    # x0 prediction at the 4 served timesteps, conditioned on a Telea prefill whose correction it learns
+    assert config.steps == 4 and config.scheduler["prediction_type"] == "sample"
+    assert config.paste_prefill == "telea" and 0 <= config.residual_scale <= 1
     size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2**20
     assert size_mb < 50, f"default bundle is {size_mb:.1f} MB"
     provenance = config.provenance
-    assert "sft" in provenance and "lcm" in provenance, "bundle.json must record how it was trained"
+    assert "sft" in provenance and "tune" in provenance, "bundle.json must record how it was trained and tuned"
     bundle = load_bundle()  # no argument: the default
     assert bundle.unet.config.in_channels == 2 * bundle.vae.config.latent_channels + 1
 

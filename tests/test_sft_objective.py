@@ -203,11 +203,13 @@ def test_tune_writes_the_best_dilation_and_scale(tiny_bundle: Path, synth_data: 
     config = json.loads((bundle / BUNDLE_JSON).read_text())
     config.update(decode_residual=True, masked_source="telea", scheduler={**config["scheduler"], "prediction_type": "sample"})
     (bundle / BUNDLE_JSON).write_text(json.dumps(config))
-    result = tune_bundle(bundle, [synth_data], dilations=[0, 2], scales=[0.0, 1.0], limit=2, say=lambda m: None)
-    assert len(result["grid"]) == 4
+    result = tune_bundle(bundle, [synth_data], dilations=[0, 2], scales=[0.0, 1.0], steps=[1, 4], limit=2,
+                         say=lambda m: None)
+    assert len(result["grid"]) == 8
     best = max(result["grid"], key=lambda r: r["psnr_mask_db"])
     tuned = read_config(bundle)
-    assert (tuned.dilate_px, tuned.residual_scale) == (best["dilate_px"], best["residual_scale"])
+    assert (tuned.dilate_px, tuned.residual_scale, tuned.steps) == (best["dilate_px"], best["residual_scale"],
+                                                                    best["steps"])
     assert tuned.provenance["tune"]["best"] == best
     pipe = RemovalPipeline.from_bundle(bundle)
     assert evaluate_removals(pipe, read_meta([synth_data])[:2])["psnr_mask_db"] == pytest.approx(best["psnr_mask_db"])

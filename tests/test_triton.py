@@ -92,7 +92,8 @@ def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, 
         await torch_engine.start()
         try:
             assert engine.ready() and engine.resolution == torch_engine.resolution == 256
-            assert engine.default_steps == 4 and engine.default_dilate_px == 8
+            assert engine.default_steps == 4 and engine.default_dilate_px == torch_engine.default_dilate_px
+            assert engine.paste_prefill == torch_engine.paste_prefill
             assert engine.threshold == pytest.approx(torch_engine.threshold)
             for i, (name, crop, mask) in enumerate(_crops(photos, engine.resolution)):
                 steps = (4, 2, 1)[i]

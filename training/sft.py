@@ -345,15 +345,15 @@ def train_sft(cfg: SFTConfig) -> dict:
     return {"losses": run.losses, "evals": evals}
 
 
-def tune_bundle(bundle_dir: Path, meta: list[Path], *, dilations: list[int], scales: list[float], limit: int = 24,
-                say: Any = print) -> dict[str, Any]:
-    """Pick the bundle's serving ``dilate_px`` and ``residual_scale`` on held-out triplets and write them.
+def tune_bundle(bundle_dir: Path, meta: list[Path], *, dilations: list[int], scales: list[float],
+                steps: list[int] | None = None, limit: int = 24, say: Any = print) -> dict[str, Any]:
+    """Pick the bundle's serving ``dilate_px``, ``residual_scale`` and default ``steps`` on held-out triplets.
 
-    Every (dilation, scale) pair is judged by :func:`evaluate_removals` (the production path, seed 0) on the
-    first ``limit`` items of ``meta``; the pair with the highest mean in-mask PSNR is written into
+    Every (dilation, scale, steps) triple is judged by :func:`evaluate_removals` (the production path, seed 0)
+    on the first ``limit`` items of ``meta``; the one with the highest mean in-mask PSNR is written into
     ``bundle.json`` (atomically) with the whole grid under ``provenance.tune``. ``scales`` other than [1]
-    need ``decode_residual``. Returns {"grid": [...], "best": {...}}.
-    Raises InputError: empty grid, a scale outside [0, 1] or without decode_residual.
+    need ``decode_residual``; ``steps`` defaults to the bundle's. Returns {"grid": [...], "best": {...}}.
+    Raises InputError: empty grid, a scale outside [0, 1] or without decode_residual, steps outside 1..50.
     """
     from cleanplate.bundle import BUNDLE_JSON, read_config
 
@@ -362,20 +362,24 @@ def tune_bundle(bundle_dir: Path, meta: list[Path], *, dilations: list[int], sca
         raise InputError("tune needs dilations >= 0 and scales in [0, 1]", code="bad_option")
     if not config.decode_residual and scales != [1.0]:
         raise InputError("residual_scale needs a bundle with decode_residual", code="bad_option")
+    steps = steps or [config.steps]
+    if any(not 1 <= n <= 50 for n in steps):
+        raise InputError("steps must be in 1..50", code="bad_option")
     pipe = RemovalPipeline.from_bundle(bundle_dir)
     items = read_meta(meta)[:limit]
     grid = []
     for d in dilations:
         for s in scales:
-            pipe.config = config.model_copy(update={"dilate_px": d, "residual_scale": s})
-            result = {"dilate_px": d, "residual_scale": s, **evaluate_removals(pipe, items)}
-            say(f"dilate {d} px, residual_scale {s:g}: PSNR in mask {result['psnr_mask_db']:.2f} dB, "
-                f"SSIM {result['ssim_mask']:.3f}")
-            grid.append(result)
+            for n in steps:
+                pipe.config = config.model_copy(update={"dilate_px": d, "residual_scale": s, "steps": n})
+                result = {"dilate_px": d, "residual_scale": s, "steps": n, **evaluate_removals(pipe, items)}
+                say(f"dilate {d} px, residual_scale {s:g}, {n} steps: PSNR in mask {result['psnr_mask_db']:.2f} dB, "
+                    f"SSIM {result['ssim_mask']:.3f}")
+                grid.append(result)
     best = max(grid, key=lambda r: r["psnr_mask_db"])
     provenance = {**config.provenance, "tune": {"meta": [str(m) for m in meta], "limit": limit, "grid": grid,
                                                 "best": best}}
     tuned = config.model_copy(update={"dilate_px": best["dilate_px"], "residual_scale": best["residual_scale"],
-                                      "provenance": provenance})
+                                      "steps": best["steps"], "provenance": provenance})
     write_atomic(Path(bundle_dir) / BUNDLE_JSON, (json.dumps(tuned.model_dump(), indent=2) + "\n").encode())
     return {"grid": grid, "best": best}
