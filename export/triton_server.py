@@ -48,7 +48,7 @@ def setup_env(path: str | Path | None = None, *, python: str | None = None,
     """Create (or update) the Triton virtual environment at ``path`` with :data:`TRITON_ENV_PACKAGES`.
 
     Idempotent: a marker file records the package list, and a second call with the same list does
-    nothing. Needs the package registry (PyPI); about 450 MB. Raises TritonUnavailable when venv or
+    nothing. Needs the package registry (PyPI); about 580 MB. Raises TritonUnavailable when venv or
     pip fails (the message ends with pip's last lines).
     """
     say = progress or (lambda msg: None)

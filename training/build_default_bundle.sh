@@ -23,6 +23,8 @@ cleanplate train sft --config training/configs/default_sft.json
 # Serving dilation and the damping of the learned correction, picked on the validation set (not dev).
 cleanplate bundle tune runs/default/sft --meta runs/data/val/meta.json --limit 24 --dilate-px 0 --dilate-px 1 \
   --dilate-px 2 --residual-scale 0 --residual-scale 0.25 --residual-scale 0.5 --residual-scale 1
+cleanplate bundle tune runs/default/sft --meta runs/data/val/meta.json --limit 24 --dilate-px 0 \
+  --residual-scale 0 --residual-scale 0.25 --residual-scale 0.5 --steps 1 --steps 2 --steps 4
 
 # The quality gate, trained on the SFT bundle's own removals, Telea fills, GT/source anchors and synthetic
 # corruptions, labelled by agreement with the GT in the mask; calibrated on held-out photos (dev photos,
