@@ -19,8 +19,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_default_bundle_is_complete_and_small():
     root = default_bundle_path()
     config = read_config(root)
-    # x0 prediction at the 4 served timesteps, conditioned on a Telea prefill whose correction it learns
-    assert config.steps == 4 and config.scheduler["prediction_type"] == "sample"
+    # x0 prediction (1-4 sampler steps, tuned), conditioned on a Telea prefill whose correction it learns
+    assert 1 <= config.steps <= 4 and config.scheduler["prediction_type"] == "sample"
     assert config.paste_prefill == "telea" and 0 <= config.residual_scale <= 1
     size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2**20
     assert size_mb < 50, f"default bundle is {size_mb:.1f} MB"
@@ -45,12 +45,15 @@ def test_readme_example_removes_the_promo(tmp_path):
     assert result.size == source.size and result.mode == "RGB"
     dilated = imaging.dilate_mask(mask, read_config(default_bundle_path()).dilate_px)
     assert np.array_equal(result.pixels[~dilated], source.pixels[~dilated])
-    # The red "SALE" letters are gone: inside the mask, far fewer strongly red pixels remain.
-    def red(px: np.ndarray) -> np.ndarray:
-        px = px.astype(int)
-        return (px[..., 0] > 180) & (px[..., 1] < 90) & (px[..., 2] < 90)
-    assert red(result.pixels)[mask].sum() < 0.1 * red(source.pixels)[mask].sum()
+    # The promo is gone: against the photo it was stamped on (the example's GT, skimage's coffee), the
+    # removal is far closer inside the mask than the overlaid source (7 dB; the removal ~20 dB, Telea ~20 dB).
+    # (Counting red pixels does not work here: the saucer under "-30%" is red.)
+    from skimage import data
 
+    from cleanplate.metrics import psnr
+
+    gt = data.coffee()
+    assert psnr(result.pixels, gt, mask) > psnr(source.pixels, gt, mask) + 10
 
 @pytest.mark.parametrize("steps", [1, 4])
 def test_default_bundle_runs_any_step_count(steps):
