@@ -39,6 +39,9 @@ from cleanplate.training.rwd import RWDConfig, reward_weights, train_rwd
 
 RES = 64
 DEFAULT = default_bundle_path()
+# what the RL trainers write as lcm_lora when they start from the default bundle: its LCM-LoRA fused in, or
+# none when the default bundle has none (an x0 model trained at the served timesteps needs no LCM-LoRA)
+DEFAULT_MERGED = "none" if read_config(DEFAULT).lcm_lora == "none" else "fused"
 
 
 def _kw(meta: Path, out: Path, **kw) -> dict:
@@ -108,7 +111,7 @@ def test_stochastic_lcm_step_log_prob_is_the_gaussian_of_lcm_step() -> None:
 def test_step_distribution_reads_the_declared_prediction_type(prediction_type) -> None:
     """An x0- or v-model's sampler step has the same Gaussian as the ε-model predicting the same thing."""
     config = read_config(DEFAULT).scheduler
-    eps_steps = lcm_schedule(config, 4)
+    eps_steps = lcm_schedule({**config, "prediction_type": "epsilon"}, 4)
     steps = lcm_schedule({**config, "prediction_type": prediction_type}, 4)
     g = torch.Generator().manual_seed(0)
     x, eps = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
@@ -323,7 +326,7 @@ def test_dpo_implicit_accuracy_rises(pairs2, tmp_path) -> None:
     # on fixed (t, ε) draws the written policy prefers the preferred results more than the reference does
     eval_acc, eval_logit = _dpo_eval(out, pairs2, 5000.0)
     assert eval_acc >= 0.75 and eval_logit > 0
-    _assert_serves(out, "fused")  # the default bundle's LCM-LoRA stays fused in
+    _assert_serves(out, DEFAULT_MERGED)  # the default bundle's LCM-LoRA (if any) stays fused in
     b = load_bundle(out)
     torch.testing.assert_close(_unet_out(b.unet), seen["out"], rtol=1e-4, atol=1e-5)  # serves what was trained
     assert (_unet_out(load_bundle(DEFAULT).unet) - seen["out"]).abs().max() > 1e-4
@@ -434,14 +437,15 @@ def test_grpo_mean_reward_rises_on_a_monotone_toy_reward(items2, tmp_path) -> No
     assert all(math.isfinite(x) for x in result["log_prob_min"])
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.2
     assert max(result["ratio_max_dev"]) < 1e-3  # one update per rollout batch: on-policy, ratio 1
-    _assert_serves(out, "fused")
+    _assert_serves(out, DEFAULT_MERGED)
     # the served (fused, default-attention) bundle is brighter in the mask than the start, on fixed seeds
     ds = common.TripletDataset(common.read_meta([items2]), RES, flip=False)
     src, mask = torch.stack([ds[i]["source"] for i in range(2)]), torch.stack([ds[i]["mask"] for i in range(2)])
     before_bundle = load_bundle(DEFAULT)
-    before_bundle.config = before_bundle.config.model_copy(update={"resolution": RES, "steps": 2})
+    # residual_scale 1: judge the policy's own change, undamped by the default bundle's serving scale
+    before_bundle.config = before_bundle.config.model_copy(update={"resolution": RES, "steps": 2, "residual_scale": 1.0})
     after_bundle = load_bundle(out)
-    after_bundle.config = after_bundle.config.model_copy(update={"steps": 2})
+    after_bundle.config = after_bundle.config.model_copy(update={"steps": 2, "residual_scale": 1.0})
     before = _toy_brightness(RemovalPipeline.from_bundle(before_bundle)(src, mask, seeds=[0, 1]), src, mask)
     after = _toy_brightness(RemovalPipeline.from_bundle(after_bundle)(src, mask, seeds=[0, 1]), src, mask)
     assert after["toy"].mean() > before["toy"].mean() + 0.2
@@ -461,7 +465,7 @@ def test_grpo_composite_reward_matting_region_split_kl(items2, tmp_path) -> None
     assert all(math.isfinite(x) for x in result["losses"])
     assert all(k >= 0 and math.isfinite(k) for k in result["kl"]) and max(result["kl"]) > 0  # moved off the ref
     assert max(result["ratio_max_dev"]) > 0  # the second update of a batch is off-policy
-    _assert_serves(out, "fused")
+    _assert_serves(out, DEFAULT_MERGED)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "grpo_full.work" / "logs" / "grpo")).Reload()
@@ -577,7 +581,7 @@ def test_grpo_under_accelerate_launch_with_two_cpu_processes(items2, tmp_path) -
     assert read_config(out).provenance["grpo"]["num_processes"] == 2
     ckpt = tmp_path / "mp.work" / "checkpoints" / "step_2"
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
-    _assert_serves(out, "fused")
+    _assert_serves(out, DEFAULT_MERGED)
 
 
 @pytest.mark.parametrize(("name", "cls"), [("dpo", DPOConfig), ("rwd", RWDConfig), ("grpo", GRPOConfig)])
