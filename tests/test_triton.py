@@ -26,6 +26,7 @@ from cleanplate.serving.triton_engine import TritonEngine
 from conftest import bundle_variant, serve_in_thread
 from PIL import Image
 
+from cleanplate.bundle import default_bundle_path, read_config
 from cleanplate.imaging import decode_image, decode_mask, dilate_mask
 from cleanplate.remover import RemovalRequest, prepare
 
@@ -92,7 +93,8 @@ def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, 
         await torch_engine.start()
         try:
             assert engine.ready() and engine.resolution == torch_engine.resolution == 256
-            assert engine.default_steps == 4 and engine.default_dilate_px == torch_engine.default_dilate_px
+            assert engine.default_steps == torch_engine.default_steps
+            assert engine.default_dilate_px == torch_engine.default_dilate_px
             assert engine.paste_prefill == torch_engine.paste_prefill
             assert engine.threshold == pytest.approx(torch_engine.threshold)
             for i, (name, crop, mask) in enumerate(_crops(photos, engine.resolution)):
@@ -264,10 +266,10 @@ def test_gateway_with_triton_engine(triton: TritonServer, tmp_path: Path) -> Non
         done = _metric(metrics_after, "nv_inference_request_success", model) - \
             _metric(metrics_before, "nv_inference_request_success", model)
         assert done == calls, (model, done)
-    # each removal of 4 steps ran the UNet 4 times inside Triton (BLS -> unet)
+    # each removal of N steps (the bundle's default) ran the UNet N times inside Triton (BLS -> unet)
     unet_runs = _metric(metrics_after, "nv_inference_request_success", "unet") - \
         _metric(metrics_before, "nv_inference_request_success", "unet")
-    assert unet_runs == 3 * 4
+    assert unet_runs == 3 * read_config(default_bundle_path()).steps
 
 
 def _wait_readyz(url: str, status: int, timeout_s: float = 10.0) -> None:
