@@ -245,13 +245,13 @@ def test_deadline_is_504_and_the_server_recovers(gated_bundle: Path, coffee) -> 
     with serve_in_thread(create_app(s, engine=SlowEngine(gated_bundle, torch_threads=1))) as url:
         r = post_remove(url, png(img), png(mask.astype(np.uint8) * 255))
         assert r.status_code == 504 and r.json()["code"] == "deadline"
-        SlowEngine.delay_s = 0.0
-        time.sleep(0.6)  # the timed-out batch still holds the model thread until its delay ends
-        try:
-            ok = post_remove(url, png(img), png(mask.astype(np.uint8) * 255))
-        finally:
-            SlowEngine.delay_s = 0.5
-        assert ok.status_code == 200
+        # Recovery, not speed, is under test here: the next request gets a deadline no machine misses
+        # (the guard reads the setting per request), and must still be served while the timed-out
+        # batch may hold the model thread.
+        s.request_timeout_s = 60.0
+        ok = post_remove(url, png(img), png(mask.astype(np.uint8) * 255))
+        assert ok.status_code == 200, ok.text
+        assert metric(url, "cleanplate_requests_total", endpoint="/v1/remove", status="504") == 1
 
 
 def test_api_keys(gated_bundle: Path, coffee) -> None:
