@@ -267,7 +267,9 @@ def _selects(selector: Mapping[str, Any] | None, labels: Mapping[str, Any]) -> b
 def reference_errors(objects: list[Mapping[str, Any]]) -> list[str]:
     """Objects that point at nothing: a Service or PDB selecting no pods, a named port no container has,
     an HPA whose target is missing (or that fights a fixed ``replicas``), a ServiceMonitor selecting no
-    Service port, a ConfigMap volume or ``configMapKeyRef`` naming no ConfigMap of the render.
+    Service port, a ConfigMap volume or ``configMapKeyRef`` naming no ConfigMap of the render, a Downward
+    API ``resourceFieldRef`` naming no container of the pod or a limit its container does not set (the
+    kubelet would hand over the node's allocatable amount: the gateway's memory budget would follow the node).
 
     Secrets and PersistentVolumeClaims are not checked: they may live outside the chart
     (``gateway.auth.existingSecret``, the model repository's PVC and its object-storage credentials).
@@ -295,7 +297,9 @@ def reference_errors(objects: list[Mapping[str, Any]]) -> list[str]:
         if not _selects(dep["spec"]["selector"], pod["metadata"].get("labels", {})):
             errors.append(f"Deployment/{name}: selector does not match its pod template")
         ports = container_ports(pod)
-        for c in pod["spec"].get("containers", []) + pod["spec"].get("initContainers", []):
+        all_containers = pod["spec"].get("containers", []) + pod["spec"].get("initContainers", [])
+        by_name = {c["name"]: c for c in all_containers}
+        for c in all_containers:
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 port = c.get(probe, {}).get("httpGet", {}).get("port")
                 if port is not None and port not in ports:
@@ -306,6 +310,18 @@ def reference_errors(objects: list[Mapping[str, Any]]) -> list[str]:
                 if ref and ref["name"] not in configmaps:
                     errors.append(f"Deployment/{name}: env {env['name']} names ConfigMap {ref['name']}, "
                                   "not rendered")
+                field = env.get("valueFrom", {}).get("resourceFieldRef")
+                if field:
+                    target = field.get("containerName") or c["name"]
+                    kind, _, resource = field["resource"].partition(".")
+                    if target not in by_name:
+                        errors.append(f"Deployment/{name}: env {env['name']} reads {field['resource']} of "
+                                      f"container {target!r}, not in the pod")
+                    elif kind == "limits" and resource not in (by_name[target].get("resources", {})
+                                                               .get("limits") or {}):
+                        errors.append(f"Deployment/{name}: env {env['name']} reads {field['resource']} of "
+                                      f"container {target!r}, which sets no such limit (the node's "
+                                      "allocatable would be read)")
         for vol in pod["spec"].get("volumes", []):
             if "configMap" in vol and vol["configMap"]["name"] not in configmaps:
                 errors.append(f"Deployment/{name}: volume {vol['name']} names ConfigMap "

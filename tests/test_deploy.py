@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import httpx
@@ -52,6 +54,32 @@ def container(deployment: dict, name: str) -> dict:
 
 def gateway_config(objects: list[dict]) -> dict:
     return yaml.safe_load(one(objects, "ConfigMap", "gateway")["data"]["gateway.yaml"])
+
+
+_UNITS = {"": 1, "m": Fraction(1, 1000), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def mebibytes(quantity: str | int) -> int:
+    """A Kubernetes memory quantity in MiB, rounded up as the kubelet rounds it for a resourceFieldRef with
+    divisor 1Mi."""
+    number, unit = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", str(quantity)).groups()
+    return math.ceil(Fraction(number) * _UNITS[unit] / 2**20)
+
+
+def pod_env(c: dict) -> dict[str, str]:
+    """The container's environment as the pod will see it: plain values, and limits read through the
+    Downward API (resourceFieldRef with divisor 1Mi) resolved from the container's own resources."""
+    env = {}
+    for e in c["env"]:
+        field = e.get("valueFrom", {}).get("resourceFieldRef")
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif field:
+            kind, _, resource = field["resource"].partition(".")
+            assert field["containerName"] == c["name"] and kind == "limits" and field["divisor"] == "1Mi"
+            env[e["name"]] = str(mebibytes(c["resources"]["limits"][resource]))
+    return env
 
 
 # -- the chart -------------------------------------------------------------------------------------------
@@ -128,13 +156,17 @@ def test_gateway_settings_file_is_accepted_by_the_gateway(profile: str, tmp_path
         pytest.skip("this checkout's gateway has no triton engine yet (cleanplate.serving.settings)")
     path = tmp_path / "gateway.yaml"
     path.write_text(one(objects, "ConfigMap", "gateway")["data"]["gateway.yaml"])
-    env = {e["name"]: e["value"] for e in container(one(objects, "Deployment", "gateway"), "gateway")["env"]
-           if "value" in e and e["name"] != "CLEANPLATE_CONFIG"}
+    env = pod_env(container(one(objects, "Deployment", "gateway"), "gateway"))
+    env.pop("CLEANPLATE_CONFIG")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = load_settings(path)
     assert (settings.host, settings.port, settings.engine) == ("0.0.0.0", 8080, config["engine"])
     assert settings.request_timeout_s == config["request_timeout_s"]
+    if "memory_limit_mib" in Settings.model_fields:  # the memory budget's settings (issue 15)
+        assert settings.memory_limit_mib == int(env["CLEANPLATE_MEMORY_LIMIT_MIB"])
+        assert settings.memory_reserve_mib == int(env["CLEANPLATE_MEMORY_RESERVE_MIB"])
+        assert settings.memory_budget_mib is None
 
 
 def test_cpu_profile_triton_on_cpu_from_a_pvc() -> None:
@@ -230,6 +262,74 @@ def test_api_keys_from_a_chart_secret_or_an_existing_one(monkeypatch) -> None:
     assert ref == {"name": "shop-keys", "key": "api-keys"}
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_gateway_memory_budget_follows_its_own_limit(profile: str) -> None:
+    """CLEANPLATE_MEMORY_LIMIT_MIB is the gateway container's own limits.memory in MiB, through the Downward
+    API (no second copy of the limit in values); the reserve is the chart's default and no explicit budget is
+    set, so the gateway derives limit - reserve, which every profile keeps above 256 MiB."""
+    objects = render(profile)
+    c = container(one(objects, "Deployment", "gateway"), "gateway")
+    env = {e["name"]: e for e in c["env"]}
+    assert env["CLEANPLATE_MEMORY_LIMIT_MIB"] == {"name": "CLEANPLATE_MEMORY_LIMIT_MIB", "valueFrom": {
+        "resourceFieldRef": {"containerName": c["name"], "resource": "limits.memory", "divisor": "1Mi"}}}
+    chart_defaults = yaml.safe_load((deploy.CHART_DIR / "values.yaml").read_text())["gateway"]
+    assert chart_defaults["memoryReserveMiB"] == 1024 and chart_defaults["memoryBudgetMiB"] is None
+    assert env["CLEANPLATE_MEMORY_RESERVE_MIB"]["value"] == "1024"
+    assert "CLEANPLATE_MEMORY_BUDGET_MIB" not in env
+    resolved = pod_env(c)
+    assert int(resolved["CLEANPLATE_MEMORY_LIMIT_MIB"]) - 1024 > 256
+    assert deploy.reference_errors(objects) == []
+
+
+def test_memory_reserve_and_budget_render_as_set() -> None:
+    objects = render("default", gateway={"memoryReserveMiB": 1536, "memoryBudgetMiB": 2048})
+    env = pod_env(container(one(objects, "Deployment", "gateway"), "gateway"))
+    assert (env["CLEANPLATE_MEMORY_LIMIT_MIB"], env["CLEANPLATE_MEMORY_RESERVE_MIB"],
+            env["CLEANPLATE_MEMORY_BUDGET_MIB"]) == ("4096", "1536", "2048")
+    assert deploy.validate(objects) == []
+    # An explicit budget replaces limit - reserve: a 1 GiB pod may run with the default reserve then.
+    objects = render("cpu", gateway={"resources": {"limits": {"memory": "1Gi"}}, "memoryBudgetMiB": 512})
+    env = pod_env(container(one(objects, "Deployment", "gateway"), "gateway"))
+    assert (env["CLEANPLATE_MEMORY_LIMIT_MIB"], env["CLEANPLATE_MEMORY_BUDGET_MIB"]) == ("1024", "512")
+    # --set ...=null goes back to the derived budget.
+    objects = render("default", sets=("gateway.memoryBudgetMiB=null",), gateway={"memoryBudgetMiB": None})
+    assert "CLEANPLATE_MEMORY_BUDGET_MIB" not in pod_env(container(one(objects, "Deployment", "gateway"),
+                                                                   "gateway"))
+
+
+@pytest.mark.parametrize(("quantity", "mib"), [
+    ("4Gi", 4096), ("3000Mi", 3000), ("1.5Gi", 1536), ("3000000Ki", 2930), ("0.002Ti", 2098),
+    ("2G", 1908), ("2500M", 2385), ("2200000000000m", 2099), (3221225472, 3072),
+])
+def test_memory_limit_is_read_in_mib_as_the_kubelet_rounds(quantity: str | int, mib: int) -> None:
+    """The render's check reads limits.memory in any unit as the Downward API will (MiB, rounded up): the
+    derived budget mib - reserve must be more than 256, so a reserve of mib - 257 renders and mib - 256
+    fails."""
+    assert mebibytes(quantity) == mib
+    limit = {"resources": {"limits": {"memory": quantity}}}
+    render("default", gateway={**limit, "memoryReserveMiB": mib - 257})
+    with pytest.raises(InputError, match=re.escape(f"leaves 256 MiB for requests; the limit must exceed the "
+                                                   f"reserve + 256 MiB ({mib} MiB)")):
+        render("default", gateway={**limit, "memoryReserveMiB": mib - 256})
+
+
+def test_downward_api_references_are_checked() -> None:
+    """The validator catches a resourceFieldRef to another container, or to a limit the container lacks."""
+    objects = render("default")
+    c = container(one(objects, "Deployment", "gateway"), "gateway")
+    ref = next(e for e in c["env"]
+               if e["name"] == "CLEANPLATE_MEMORY_LIMIT_MIB")["valueFrom"]["resourceFieldRef"]
+    ref["containerName"] = "gatway"
+    assert any("CLEANPLATE_MEMORY_LIMIT_MIB" in e and "'gatway', not in the pod" in e
+               for e in deploy.reference_errors(objects))
+    ref["containerName"] = "gateway"
+    del c["resources"]["limits"]["memory"]
+    # Valid for the API server, yet the budget would follow the node's memory.
+    assert deploy.schema_errors(objects) == []
+    assert any("CLEANPLATE_MEMORY_LIMIT_MIB" in e and "sets no such limit" in e
+               for e in deploy.reference_errors(objects))
+
+
 def test_notes_tell_how_to_call_the_service() -> None:
     text = deploy.notes(deploy.render(deploy.load_values("default"), name="shop", namespace="cleaning"))
     assert "kubectl -n cleaning port-forward service/shop-cleanplate-gateway 8080:80" in text
@@ -253,6 +353,22 @@ def test_notes_tell_how_to_call_the_service() -> None:
     ("default", {"gateway": {"config": {"request_timeout_s": 300}}}, "gateway.terminationGracePeriodSeconds"),
     ("cpu", {"gateway": {"config": {"engine": "torch"}}}, "the gateway must use the triton engine"),
     ("default", {"trition": {"enabled": True}}, "additional properties 'trition' not allowed"),
+    # The gateway's memory budget (issue 15): a limit is required, and the budget must stay above 256 MiB.
+    ("default", {"gateway": {"resources": {"limits": None}}}, "gateway.resources.limits.memory is required"),
+    ("gpu", {"gateway": {"resources": {"limits": {"memory": None}}}},
+     "gateway.resources.limits.memory is required"),
+    ("cpu", {"gateway": {"resources": {"limits": {"memory": "1280Mi"}}}},
+     "gateway memory budget too small: gateway.resources.limits.memory (1280Mi = 1280 MiB) - "
+     "gateway.memoryReserveMiB (1024) leaves 256 MiB for requests"),
+    ("gpu", {"gateway": {"memoryReserveMiB": 1800}}, "gateway memory budget too small"),
+    ("default", {"gateway": {"resources": {"limits": {"memory": "1Gi"}}}}, "gateway memory budget too small"),
+    ("default", {"gateway": {"resources": {"limits": {"memory": "4GB"}}}},
+     'gateway.resources.limits.memory is "4GB": write a number with Ki, Mi, Gi or Ti'),
+    ("default", {"gateway": {"memoryBudgetMiB": 4096}}, "gateway.memoryBudgetMiB (4096) must be below"),
+    ("default", {"gateway": {"memoryBudgetMiB": 256}}, "/gateway/memoryBudgetMiB"),
+    ("default", {"gateway": {"memoryReserveMiB": 128}}, "/gateway/memoryReserveMiB"),
+    ("default", {"gateway": {"config": {"memory_budget_mib": 900}}},
+     "gateway.config.memory_budget_mib is set by"),
 ])
 def test_missing_or_wrong_value_fails(profile: str, values: dict, message: str) -> None:
     with pytest.raises(InputError, match=re.escape(message)):

@@ -77,6 +77,11 @@ app.kubernetes.io/part-of: cleanplate
 {{- fail (printf "gateway.config.%s is set by the chart (gateway.containerPort, gateway.auth), not here" $key) }}
 {{- end }}
 {{- end }}
+{{- range $key := list "memory_limit_mib" "memory_reserve_mib" "memory_budget_mib" }}
+{{- if hasKey $cfg $key }}
+{{- fail (printf "gateway.config.%s is set by the chart (gateway.resources.limits.memory, gateway.memoryReserveMiB, gateway.memoryBudgetMiB), not here" $key) }}
+{{- end }}
+{{- end }}
 {{- if .Values.triton.enabled }}
 {{- if and (hasKey $cfg "engine") (ne (toString $cfg.engine) "triton") }}
 {{- fail (printf "gateway.config.engine is %q but triton.enabled is true: the gateway must use the triton engine" (toString $cfg.engine)) }}
@@ -91,6 +96,38 @@ app.kubernetes.io/part-of: cleanplate
 {{- $_ := set $cfg "bundle" "/var/lib/cleanplate/bundle" }}
 {{- end }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/* A memory quantity in MiB, rounded up as the kubelet rounds a Downward API resourceFieldRef with divisor 1Mi:
+     (dict "quantity" "4Gi" "name" "gateway.resources.limits.memory"). A string with the suffix Ki, Mi, Gi, Ti,
+     k, M, G, T or m (milli), or a plain number of bytes; any other form fails the render rather than guess.
+     sprig's mulf/divf compute in decimal, so "1.5Gi" or "2G" convert exactly. */}}
+{{- define "cleanplate.mebibytes" -}}
+{{- $q := .quantity }}
+{{- $bytes := 0 }}
+{{- if kindIs "string" $q }}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T|m)?$" $q) }}
+{{- fail (printf "%s is %q: write a number with Ki, Mi, Gi or Ti (or k, M, G, T), e.g. 4Gi" .name $q) }}
+{{- end }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $factors := dict "" 1 "m" 0.001 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- $bytes = mulf $number (get $factors (trimPrefix $number $q)) }}
+{{- else if or (kindIs "float64" $q) (kindIs "int" $q) (kindIs "int64" $q) }}
+{{- $bytes = $q }}
+{{- else }}
+{{- fail (printf "%s is %v: write a quantity such as 4Gi" .name $q) }}
+{{- end }}
+{{- divf $bytes 1048576 | ceil | int64 }}
+{{- end }}
+
+{{/* The gateway container's memory limit in MiB, as CLEANPLATE_MEMORY_LIMIT_MIB will read it in the pod; fails
+     when none is set (the Downward API would then give the node's allocatable memory, not a limit). */}}
+{{- define "cleanplate.gateway.memoryLimitMiB" -}}
+{{- $memory := get (.Values.gateway.resources.limits | default dict) "memory" }}
+{{- if or (kindIs "invalid" $memory) (eq (toString $memory) "") }}
+{{- fail "gateway.resources.limits.memory is required: the gateway's memory budget follows it (CLEANPLATE_MEMORY_LIMIT_MIB, through the Downward API), and without a limit Kubernetes would report the node's whole allocatable memory" }}
+{{- end }}
+{{- include "cleanplate.mebibytes" (dict "quantity" $memory "name" "gateway.resources.limits.memory") }}
 {{- end }}
 
 {{/* Default spread: prefer one pod per node. */}}
