@@ -175,6 +175,29 @@ def load_cmd(
     _finish(report, out or Path("benchmarks/results/load"), load)
 
 
+@bench_app.command("memory")
+def memory_cmd(
+    megapixels: Annotated[float, typer.Option(help="size of the big photo")] = 40.0,
+    burst: Annotated[int, typer.Option(min=1, help="big uploads sent at once")] = 16,
+    soak_clients: Annotated[int, typer.Option(min=1, help="clients of ordinary traffic after the burst")] = 8,
+    soak_minutes: Annotated[float, typer.Option(help="length of the soak")] = 30.0,
+    soak_from: Annotated[float, typer.Option(help="minute of the soak that RSS growth is measured from")] = 5.0,
+    batch_items: Annotated[int, typer.Option(min=0, help="big photos for the batch phase (0: skip it)")] = 20,
+    batch_concurrency: Annotated[int, typer.Option(min=1, help="batch phase: --concurrency")] = 4,
+    batch_budget_mib: Annotated[int, typer.Option(min=16, help="batch phase: --memory-budget-mib")] = 1024,
+    bundle: BundleOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Gateway RSS through a burst of big uploads and a soak after it; the batch job's peak RSS on big photos."""
+    from . import memory
+
+    report = memory.run_memory(megapixels=megapixels, burst=burst, soak_clients=soak_clients,
+                               soak_minutes=soak_minutes, soak_from_minute=soak_from, batch_items=batch_items,
+                               batch_concurrency=batch_concurrency, batch_budget_mib=batch_budget_mib,
+                               bundle=str(bundle) if bundle else None, say=_say)
+    _finish(report, out or Path("benchmarks/results/memory"), memory)
+
+
 @bench_app.command("quality", cls=MultiValueCommand)
 def quality_cmd(
     set_dir: Annotated[Path, typer.Argument(help="a RORem set: a folder with meta.json, or the meta.json")],

@@ -56,6 +56,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import imaging
+from .admission import MiB, MemoryBudget, release_free_memory, removal_cost
 from .errors import CleanplateError, InputError
 
 log = logging.getLogger("cleanplate.batch")
@@ -407,7 +408,8 @@ class Inferred:
 
 
 class Backend(Protocol):
-    """Where the removal runs. ``load`` and ``finish`` are called on worker threads, ``infer`` on the
+    """Where the removal runs. ``cost`` (bytes an item holds in this process, from headers; see
+    :mod:`cleanplate.admission`), ``load`` and ``finish`` are called on worker threads, ``infer`` on the
     event loop (it must not block). ``has_gate`` is known after :meth:`start`."""
 
     name: str
@@ -415,6 +417,7 @@ class Backend(Protocol):
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
+    def cost(self, item: BatchItem, mask_channel: MaskChannel) -> int: ...
     def load(self, item: BatchItem, mask_channel: MaskChannel) -> Any: ...
     async def infer(self, item: BatchItem, loaded: Any, opts: ItemOptions) -> Inferred: ...
     def finish(self, item: BatchItem, loaded: Any, inferred: Inferred) -> bytes: ...
@@ -426,10 +429,22 @@ def _mask_array(item: BatchItem, image: imaging.DecodedImage, channel: MaskChann
         return imaging.mask_from_alpha(image)
     if channel == "luma":
         return imaging.decode_mask(item.mask)
-    decoded = imaging.decode_image(item.mask)
+    return _alpha_mask(item.mask)
+
+
+def _alpha_mask(path: Path) -> np.ndarray:
+    """(H,W) bool, True where a mask file's alpha is >= 50% (``--mask-channel alpha``)."""
+    decoded = imaging.decode_image(path)
     if decoded.alpha is None:
-        raise InputError(f"mask {item.mask} has no alpha channel (--mask-channel alpha)", code="no_alpha")
+        raise InputError(f"mask {path} has no alpha channel (--mask-channel alpha)", code="no_alpha")
     return decoded.alpha >= (int(np.iinfo(decoded.alpha.dtype).max) + 1) // 2
+
+
+def _file_size(path: Path | None) -> int:
+    try:
+        return 0 if path is None else path.stat().st_size
+    except OSError:
+        return 0  # unreadable: load() reports it
 
 
 @dataclass
@@ -454,6 +469,12 @@ class InProcessBackend:
 
     async def close(self) -> None:
         await self.engine.close()
+
+    def cost(self, item: BatchItem, mask_channel: MaskChannel) -> int:
+        """The removal's :func:`~cleanplate.admission.removal_cost` from the image's and the mask's headers."""
+        masks = () if item.mask is None else (imaging.read_header(item.mask),)
+        return removal_cost(imaging.read_header(item.image), extra_images=masks,
+                            encoded_bytes=_file_size(item.image) + _file_size(item.mask))
 
     def load(self, item: BatchItem, mask_channel: MaskChannel) -> _Loaded:
         image = imaging.decode_image(item.image)
@@ -557,6 +578,13 @@ class GatewayBackend:
         if self.client is not None:
             await self.client.aclose()
 
+    def cost(self, item: BatchItem, mask_channel: MaskChannel) -> int:
+        """The files and the response held here; the gateway decodes (under its own budget). An alpha
+        mask is decoded here to be sent as luma."""
+        alpha_mask = item.mask is not None and mask_channel == "alpha"
+        decoded = removal_cost(imaging.read_header(item.mask)) if alpha_mask else 0
+        return 2 * (_file_size(item.image) + _file_size(item.mask)) + decoded
+
     def load(self, item: BatchItem, mask_channel: MaskChannel) -> _Upload:
         try:
             raw = item.image.read_bytes()
@@ -566,7 +594,7 @@ class GatewayBackend:
         mask = None
         if item.mask is not None:
             if mask_channel == "alpha":  # the gateway reads luma; send the alpha as a white-on-black PNG
-                m = _mask_array(item, imaging.decode_image(raw), "alpha")
+                m = _alpha_mask(item.mask)
                 buf = io.BytesIO()
                 from PIL import Image
 
@@ -824,7 +852,7 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
                     review_dir: str | os.PathLike | None = None, retry_failed: bool = False,
                     mask_channel: MaskChannel = "luma", progress: Progress | None = None,
                     io_workers: int | None = None, handle_signals: bool = True,
-                    stop: asyncio.Event | None = None) -> BatchResult:
+                    stop: asyncio.Event | None = None, memory_budget_bytes: int = 1024 * MiB) -> BatchResult:
     """Clean ``items`` into ``out_dir``; see the module docstring for the layout, report and resume rules.
 
     Args:
@@ -839,6 +867,10 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
             engine, and return with ``stopped_by`` set; a second signal abandons the items in flight (their
             outputs are never half-written and they have no report line, so the next run does them).
         stop: set it to stop as a signal would (for callers that manage signals themselves).
+        memory_budget_bytes: working memory of the items in flight (decoded, in the engine, encoding),
+            charged by ``backend.cost`` before an item is read (:class:`cleanplate.admission.MemoryBudget`):
+            a catalog of 40 MP photos runs in a fixed amount of memory whatever the concurrency. An item
+            that alone exceeds it fails with "over_budget".
 
     Raises:
         InputError: concurrency < 1, another run holds ``out_dir``, an output name inside the review folder.
@@ -857,7 +889,8 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
                              f"folder; rename it or use --report/--review elsewhere", code="bad_option")
     result = BatchResult(total=len(items), report=report_file)
     run = _Run(backend, out, review, defaults or ItemOptions(), concurrency, mask_channel,
-               progress or Progress("off"), io_workers or min(8, concurrency + 1), stop or asyncio.Event(), result)
+               progress or Progress("off"), io_workers or min(8, concurrency + 1), stop or asyncio.Event(), result,
+               memory_budget_bytes)
     t_start = time.monotonic()
     with _exclusive(out), run.signals(handle_signals):
         _remove_stale_temp_files(out, *([review] if review_rel is None else []))
@@ -887,13 +920,16 @@ class _Run:
 
     def __init__(self, backend: Backend, out: Path, review: Path, defaults: ItemOptions, concurrency: int,
                  mask_channel: MaskChannel, progress: Progress, io_workers: int, stop: asyncio.Event,
-                 result: BatchResult) -> None:
+                 result: BatchResult, memory_budget_bytes: int) -> None:
         self.backend, self.out, self.review = backend, out, review
         self.defaults, self.concurrency, self.mask_channel = defaults, concurrency, mask_channel
         self.progress, self.io_workers, self.stop, self.result = progress, io_workers, stop, result
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{os.getpid()}"
         self.aborted: BatchAborted | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        # Every item in flight waits here, so the queue never refuses; the window semaphore bounds it.
+        self.budget = MemoryBudget(memory_budget_bytes, max_waiting=sys.maxsize,
+                                   on_drain=lambda: asyncio.get_running_loop().run_in_executor(None, release_free_memory))
 
     async def start_backend(self) -> bool:
         """Start the backend unless a signal comes first (a Triton engine waits for its server forever).
@@ -1006,20 +1042,25 @@ class _Run:
         try:
             if item.problem is not None:
                 raise InputError(item.problem[1], code=item.problem[0])
-            loaded = await self._thread(self.backend.load, item, self.mask_channel)
-            t = lap("load", t0)
-            async with self.engine_slots:
-                if self.stop.is_set():  # decoded but not started: left for the next run
-                    self.result.not_started += 1
-                    return
-                t = lap("queue", t)
-                opts = item.options.over(self.defaults)
-                inferred = await self.backend.infer(item, loaded, opts)
-            for stage, ms in inferred.timings_ms.items():
-                timings[stage] = round(ms, 2)
-            t = time.perf_counter()
-            data = await self._thread(self.backend.finish, item, loaded, inferred)
-            t = lap("encode", t)
+            cost = await self._thread(self.backend.cost, item, self.mask_channel)
+            async with self.budget.reserve(cost, f"item {item.key!r}"):
+                t = lap("admit", t0)
+                loaded = await self._thread(self.backend.load, item, self.mask_channel)
+                t = lap("load", t)
+                async with self.engine_slots:
+                    if self.stop.is_set():  # decoded but not started: left for the next run
+                        self.result.not_started += 1
+                        return
+                    t = lap("queue", t)
+                    opts = item.options.over(self.defaults)
+                    inferred = await self.backend.infer(item, loaded, opts)
+                for stage, ms in inferred.timings_ms.items():
+                    timings[stage] = round(ms, 2)
+                t = time.perf_counter()
+                data = await self._thread(self.backend.finish, item, loaded, inferred)
+                del loaded  # the budget is released below: free the pixels first
+                inferred.pixels = None
+                t = lap("encode", t)
             review = await self._thread(self._save, item, data, inferred)
             lap("write", t)
             record.update(status="ok", passed=inferred.passed, score=inferred.score, threshold=inferred.threshold,

@@ -404,6 +404,8 @@ def batch_run(
     report: Annotated[Optional[Path], typer.Option(help="report file (default OUTPUT/report.jsonl)")] = None,
     review: Annotated[Optional[Path], typer.Option(help="review folder (default OUTPUT/review)")] = None,
     concurrency: Annotated[int, typer.Option(help="items in the engine at once")] = 4,
+    memory_budget_mib: Annotated[int, typer.Option(min=16, help="working memory of the items in flight; items "
+                                                                "wait for it (a 40 MP photo needs ~440 MiB)")] = 1024,
     engine: Annotated[Optional[Engine], typer.Option(help="in-process engine (default torch)")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="bundle directory (default: the bundled model)")] = None,
     device: Annotated[Device, typer.Option(help="torch engine: where the model runs")] = Device.cpu,
@@ -431,6 +433,7 @@ def batch_run(
     copied to OUTPUT/review. Exit 0 all ok, 1 some items errored, 2 bad command, 130/143 stopped by a signal."""
     import asyncio
 
+    from .admission import MiB, tune_allocator
     from .batch import GatewayBackend, InProcessBackend, ItemOptions, Progress, load_items, run_batch
 
     if url and triton_url:
@@ -461,9 +464,11 @@ def batch_run(
                                      dtype=dtype.value, torch_threads=torch_threads, max_batch=max_batch,
                                      max_queue=max(64, 2 * concurrency))
         backend = InProcessBackend(make_engine(settings))
+    tune_allocator()
     result = asyncio.run(run_batch(items, backend, output, defaults=defaults, concurrency=concurrency,
                                    report_path=report, review_dir=review, retry_failed=retry_failed,
-                                   mask_channel=mask_channel.value, progress=Progress(progress.value)))
+                                   mask_channel=mask_channel.value, progress=Progress(progress.value),
+                                   memory_budget_bytes=memory_budget_mib * MiB))
     _say(result.line())
     raise typer.Exit(result.exit_code)
 

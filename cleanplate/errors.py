@@ -39,3 +39,14 @@ class ExportError(CleanplateError):
     """An export (ONNX, TensorRT, Triton repository) failed or does not match PyTorch; the CLI exits 1."""
 
     code = "export_failed"
+
+
+class QueueFull(CleanplateError):
+    """A bounded queue (the engine's, or requests waiting for memory) is full; retry after
+    ``retry_after_s`` seconds (HTTP 429 with Retry-After)."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

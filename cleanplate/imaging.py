@@ -231,6 +231,49 @@ def decode_image(data: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_M
                         exif=exif, icc_profile=icc if _icc_fits(icc, c) else None)
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding a pixel.
+
+    Attributes:
+        width, height: px, as stored (before EXIF orientation); channels: samples per pixel after
+            :func:`decode_image` (alpha included, 1..4); bytes_per_sample: 1 or 2; format: as Pillow names it.
+    """
+
+    width: int
+    height: int
+    channels: int
+    bytes_per_sample: int
+    format: str | None
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+_HEADER_CHANNELS = {"1": 1, "L": 1, "I;16": 1, "I;16L": 1, "I;16B": 1, "I;16N": 1, "I": 1, "F": 1, "LA": 2,
+                    "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "CMYK": 3}
+
+
+def read_header(data: bytes | str | os.PathLike) -> ImageHeader:
+    """The size and sample layout of an encoded image (bytes or a path) from its header alone.
+
+    Raises:
+        InputError: as :func:`decode_image` for data no decoder recognises or a corrupt header.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw, name = bytes(data), f"image ({len(data)} bytes)"
+    else:  # only the header is read, not the whole file
+        raw, name = b"", f"image {os.fspath(data)!r}"
+    with _decoding(name, raw):
+        with Image.open(io.BytesIO(raw) if raw else data) as im:
+            tile = im.tile[0].args if im.tile else None
+            rawmode = tile[0] if isinstance(tile, tuple) else tile
+            wide = im.mode.startswith("I") or (isinstance(rawmode, str) and ";16" in rawmode)
+            channels = _HEADER_CHANNELS.get(im.mode, 4)  # P, PA, RGBA, RGBa: up to RGBA
+            return ImageHeader(im.width, im.height, channels, 2 if wide else 1, im.format)
+
+
 def decode_mask(data: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a mask image of any mode to ``(H, W)`` bool (True = remove), EXIF orientation applied.
 
@@ -348,6 +391,34 @@ def _resize_square(img: np.ndarray, size: int, *, shrink: int = cv2.INTER_AREA,
     return cv2.resize(img, (size, size), interpolation=shrink if size < img.shape[0] else enlarge)
 
 
+class _Enlarged:
+    """Row strips of ``cv2.resize(img, (size, size), INTER_CUBIC)`` without the whole ``size``-square image.
+
+    The horizontal pass is one float ``cv2.resize`` to ``(R, size)``; the vertical pass is done per strip with
+    OpenCV's bicubic taps (A = -0.75, edge rows clamped; ``resize.cpp``). Equal to the uint8 ``cv2.resize``
+    up to OpenCV's fixed-point rounding (at most 1 level); memory is ``R x size`` floats plus one strip.
+    """
+
+    def __init__(self, img: np.ndarray, size: int, cols: tuple[int, int]) -> None:
+        wide = cv2.resize(img.astype(np.float32), (size, img.shape[0]), interpolation=cv2.INTER_CUBIC)
+        self.wide, self.size = np.ascontiguousarray(wide[:, cols[0]:cols[1]]), size
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start..stop-1`` (``(stop - start, cols, 3)`` uint8)."""
+        a, src = -0.75, self.wide.shape[0]
+        pos = (np.arange(start, stop, dtype=np.float64) + 0.5) * (src / self.size) - 0.5
+        base = np.floor(pos)
+        t = pos - base
+        taps = [((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+                ((a + 2) * t - (a + 3)) * t * t + 1,
+                ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1]
+        taps.append(1 - taps[0] - taps[1] - taps[2])
+        out = np.zeros((stop - start, *self.wide.shape[1:]), np.float32)
+        for k, w in enumerate(taps):
+            out += w.astype(np.float32)[:, None, None] * self.wide[np.clip(base.astype(np.int64) - 1 + k, 0, src - 1)]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def crop_to_model(rgb: np.ndarray, mask: np.ndarray, box: CropBox, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """Cut ``box`` out of ``rgb`` ``(H, W, 3)`` uint8 and ``mask`` ``(H, W)`` bool and resize to the model.
 
@@ -390,6 +461,17 @@ def feather_alpha(mask: np.ndarray, dilated: np.ndarray, feather_px: float) -> n
     return alpha
 
 
+_BLEND_ROWS = 256  # rows blended in float at a time by paste_back
+
+
+def _bbox(region: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | tuple[None, None]:
+    """Row and column bounds ``(first, last + 1)`` of the True pixels of a 2-D bool array, or (None, None)."""
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if rows.size == 0:
+        return None, None
+    return (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+
+
 def paste_back(image: DecodedImage | np.ndarray, result_crop: np.ndarray, box: CropBox, mask: np.ndarray,
                dilated: np.ndarray, *, feather_px: float | None = None) -> np.ndarray:
     """Blend the model output back over the native pixels.
@@ -422,24 +504,40 @@ def paste_back(image: DecodedImage | np.ndarray, result_crop: np.ndarray, box: C
     ix0, iy0, ix1, iy1 = max(box.x0, 0), max(box.y0, 0), min(box.x1, w), min(box.y1, h)
     if ix0 >= ix1 or iy0 >= iy1:
         return out.reshape(native.shape)
+    # Only the bbox of the fill region (+1 px, so the distance transform sees the zeros around it)
+    # goes through float, in row strips: a big mask on a 40 MP photo stays a few MiB of float.
+    ys, xs = _bbox(dilated[iy0:iy1, ix0:ix1] | mask[iy0:iy1, ix0:ix1])
+    if ys is None:
+        return out.reshape(native.shape)
     # Grow the window by 1 px inside the image, marked unfilled, so the feather fades to 0 at a
     # window edge that cuts through `dilated` instead of ending in a hard seam.
     gx0, gy0, gx1, gy1 = max(ix0 - 1, 0), max(iy0 - 1, 0), min(ix1 + 1, w), min(iy1 + 1, h)
-    inside = np.zeros((gy1 - gy0, gx1 - gx0), bool)
-    inside[iy0 - gy0:iy1 - gy0, ix0 - gx0:ix1 - gx0] = True
-    m = mask[gy0:gy1, gx0:gx1] & inside
-    alpha = feather_alpha(m, dilated[gy0:gy1, gx0:gx1] & inside, 4.0 if feather_px is None else feather_px)
-    alpha = alpha[iy0 - gy0:iy1 - gy0, ix0 - gx0:ix1 - gx0, None]
-
-    fill = _resize_square(result_crop, box.size)[iy0 - box.y0:iy1 - box.y0, ix0 - box.x0:ix1 - box.x0]
-    if c == 1:
-        fill = np.asarray(Image.fromarray(np.ascontiguousarray(fill)).convert("L"))[..., None]
-    fill32 = fill.astype(np.float32) * (257 if nat.dtype == np.uint16 else 1)
-    region = out[iy0:iy1, ix0:ix1]
-    base = region.astype(np.float32)
-    top = float(np.iinfo(nat.dtype).max)
-    blended = np.clip(np.rint(base + alpha * (fill32 - base)), 0, top).astype(nat.dtype)
-    region[...] = np.where(alpha > 0, blended, region)
+    sx0, sy0 = max(ix0 + xs[0] - 1, gx0), max(iy0 + ys[0] - 1, gy0)
+    sx1, sy1 = min(ix0 + xs[1] + 1, gx1), min(iy0 + ys[1] + 1, gy1)
+    inside = np.zeros((sy1 - sy0, sx1 - sx0), bool)
+    inside[max(iy0 - sy0, 0):iy1 - sy0, max(ix0 - sx0, 0):ix1 - sx0] = True
+    m = mask[sy0:sy1, sx0:sx1] & inside
+    alpha = feather_alpha(m, dilated[sy0:sy1, sx0:sx1] & inside, 4.0 if feather_px is None else feather_px)
+    # the filled part: the sub-box clipped to the window
+    fx0, fy0, fx1, fy1 = max(sx0, ix0), max(sy0, iy0), min(sx1, ix1), min(sy1, iy1)
+    alpha = alpha[fy0 - sy0:fy1 - sy0, fx0 - sx0:fx1 - sx0]
+    # An enlarged fill is made strip by strip (a 40 MP window would be 120 MB of uint8 at once).
+    if box.size > result_crop.shape[0]:
+        enlarged = _Enlarged(result_crop, box.size, (fx0 - box.x0, fx1 - box.x0))
+        fill_rows = lambda r0, r1: enlarged.rows(fy0 - box.y0 + r0, fy0 - box.y0 + r1)  # noqa: E731
+    else:
+        fill = _resize_square(result_crop, box.size)[fy0 - box.y0:fy1 - box.y0, fx0 - box.x0:fx1 - box.x0]
+        fill_rows = lambda r0, r1: fill[r0:r1]  # noqa: E731
+    scale, top = (257 if nat.dtype == np.uint16 else 1), float(np.iinfo(nat.dtype).max)
+    for r0 in range(0, fy1 - fy0, _BLEND_ROWS):
+        a = alpha[r0:r0 + _BLEND_ROWS, :, None]
+        f = fill_rows(r0, r0 + a.shape[0])
+        if c == 1:
+            f = np.asarray(Image.fromarray(np.ascontiguousarray(f)).convert("L"))[..., None]
+        region = out[fy0 + r0:fy0 + r0 + a.shape[0], fx0:fx1]
+        base = region.astype(np.float32)
+        blended = np.clip(np.rint(base + a * (f.astype(np.float32) * scale - base)), 0, top).astype(nat.dtype)
+        region[...] = np.where(a > 0, blended, region)
     return out.reshape(native.shape)
 
 

@@ -27,9 +27,10 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cleanplate import __version__, imaging
-from cleanplate.errors import CleanplateError, InputError
+from cleanplate.admission import MemoryBudget, release_free_memory, removal_cost
+from cleanplate.errors import CleanplateError, InputError, QueueFull
 
-from .engines import Engine, EngineUnavailable, QueueFull, make_engine
+from .engines import Engine, EngineUnavailable, make_engine
 from .metrics import Metrics
 from .removal import RemoveOptions, run_removal, run_score
 from .settings import Settings
@@ -38,8 +39,8 @@ log = logging.getLogger("cleanplate.serving")
 PROBLEM = "application/problem+json"
 ENDPOINTS = ("/v1/remove", "/v1/score", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 # Status of each error code raised as an exception that is not 422 (Guard answers its own refusals directly).
-STATUS_BY_CODE = {"unreadable_image": 400, "unsupported_image": 415, "too_many_pixels": 413, "queue_full": 429,
-                  "engine_unavailable": 503}
+STATUS_BY_CODE = {"unreadable_image": 400, "unsupported_image": 415, "too_many_pixels": 413, "over_budget": 413,
+                  "queue_full": 429, "engine_unavailable": 503}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}
 
 
@@ -93,7 +94,28 @@ def problem(status: int, detail: str, code: str, instance: str = "", headers: di
 
 
 def _problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": Problem, "description": HTTPStatus(s).phrase, "content": {PROBLEM: {}}} for s in statuses}
+    # ``model`` puts Problem in the components (and, FastAPI's doing, under application/json); the bodies are
+    # application/problem+json, so that is where the schema must be for clients and validators to see it.
+    ref = {"$ref": "#/components/schemas/Problem"}
+    return {s: {"model": Problem, "description": HTTPStatus(s).phrase, "content": {PROBLEM: {"schema": ref}}}
+            for s in statuses}
+
+
+# OpenAPI of the multipart fields. An upload must be a non-empty file: a 0-byte part is answered 400
+# unreadable_image. ``format: binary`` beside FastAPI's contentMediaType tells OpenAPI 3.0 tools it is a file.
+_FILE_PART = {"format": "binary", "minLength": 1}
+
+
+def _omittable(schema: dict[str, Any]) -> None:
+    """``json_schema_extra`` of an optional form field: a client sends it or leaves it out, but cannot send
+    null (a part is text, and the text "null" is refused), so drop the null branch of ``X | None``."""
+    (branch,) = [s for s in schema.pop("anyOf") if s != {"type": "null"}]
+    schema.update(branch)
+
+
+def _omittable_file(schema: dict[str, Any]) -> None:
+    _omittable(schema)
+    schema.update(_FILE_PART)
 
 
 _RESULT_HEADERS = {
@@ -249,6 +271,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     metrics = Metrics()
     engine = engine or make_engine(settings, on_batch=metrics.observe_batch)
 
+    def drained() -> None:  # the last big request is done: hand its memory back (off the event loop)
+        asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+
+    budget = MemoryBudget(settings.memory_budget_bytes, max_waiting=settings.max_queue, on_drain=drained)
+    metrics.memory_budget.set(budget.capacity)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         app.state.load_error = None
@@ -269,7 +297,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app = FastAPI(title="cleanplate", version=__version__, lifespan=lifespan,
                   description="Removes promo text, watermarks, stickers and stray objects from product photos "
                               "(RORem-style 4-step diffusion remover with a discriminator quality gate).")
-    app.state.settings, app.state.metrics, app.state.engine = settings, metrics, engine
+    app.state.settings, app.state.metrics, app.state.engine, app.state.budget = settings, metrics, engine, budget
     app.state.draining, app.state.load_error = False, None
     app.add_middleware(Guard, state=app.state)
 
@@ -302,11 +330,38 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         return problem(500, "internal error; it has been logged", "internal", request.url.path)
 
     # -- routes -------------------------------------------------------------------------------------
-    async def decode(upload: UploadFile, what: str) -> imaging.DecodedImage:
+    async def read(upload: UploadFile | None, what: str) -> tuple[bytes, imaging.ImageHeader] | None:
+        """An upload's bytes and header, checked against the pixel limit before anything is decoded."""
+        if upload is None:
+            return None
         data = await upload.read()
         if not data:
             raise InputError(f"{what} is empty (0 bytes)", code="unreadable_image")
-        return await to_thread.run_sync(lambda: imaging.decode_image(data, max_pixels=settings.max_pixels))
+        header = imaging.read_header(data)
+        if header.pixels > settings.max_pixels:
+            raise InputError(f"{what} is {header.width}x{header.height} = {header.pixels} pixels, over the limit "
+                             f"of {settings.max_pixels}", code="too_many_pixels")
+        return data, header
+
+    @asynccontextmanager
+    async def admitted(image: tuple[bytes, imaging.ImageHeader], *others: tuple[bytes, imaging.ImageHeader] | None):
+        """Hold the request's working memory (cutting the image's :func:`removal_cost` from the budget) until
+        the response is made; waits behind earlier requests while the budget is spent."""
+        extra = tuple(o[1] for o in others if o is not None)
+        cost = removal_cost(image[1], extra_images=extra,
+                            encoded_bytes=len(image[0]) + sum(len(o[0]) for o in others if o is not None))
+        metrics.admission_waiting.set(budget.waiting + 1)
+        try:
+            async with budget.reserve(cost):
+                metrics.memory_reserved.set(budget.in_use)
+                metrics.admission_waiting.set(budget.waiting)
+                yield
+        finally:
+            metrics.memory_reserved.set(budget.in_use)
+            metrics.admission_waiting.set(budget.waiting)
+
+    async def decode(upload: tuple[bytes, imaging.ImageHeader]) -> imaging.DecodedImage:
+        return await to_thread.run_sync(lambda: imaging.decode_image(upload[0], max_pixels=settings.max_pixels))
 
     def check_ready() -> None:
         if not engine.ready():
@@ -324,17 +379,25 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     async def remove(
         request: Request,
-        image: Annotated[UploadFile, File(description="the photo (PNG, JPEG, WEBP, TIFF, ...)")],
+        image: Annotated[UploadFile, File(description="the photo (PNG, JPEG, WEBP, TIFF, ...)",
+                                          json_schema_extra=_FILE_PART)],
         mask: Annotated[UploadFile | None, File(description="mask, white = remove; omit to use the image's "
-                                                             "transparent pixels")] = None,
-        dilate_px: Annotated[int | None, Form(ge=0, le=512, description="mask dilation in px")] = None,
-        steps: Annotated[int | None, Form(ge=1, le=50, description="LCM steps (default 4)")] = None,
+                                                             "transparent pixels",
+                                                json_schema_extra=_omittable_file)] = None,
+        dilate_px: Annotated[int | None, Form(ge=0, le=512, description="mask dilation in px",
+                                              json_schema_extra=_omittable)] = None,
+        steps: Annotated[int | None, Form(ge=1, le=50, description="LCM steps (default 4)",
+                                          json_schema_extra=_omittable)] = None,
         seed: Annotated[int, Form(ge=0, le=2**31 - 1, description="noise seed of the first attempt")] = 0,
-        quality_gate: Annotated[bool | None, Form(description="score with the discriminator and retry")] = None,
+        quality_gate: Annotated[bool | None, Form(description="score with the discriminator and retry",
+                                                  json_schema_extra=_omittable)] = None,
         threshold: Annotated[float | None, Form(ge=0, le=1, description="gate threshold (default: "
-                                                                        "calibrated)")] = None,
-        max_attempts: Annotated[int | None, Form(ge=1, description="gate attempts, new seed each")] = None,
-        output_format: Annotated[OutputFormat | None, Form(description="default: the input's format")] = None,
+                                                                        "calibrated)",
+                                                json_schema_extra=_omittable)] = None,
+        max_attempts: Annotated[int | None, Form(ge=1, description="gate attempts, new seed each",
+                                                 json_schema_extra=_omittable)] = None,
+        output_format: Annotated[OutputFormat | None, Form(description="default: the input's format",
+                                                           json_schema_extra=_omittable)] = None,
     ) -> Response:
         check_ready()
         attempts = settings.max_attempts if max_attempts is None else max_attempts
@@ -342,23 +405,28 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             raise InputError(f"max_attempts: at most {settings.max_attempts_limit}", code="invalid_field")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        decoded = await decode(image, "image")
-        from_alpha = mask is None
-        if from_alpha:
-            mask_array = imaging.mask_from_alpha(decoded)
-        else:
-            mask_image = await decode(mask, "mask")
-            mask_array = await to_thread.run_sync(imaging.binarize_mask, mask_image)
-        timings["decode"] = (time.perf_counter() - t0) * 1000
-        opts = RemoveOptions(dilate_px, steps, seed, settings.quality_gate if quality_gate is None else quality_gate,
-                             threshold, attempts)
-        outcome = await run_removal(engine, decoded, mask_array, opts)
-        timings.update(outcome.timings_ms)
-        fmt = _output_format(output_format, decoded)
-        t1 = time.perf_counter()
-        # A mask given as transparency is filled in, so the result is opaque.
-        data = await to_thread.run_sync(lambda: imaging.encode_image(outcome.pixels, decoded, fmt=fmt,
-                                                                     alpha=None if from_alpha else "keep"))
+        image_upload, mask_upload = await read(image, "image"), await read(mask, "mask")
+        async with admitted(image_upload, mask_upload):
+            decoded = await decode(image_upload)
+            from_alpha = mask_upload is None
+            if from_alpha:
+                mask_array = imaging.mask_from_alpha(decoded)
+            else:
+                mask_array = await to_thread.run_sync(imaging.binarize_mask, await decode(mask_upload))
+            del image_upload, mask_upload  # the encoded bytes are not needed past decode
+            timings["decode"] = (time.perf_counter() - t0) * 1000
+            opts = RemoveOptions(dilate_px, steps, seed,
+                                 settings.quality_gate if quality_gate is None else quality_gate, threshold, attempts)
+            outcome = await run_removal(engine, decoded, mask_array, opts)
+            del mask_array
+            timings.update(outcome.timings_ms)
+            fmt = _output_format(output_format, decoded)
+            t1 = time.perf_counter()
+            # A mask given as transparency is filled in, so the result is opaque.
+            data = await to_thread.run_sync(lambda: imaging.encode_image(outcome.pixels, decoded, fmt=fmt,
+                                                                         alpha=None if from_alpha else "keep"))
+            width, height = decoded.width, decoded.height
+            del decoded, outcome.pixels
         timings["encode"] = (time.perf_counter() - t1) * 1000
         timings["total"] = (time.perf_counter() - t0) * 1000
         for stage, ms in timings.items():
@@ -374,7 +442,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                             "X-Cleanplate-Threshold": f"{outcome.threshold:.6f}"})
         if "application/json" in request.headers.get("accept", ""):
             body = RemoveResult(image=base64.b64encode(data).decode(), media_type=MEDIA_TYPES[fmt],
-                                width=decoded.width, height=decoded.height, score=outcome.score,
+                                width=width, height=height, score=outcome.score,
                                 passed=outcome.passed, threshold=outcome.threshold, attempts=outcome.attempts,
                                 seed=outcome.seed,
                                 timings_ms={k: round(v, 2) for k, v in timings.items()})
@@ -384,17 +452,23 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @app.post("/v1/score", response_model=ScoreResult, summary="Score a finished removal with the discriminator",
               responses=_problem_responses(400, 401, 408, 413, 415, 422, 429, 503, 504))
     async def score(
-        source: Annotated[UploadFile, File(description="the photo before removal")],
-        result: Annotated[UploadFile, File(description="the photo after removal (same size)")],
-        mask: Annotated[UploadFile, File(description="the removal's mask, white = removed")],
-        dilate_px: Annotated[int | None, Form(ge=0, le=512, description="mask dilation in px")] = None,
+        source: Annotated[UploadFile, File(description="the photo before removal", json_schema_extra=_FILE_PART)],
+        result: Annotated[UploadFile, File(description="the photo after removal (same size)",
+                                           json_schema_extra=_FILE_PART)],
+        mask: Annotated[UploadFile, File(description="the removal's mask, white = removed",
+                                         json_schema_extra=_FILE_PART)],
+        dilate_px: Annotated[int | None, Form(ge=0, le=512, description="mask dilation in px",
+                                              json_schema_extra=_omittable)] = None,
         threshold: Annotated[float | None, Form(ge=0, le=1, description="pass threshold (default: "
-                                                                        "calibrated)")] = None,
+                                                                        "calibrated)",
+                                                json_schema_extra=_omittable)] = None,
     ) -> ScoreResult:
         check_ready()
-        src, res = await decode(source, "source"), await decode(result, "result")
-        mask_array = await to_thread.run_sync(imaging.binarize_mask, await decode(mask, "mask"))
-        value = await run_score(engine, src, res, mask_array, dilate_px)
+        uploads = [await read(part, what) for part, what in ((source, "source"), (result, "result"), (mask, "mask"))]
+        async with admitted(*uploads):
+            src, res = await decode(uploads[0]), await decode(uploads[1])
+            mask_array = await to_thread.run_sync(imaging.binarize_mask, await decode(uploads[2]))
+            value = await run_score(engine, src, res, mask_array, dilate_px)
         limit = engine.threshold if threshold is None else threshold
         return ScoreResult(score=value, threshold=limit, passed=value >= limit)
 

@@ -23,20 +23,10 @@ from typing import Any, Generic, Protocol, TypeVar
 import cv2
 import numpy as np
 
-from cleanplate.errors import CleanplateError, InputError
+from cleanplate.errors import CleanplateError, InputError, QueueFull  # noqa: F401 - QueueFull re-exported
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class QueueFull(CleanplateError):
-    """The engine's queue is full; retry after ``retry_after_s`` seconds (HTTP 429)."""
-
-    code = "queue_full"
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class EngineUnavailable(CleanplateError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -30,6 +30,13 @@ class Metrics:
                                        buckets=(1, 2, 3, 4, 6, 8, 16, 32, 64), registry=r)
         self.gate_pass_rate = Gauge("cleanplate_gate_pass_rate", "share of gated removals that passed", registry=r)
         self.ready = Gauge("cleanplate_engine_ready", "1 when the engine can take work", registry=r)
+        self.memory_budget = Gauge("cleanplate_memory_budget_bytes", "admission budget for requests in flight",
+                                   registry=r)
+        self.memory_reserved = Gauge("cleanplate_memory_reserved_bytes", "working memory held by admitted requests",
+                                     registry=r)
+        self.admission_waiting = Gauge("cleanplate_admission_waiting", "requests waiting for working memory",
+                                       registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes & co (Linux /proc)
         self._gated = [0, 0]  # passed, total
 
     def observe_batch(self, queue: str, size: int, seconds: float) -> None:

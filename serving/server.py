@@ -8,6 +8,8 @@ from typing import Any
 
 import uvicorn
 
+from cleanplate.admission import tune_allocator
+
 from .app import create_app
 from .settings import Settings
 
@@ -27,6 +29,7 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     """Serve until a signal; blocks. Raises BundleError/InputError before binding if the setup is wrong."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_allocator()  # before the engine and the thread pools allocate: memory goes back after bursts
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)

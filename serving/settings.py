@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="time allowed to upload a request body (408 past it)")
     max_upload_bytes: int = Field(32 * MiB, ge=1024, description="request body limit (413)")
     max_pixels: int = Field(40_000_000, ge=1, description="per-image pixel limit, checked before decoding (413)")
+    memory_budget_mib: int | None = Field(None, ge=16, description="working memory of the requests in flight "
+                                          "(admission; default: memory_limit_mib - memory_reserve_mib, or 1024)")
+    memory_limit_mib: int | None = Field(None, ge=64, description="the container's memory limit (the Helm chart "
+                                         "sets it from the pod spec); derives memory_budget_mib")
+    memory_reserve_mib: int = Field(1024, ge=0, description="memory kept outside the budget for the model, "
+                                    "the runtime and allocator slack")
 
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty = no auth")
     quality_gate: bool = Field(False, description="gate removals by default (requests may override)")
@@ -55,6 +61,16 @@ class Settings(BaseSettings):
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="triton engine: client protocol")
     triton_timeout_s: float = Field(30.0, gt=0, description="triton engine: per-call timeout")
     triton_retries: int = Field(2, ge=0, le=10, description="triton engine: retries on transient errors")
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        """The admission budget in bytes: ``memory_budget_mib``, else the limit minus the reserve (at least
+        256 MiB), else 1024 MiB."""
+        if self.memory_budget_mib is not None:
+            return self.memory_budget_mib * MiB
+        if self.memory_limit_mib is not None:
+            return max(self.memory_limit_mib - self.memory_reserve_mib, 256) * MiB
+        return 1024 * MiB
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
