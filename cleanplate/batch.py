@@ -34,7 +34,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import csv
-import fcntl
 import io
 import json
 import logging
@@ -58,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import imaging
 from .admission import MiB, MemoryBudget, release_free_memory, removal_cost
 from .errors import CleanplateError, InputError
+from .locks import exclusive
 
 log = logging.getLogger("cleanplate.batch")
 
@@ -824,21 +824,6 @@ def _remove_stale_temp_files(*folders: Path) -> int:
     return removed
 
 
-@contextlib.contextmanager
-def _exclusive(out_dir: Path) -> Any:
-    """One run per output folder at a time (an advisory lock the kernel drops if the process dies)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_NAME, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise InputError(f"another cleanplate batch is running on {out_dir}", code="busy") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _relative_inside(path: Path, folder: Path) -> str | None:
     """``path`` relative to ``folder`` (POSIX) when it lies inside it, else None."""
     try:
@@ -892,7 +877,7 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
                progress or Progress("off"), io_workers or min(8, concurrency + 1), stop or asyncio.Event(), result,
                memory_budget_bytes)
     t_start = time.monotonic()
-    with _exclusive(out), run.signals(handle_signals):
+    with exclusive(out, LOCK_NAME, f"another cleanplate batch is running on {out}"), run.signals(handle_signals):
         _remove_stale_temp_files(out, *([review] if review_rel is None else []))
         records, _ = read_report(report_file)
         todo, result.done_before, result.failed_before = plan(items, last_records(records), out,

@@ -104,15 +104,13 @@ last finished item and writes the same files as one uninterrupted run.
 from __future__ import annotations
 
 import colorsys
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +120,7 @@ from PIL import Image, ImageDraw
 
 from cleanplate import imaging
 from cleanplate.errors import InputError
+from cleanplate.locks import exclusive
 from cleanplate.metrics import psnr, ssim, telea
 
 from .common import Triplet, read_meta
@@ -405,19 +404,6 @@ def _read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[int, list[dic
     return header, done
 
 
-@contextlib.contextmanager
-def _lock(directory: Path) -> Iterator[None]:
-    with open(directory / _LOCK, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise InputError(f"another `data disc-labels` is writing to {directory}", code="busy") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _check_options(per_item: int, seed: int, positive_fraction: float, limit: int | None, bundle: Any,
                    removals_per_item: int | None, psnr_good: float, ssim_good: float, max_cast: float) -> int:
     """Validate; return K (0 without a bundle). Raises InputError ("bad_option") naming the option."""
@@ -558,7 +544,7 @@ def make_disc_labels(meta: Sequence[str | Path], out_dir: str | Path, *, per_ite
     rule = {"psnr_good": psnr_good, "ssim_good": ssim_good, "max_cast": max_cast}
     entries: list[dict] = []
     skipped = 0
-    with _lock(out):
+    with exclusive(out, _LOCK, f"another `data disc-labels` is writing to {out}"):
         header, done = _read_journal(journal)
         if header != options:
             if header is not None:

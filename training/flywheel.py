@@ -37,8 +37,6 @@ last line is dropped. One ``generate`` at a time per directory (a lock file).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -54,6 +52,7 @@ import numpy as np
 
 from cleanplate import imaging
 from cleanplate.errors import CleanplateError, InputError
+from cleanplate.locks import exclusive
 
 log = logging.getLogger("cleanplate.training")
 
@@ -225,19 +224,6 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-@contextlib.contextmanager
-def _lock(directory: Path) -> Iterator[None]:
-    with open(directory / LOCK_FILE, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise InputError(f"another `flywheel generate` is writing to {directory}", code="busy") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _rgb_image(rgb: np.ndarray) -> imaging.DecodedImage:
     return imaging.DecodedImage(rgb, None, "RGB", "PNG", None, None)
 
@@ -303,7 +289,7 @@ def generate(pairs: Sequence[Pair], out_dir: str | os.PathLike, *, bundle: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = GenerateResult(candidates_file=out / CANDIDATES_FILE)
-    with _lock(out):
+    with exclusive(out, LOCK_FILE, f"another `flywheel generate` is writing to {out}"):
         done = {c.id for c in read_candidates(out)}
         todo: list[tuple[str, Pair, int]] = []
         for pair in pairs:
