@@ -44,7 +44,7 @@ def big_request(megapixels: float, seed: int = 0) -> tuple[bytes, bytes]:
     from PIL import Image
     from skimage import data
 
-    side = int(round(np.sqrt(megapixels * 1e6)))
+    side = int(np.sqrt(megapixels * 1e6))  # floor: 40 MP must stay within the default 40,000,000-pixel limit
     photo = cv2.resize(data.coffee(), (side, side), interpolation=cv2.INTER_CUBIC)
     mask = np.zeros((side, side), np.uint8)
     scale, thick = side / 320, max(2, side // 100)

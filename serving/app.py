@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import logging
 import time
@@ -423,8 +424,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             fmt = _output_format(output_format, decoded)
             t1 = time.perf_counter()
             # A mask given as transparency is filled in, so the result is opaque.
-            data = await to_thread.run_sync(lambda: imaging.encode_image(outcome.pixels, decoded, fmt=fmt,
-                                                                         alpha=None if from_alpha else "keep"))
+            data = await to_thread.run_sync(functools.partial(imaging.encode_image, outcome.pixels, decoded, fmt=fmt,
+                                                              alpha=None if from_alpha else "keep"))
             width, height = decoded.width, decoded.height
             del decoded, outcome.pixels
         timings["encode"] = (time.perf_counter() - t1) * 1000
