@@ -88,11 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "batch_throughput")
     args = parser.parse_args(argv)
 
+    from cleanplate.batch import GatewayBackend, InProcessBackend, load_items
     from cleanplate.benchmarks.gateway_load import start_server
     from cleanplate.serving.engines import make_engine
     from cleanplate.serving.settings import load_settings
-
-    from cleanplate.batch import GatewayBackend, InProcessBackend, load_items
 
     work = Path(tempfile.mkdtemp(prefix="cleanplate-batch-bench-"))
     runs: list[dict[str, Any]] = []

@@ -110,7 +110,7 @@ def _nvidia_smi() -> list[dict[str, str]]:
     for line in out.stdout.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 4:
-            rows.append(dict(zip(("name", "driver", "memory", "max_sm_clock"), parts)))
+            rows.append(dict(zip(("name", "driver", "memory", "max_sm_clock"), parts, strict=False)))
     return rows
 
 

@@ -73,17 +73,17 @@ def _torch_rep(pipe: Any, image_bytes: bytes | None, mask_bytes: bytes | None, b
         mark("decode")
     else:
         images, masks = [decoded[0]] * batch, [decoded[1]] * batch
-    reqs = [RemovalRequest(img, m, None, seed + i, steps) for i, (img, m) in enumerate(zip(images, masks))]
+    reqs = [RemovalRequest(img, m, None, seed + i, steps) for i, (img, m) in enumerate(zip(images, masks, strict=False))]
     preps = [prepare(q, r, pipe.config.dilate_px) for q in reqs]
     source, mask = crops_to_tensors([p.crop for p in preps]), masks_to_tensor([p.crop_mask for p in preps])
     mark("crop")
     out = pipe(source, mask, seeds=[q.seed for q in reqs], steps=steps, on_stage=mark if instrument else None)
     crops = to_uint8_crops(out)
     mark("readback")
-    pixels = [composite(q, p, c, pipe.config.paste_prefill) for q, p, c in zip(reqs, preps, crops)]
+    pixels = [composite(q, p, c, pipe.config.paste_prefill) for q, p, c in zip(reqs, preps, crops, strict=False)]
     mark("composite")
     if gate:
-        cut = [score_crops(q.image.rgb, imaging.to_rgb8(px), p.dilated, p.box, r) for q, p, px in zip(reqs, preps, pixels)]
+        cut = [score_crops(q.image.rgb, imaging.to_rgb8(px), p.dilated, p.box, r) for q, p, px in zip(reqs, preps, pixels, strict=False)]
         pipe.score(crops_to_tensors([c[1] for c in cut]), crops_to_tensors([c[0] for c in cut]),
                    masks_to_tensor([c[2] for c in cut]))
         mark("gate")
@@ -133,16 +133,16 @@ async def _engine_rep(engine: Any, image_bytes: bytes, mask_bytes: bytes, batch:
     images = [imaging.decode_image(image_bytes) for _ in range(batch)]
     masks = [imaging.decode_mask(mask_bytes) for _ in range(batch)]
     clock.mark("decode")
-    reqs = [RemovalRequest(img, m, None, seed + i, steps) for i, (img, m) in enumerate(zip(images, masks))]
+    reqs = [RemovalRequest(img, m, None, seed + i, steps) for i, (img, m) in enumerate(zip(images, masks, strict=False))]
     preps = [prepare(q, r, engine.default_dilate_px) for q in reqs]
     clock.mark("crop")
     crops = await asyncio.gather(*[engine.inpaint(p.crop, p.crop_mask, seed=q.seed, steps=steps)
-                                   for q, p in zip(reqs, preps)])
+                                   for q, p in zip(reqs, preps, strict=False)])
     clock.mark("model" if engine.name == "triton" else "inpaint")
-    pixels = [composite(q, p, c, engine.paste_prefill) for q, p, c in zip(reqs, preps, crops)]
+    pixels = [composite(q, p, c, engine.paste_prefill) for q, p, c in zip(reqs, preps, crops, strict=False)]
     clock.mark("composite")
     if gate:
-        cut = [score_crops(q.image.rgb, imaging.to_rgb8(px), p.dilated, p.box, r) for q, p, px in zip(reqs, preps, pixels)]
+        cut = [score_crops(q.image.rgb, imaging.to_rgb8(px), p.dilated, p.box, r) for q, p, px in zip(reqs, preps, pixels, strict=False)]
         await asyncio.gather(*[engine.score(c[0], c[1], c[2]) for c in cut])
         clock.mark("gate")
 
@@ -351,9 +351,8 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
 def _run_triton(bundle: Any, cases: Any, resolutions: list[int], batches: Sequence[int], image_size: int | None,
                 steps: int, gate: bool | None, warmup: int, repeats: int, url: str | None, protocol: str,
                 threads: int, seed: int, say: Say) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from cleanplate.serving.triton_engine import TritonEngine
-
     from cleanplate.bundle import default_bundle_path
+    from cleanplate.serving.triton_engine import TritonEngine
 
     def measure(grpc_url: str, proto: str, where: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         eng = TritonEngine(grpc_url, protocol=proto, timeout_s=600, max_inflight=max(64, max(batches) * 2))

@@ -294,7 +294,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     panels = 2 if "batch" in report else 1
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
     a = axes[0][0]
-    t, m = zip(*g["rss_mib"]) if g["rss_mib"] else ((), ())
+    t, m = zip(*g["rss_mib"], strict=False) if g["rss_mib"] else ((), ())
     a.plot(np.asarray(t) / 60, m, lw=1)
     for tm, name in g["marks"]:
         a.axvline(tm / 60, color="grey", ls=":", lw=1)
@@ -307,7 +307,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         b = axes[0][1]
         bt = report["batch"]
         if bt["rss_mib"]:
-            bx, by = zip(*bt["rss_mib"])
+            bx, by = zip(*bt["rss_mib"], strict=False)
             b.plot(bx, by, lw=1)
         b.set(xlabel="seconds", ylabel="RSS (MiB)", title=f"batch: {bt['items']} x 40 MP, concurrency "
                                                            f"{bt['concurrency']}")

@@ -79,9 +79,8 @@ def _engine(name: str, bundle: Any, device: str, dtype: str, threads: int | None
 async def _remove_all(engines: dict[str, Any], items: list[Any], dilate_px: int, seed: int, say: Say,
                       ) -> tuple[list[dict[str, np.ndarray]], dict[str, list[float]]]:
     """Every method's result for every item (full-size RGB uint8) and each engine's per-item wall ms."""
-    from cleanplate.serving.removal import RemoveOptions, run_removal
-
     from cleanplate import imaging
+    from cleanplate.serving.removal import RemoveOptions, run_removal
 
     for eng in engines.values():
         await asyncio.wait_for(eng.start(), 600)
@@ -115,11 +114,11 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
         InputError: no meta.json, an unknown engine, limit < 1, an unreadable item.
     """
     import torch
-    from cleanplate.training.common import read_meta
 
     from cleanplate import imaging
     from cleanplate.bundle import default_bundle_path, read_config
     from cleanplate.remover import ScoreRequest, score_batch
+    from cleanplate.training.common import read_meta
 
     meta = find_meta(set_path)
     unknown = [e for e in engines if e not in ENGINES]
@@ -153,12 +152,12 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
         outputs, times = measure(triton_url)
         triton_where = triton_url
 
-    for item, out in zip(items, outputs):
+    for item, out in zip(items, outputs, strict=False):
         out["vae_ceiling"] = vae_ceiling(pipe, imaging.decode_image(item.source), imaging.decode_image(item.gt).rgb,
                                          imaging.decode_mask(item.mask))
     methods = ["identity", "telea", "vae_ceiling", *engines]
     per_item: list[dict[str, Any]] = []
-    for item, out in zip(items, outputs):
+    for item, out in zip(items, outputs, strict=False):
         src = imaging.decode_image(item.source)
         gt = imaging.decode_image(item.gt).rgb
         mask = imaging.decode_mask(item.mask)
@@ -170,7 +169,7 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
         if judge is not None:
             reqs = [ScoreRequest(src, _decoded(out[m]), mask) for m in methods] + [ScoreRequest(src, _decoded(gt), mask)]
             scores = score_batch(judge, reqs)
-        for m, score in zip(methods, scores):
+        for m, score in zip(methods, scores, strict=False):
             res = out[m]
             s_in, s_all = ssim(res, gt, mask)
             row["methods"][m] = {
@@ -273,7 +272,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     colors = plt.get_cmap("tab10")(np.arange(len(names)))
     panels = [("psnr_mask_db_mean", "PSNR in mask (dB)", 1), ("ssim_mask_mean", "SSIM in mask", 1),
               ("success_rate", "discriminator success (%)", 100)]
-    for ax, (key, title, k) in zip(axes, panels):
+    for ax, (key, title, k) in zip(axes, panels, strict=False):
         vals = [(summ[m][key] or 0.0) * k for m in names]
         bars = ax.bar(range(len(names)), vals, color=colors)
         ax.bar_label(bars, fmt="%.2f" if k == 1 else "%.0f", fontsize=8)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import functools
 import ctypes.util
+import functools
 import logging
 import platform
 from collections import deque

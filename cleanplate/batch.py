@@ -55,7 +55,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import imaging
-from .admission import MiB, MemoryBudget, release_free_memory, removal_cost
+from .admission import MemoryBudget, MiB, release_free_memory, removal_cost
 from .errors import CleanplateError, InputError
 from .locks import exclusive
 

@@ -46,6 +46,6 @@ def masked_source(images: np.ndarray, masks: np.ndarray, fill: str = "zero") -> 
 
     filled = np.stack([
         cv2.inpaint(np.ascontiguousarray(img), m.astype(np.uint8) * 255, TELEA_RADIUS_PX, cv2.INPAINT_TELEA)
-        for img, m in zip(images, hole)
+        for img, m in zip(images, hole, strict=False)
     ])  # Telea is per channel, so RGB order needs no conversion
     return filled.astype(np.float32) / 127.5 - 1.0

@@ -13,8 +13,12 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
-    BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
-    TomlConfigSettingsSource, YamlConfigSettingsSource,
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
 )
 
 from cleanplate.errors import InputError

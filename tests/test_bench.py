@@ -33,10 +33,9 @@ def test_stage_hook_names_every_stage_and_keeps_the_result(tiny_bundle: Path) ->
 
 # -- latency -----------------------------------------------------------------------------------------------
 def test_latency_torch_times_the_production_path(gated_bundle: Path) -> None:
+    from cleanplate import imaging
     from cleanplate.benchmarks.common import StageClock, promo_payload
     from cleanplate.benchmarks.latency import _torch_rep, run_latency
-
-    from cleanplate import imaging
     from cleanplate.pipeline import RemovalPipeline
     from cleanplate.remover import remove
 
@@ -101,10 +100,9 @@ def test_triton_statistics_delta_per_request() -> None:
 
 # -- quality -----------------------------------------------------------------------------------------------
 def test_quality_metrics(gated_bundle: Path, synth_data: Path, tmp_path: Path) -> None:
+    from cleanplate import imaging
     from cleanplate.benchmarks import quality
     from cleanplate.training.common import read_meta
-
-    from cleanplate import imaging
 
     a = np.full((8, 8, 3), 100, np.uint8)
     assert quality.psnr(a, a) == quality.PSNR_CAP_DB
@@ -118,7 +116,7 @@ def test_quality_metrics(gated_bundle: Path, synth_data: Path, tmp_path: Path) -
     report = quality.run_quality(synth_data, engines=["torch", "opencv"], bundle=gated_bundle, limit=3)
     assert report["n"] == 3 and set(report["summary"]) == {"identity", "telea", "vae_ceiling", "torch", "opencv", "gt"}
     items = read_meta([synth_data])[:3]
-    for row, item in zip(report["items"], items):
+    for row, item in zip(report["items"], items, strict=False):
         src = imaging.decode_image(item.source).rgb
         gt = imaging.decode_image(item.gt).rgb
         mask = imaging.decode_mask(item.mask)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_UNET, TINY_VAE
 
 from cleanplate.bundle import (
     BUNDLE_JSON,
@@ -25,10 +26,6 @@ from cleanplate.bundle import (
     save_bundle,
 )
 from cleanplate.errors import BundleError
-
-from conftest import TINY_UNET, TINY_VAE
-
-
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 

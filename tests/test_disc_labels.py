@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cleanplate.training import disc_labels as disc
-from cleanplate.training.common import read_meta
 from PIL import Image
 
 from cleanplate import imaging
 from cleanplate.errors import InputError
+from cleanplate.training import disc_labels as disc
+from cleanplate.training.common import read_meta
 
 N_ITEMS, PER_ITEM, SIZE = 8, 8, 64
 
@@ -98,7 +98,7 @@ def test_output_shape_and_fields(run):
 
 def test_outside_mask_every_candidate_equals_source(run):
     n = 0
-    for e, src, mask, gt, cand in candidates(run):
+    for e, src, mask, _gt, cand in candidates(run):
         assert cand.shape == src.shape and cand.dtype == np.uint8
         assert np.array_equal(cand[~mask], src[~mask]), e
         n += 1
@@ -107,17 +107,17 @@ def test_outside_mask_every_candidate_equals_source(run):
 
 def test_source_and_gt_kinds_are_exact(run):
     n_src = n_gt = 0
-    for e, src, mask, gt, cand in candidates(run, "source"):
+    for e, src, _mask, _gt, cand in candidates(run, "source"):
         assert np.array_equal(cand, src), e
         n_src += 1
-    for e, src, mask, gt, cand in candidates(run, "gt"):
+    for e, _src, _mask, gt, cand in candidates(run, "gt"):
         assert np.array_equal(cand, gt), e
         n_gt += 1
     assert n_src and n_gt
 
 
 def test_positives_are_close_to_gt_and_negatives_are_not(run):
-    for e, src, mask, gt, cand in candidates(run):
+    for e, _src, mask, gt, cand in candidates(run):
         level = disc.defect_level(cand, gt, mask)
         if e["score"] == 1:
             assert level < 8, e
@@ -193,7 +193,7 @@ def test_paths_resolve_and_read_meta_reads_output(run, data_meta: Path):
         assert (meta.parent / e["mask"]).resolve() == triplets[e["item"]].mask.resolve()
     out = read_meta([meta])
     assert len(out) == len(entries)
-    for t, e in zip(out, entries):
+    for t, e in zip(out, entries, strict=False):
         assert t.score == e["score"] and t.gt == meta.parent / e["GT"]
         assert load(t.source).shape == load(t.gt).shape == (SIZE, SIZE, 3)
 

@@ -130,7 +130,7 @@ def test_calibrate_serves_the_gt_and_source_targets() -> None:
     # Youden's J does not depend on the share of good candidates: twice each good one, same threshold
     pos = labels == 1
     doubled = calibrate(np.r_[scores, scores[pos]], np.r_[labels, labels[pos]],
-                        kinds=kinds + [k for k, p in zip(kinds, pos) if p])
+                        kinds=kinds + [k for k, p in zip(kinds, pos, strict=False) if p])
     assert doubled["threshold"] == t and doubled["precision"] > cal["precision"]
 
     # GT and source overlap: no threshold meets both targets; the source target wins

@@ -11,14 +11,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from cleanplate.export.onnx import export_onnx, graph_specs
-from cleanplate.export.tensorrt import default_ranges, parse_profile, plan_profiles, profiles_for_graph
-from cleanplate.export.triton import RepositoryOptions, export_triton, validate_repository
 from conftest import bundle_variant, make_tiny_gated_bundle
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cleanplate.errors import ExportError, InputError
+from cleanplate.export.onnx import export_onnx, graph_specs
+from cleanplate.export.tensorrt import default_ranges, parse_profile, plan_profiles, profiles_for_graph
+from cleanplate.export.triton import RepositoryOptions, export_triton, validate_repository
 
 CLEANPLATE = Path(__file__).parents[1] / "cleanplate"
 
@@ -137,10 +137,10 @@ def test_sdxl_inpainting_unet_shapes_and_profile_plan() -> None:
     """Full-size SDXL-inpainting UNet (2.6 B parameters, on the meta device: no memory, no weights):
     the graph wrapper's output shapes at every bucket, and the TensorRT profile plan for them."""
     from accelerate import init_empty_weights
-    from cleanplate.export.onnx import UNetGraph
     from diffusers import UNet2DConditionModel
 
     from cleanplate.bundle import SDXL_INPAINT_UNET_CONFIG
+    from cleanplate.export.onnx import UNetGraph
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(SDXL_INPAINT_UNET_CONFIG)

@@ -20,7 +20,13 @@ from cleanplate.errors import InputError
 from cleanplate.imaging import dilate_mask
 from cleanplate.training.common import read_meta
 from cleanplate.training.flywheel import (
-    CANDIDATES_FILE, Candidate, agreement, autolabel, generate, load_pairs, read_candidates,
+    CANDIDATES_FILE,
+    Candidate,
+    agreement,
+    autolabel,
+    generate,
+    load_pairs,
+    read_candidates,
 )
 from cleanplate.training.label_server import create_app
 from cleanplate.training.label_store import LabelStore

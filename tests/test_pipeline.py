@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VAE
 from PIL import Image
 
 from cleanplate.bundle import SDXL_INPAINT_UNET_CONFIG, Bundle, BundleConfig, NullConditioning
@@ -17,8 +18,6 @@ from cleanplate.imaging import DecodedImage, decode_image
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.remover import RemovalRequest, remove, remove_batch
 from cleanplate.sampling import sampling_noise
-
-from conftest import TINY_VAE
 
 R = 64  # tiny bundle resolution (conftest), VAE factor 2 -> 32x32 latents
 
@@ -290,7 +289,7 @@ def test_remove_batch_equals_single_removes(pipe: RemovalPipeline, photos: dict[
     with record_calls(pipe.unet) as calls:
         batch = remove_batch(pipe, requests, max_batch=2)
     assert [c[0][0].shape[0] for c in calls] == [2] * 4 + [1] * 4
-    for req, got in zip(requests, batch):
+    for req, got in zip(requests, batch, strict=False):
         alone = remove(pipe, req.image, req.mask, dilate_px=req.dilate_px, seed=req.seed)
         assert got.box == alone.box
         assert np.array_equal(got.dilated, alone.dilated)

@@ -29,11 +29,20 @@ from cleanplate.training import common, lcm
 from cleanplate.training.common import alphas_cumprod
 from cleanplate.training.dpo import DPOConfig, PairDataset, dpo_errors, dpo_loss, read_pairs, train_dpo
 from cleanplate.training.grpo import (
-    GRPOConfig, region_masks, region_policy_loss, step_distribution, train_grpo,
+    GRPOConfig,
+    region_masks,
+    region_policy_loss,
+    step_distribution,
+    train_grpo,
 )
 from cleanplate.training.rl_common import (
-    SpatialMattingProcessor, combine_rewards, gaussian_log_prob, global_fidelity, group_normalize,
-    nothing_reinserted, region_mean,
+    SpatialMattingProcessor,
+    combine_rewards,
+    gaussian_log_prob,
+    global_fidelity,
+    group_normalize,
+    nothing_reinserted,
+    region_mean,
 )
 from cleanplate.training.rwd import RWDConfig, reward_weights, train_rwd
 

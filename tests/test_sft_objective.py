@@ -20,7 +20,13 @@ from cleanplate.remover import RemovalRequest, prepare, remove
 from cleanplate.sampling import lcm_schedule
 from cleanplate.training.common import TripletDataset, read_meta
 from cleanplate.training.sft import (
-    SFTConfig, evaluate_removals, mask_cells, sample_timesteps, sft_loss, snr_weights, train_sft,
+    SFTConfig,
+    evaluate_removals,
+    mask_cells,
+    sample_timesteps,
+    sft_loss,
+    snr_weights,
+    train_sft,
 )
 
 
@@ -42,7 +48,7 @@ def test_zero_fill_is_rorem_masked_source() -> None:
 def test_telea_fill_is_opencv_telea_and_keeps_the_rest() -> None:
     images, masks = _crops()
     out = masked_source(images, masks, "telea")
-    for img, m, o in zip(images, masks, out):
+    for img, m, o in zip(images, masks, out, strict=False):
         bgr = cv2.inpaint(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), m.astype(np.uint8) * 255, 3, cv2.INPAINT_TELEA)
         np.testing.assert_array_equal(np.round((o + 1) * 127.5).astype(np.uint8), cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
         np.testing.assert_array_equal(o[~m], img[~m].astype(np.float32) / 127.5 - 1)

@@ -25,7 +25,7 @@ def items():
 def test_same_seed_is_identical_and_other_seed_differs():
     a = synth.make_triplet(3, 5, CFG)
     b = synth.make_triplet(3, 5, CFG)
-    for x, y in zip(a[:3], b[:3]):
+    for x, y in zip(a[:3], b[:3], strict=False):
         assert np.array_equal(x, y)
     assert a[3] == b[3]
     c = synth.make_triplet(4, 5, CFG)

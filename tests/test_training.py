@@ -20,7 +20,11 @@ from cleanplate.imaging import decode_image, dilate_mask
 from cleanplate.sampling import training_target
 from cleanplate.training import common, lcm, sft
 from cleanplate.training.lcm import (
-    LCMConfig, boundary_scalings, consistency_terms, predicted_noise, train_lcm,
+    LCMConfig,
+    boundary_scalings,
+    consistency_terms,
+    predicted_noise,
+    train_lcm,
 )
 from cleanplate.training.sft import SFTConfig, train_sft
 from cleanplate.training.vae import VAEConfig, train_vae

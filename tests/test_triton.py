@@ -17,18 +17,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from cleanplate.export.triton import RepositoryOptions, export_triton
-from cleanplate.export.triton_server import TritonServer, default_env_path, setup_env
-from cleanplate.serving.app import create_app
-from cleanplate.serving.engines import EngineUnavailable, TorchEngine
-from cleanplate.serving.settings import Settings
-from cleanplate.serving.triton_engine import TritonEngine
 from conftest import bundle_variant, serve_in_thread
 from PIL import Image
 
 from cleanplate.bundle import default_bundle_path, read_config
+from cleanplate.export.triton import RepositoryOptions, export_triton
+from cleanplate.export.triton_server import TritonServer, default_env_path, setup_env
 from cleanplate.imaging import decode_image, decode_mask, dilate_mask
 from cleanplate.remover import RemovalRequest, prepare
+from cleanplate.serving.app import create_app
+from cleanplate.serving.engines import EngineUnavailable, TorchEngine
+from cleanplate.serving.settings import Settings
+from cleanplate.serving.triton_engine import TritonEngine
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 # The tolerance between engines: ONNX Runtime and PyTorch differ by ~1e-6 per graph call, which after
@@ -133,9 +133,10 @@ def variants(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path_fa
     models and cleanplate_score of one export, and each variant's cleanplate_remove renamed
     ``cleanplate_remove_<prediction_type>_<fill>``, all calling the same graph models.
     Yields (server, {variant: bundle path})."""
-    from cleanplate.export.triton import validate_repository
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
+
+    from cleanplate.export.triton import validate_repository
 
     root = tmp_path_factory.mktemp("variants")
     merged = root / "repo"

@@ -46,7 +46,11 @@ from cleanplate.pipeline import RemovalPipeline
 from cleanplate.remover import crops_to_tensors, masks_to_tensor, score_crops
 
 from .common import (
-    TrainConfig, Triplet, make_accelerator, read_meta, start_training,
+    TrainConfig,
+    Triplet,
+    make_accelerator,
+    read_meta,
+    start_training,
 )
 
 # RORem puts its LoRA on the UNet; here on every layer of the encoder half: attention, feed-forward, convs.
@@ -290,7 +294,7 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             removals = [(s, e["psnr_mask_db"]) for s, e in zip(scores, entries, strict=True)
                         if e.get("label_kind") == "removal" and e.get("psnr_mask_db") is not None]
             if removals:  # does the gate rank the bundle's own removals as their agreement with GT does?
-                calibration["removal_spearman_psnr"] = spearman(*zip(*removals))
+                calibration["removal_spearman_psnr"] = spearman(*zip(*removals, strict=False))
                 calibration["removal_n"] = len(removals)
         calibration.update({"train_items": len(items), "train_positives": n_pos, "steps": run.step,
                             "final_loss": run.final_loss,

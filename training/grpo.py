@@ -61,8 +61,18 @@ from cleanplate.sampling import LCMStep, lcm_schedule, lcm_step
 
 from .common import TripletDataset, make_accelerator, read_meta, start_training
 from .rl_common import (
-    CompositeReward, RewardFn, RLConfig, SpatialMattingProcessor, add_policy_lora, combine_rewards,
-    discriminator_scorer, gaussian_log_prob, group_normalize, reference_model, region_mean, save_policy_bundle,
+    CompositeReward,
+    RewardFn,
+    RLConfig,
+    SpatialMattingProcessor,
+    add_policy_lora,
+    combine_rewards,
+    discriminator_scorer,
+    gaussian_log_prob,
+    group_normalize,
+    reference_model,
+    region_mean,
+    save_policy_bundle,
     unet_output,
 )
 

@@ -35,7 +35,13 @@ from cleanplate.pipeline import RemovalPipeline
 from cleanplate.sampling import predicted_x0
 
 from .common import (
-    TrainConfig, TrainingRun, TripletDataset, alphas_cumprod, make_accelerator, read_meta, start_training,
+    TrainConfig,
+    TrainingRun,
+    TripletDataset,
+    alphas_cumprod,
+    make_accelerator,
+    read_meta,
+    start_training,
 )
 
 LORA_TARGETS = [  # diffusers' LCM-LoRA SDXL recipe: attention, feed-forward, resnet convs and time projections

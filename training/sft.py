@@ -47,7 +47,13 @@ from cleanplate.pipeline import RemovalPipeline
 from cleanplate.sampling import PREDICTION_TYPES, lcm_schedule, training_target
 
 from .common import (
-    TrainConfig, Triplet, TripletDataset, alphas_cumprod, load_model_config, make_accelerator, read_meta,
+    TrainConfig,
+    Triplet,
+    TripletDataset,
+    alphas_cumprod,
+    load_model_config,
+    make_accelerator,
+    read_meta,
     start_training,
 )
 

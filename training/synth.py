@@ -273,10 +273,10 @@ def make_background(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
 # ---------------------------------------------------------------- overlays
 def _text_patch(text: str, font, fill, stroke: int = 0, stroke_fill=None, pad: int = 2) -> Image.Image:
     probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
-    l, t, r, b = probe.textbbox((0, 0), text, font=font, stroke_width=stroke, align="center")
-    l, t, r, b = int(np.floor(l)), int(np.floor(t)), int(np.ceil(r)), int(np.ceil(b))
-    im = Image.new("RGBA", (r - l + 2 * pad, b - t + 2 * pad), (0, 0, 0, 0))
-    ImageDraw.Draw(im).text((pad - l, pad - t), text, font=font, fill=fill, stroke_width=stroke,
+    left, t, r, b = probe.textbbox((0, 0), text, font=font, stroke_width=stroke, align="center")
+    left, t, r, b = int(np.floor(left)), int(np.floor(t)), int(np.ceil(r)), int(np.ceil(b))
+    im = Image.new("RGBA", (r - left + 2 * pad, b - t + 2 * pad), (0, 0, 0, 0))
+    ImageDraw.Draw(im).text((pad - left, pad - t), text, font=font, fill=fill, stroke_width=stroke,
                             stroke_fill=stroke_fill, align="center")
     return im
 
@@ -322,9 +322,9 @@ def _place(layer: Image.Image, patch: Image.Image, rng, corner: bool = False) ->
 def _fit_text(text: str, font_path: str, px: int, max_w: float, stroke_k: float = 0.0, max_h: float = 1e9):
     while True:
         font, stroke = load_font(font_path, px), int(px * stroke_k)
-        l, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
+        left, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
             (0, 0), text, font=font, stroke_width=stroke, align="center")
-        if (r - l <= max_w and b - t <= max_h) or px <= 8:
+        if (r - left <= max_w and b - t <= max_h) or px <= 8:
             return font, stroke
         px = max(8, int(px * 0.85))
 
@@ -392,7 +392,7 @@ def _badge(layer: Image.Image, rng) -> None:
         n = int(rng.integers(12, 25))
         ang = np.arange(2 * n) * np.pi / n
         rad = np.where(np.arange(2 * n) % 2 == 0, 1.0, rng.uniform(0.78, 0.9)) * (w / 2 - 1)
-        pts = list(zip(w / 2 + rad * np.cos(ang), h / 2 + rad * np.sin(ang)))
+        pts = list(zip(w / 2 + rad * np.cos(ang), h / 2 + rad * np.sin(ang), strict=False))
         dr.polygon(pts, fill=fill, outline=border if bw else None, width=bw)
     elif shape == "rrect":
         dr.rounded_rectangle((0, 0, w - 1, h - 1), radius=int(h * rng.uniform(0.1, 0.5)), fill=fill,
