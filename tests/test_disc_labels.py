@@ -17,6 +17,8 @@ from cleanplate.errors import InputError
 from cleanplate.training import disc_labels as disc
 from cleanplate.training.common import read_meta
 
+pytestmark = pytest.mark.slow
+
 N_ITEMS, PER_ITEM, SIZE = 8, 8, 64
 
 

@@ -346,6 +346,7 @@ def _chromium() -> str:
     return path
 
 
+@pytest.mark.browser
 def test_label_page_in_a_real_browser(fly, tmp_path):
     """Three items labeled with the keyboard (Y, N, S then U to undo the skip, Y), exported with E, read back
     from SQLite and from the exported meta.json."""

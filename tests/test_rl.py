@@ -46,6 +46,8 @@ from cleanplate.training.rl_common import (
 )
 from cleanplate.training.rwd import RWDConfig, reward_weights, train_rwd
 
+pytestmark = pytest.mark.slow
+
 RES = 64
 DEFAULT = default_bundle_path()
 # what the RL trainers write as lcm_lora when they start from the default bundle: its LCM-LoRA fused in, or

@@ -29,6 +29,8 @@ from cleanplate.training.lcm import (
 from cleanplate.training.sft import SFTConfig, train_sft
 from cleanplate.training.vae import VAEConfig, train_vae
 
+pytestmark = pytest.mark.slow
+
 RES = 64  # bundles need >= 64 px
 BATCH = 2
 

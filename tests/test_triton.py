@@ -30,6 +30,8 @@ from cleanplate.serving.engines import EngineUnavailable, TorchEngine
 from cleanplate.serving.settings import Settings
 from cleanplate.serving.triton_engine import TritonEngine
 
+pytestmark = pytest.mark.triton
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 # The tolerance between engines: ONNX Runtime and PyTorch differ by ~1e-6 per graph call, which after
 # 4 steps and the VAE decoder moves a few pixels by one uint8 level.
