@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cleanplate.batch import GatewayBackend, InProcessBackend, load_items
     from cleanplate.benchmarks.gateway_load import start_server
-    from cleanplate.serving.engines import make_engine
+    from cleanplate.engines import make_engine
     from cleanplate.serving.settings import load_settings
 
     work = Path(tempfile.mkdtemp(prefix="cleanplate-batch-bench-"))

@@ -328,7 +328,7 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
                 "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in (("unet", pipe.unet), ("vae", pipe.vae))},
                 "vae_dtype": str(pipe.vae_dtype), "vae_scale_factor": f, "device": str(pipe.device)}
     elif engine == "opencv":
-        from cleanplate.serving.engines import OpenCVEngine
+        from cleanplate.engines import OpenCVEngine
 
         gate = False
         eng = OpenCVEngine(resolution=resolutions[0], dilate_px=config.dilate_px)
@@ -352,7 +352,7 @@ def _run_triton(bundle: Any, cases: Any, resolutions: list[int], batches: Sequen
                 steps: int, gate: bool | None, warmup: int, repeats: int, url: str | None, protocol: str,
                 threads: int, seed: int, say: Say) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from cleanplate.bundle import default_bundle_path
-    from cleanplate.serving.triton_engine import TritonEngine
+    from cleanplate.triton_engine import TritonEngine
 
     def measure(grpc_url: str, proto: str, where: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         eng = TritonEngine(grpc_url, protocol=proto, timeout_s=600, max_inflight=max(64, max(batches) * 2))

@@ -10,7 +10,7 @@ Methods, every one on the full-size image and judged the same way:
   pasted back as a removal is: the best any fill of this bundle can score, since every fill is decoded by
   that VAE at that crop scale;
 * each engine asked for (``torch``, ``opencv``, ``triton``): the gateway's own removal
-  (:func:`cleanplate.serving.removal.run_removal`: dilate, crop, engine, feathered paste-back) with the
+  (:func:`cleanplate.removal.run_removal`: dilate, crop, engine, feathered paste-back) with the
   engine that ``cleanplate serve --engine NAME`` builds from the same settings. ``opencv`` is Telea on
   the dilated context crop; ``torch`` and ``triton`` are cleanplate's diffusion remover.
 
@@ -67,7 +67,7 @@ def _decoded(pixels: np.ndarray) -> Any:
 
 
 def _engine(name: str, bundle: Any, device: str, dtype: str, threads: int | None, triton_url: str | None) -> Any:
-    from cleanplate.serving.engines import make_engine
+    from cleanplate.engines import make_engine
     from cleanplate.serving.settings import Settings
 
     settings = Settings(engine=name, bundle=bundle, device=device, dtype=dtype, torch_threads=threads, max_batch=1,
@@ -80,7 +80,7 @@ async def _remove_all(engines: dict[str, Any], items: list[Any], dilate_px: int,
                       ) -> tuple[list[dict[str, np.ndarray]], dict[str, list[float]]]:
     """Every method's result for every item (full-size RGB uint8) and each engine's per-item wall ms."""
     from cleanplate import imaging
-    from cleanplate.serving.removal import RemoveOptions, run_removal
+    from cleanplate.removal import RemoveOptions, run_removal
 
     for eng in engines.values():
         await asyncio.wait_for(eng.start(), 600)

@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import imaging
 from .admission import MemoryBudget, MiB, release_free_memory, removal_cost
-from .errors import CleanplateError, InputError
+from .errors import CleanplateError, InputError, QueueFull
 from .locks import exclusive
 
 log = logging.getLogger("cleanplate.batch")
@@ -454,8 +454,8 @@ class _Loaded:
 
 
 class InProcessBackend:
-    """An engine in this process (``torch`` or ``opencv`` from :func:`cleanplate.serving.engines.make_engine`);
-    each item goes through :func:`cleanplate.serving.removal.run_removal`, the gateway's own removal and
+    """An engine in this process (``torch`` or ``opencv`` from :func:`cleanplate.engines.make_engine`);
+    each item goes through :func:`cleanplate.removal.run_removal`, the gateway's own removal and
     quality gate, so results equal the gateway's for the same options."""
 
     def __init__(self, engine: Any) -> None:
@@ -481,8 +481,7 @@ class InProcessBackend:
         return _Loaded(image, _mask_array(item, image, mask_channel))
 
     async def infer(self, item: BatchItem, loaded: _Loaded, opts: ItemOptions) -> Inferred:
-        from .serving.engines import QueueFull
-        from .serving.removal import RemoveOptions, run_removal
+        from .removal import RemoveOptions, run_removal
 
         ropts = RemoveOptions(dilate_px=opts.dilate_px, steps=opts.steps, seed=opts.seed or 0,
                               quality_gate=bool(opts.quality_gate), threshold=opts.threshold,

@@ -453,17 +453,21 @@ def batch_run(
     if url:
         backend = GatewayBackend(url, api_key=api_key, concurrency=concurrency)
     else:
-        from .serving.engines import make_engine
-        from .serving.settings import load_settings
+        from .engines import EngineOptions, make_engine
 
         if wants_triton:  # Triton's own dynamic batcher makes the batches
-            settings = load_settings(engine="triton", triton_url=triton_url, triton_protocol=triton_protocol,
-                                     max_queue=max(64, 2 * concurrency))
+            given = dict(engine="triton", triton_url=triton_url, triton_protocol=triton_protocol,
+                         max_queue=max(64, 2 * concurrency))
         else:
-            settings = load_settings(engine=(engine or Engine.torch).value, bundle=bundle, device=device.value,
-                                     dtype=dtype.value, torch_threads=torch_threads, max_batch=max_batch,
-                                     max_queue=max(64, 2 * concurrency))
-        backend = InProcessBackend(make_engine(settings))
+            given = dict(engine=(engine or Engine.torch).value, bundle=bundle, device=device.value,
+                         dtype=dtype.value, torch_threads=torch_threads, max_batch=max_batch,
+                         max_queue=max(64, 2 * concurrency))
+        try:
+            options = EngineOptions(**{k: v for k, v in given.items() if v is not None})
+        except ValueError as exc:  # pydantic's ValidationError
+            err = exc.errors()[0]  # type: ignore[attr-defined]
+            raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code="bad_option") from exc
+        backend = InProcessBackend(make_engine(options))
     tune_allocator()
     result = asyncio.run(run_batch(items, backend, output, defaults=defaults, concurrency=concurrency,
                                    report_path=report, review_dir=review, retry_failed=retry_failed,

@@ -29,11 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cleanplate import __version__, imaging
 from cleanplate.admission import MemoryBudget, release_free_memory, removal_cost
+from cleanplate.engines import Engine, EngineUnavailable, make_engine
 from cleanplate.errors import CleanplateError, InputError, QueueFull
+from cleanplate.removal import RemoveOptions, run_removal, run_score
 
-from .engines import Engine, EngineUnavailable, make_engine
 from .metrics import Metrics
-from .removal import RemoveOptions, run_removal, run_score
 from .settings import Settings
 
 log = logging.getLogger("cleanplate.serving")

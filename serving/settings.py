@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
@@ -21,6 +21,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from cleanplate.engines import EngineOptions
 from cleanplate.errors import InputError
 
 CONFIG_ENV = "CLEANPLATE_CONFIG"
@@ -28,22 +29,14 @@ MiB = 1024 * 1024
 _config_file: Path | None = None  # set by load_settings for the duration of one Settings() call
 
 
-class Settings(BaseSettings):
-    """Everything the gateway reads at start-up. Sizes in bytes, times in seconds unless named ``_ms``."""
+class Settings(BaseSettings, EngineOptions):
+    """Everything the gateway reads at start-up: the engine's options (:class:`cleanplate.engines.EngineOptions`,
+    inherited) and the gateway's own. Sizes in bytes, times in seconds unless named ``_ms``."""
 
     model_config = SettingsConfigDict(env_prefix="CLEANPLATE_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 inside a container)")
     port: int = Field(8080, ge=0, le=65535)
-    engine: Literal["torch", "opencv", "triton"] = Field("torch", description="what runs the removal")
-    bundle: Path | None = Field(None, description="bundle directory; default: the bundled model")
-    device: str = Field("cpu", description="torch engine: cpu, cuda, cuda:N or auto")
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
-
-    max_batch: int = Field(8, ge=1, le=256, description="micro-batch bound; 1 turns micro-batching off")
-    batch_window_ms: float = Field(10.0, ge=0, le=1000, description="how long a batch waits for company")
-    max_queue: int = Field(64, ge=1, description="removals waiting for the engine before 429")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504 past it)")
     body_timeout_s: float = Field(30.0, gt=0, description="time allowed to upload a request body (408 past it)")
     max_upload_bytes: int = Field(32 * MiB, ge=1024, description="request body limit (413)")
@@ -59,12 +52,6 @@ class Settings(BaseSettings):
     quality_gate: bool = Field(False, description="gate removals by default (requests may override)")
     max_attempts: int = Field(3, ge=1, le=16, description="gate attempts by default")
     max_attempts_limit: int = Field(8, ge=1, le=64, description="largest max_attempts a request may ask for")
-    opencv_radius: int = Field(5, ge=1, le=64, description="opencv engine: Telea radius in px")
-    opencv_resolution: int = Field(512, ge=64, le=4096, description="opencv engine: crop side in px")
-    triton_url: str = Field("127.0.0.1:8001", description="triton engine: host:port of Triton's gRPC or HTTP endpoint")
-    triton_protocol: Literal["grpc", "http"] = Field("grpc", description="triton engine: client protocol")
-    triton_timeout_s: float = Field(30.0, gt=0, description="triton engine: per-call timeout")
-    triton_retries: int = Field(2, ge=0, le=10, description="triton engine: retries on transient errors")
 
     @property
     def memory_budget_bytes(self) -> int:

@@ -20,9 +20,9 @@ from PIL import Image
 from cleanplate import admission, imaging
 from cleanplate.admission import MemoryBudget, removal_cost
 from cleanplate.batch import InProcessBackend, ItemOptions, load_items, read_report, run_batch
+from cleanplate.engines import TorchEngine
 from cleanplate.errors import InputError, QueueFull
 from cleanplate.serving.app import create_app
-from cleanplate.serving.engines import TorchEngine
 from cleanplate.serving.settings import Settings
 
 MiB = admission.MiB
@@ -246,7 +246,7 @@ def test_batch_items_wait_for_memory_and_an_oversized_item_fails_alone(gated_bun
     items = load_items(src, masks=masks)
     assert len(items) == 6
 
-    from cleanplate.serving.engines import make_engine
+    from cleanplate.engines import make_engine
 
     backend = CountingBackend(make_engine(Settings(bundle=gated_bundle, torch_threads=1)))
     one = backend.cost(next(i for i in items if i.key == "p0.png"), "luma")

@@ -20,8 +20,8 @@ from conftest import serve_in_thread
 from PIL import Image
 
 from cleanplate import imaging
+from cleanplate.engines import TorchEngine
 from cleanplate.serving.app import create_app
-from cleanplate.serving.engines import TorchEngine
 from cleanplate.serving.settings import Settings, load_settings
 
 

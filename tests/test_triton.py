@@ -21,14 +21,14 @@ from conftest import bundle_variant, serve_in_thread
 from PIL import Image
 
 from cleanplate.bundle import default_bundle_path, read_config
+from cleanplate.engines import EngineUnavailable, TorchEngine
 from cleanplate.export.triton import RepositoryOptions, export_triton
 from cleanplate.export.triton_server import TritonServer, default_env_path, setup_env
 from cleanplate.imaging import decode_image, decode_mask, dilate_mask
 from cleanplate.remover import RemovalRequest, prepare
 from cleanplate.serving.app import create_app
-from cleanplate.serving.engines import EngineUnavailable, TorchEngine
 from cleanplate.serving.settings import Settings
-from cleanplate.serving.triton_engine import TritonEngine
+from cleanplate.triton_engine import TritonEngine
 
 pytestmark = pytest.mark.triton
 

@@ -1,4 +1,5 @@
-"""One removal through an engine, with the optional quality gate (DESIGN.md, "One removal", step 6).
+"""One removal through an engine, with the optional quality gate (docs/DESIGN.md, "One removal"): what the
+gateway, ``cleanplate batch`` and ``cleanplate bench quality`` run for each image.
 
 CPU-bound pre/post-processing runs in worker threads so the event loop keeps accepting requests;
 the model work runs in the engine. The gate scores the result exactly as ``POST /v1/score`` (and
@@ -14,12 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from anyio import to_thread
 
-from cleanplate import imaging
-from cleanplate.errors import InputError
-from cleanplate.imaging import DecodedImage
-from cleanplate.remover import RemovalRequest, composite, prepare, score_crops
-
+from . import imaging
 from .engines import Engine
+from .errors import InputError
+from .imaging import DecodedImage
+from .remover import RemovalRequest, composite, prepare, score_crops
 
 
 @dataclass
@@ -99,7 +99,7 @@ async def run_removal(engine: Engine, image: DecodedImage, mask: np.ndarray, opt
 async def run_score(engine: Engine, source: DecodedImage, result: DecodedImage, mask: np.ndarray,
                     dilate_px: int | None) -> float:
     """Discriminator score in [0,1] of a finished removal, cut as :func:`run_removal` cuts it."""
-    from cleanplate.remover import ScoreRequest, prepare_score
+    from .remover import ScoreRequest, prepare_score
 
     if engine.threshold is None:
         raise InputError(f"the {engine.name} engine has no discriminator, so scoring is unavailable",

@@ -23,16 +23,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cleanplate.errors import InputError
-
-from .engines import EngineUnavailable, QueueFull
+from .engines import EngineUnavailable
+from .errors import InputError, QueueFull
 
 log = logging.getLogger("cleanplate.triton")
 REMOVE_MODEL, SCORE_MODEL = "cleanplate_remove", "cleanplate_score"  # as cleanplate.export.triton
 
 
 class TritonEngine:
-    """Client of a Triton server; implements :class:`cleanplate.serving.engines.Engine`.
+    """Client of a Triton server; implements :class:`cleanplate.engines.Engine`.
 
     Args:
         url: ``host:port`` of Triton's gRPC (default 8001) or HTTP (8000) endpoint.

@@ -1,13 +1,15 @@
-"""Engines: what turns a model crop into a cleaned crop, behind one async interface (DESIGN.md, "Engines").
+"""Engines: what turns a model crop into a cleaned crop, behind one async interface (docs/DESIGN.md, "Engines").
 
-The gateway does the pre- and post-processing (decode, dilate, crop, paste-back, encode) and hands each
-engine square crops at its ``resolution``:
+The callers (the gateway, ``cleanplate batch``, the benchmarks; :func:`cleanplate.removal.run_removal`) do
+the pre- and post-processing (decode, dilate, crop, paste-back, encode) and hand each engine square crops
+at its ``resolution``. :data:`ENGINES` names every engine; :func:`make_engine` builds one from
+:class:`EngineOptions`:
 
 * ``torch``: the bundle in-process; requests that arrive within ``batch_window_ms`` of each other run as
   one batch of up to ``max_batch`` (:class:`MicroBatcher`), on one model thread.
 * ``opencv``: Telea inpainting (Telea 2004, ``cv2.inpaint``), no model and no discriminator; a baseline.
 * ``triton``: a Triton Inference Server with the ``cleanplate export triton`` repository
-  (:class:`cleanplate.serving.triton_engine.TritonEngine`); Triton's dynamic batcher makes the batches.
+  (:class:`cleanplate.triton_engine.TritonEngine`); Triton's dynamic batcher makes the batches.
 """
 
 from __future__ import annotations
@@ -18,15 +20,40 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, Field
 
-from cleanplate.errors import CleanplateError, InputError, QueueFull  # noqa: F401 - QueueFull re-exported
+from .errors import CleanplateError, InputError, QueueFull
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+ENGINE_NAMES = ("torch", "opencv", "triton")  # the names :func:`make_engine` knows, in the order of the docs
+
+
+class EngineOptions(BaseModel):
+    """How to build an engine: the name and every engine's options (the gateway's ``Settings`` inherits them,
+    so ``CLEANPLATE_MAX_BATCH`` and ``--max-batch`` mean the same everywhere)."""
+
+    engine: Literal[ENGINE_NAMES] = Field("torch", description="what runs the removal")
+    bundle: Path | None = Field(None, description="bundle directory; default: the bundled model")
+    device: str = Field("cpu", description="torch engine: cpu, cuda, cuda:N or auto")
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+
+    max_batch: int = Field(8, ge=1, le=256, description="micro-batch bound; 1 turns micro-batching off")
+    batch_window_ms: float = Field(10.0, ge=0, le=1000, description="how long a batch waits for company")
+    max_queue: int = Field(64, ge=1, description="removals waiting for the engine before 429")
+    opencv_radius: int = Field(5, ge=1, le=64, description="opencv engine: Telea radius in px")
+    opencv_resolution: int = Field(512, ge=64, le=4096, description="opencv engine: crop side in px")
+    triton_url: str = Field("127.0.0.1:8001", description="triton engine: host:port of Triton's gRPC or HTTP endpoint")
+    triton_protocol: Literal["grpc", "http"] = Field("grpc", description="triton engine: client protocol")
+    triton_timeout_s: float = Field(30.0, gt=0, description="triton engine: per-call timeout")
+    triton_retries: int = Field(2, ge=0, le=10, description="triton engine: retries on transient errors")
 
 
 class EngineUnavailable(CleanplateError):
@@ -178,10 +205,10 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, bundle: Any = None, *, device: str = "cpu", dtype: str = "fp32", max_batch: int = 8,
+    def __init__(self, bundle: str | Path | None = None, *, device: str = "cpu", dtype: str = "fp32", max_batch: int = 8,
                  window_ms: float = 10.0, max_queue: int = 64, torch_threads: int | None = None,
                  on_batch: Callable[[str, int, float], None] | None = None) -> None:
-        from cleanplate.bundle import default_bundle_path, read_config
+        from .bundle import default_bundle_path, read_config
 
         self._bundle, self._device, self._dtype, self._threads = bundle, device, dtype, torch_threads
         config = read_config(bundle or default_bundle_path())  # fail fast on a bad path, before any load
@@ -201,7 +228,7 @@ class TorchEngine:
     def _load(self) -> Any:
         import torch
 
-        from cleanplate.pipeline import RemovalPipeline
+        from .pipeline import RemovalPipeline
 
         if self._threads:
             torch.set_num_threads(self._threads)
@@ -236,7 +263,7 @@ class TorchEngine:
         return await self._score.submit(ScoreItem(source, result, mask))
 
     def _run_inpaint(self, items: list[InpaintItem]) -> list[np.ndarray]:
-        from cleanplate.remover import crops_to_tensors, masks_to_tensor, to_uint8_crops
+        from .remover import crops_to_tensors, masks_to_tensor, to_uint8_crops
 
         out: list[np.ndarray | None] = [None] * len(items)
         by_steps: dict[int, list[int]] = {}
@@ -251,7 +278,7 @@ class TorchEngine:
         return out  # type: ignore[return-value]
 
     def _run_score(self, items: list[ScoreItem]) -> list[float]:
-        from cleanplate.remover import crops_to_tensors, masks_to_tensor
+        from .remover import crops_to_tensors, masks_to_tensor
 
         scores = self.pipe.score(crops_to_tensors([i.result for i in items]), crops_to_tensors([i.source for i in items]),
                                  masks_to_tensor([i.mask for i in items]))
@@ -302,20 +329,24 @@ class OpenCVEngine:
                          code="no_discriminator")
 
 
-def make_engine(settings: Any, on_batch: Callable[[str, int, float], None] | None = None) -> Engine:
-    """The engine named by ``settings.engine`` (see :class:`cleanplate.serving.settings.Settings`)."""
-    if settings.engine == "triton":
+def make_engine(options: EngineOptions, on_batch: Callable[[str, int, float], None] | None = None) -> Engine:
+    """The engine ``options.engine`` names (one of :data:`ENGINE_NAMES`), not started yet.
+
+    ``on_batch(queue, size, seconds)`` is told about every micro-batch (torch engine). Raises BundleError
+    early for a bundle path that is wrong.
+    """
+    if options.engine == "triton":
         from .triton_engine import TritonEngine
 
-        return TritonEngine(settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
-                            retries=settings.triton_retries, max_inflight=settings.max_queue)
-    if settings.engine == "opencv":
+        return TritonEngine(options.triton_url, protocol=options.triton_protocol, timeout_s=options.triton_timeout_s,
+                            retries=options.triton_retries, max_inflight=options.max_queue)
+    if options.engine == "opencv":
         dilate = 8
-        if settings.bundle is not None:
-            from cleanplate.bundle import read_config
+        if options.bundle is not None:
+            from .bundle import read_config
 
-            dilate = read_config(settings.bundle).dilate_px
-        return OpenCVEngine(radius=settings.opencv_radius, resolution=settings.opencv_resolution, dilate_px=dilate)
-    return TorchEngine(settings.bundle, device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch,
-                       window_ms=settings.batch_window_ms, max_queue=settings.max_queue,
-                       torch_threads=settings.torch_threads, on_batch=on_batch)
+            dilate = read_config(options.bundle).dilate_px
+        return OpenCVEngine(radius=options.opencv_radius, resolution=options.opencv_resolution, dilate_px=dilate)
+    return TorchEngine(options.bundle, device=options.device, dtype=options.dtype, max_batch=options.max_batch,
+                       window_ms=options.batch_window_ms, max_queue=options.max_queue,
+                       torch_threads=options.torch_threads, on_batch=on_batch)
