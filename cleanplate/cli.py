@@ -16,6 +16,7 @@ import typer
 from .benchmarks.cli import bench_app
 from .cli_options import BatchOpt, ConfigOpt, LrOpt, MetaOpt, OutOpt, ResOpt, SeedOpt, StepsOpt, WorkOpt
 from .deploy import deploy_app
+from .engines import ENGINE_NAMES
 from .errors import CleanplateError, ExportError, InputError
 from .export.cli import export_app, triton_app
 from .training.flywheel_cli import flywheel_app, label_app
@@ -339,10 +340,7 @@ def score(
     typer.echo(json.dumps({"score": round(value, 6), "threshold": limit, "passed": value >= limit}))
 
 
-class Engine(str, Enum):
-    torch = "torch"
-    opencv = "opencv"
-    triton = "triton"
+Engine = Enum("Engine", {name: name for name in ENGINE_NAMES}, type=str)  # cleanplate.engines names them
 
 
 @app.command()
@@ -359,6 +357,8 @@ def serve(
     max_queue: Annotated[Optional[int], typer.Option(help="queued removals before 429")] = None,
     triton_url: Annotated[Optional[str], typer.Option(help="triton engine: host:port (default 127.0.0.1:8001)")] = None,
     triton_protocol: Annotated[Optional[str], typer.Option(help="triton engine: grpc or http")] = None,
+    onnx_dir: Annotated[Optional[Path], typer.Option(help="onnxruntime engine: a `cleanplate export onnx` "
+                                                          "directory of the bundle")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the REST gateway (POST /v1/remove, /v1/score; /healthz, /readyz, /metrics, /docs)."""
@@ -367,7 +367,7 @@ def serve(
 
     settings = load_settings(config, host=host, port=port, engine=engine.value if engine else None, bundle=bundle,
                              device=device, max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                             triton_url=triton_url, triton_protocol=triton_protocol)
+                             triton_url=triton_url, triton_protocol=triton_protocol, onnx_dir=onnx_dir)
     run_server(settings, log_level=log_level)
 
 
@@ -415,6 +415,8 @@ def batch_run(
     url: Annotated[Optional[str], typer.Option(help="use a running gateway (cleanplate serve) at this URL")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="CLEANPLATE_API_KEY", show_envvar=True,
                                                    help="gateway API key (Bearer)")] = None,
+    onnx_dir: Annotated[Optional[Path], typer.Option(help="onnxruntime engine: a `cleanplate export onnx` "
+                                                          "directory of the bundle")] = None,
     triton_url: Annotated[Optional[str], typer.Option(help="use the triton engine: host:port of a Triton server")] = None,
     triton_protocol: Annotated[Optional[str], typer.Option(help="triton engine: grpc or http")] = None,
     seed: Annotated[int, typer.Option(help="noise seed (items may set their own)")] = 0,
@@ -460,7 +462,7 @@ def batch_run(
                          max_queue=max(64, 2 * concurrency))
         else:
             given = dict(engine=(engine or Engine.torch).value, bundle=bundle, device=device.value,
-                         dtype=dtype.value, torch_threads=torch_threads, max_batch=max_batch,
+                         dtype=dtype.value, torch_threads=torch_threads, max_batch=max_batch, onnx_dir=onnx_dir,
                          max_queue=max(64, 2 * concurrency))
         try:
             options = EngineOptions(**{k: v for k, v in given.items() if v is not None})

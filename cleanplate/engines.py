@@ -8,6 +8,8 @@ at its ``resolution``. :data:`ENGINES` names every engine; :func:`make_engine` b
 * ``torch``: the bundle in-process; requests that arrive within ``batch_window_ms`` of each other run as
   one batch of up to ``max_batch`` (:class:`MicroBatcher`), on one model thread.
 * ``opencv``: Telea inpainting (Telea 2004, ``cv2.inpaint``), no model and no discriminator; a baseline.
+* ``onnxruntime``: the ``cleanplate export onnx`` graphs in-process through ONNX Runtime
+  (:class:`cleanplate.onnxruntime_engine.OnnxRuntimeEngine`), the same numpy removal as Triton's BLS model.
 * ``triton``: a Triton Inference Server with the ``cleanplate export triton`` repository
   (:class:`cleanplate.triton_engine.TritonEngine`); Triton's dynamic batcher makes the batches.
 """
@@ -32,7 +34,7 @@ from .errors import CleanplateError, InputError, QueueFull
 T = TypeVar("T")
 R = TypeVar("R")
 
-ENGINE_NAMES = ("torch", "opencv", "triton")  # the names :func:`make_engine` knows, in the order of the docs
+ENGINE_NAMES = ("torch", "opencv", "triton", "onnxruntime")  # what :func:`make_engine` builds
 
 
 class EngineOptions(BaseModel):
@@ -54,6 +56,9 @@ class EngineOptions(BaseModel):
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="triton engine: client protocol")
     triton_timeout_s: float = Field(30.0, gt=0, description="triton engine: per-call timeout")
     triton_retries: int = Field(2, ge=0, le=10, description="triton engine: retries on transient errors")
+    onnx_dir: Path | None = Field(None, description="onnxruntime engine: a `cleanplate export onnx` directory of "
+                                                    "the bundle")
+    onnx_threads: int | None = Field(None, ge=1, description="onnxruntime engine: intra-op threads (default: its own)")
 
 
 class EngineUnavailable(CleanplateError):
@@ -340,6 +345,15 @@ def make_engine(options: EngineOptions, on_batch: Callable[[str, int, float], No
 
         return TritonEngine(options.triton_url, protocol=options.triton_protocol, timeout_s=options.triton_timeout_s,
                             retries=options.triton_retries, max_inflight=options.max_queue)
+    if options.engine == "onnxruntime":
+        from .onnxruntime_engine import OnnxRuntimeEngine
+
+        if options.onnx_dir is None:
+            raise InputError("the onnxruntime engine needs onnx_dir: a `cleanplate export onnx BUNDLE DIR` directory",
+                             code="bad_option")
+        return OnnxRuntimeEngine(options.onnx_dir, options.bundle, threads=options.onnx_threads,
+                                 max_batch=options.max_batch, window_ms=options.batch_window_ms,
+                                 max_queue=options.max_queue, on_batch=on_batch)
     if options.engine == "opencv":
         dilate = 8
         if options.bundle is not None:

@@ -7,7 +7,7 @@ Layout (``cleanplate export triton BUNDLE --out REPO --backend B``)::
     REPO/vae_decoder/
     REPO/discriminator/  when the bundle has one
     REPO/cleanplate_remove/  BLS python model: the whole N-step removal inside Triton
-                             (1/model.py, 1/sampling.py, 1/masked_source.py, 1/schedules.json,
+                             (1/model.py, 1/sampling.py, 1/masked_source.py, 1/graph_removal.py, 1/schedules.json,
                              1/null_conditioning.npz)
     REPO/cleanplate_score/   BLS python model: discriminator score of (source, result, mask) crops
 
@@ -276,6 +276,7 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
             shutil.copy2(MODELS_DIR / "bls.py", version / "model.py")
             shutil.copy2(_sampling_source(), version / "sampling.py")  # the torch engine's own sampler
             shutil.copy2(_masked_source_source(), version / "masked_source.py")  # and its conditioning fill
+            shutil.copy2(_module_source("graph_removal"), version / "graph_removal.py")  # the numpy removal
             if bls == REMOVE_MODEL:
                 write_atomic(version / "schedules.json", schedule_table_json(scheduler, MAX_STEPS).encode())
                 with open(version / "null_conditioning.npz", "wb") as fh:
@@ -290,6 +291,12 @@ def _sampling_source() -> Path:
     import cleanplate.sampling
 
     return Path(cleanplate.sampling.__file__)
+
+
+def _module_source(name: str) -> Path:
+    import importlib
+
+    return Path(importlib.import_module(f"cleanplate.{name}").__file__)
 
 
 def _masked_source_source() -> Path:

@@ -187,10 +187,11 @@ def test_triton_repository(onnx_dir: Path, gated_bundle: Path, tmp_path: Path, b
     assert params["mode"] == "remove" and params["resolution"] == "64" and params["buckets"] == "64,128"
     assert params["default_steps"] == "4" and params["dilate_px"] == "2" and params["threshold"] == "0.5"
     assert params["masked_source"] == "zero" and params["prediction_type"] == "epsilon"
-    for name in ("model.py", "sampling.py", "masked_source.py", "schedules.json", "null_conditioning.npz"):
+    for name in ("model.py", "sampling.py", "masked_source.py", "graph_removal.py", "schedules.json",
+                 "null_conditioning.npz"):
         assert (tmp_path / "cleanplate_remove" / "1" / name).exists()
-    # the BLS model runs the torch engine's own sampler and conditioning fill, byte for byte
-    for module in ("sampling.py", "masked_source.py"):
+    # the BLS model runs the package's own sampler, conditioning fill and graph removal, byte for byte
+    for module in ("sampling.py", "masked_source.py", "graph_removal.py"):
         assert (tmp_path / "cleanplate_remove/1" / module).read_bytes() == (CLEANPLATE / module).read_bytes()
     cond = np.load(tmp_path / "cleanplate_remove/1/null_conditioning.npz")
     assert cond["prompt_embeds"].shape == (1, 77, 16) and cond["pooled_prompt_embeds"].shape == (1, 16)

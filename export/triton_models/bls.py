@@ -7,7 +7,8 @@ masked source (:mod:`masked_source` with the bundle's fill, parameter ``masked_s
 (``unet`` + :mod:`sampling`; the UNet output is ε, x0 or v as each schedule step's ``prediction_type``
 says, from ``schedules.json``) -> ``vae_decoder`` (with parameter ``decode_residual`` = 1 the result is
 the masked source plus the decoded correction, x̃_s + s·(D(ẑ) − D(E(x̃_s))) with s the parameter
-``residual_scale``, both latents decoded in one batch). Both modules are the torch engine's own, copied next to this file.
+``residual_scale``, both latents decoded in one batch). The math is :mod:`graph_removal` (shared with the
+in-process ONNX Runtime engine); it and the modules it uses are the package's own, copied next to this file.
 
     inputs   image (B,R,R,3) UINT8 RGB, mask (B,R,R) UINT8 (nonzero = remove),
              seed (B,1) INT64 >= 0, steps (B,1) INT32 in 1..max_steps
@@ -28,8 +29,9 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from masked_source import MASKED_SOURCE_FILLS, masked_source
-from sampling import lcm_step, load_schedule_table, sampling_noise
+from graph_removal import GraphRemoval
+from masked_source import MASKED_SOURCE_FILLS
+from sampling import load_schedule_table
 
 
 class BadRequest(Exception):
@@ -70,8 +72,13 @@ class TritonPythonModel:
                 raise pb_utils.TritonModelException(f"schedules.json reads the UNet output as {sorted(kinds)}, but the "
                                                     f"prediction_type parameter says {params.get('prediction_type')!r}")
             cond = np.load(os.path.join(here, "null_conditioning.npz"))
-            self.prompt_embeds = cond["prompt_embeds"].astype(np.float32)
-            self.pooled_prompt_embeds = cond["pooled_prompt_embeds"].astype(np.float32)
+            self.removal = GraphRemoval(self._infer, vae_scale_factor=self.f, fill=self.fill,
+                                        decode_residual=self.residual, residual_scale=self.residual_scale,
+                                        schedules=self.schedules,
+                                        prompt_embeds=cond["prompt_embeds"].astype(np.float32),
+                                        pooled_prompt_embeds=cond["pooled_prompt_embeds"].astype(np.float32))
+        else:
+            self.removal = GraphRemoval(self._infer, vae_scale_factor=self.f)
         memory = getattr(pb_utils, "PreferredMemory", None)
         # GPU graphs (TensorRT) answer in device memory; this model's numpy math needs host memory.
         self.preferred = memory(pb_utils.TRITONSERVER_MEMORY_CPU, 0) if memory is not None else None
@@ -92,13 +99,6 @@ class TritonPythonModel:
                 raise pb_utils.TritonModelException(f"{self.model[graph]}: {response.error().message()}")
             parts.append(pb_utils.get_output_tensor_by_name(response, output).as_numpy())
         return np.concatenate(parts)
-
-    def _encode(self, images_uint8):
-        """(B,R,R,3) uint8 or float32 in [-1,1] NHWC -> scaled latents (B,C,R/f,R/f)."""
-        x = images_uint8.astype(np.float32)
-        if images_uint8.dtype == np.uint8:
-            x = x / 127.5 - 1.0
-        return self._infer("vae_encoder", {"image": np.transpose(x, (0, 3, 1, 2))}, "latent")
 
     # -- request handling ------------------------------------------------------------------------------
     def _get(self, request, name, dtype, rank):
@@ -151,35 +151,11 @@ class TritonPythonModel:
         return (int(steps[0]), image.shape[1]), (image, mask, seed)
 
     def _run_remove(self, key, members):
-        steps, resolution = key
+        steps, _ = key
         image = np.concatenate([m[1][0] for m in members])
         hole = np.concatenate([m[1][1] for m in members]) > 0  # (B,R,R)
         seeds = np.concatenate([m[1][2] for m in members])
-        batch, f = len(image), self.f
-        masked = masked_source(image, hole, self.fill)  # (B,R,R,3) float32 in [-1,1]
-        masked_latent = self._encode(masked)
-        mask_latent = hole[:, None, ::f, ::f].astype(np.float32)  # nearest resize by factor f, as F.interpolate
-        noise = np.stack([sampling_noise(int(s), steps, masked_latent.shape[1:]) for s in seeds], axis=1)
-        cond = {
-            "encoder_hidden_states": np.repeat(self.prompt_embeds, batch, axis=0),
-            "text_embeds": np.repeat(self.pooled_prompt_embeds, batch, axis=0),
-            "time_ids": np.tile(np.array([[resolution, resolution, 0, 0, resolution, resolution]], np.float32),
-                                (batch, 1)),
-        }
-        latent = noise[0]
-        for k, step in enumerate(self.schedules[steps]):
-            sample = np.concatenate([latent, mask_latent, masked_latent], axis=1)
-            timestep = np.full((batch, 1), step.timestep, np.float32)
-            # the graph's output keeps the name noise_pred; step.prediction_type says whether it is ε, x0 or v
-            model_output = self._infer("unet", {"sample": sample, "timestep": timestep, **cond}, "noise_pred")
-            latent = lcm_step(step, latent, model_output, None if step.last else noise[k + 1]).astype(np.float32)
-        if self.residual:  # x̃_s + D(ẑ) − D(E(x̃_s)), as RemovalPipeline: the VAE's error on the prefill cancels
-            both = self._infer("vae_decoder", {"latent": np.concatenate([latent, masked_latent])}, "image")
-            correction = self.residual_scale * (both[:batch] - both[batch:])
-            decoded = np.clip(np.transpose(masked, (0, 3, 1, 2)) + correction, -1.0, 1.0)
-        else:
-            decoded = self._infer("vae_decoder", {"latent": latent}, "image")
-        result = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        result = self.removal.remove(image, hole, seeds, steps)
         out, start = [], 0
         for _, (img, _, _) in members:
             out.append(pb_utils.Tensor("result", np.ascontiguousarray(result[start:start + len(img)])))
@@ -198,13 +174,8 @@ class TritonPythonModel:
     def _run_score(self, members):
         source = np.concatenate([m[1][0] for m in members])
         result = np.concatenate([m[1][1] for m in members])
-        mask = (np.concatenate([m[1][2] for m in members]) > 0).astype(np.float32)
-        batch, r, f = len(source), source.shape[1], self.f
-        latents = self._encode(np.concatenate([result, source]))
-        # A latent cell counts as masked if any of its pixels is (max-pool), as Discriminator.mask_to_latent.
-        mask_latent = mask.reshape(batch, 1, r // f, f, r // f, f).max(axis=(3, 5))
-        score = self._infer("discriminator", {"result_latent": latents[:batch], "mask_latent": mask_latent,
-                                              "source_latent": latents[batch:]}, "score")
+        mask = np.concatenate([m[1][2] for m in members])
+        score = self.removal.score(source, result, mask)
         out, start = [], 0
         for _, (src, _, _) in members:
             out.append(pb_utils.Tensor("score", np.ascontiguousarray(score[start:start + len(src)].reshape(-1, 1))))
