@@ -318,13 +318,13 @@ def report_cmd(
     """Rewrite a report's markdown and plots from its JSON (e.g. one copied back from a GPU machine)."""
     import json
 
-    from . import ablation, discriminator, latency, load, quality, reference
+    from . import ablation, discriminator, latency, load, memory, quality, reference
     from .common import write_report
 
     try:
         report = json.loads(report_json.read_text())
         module = {"latency": latency, "load": load, "quality": quality, "reference": reference,
-                  "ablation": ablation, "gate": discriminator}[report["harness"]]
+                  "ablation": ablation, "gate": discriminator, "memory": memory}[report["harness"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code="bad_option") from exc
     out = report_json.with_suffix("")

@@ -120,7 +120,7 @@ async def _burst(url: str, n: int, image: bytes, mask: bytes, timeout_s: float) 
 
 
 def run_memory(*, megapixels: float = 40.0, burst: int = 16, soak_clients: int = 8, soak_minutes: float = 30.0,
-               soak_from_minute: float = 5.0, settle_s: float = 20.0, batch_items: int = 20,
+               soak_from_minute: float = 5.0, settle_s: float = 20.0, idle_s: float = 10.0, batch_items: int = 20,
                batch_concurrency: int = 4, batch_budget_mib: int = 1024, bundle: str | None = None,
                timeout_s: float = 900.0,
                say: Any = lambda m: None) -> dict[str, Any]:
@@ -157,8 +157,8 @@ def run_memory(*, megapixels: float = 40.0, burst: int = 16, soak_clients: int =
             httpx.post(url + "/v1/remove", files={"image": small_image, "mask": small_mask}, data={"seed": str(i)},
                        timeout=timeout_s)
         t_idle = sampler.mark("idle")
-        time.sleep(10)
-        before = float(np.median(sampler.between(t_idle, t_idle + 10)))
+        time.sleep(idle_s)
+        before = float(np.median(sampler.between(t_idle, t_idle + idle_s)))
         say(f"pre-burst RSS {before:.0f} MiB; budget {budget / MiB:.0f} MiB; {burst} x {header.width}x"
             f"{header.height} at once (estimated {cost / MiB:.0f} MiB each)")
         t_burst = sampler.mark("burst")
@@ -278,9 +278,11 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     ]
     if "batch" in report:
         bt = report["batch"]
+        idle = bt["rss_mib"][-1][1] if bt.get("rss_mib") else None  # the process after its last item
         lines.append(f"| batch: {bt['items']} photos, concurrency {bt['concurrency']}: peak RSS | "
                      f"{bt['peak_rss_mib']:.0f} MiB ({bt['ok']} ok, {bt['errors']} errors, "
-                     f"{bt['images_per_s']:.2f} images/s) | budget {bt['budget_mib']} MiB + the process | |")
+                     f"{bt['images_per_s']:.2f} images/s) | budget {bt['budget_mib']} MiB + the process "
+                     f"({'?' if idle is None else f'{idle:.0f}'} MiB idle) | |")
     lines += ["", f"Environment: {env_line(report['environment'])}.", ""]
     return "\n".join(lines)
 

@@ -74,9 +74,13 @@ async def run_removal(engine: Engine, image: DecodedImage, mask: np.ndarray, opt
     request = RemovalRequest(image, mask, opts.dilate_px, opts.seed, steps)
     prep = await to_thread.run_sync(prepare, request, engine.resolution, engine.default_dilate_px)
     t = _add(timings, "prepare", t)
-    best: Outcome | None = None
+    # One full-size result at a time: the best attempt is kept as its model crop and composited again at the
+    # end if a later attempt scored lower (a 40 MP result is 120 MB; the crop is R x R).
+    best: tuple[float, int, np.ndarray] | None = None  # score, attempt, crop
     attempts = opts.max_attempts if opts.quality_gate else 1
+    pixels: np.ndarray | None = None
     for attempt in range(attempts):
+        pixels = None  # the previous attempt's result goes before the next is made
         crop = await engine.inpaint(prep.crop, prep.crop_mask, seed=opts.seed + attempt, steps=steps)
         t = _add(timings, "model", t)
         pixels = await to_thread.run_sync(composite, request, prep, crop, engine.paste_prefill)
@@ -87,13 +91,17 @@ async def run_removal(engine: Engine, image: DecodedImage, mask: np.ndarray, opt
             score_crops, image.rgb, imaging.to_rgb8(pixels), prep.dilated, prep.box, engine.resolution)
         score = await engine.score(prep.crop, result_crop, prep.crop_mask)
         t = _add(timings, "gate", t)
-        if best is None or score > best.score:
-            best = Outcome(pixels, score, score >= threshold, attempt + 1, threshold, opts.seed + attempt, timings)
+        if best is None or score > best[0]:
+            best = (score, attempt, crop)
         if score >= threshold:
             break
-    assert best is not None
-    best.attempts = attempt + 1
-    return best
+    assert best is not None and pixels is not None
+    score, chosen, crop = best
+    if chosen != attempt:
+        pixels = None
+        pixels = await to_thread.run_sync(composite, request, prep, crop, engine.paste_prefill)
+        _add(timings, "composite", t)
+    return Outcome(pixels, score, score >= threshold, attempt + 1, threshold, opts.seed + chosen, timings)
 
 
 async def run_score(engine: Engine, source: DecodedImage, result: DecodedImage, mask: np.ndarray,

@@ -317,3 +317,24 @@ def test_cli_bad_input_exits_2(cli, synth_data: Path, tmp_path: Path, args: list
     r = cli("bench", *args, "--out", tmp_path / "x")
     assert r.code == 2 and r.err.startswith("error: ") and message in r.err, r.err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_memory_harness_end_to_end(tmp_path) -> None:
+    """`bench memory` at toy sizes: a real server, a burst, a soak and a batch run; every answer counted,
+    RSS sampled, the report, markdown and plot written."""
+    from cleanplate.benchmarks import memory
+    from cleanplate.benchmarks.common import write_report
+
+    report = memory.run_memory(megapixels=0.3, burst=3, soak_clients=1, soak_minutes=0.1, soak_from_minute=0.02,
+                               settle_s=1, idle_s=1, batch_items=2, batch_concurrency=2, batch_budget_mib=64)
+    g = report["gateway"]
+    assert g["burst"]["final_status"] == {"200": 3} and g["burst"]["5xx"] == 0
+    assert g["budget_mib"] == 1024 and g["burst_peak_rss_mib"] >= g["rss_before_mib"] > 100
+    assert g["soak"]["lost"] == 0 and set(g["soak"]["by_status"]) == {"200"}
+    assert report["batch"]["ok"] == 2 and report["batch"]["exit_code"] == 0 and report["batch"]["peak_rss_mib"] > 100
+    assert report["request"]["estimated_cost_mib"] > 0
+    markdown = memory.to_markdown(report, "cleanplate bench memory ...")
+    assert "peak RSS, 3 uploads at once" in markdown and "batch: 2 photos" in markdown
+    paths = write_report(tmp_path / "memory", report, markdown) + memory.plot(report, tmp_path / "memory")
+    assert all(p.stat().st_size > 0 for p in paths) and len(paths) == 3
