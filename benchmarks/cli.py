@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperCommand
 
+from cleanplate.engines import ENGINE_NAMES
 from cleanplate.errors import InputError
 
 bench_app = typer.Typer(help="Benchmarks: per-stage latency, HTTP load, removal quality, a reference comparison "
@@ -23,7 +24,6 @@ bench_app = typer.Typer(help="Benchmarks: per-stage latency, HTTP load, removal 
                              "markdown and PNG plots.",
                         no_args_is_help=True)
 
-ENGINE_NAMES = ("torch", "opencv", "triton")
 # Options that take several values after one flag, and which tokens belong to them.
 _MULTI: dict[str, Callable[[str], bool]] = {
     "--resolution": str.isdigit, "--batch": str.isdigit, "--concurrency": str.isdigit,
@@ -57,10 +57,7 @@ class MultiValueCommand(TyperCommand):
         return super().parse_args(ctx, expand_multi(args))
 
 
-class Engine(str, Enum):
-    torch = "torch"
-    opencv = "opencv"
-    triton = "triton"
+Engine = Enum("Engine", {name: name for name in ENGINE_NAMES}, type=str)  # cleanplate.engines names them
 
 
 class LatencyArch(str, Enum):
@@ -124,6 +121,8 @@ def latency_cmd(
     triton_protocol: Annotated[str, typer.Option(help="triton engine: grpc or http")] = "grpc",
     threads: ThreadsOpt = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    onnx_dir: Annotated[Optional[Path], typer.Option(help="onnxruntime engine: an ONNX export of the bundle "
+                                                          "(default: export it now)")] = None,
     out: OutOpt = None,
 ) -> None:
     """Per-stage latency (decode, crop, VAE encode, each UNet step, VAE decode, composite, gate) per resolution
@@ -135,7 +134,8 @@ def latency_cmd(
     report = latency.run_latency(engine.value, bundle=bundle, arch=arch.value, resolutions=resolution,
                                  batches=batch or [1], steps=steps, image_size=image_size, warmup=warmup,
                                  repeats=repeats, device=device, dtype=dtype, gate=gate, triton_url=triton_url,
-                                 triton_protocol=triton_protocol, threads=threads, seed=seed, say=_say)
+                                 triton_protocol=triton_protocol, threads=threads, seed=seed, onnx_dir=onnx_dir,
+                                 say=_say)
     default = f"latency_{engine.value}" + ("_sdxl" if arch is LatencyArch.sdxl else "") + _device_tag(device)
     _finish(report, out or Path("benchmarks/results") / default, latency)
 

@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from cleanplate.engines import ENGINE_NAMES
 from cleanplate.errors import InputError
 
 from .common import StageClock, cuda_sync, env_line, environment, fmt_ms, promo_payload, pyplot, summarize_ms
 
-ENGINES = ("torch", "opencv", "triton")
+ENGINES = ENGINE_NAMES
 Say = Callable[[str], None]
 
 
@@ -138,7 +139,7 @@ async def _engine_rep(engine: Any, image_bytes: bytes, mask_bytes: bytes, batch:
     clock.mark("crop")
     crops = await asyncio.gather(*[engine.inpaint(p.crop, p.crop_mask, seed=q.seed, steps=steps)
                                    for q, p in zip(reqs, preps, strict=False)])
-    clock.mark("model" if engine.name == "triton" else "inpaint")
+    clock.mark("inpaint" if engine.name == "opencv" else "model")
     pixels = [composite(q, p, c, engine.paste_prefill) for q, p, c in zip(reqs, preps, crops, strict=False)]
     clock.mark("composite")
     if gate:
@@ -264,11 +265,11 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
                 image_size: int | None = None, warmup: int = 3, repeats: int = 20, plain_repeats: int | None = None,
                 device: str = "cpu", dtype: str = "fp32", gate: bool | None = None, triton_url: str | None = None,
                 triton_protocol: str = "grpc", threads: int | None = None, seed: int = 0,
-                say: Say = lambda m: None) -> dict[str, Any]:
+                onnx_dir: str | Path | None = None, say: Say = lambda m: None) -> dict[str, Any]:
     """Measure per-stage latency for every (resolution, batch); returns the report dict (see module doc).
 
     Args:
-        engine: "torch" | "opencv" | "triton".
+        engine: one of :data:`cleanplate.engines.ENGINE_NAMES`.
         bundle: bundle directory (default: the bundled one); arch: "bundle" or "sdxl" (torch only:
             a random-weight full-size SDXL-inpainting model, CUDA only, no gate).
         resolutions: model input sides R in px (default: the bundle's); each a multiple of the VAE factor.
@@ -278,7 +279,9 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
             uninstrumented repetitions (default: max(3, repeats // 4)).
         gate: time the quality gate (default: when the bundle has a discriminator).
         triton_url: a running Triton with ``cleanplate export triton``'s repository (default: start one).
-        threads: torch intra-op threads (and ONNX Runtime's in a local Triton).
+        threads: torch intra-op threads (and ONNX Runtime's, in-process or in a local Triton).
+        onnx_dir: onnxruntime engine: a ``cleanplate export onnx`` directory with the resolutions as buckets
+            (default: export the bundle now, parity-checked, to a temporary directory).
     Raises:
         InputError: bad options (engine, sizes, counts, fp16 on CPU, sdxl on CPU, gate without discriminator,
             a resolution that is not a multiple of the VAE factor or not a Triton bucket).
@@ -334,6 +337,10 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
         eng = OpenCVEngine(resolution=resolutions[0], dilate_px=config.dilate_px)
         cases_out = asyncio.run(_engine_cases(eng, cases, image_size, steps, False, warmup, repeats, seed, say_))
         meta = {"model": "cv2.inpaint Telea, radius 5", "device": "cpu"}
+    elif engine == "onnxruntime":
+        cases_out, meta = _run_onnxruntime(bundle, config, cases, resolutions, batches, image_size, steps, gate,
+                                           warmup, repeats, onnx_dir, threads, seed, say_)
+        gate = meta.pop("gate")
     else:
         cases_out, meta = _run_triton(bundle, cases, resolutions, batches, image_size, steps, gate, warmup, repeats,
                                       triton_url, triton_protocol, threads or torch.get_num_threads(), seed, say_)
@@ -346,6 +353,32 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
         "cases": cases_out, "wall_s": time.perf_counter() - t_start,
         "environment": environment(meta.get("device", device)),
     }
+
+
+def _run_onnxruntime(bundle: Any, config: Any, cases: Any, resolutions: list[int], batches: Sequence[int],
+                     image_size: int | None, steps: int, gate: bool | None, warmup: int, repeats: int,
+                     onnx_dir: str | Path | None, threads: int | None, seed: int,
+                     say: Say) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from cleanplate.bundle import default_bundle_path
+    from cleanplate.export.onnx import export_onnx, read_manifest
+    from cleanplate.onnxruntime_engine import OnnxRuntimeEngine
+
+    use_gate = bool(config.discriminator) if gate is None else gate
+    if use_gate and not config.discriminator:
+        raise InputError("--gate: this bundle has no discriminator", code="no_discriminator")
+    with tempfile.TemporaryDirectory(prefix="cleanplate-onnx-") as tmp:
+        if onnx_dir is None:
+            say(f"exporting the bundle to ONNX for {resolutions} px")
+            export_onnx(bundle, tmp, buckets=resolutions, max_batch=max(2, *batches))  # a dynamic batch needs max >= 2
+        where = Path(onnx_dir or tmp)
+        missing = [r for r in resolutions if r not in read_manifest(where)["buckets"]]
+        if missing:
+            raise InputError(f"{where} was exported for {read_manifest(where)['buckets']} px, not {missing}",
+                             code="bad_option")
+        eng = OnnxRuntimeEngine(where, bundle, threads=threads, max_batch=max(batches), window_ms=5)
+        out = asyncio.run(_engine_cases(eng, cases, image_size, steps, use_gate, warmup, repeats, seed, say))
+    return out, {"model": f"{bundle or default_bundle_path()} exported to ONNX, run by ONNX Runtime in-process",
+                 "onnx_dir": str(onnx_dir) if onnx_dir else None, "gate": use_gate, "device": "cpu"}
 
 
 def _run_triton(bundle: Any, cases: Any, resolutions: list[int], batches: Sequence[int], image_size: int | None,
