@@ -66,7 +66,7 @@ def remove(
                                                       "masks; omit to use the image's transparent pixels")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="bundle directory (default: the bundled model)")] = None,
     dilate_px: Annotated[Optional[int], typer.Option(help="mask dilation radius in px (default: bundle's)")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="LCM steps, 1..50 (default: bundle's, 4)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="LCM steps, 1..50 (default: the bundle's)")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     device: Annotated[Device, typer.Option(help="where the model runs")] = Device.cpu,
     dtype: Annotated[DType, typer.Option(help="model precision")] = DType.fp32,

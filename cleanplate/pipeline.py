@@ -221,7 +221,7 @@ class RemovalPipeline:
             mask: (B,1,R,R) float in {0,1}; 1 marks pixels to remove.
             seeds: B ints >= 0; item i's noise is ``sampling_noise(seeds[i], ...)`` (numpy PCG64), so a
                 result does not depend on batch composition, device or engine (Triton draws the same).
-            steps: LCM steps, 1..50 (default: the bundle's, 4).
+            steps: LCM steps, 1..50 (default: the bundle's: 4 for RORem, 1 for the default bundle).
             on_stage: optional timing hook, called with the name of each stage as it ends: "vae_encode",
                 "noise", "unet_step_1" .. "unet_step_N" (UNet + LCM update), "vae_decode". It does not
                 change the result (``cleanplate bench latency`` synchronises the device and reads a clock in it).

@@ -387,7 +387,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                                                 json_schema_extra=_omittable_file)] = None,
         dilate_px: Annotated[int | None, Form(ge=0, le=512, description="mask dilation in px",
                                               json_schema_extra=_omittable)] = None,
-        steps: Annotated[int | None, Form(ge=1, le=50, description="LCM steps (default 4)",
+        steps: Annotated[int | None, Form(ge=1, le=50, description="LCM steps (default: the bundle's)",
                                           json_schema_extra=_omittable)] = None,
         seed: Annotated[int, Form(ge=0, le=2**31 - 1, description="noise seed of the first attempt")] = 0,
         quality_gate: Annotated[bool | None, Form(description="score with the discriminator and retry",
