@@ -201,12 +201,89 @@ class ScoreItem:
     mask: np.ndarray
 
 
-class TorchEngine:
-    """The bundle in-process (:class:`cleanplate.pipeline.RemovalPipeline`) with micro-batching.
+class BatchedEngine:
+    """What the in-process model engines share: loading in :meth:`start` on one model thread (a server answers
+    /healthz while a big model loads), every batch on that thread, two :class:`MicroBatcher` queues (inpaint,
+    score), and batches split by step count.
 
-    Loading happens in :meth:`start` (on the model thread), so a server answers /healthz while a big
-    bundle loads. One model thread runs every batch: torch already uses all cores inside an op.
+    A subclass sets ``name``, ``resolution``, ``default_dilate_px``, ``default_steps`` and ``paste_prefill``
+    and implements ``_load() -> (model, threshold or None)``, ``_remove(crops (B,R,R,3) uint8, masks (B,R,R)
+    bool, seeds (B,) int, steps) -> (B,R,R,3) uint8`` and ``_score(sources, results, masks) -> (B,) floats``,
+    each run on the model thread.
     """
+
+    name = "batched"
+
+    def __init__(self, *, max_batch: int, window_ms: float, max_queue: int,
+                 on_batch: Callable[[str, int, float], None] | None) -> None:
+        self.threshold: float | None = None
+        self.model: Any = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleanplate-model")
+        report = on_batch or (lambda queue, n, s: None)
+        self._inpaint = MicroBatcher(self._run_inpaint, max_batch=max_batch, window_ms=window_ms,
+                                     max_queue=max_queue, executor=self._executor,
+                                     on_batch=lambda n, s: report("inpaint", n, s))
+        self._score = MicroBatcher(self._run_score, max_batch=max_batch, window_ms=window_ms,
+                                   max_queue=max_queue, executor=self._executor,
+                                   on_batch=lambda n, s: report("score", n, s))
+
+    def _load(self) -> tuple[Any, float | None]:
+        raise NotImplementedError
+
+    def _remove(self, crops: np.ndarray, masks: np.ndarray, seeds: np.ndarray, steps: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _score_batch(self, sources: np.ndarray, results: np.ndarray, masks: np.ndarray) -> Sequence[float]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self.model, self.threshold = await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    async def close(self) -> None:
+        await self._inpaint.close()
+        await self._score.close()
+        self._executor.shutdown(wait=True)
+
+    def ready(self) -> bool:
+        return self.model is not None
+
+    def queue_depth(self) -> int:
+        return self._inpaint.depth() + self._score.depth()
+
+    async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray:
+        if self.model is None:
+            raise EngineUnavailable("the model is still loading")
+        return await self._inpaint.submit(InpaintItem(crop, mask, seed, steps))
+
+    async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:
+        if self.model is None:
+            raise EngineUnavailable("the model is still loading")
+        if self.threshold is None:
+            raise InputError("this model has no discriminator, so the quality gate and scoring are unavailable",
+                             code="no_discriminator")
+        return await self._score.submit(ScoreItem(source, result, mask))
+
+    def _run_inpaint(self, items: list[InpaintItem]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(items)
+        by_steps: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            by_steps.setdefault(item.steps, []).append(i)
+        for steps, idx in by_steps.items():
+            result = self._remove(np.stack([items[i].crop for i in idx]), np.stack([items[i].mask for i in idx]),
+                                  np.array([items[i].seed for i in idx]), steps)
+            for i, crop in zip(idx, result, strict=True):
+                out[i] = crop
+        return out  # type: ignore[return-value]
+
+    def _run_score(self, items: list[ScoreItem]) -> list[float]:
+        scores = self._score_batch(np.stack([i.source for i in items]), np.stack([i.result for i in items]),
+                                   np.stack([i.mask for i in items]))
+        return [float(s) for s in scores]
+
+
+class TorchEngine(BatchedEngine):
+    """The bundle in-process (:class:`cleanplate.pipeline.RemovalPipeline`) with micro-batching; one model
+    thread runs every batch (torch already uses all cores inside an op)."""
 
     name = "torch"
 
@@ -219,75 +296,34 @@ class TorchEngine:
         config = read_config(bundle or default_bundle_path())  # fail fast on a bad path, before any load
         self.resolution, self.default_dilate_px, self.default_steps = config.resolution, config.dilate_px, config.steps
         self.paste_prefill = config.paste_prefill
-        self.threshold: float | None = None
-        self.pipe: Any = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleanplate-model")
-        report = on_batch or (lambda queue, n, s: None)
-        self._inpaint = MicroBatcher(self._run_inpaint, max_batch=max_batch, window_ms=window_ms,
-                                     max_queue=max_queue, executor=self._executor,
-                                     on_batch=lambda n, s: report("inpaint", n, s))
-        self._score = MicroBatcher(self._run_score, max_batch=max_batch, window_ms=window_ms,
-                                   max_queue=max_queue, executor=self._executor,
-                                   on_batch=lambda n, s: report("score", n, s))
+        super().__init__(max_batch=max_batch, window_ms=window_ms, max_queue=max_queue, on_batch=on_batch)
 
-    def _load(self) -> Any:
+    @property
+    def pipe(self) -> Any:
+        """The loaded :class:`~cleanplate.pipeline.RemovalPipeline` (None before :meth:`start`)."""
+        return self.model
+
+    def _load(self) -> tuple[Any, float | None]:
         import torch
 
         from .pipeline import RemovalPipeline
 
         if self._threads:
             torch.set_num_threads(self._threads)
-        return RemovalPipeline.from_bundle(self._bundle, device=self._device, dtype=self._dtype)
+        pipe = RemovalPipeline.from_bundle(self._bundle, device=self._device, dtype=self._dtype)
+        return pipe, pipe.threshold
 
-    async def start(self) -> None:
-        self.pipe = await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
-        self.threshold = self.pipe.threshold
-
-    async def close(self) -> None:
-        await self._inpaint.close()
-        await self._score.close()
-        self._executor.shutdown(wait=True)
-
-    def ready(self) -> bool:
-        return self.pipe is not None
-
-    def queue_depth(self) -> int:
-        return self._inpaint.depth() + self._score.depth()
-
-    async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray:
-        if self.pipe is None:
-            raise EngineUnavailable("the model is still loading")
-        return await self._inpaint.submit(InpaintItem(crop, mask, seed, steps))
-
-    async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:
-        if self.pipe is None:
-            raise EngineUnavailable("the model is still loading")
-        if self.threshold is None:
-            raise InputError("this bundle has no discriminator, so the quality gate and scoring are unavailable",
-                             code="no_discriminator")
-        return await self._score.submit(ScoreItem(source, result, mask))
-
-    def _run_inpaint(self, items: list[InpaintItem]) -> list[np.ndarray]:
+    def _remove(self, crops: np.ndarray, masks: np.ndarray, seeds: np.ndarray, steps: int) -> np.ndarray:
         from .remover import crops_to_tensors, masks_to_tensor, to_uint8_crops
 
-        out: list[np.ndarray | None] = [None] * len(items)
-        by_steps: dict[int, list[int]] = {}
-        for i, item in enumerate(items):
-            by_steps.setdefault(item.steps, []).append(i)
-        for steps, idx in by_steps.items():
-            result = self.pipe(crops_to_tensors([items[i].crop for i in idx]),
-                               masks_to_tensor([items[i].mask for i in idx]),
-                               seeds=[items[i].seed for i in idx], steps=steps)
-            for i, crop in zip(idx, to_uint8_crops(result), strict=True):
-                out[i] = crop
-        return out  # type: ignore[return-value]
+        return to_uint8_crops(self.model(crops_to_tensors(list(crops)), masks_to_tensor(list(masks)),
+                                         seeds=[int(s) for s in seeds], steps=steps))
 
-    def _run_score(self, items: list[ScoreItem]) -> list[float]:
+    def _score_batch(self, sources: np.ndarray, results: np.ndarray, masks: np.ndarray) -> Sequence[float]:
         from .remover import crops_to_tensors, masks_to_tensor
 
-        scores = self.pipe.score(crops_to_tensors([i.result for i in items]), crops_to_tensors([i.source for i in items]),
-                                 masks_to_tensor([i.mask for i in items]))
-        return [float(s) for s in scores]
+        return self.model.score(crops_to_tensors(list(results)), crops_to_tensors(list(sources)),
+                                masks_to_tensor(list(masks)))
 
 
 class OpenCVEngine:

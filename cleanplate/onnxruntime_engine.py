@@ -10,21 +10,19 @@ that bundle (``export.json`` names it; resolution and latent sizes are checked a
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .engines import EngineUnavailable, InpaintItem, MicroBatcher, ScoreItem
+from .engines import BatchedEngine
 from .errors import BundleError, InputError
 
 GRAPHS = ("vae_encoder", "unet", "vae_decoder", "discriminator")
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(BatchedEngine):
     """Implements :class:`cleanplate.engines.Engine` on ONNX Runtime sessions (CPU, or CUDA when available).
 
     Args:
@@ -52,17 +50,8 @@ class OnnxRuntimeEngine:
                               f"{self.bundle_dir} runs at {self.config.resolution}: export it from that bundle")
         self.resolution, self.default_dilate_px = self.config.resolution, self.config.dilate_px
         self.default_steps, self.paste_prefill = self.config.steps, self.config.paste_prefill
-        self.threshold: float | None = None
         self._threads = threads
-        self._removal: Any = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleanplate-ort")
-        report = on_batch or (lambda queue, n, s: None)
-        self._inpaint = MicroBatcher(self._run_inpaint, max_batch=max_batch, window_ms=window_ms,
-                                     max_queue=max_queue, executor=self._executor,
-                                     on_batch=lambda n, s: report("inpaint", n, s))
-        self._score = MicroBatcher(self._run_score, max_batch=max_batch, window_ms=window_ms,
-                                   max_queue=max_queue, executor=self._executor,
-                                   on_batch=lambda n, s: report("score", n, s))
+        super().__init__(max_batch=max_batch, window_ms=window_ms, max_queue=max_queue, on_batch=on_batch)
 
     def _load(self) -> tuple[Any, float | None]:
         import onnxruntime as ort
@@ -95,48 +84,10 @@ class OnnxRuntimeEngine:
         threshold = self.manifest.get("threshold") if "discriminator" in sessions else None
         return removal, threshold
 
-    async def start(self) -> None:
-        self._removal, self.threshold = await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+    def _remove(self, crops: np.ndarray, masks: np.ndarray, seeds: np.ndarray, steps: int) -> np.ndarray:
+        if steps not in self.model.schedules:
+            raise InputError(f"steps must be in 1..{max(self.model.schedules)}, got {steps}", code="bad_option")
+        return self.model.remove(crops, masks, seeds, steps)
 
-    async def close(self) -> None:
-        await self._inpaint.close()
-        await self._score.close()
-        self._executor.shutdown(wait=True)
-
-    def ready(self) -> bool:
-        return self._removal is not None
-
-    def queue_depth(self) -> int:
-        return self._inpaint.depth() + self._score.depth()
-
-    async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray:
-        if self._removal is None:
-            raise EngineUnavailable("the ONNX graphs are still loading")
-        if steps not in self._removal.schedules:
-            raise InputError(f"steps must be in 1..{max(self._removal.schedules)}, got {steps}", code="bad_option")
-        return await self._inpaint.submit(InpaintItem(crop, mask, seed, steps))
-
-    async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:
-        if self._removal is None:
-            raise EngineUnavailable("the ONNX graphs are still loading")
-        if self.threshold is None:
-            raise InputError("this export has no discriminator, so the quality gate and scoring are unavailable",
-                             code="no_discriminator")
-        return await self._score.submit(ScoreItem(source, result, mask))
-
-    def _run_inpaint(self, items: list[InpaintItem]) -> list[np.ndarray]:
-        out: list[np.ndarray | None] = [None] * len(items)
-        by_steps: dict[int, list[int]] = {}
-        for i, item in enumerate(items):
-            by_steps.setdefault(item.steps, []).append(i)
-        for steps, idx in by_steps.items():
-            result = self._removal.remove(np.stack([items[i].crop for i in idx]), np.stack([items[i].mask for i in idx]),
-                                          np.array([items[i].seed for i in idx]), steps)
-            for j, i in enumerate(idx):
-                out[i] = result[j]
-        return out  # type: ignore[return-value]
-
-    def _run_score(self, items: list[ScoreItem]) -> list[float]:
-        scores = self._removal.score(np.stack([i.source for i in items]), np.stack([i.result for i in items]),
-                                     np.stack([i.mask for i in items]).astype(np.uint8))
-        return [float(s) for s in scores]
+    def _score_batch(self, sources: np.ndarray, results: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        return self.model.score(sources, results, masks.astype(np.uint8))
