@@ -502,7 +502,6 @@ class InProcessBackend:
                                     alpha=None if item.mask is None else "keep")
 
 
-_MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}
 
 
 def _sniff(raw: bytes) -> str | None:
@@ -659,7 +658,7 @@ class GatewayBackend:
 
     def finish(self, item: BatchItem, loaded: _Upload, inferred: Inferred) -> bytes:
         assert inferred.encoded is not None
-        if inferred.media_type == _MEDIA_TYPES[item.fmt]:
+        if inferred.media_type == imaging.MEDIA_TYPES[item.fmt]:
             return inferred.encoded
         result = imaging.decode_image(inferred.encoded)  # e.g. TIFF asked of a PNG input: re-encode here
         return imaging.encode_image(result.pixels, result, fmt=item.fmt, alpha="keep")

@@ -30,6 +30,7 @@ WRITABLE_SUFFIXES = IMAGE_SUFFIXES - {".bmp"}  # what outputs can be (see format
 
 _ORIENTATION = 0x0112
 _WRITABLE = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}  # of _WRITABLE
 _ALIASES = {"jpg": "jpeg", "jpe": "jpeg", "mpo": "jpeg", "tif": "tiff"}
 # Exceptions Pillow/OpenCV raise on corrupt input (Pillow is not consistent about which).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,

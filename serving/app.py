@@ -42,7 +42,6 @@ ENDPOINTS = ("/v1/remove", "/v1/score", "/healthz", "/readyz", "/metrics", "/doc
 # Status of each error code raised as an exception that is not 422 (Guard answers its own refusals directly).
 STATUS_BY_CODE = {"unreadable_image": 400, "unsupported_image": 415, "too_many_pixels": 413, "over_budget": 413,
                   "queue_full": 429, "engine_unavailable": 503}
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}
 
 
 class OutputFormat(str, Enum):
@@ -258,7 +257,7 @@ def _output_format(requested: OutputFormat | None, decoded: imaging.DecodedImage
     if requested is not None:
         return requested.value
     fmt = {"jpg": "jpeg", "mpo": "jpeg", "tif": "tiff"}.get((decoded.format or "").lower(), (decoded.format or "").lower())
-    return fmt if fmt in MEDIA_TYPES else "png"
+    return fmt if fmt in imaging.MEDIA_TYPES else "png"
 
 
 def _server_timing(timings: dict[str, float]) -> str:
@@ -375,7 +374,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                          "description": "the cleaned image (same size and mode as the input) or, with "
                                         "Accept: application/json, a JSON body",
                          "content": {m: {"schema": {"type": "string", "format": "binary"}}
-                                     for m in MEDIA_TYPES.values()}},
+                                     for m in imaging.MEDIA_TYPES.values()}},
                    **_problem_responses(400, 401, 408, 413, 415, 422, 429, 503, 504)},
     )
     async def remove(
@@ -442,13 +441,13 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                             "X-Cleanplate-Passed": str(outcome.passed).lower(),
                             "X-Cleanplate-Threshold": f"{outcome.threshold:.6f}"})
         if "application/json" in request.headers.get("accept", ""):
-            body = RemoveResult(image=base64.b64encode(data).decode(), media_type=MEDIA_TYPES[fmt],
+            body = RemoveResult(image=base64.b64encode(data).decode(), media_type=imaging.MEDIA_TYPES[fmt],
                                 width=width, height=height, score=outcome.score,
                                 passed=outcome.passed, threshold=outcome.threshold, attempts=outcome.attempts,
                                 seed=outcome.seed,
                                 timings_ms={k: round(v, 2) for k, v in timings.items()})
             return JSONResponse(body.model_dump(), headers=headers)
-        return Response(data, media_type=MEDIA_TYPES[fmt], headers=headers)
+        return Response(data, media_type=imaging.MEDIA_TYPES[fmt], headers=headers)
 
     @app.post("/v1/score", response_model=ScoreResult, summary="Score a finished removal with the discriminator",
               responses=_problem_responses(400, 401, 408, 413, 415, 422, 429, 503, 504))
