@@ -165,6 +165,9 @@ class TritonEngine:
                     if kind == "transient":
                         self._healthy = False
                         raise EngineUnavailable(f"Triton at {self.url} is unavailable: {exc}") from exc
+                    if kind == "invalid":
+                        raise InputError(f"Triton refused the request to {model}: {_message(exc)}",
+                                         code="bad_option") from exc
                     raise
             raise AssertionError("unreachable")
         finally:
@@ -172,11 +175,14 @@ class TritonEngine:
 
     @staticmethod
     def _classify(exc: Exception) -> str:
-        """"queue_full" | "timeout" | "transient" | "fatal" for an exception from tritonclient or the transport."""
+        """"queue_full" | "timeout" | "transient" | "invalid" | "fatal" for an exception from tritonclient or the
+        transport. "invalid" is the model's own verdict on the request (gRPC INVALID_ARGUMENT, HTTP 400)."""
         text = str(exc).lower()
         status = ""
         with contextlib.suppress(Exception):
             status = str(exc.status() or "").lower()  # type: ignore[attr-defined]
+        if "invalid_argument" in status or status == "400":
+            return "invalid"
         if "queue size" in text or "exceeds maximum queue" in text:
             return "queue_full"
         if "deadline" in status or "deadline" in text or isinstance(exc, asyncio.TimeoutError):
@@ -208,3 +214,10 @@ class TritonEngine:
         inputs = [self._input("source", source[None], "UINT8"), self._input("result", result[None], "UINT8"),
                   self._input("mask", mask[None].astype(np.uint8), "UINT8")]
         return float((await self._infer(self.score_model, inputs, "score")).reshape(-1)[0])
+
+
+def _message(exc: Exception) -> str:
+    """tritonclient's message without its status prefix."""
+    with contextlib.suppress(Exception):
+        return str(exc.message())  # type: ignore[attr-defined]
+    return str(exc)

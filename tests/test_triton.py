@@ -22,6 +22,7 @@ from PIL import Image
 
 from cleanplate.bundle import default_bundle_path, read_config
 from cleanplate.engines import EngineUnavailable, TorchEngine
+from cleanplate.errors import InputError
 from cleanplate.export.triton import RepositoryOptions, export_triton
 from cleanplate.export.triton_server import TritonServer, default_env_path, setup_env
 from cleanplate.imaging import decode_image, decode_mask, dilate_mask
@@ -111,6 +112,10 @@ def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, 
                 s_triton = await engine.score(crop, ours, mask)
                 s_torch = await torch_engine.score(crop, ours, mask)
                 assert s_triton == pytest.approx(s_torch, abs=1e-4)
+            # a request the model refuses is the caller's error (typed status), not an engine failure
+            with pytest.raises(InputError, match="steps must be one value") as refused:
+                await engine.inpaint(crop, mask, seed=0, steps=51)
+            assert refused.value.code == "bad_option" and engine.ready()
         finally:
             await engine.close()
             await torch_engine.close()
@@ -223,8 +228,9 @@ def test_bls_batches_requests_and_isolates_bad_ones(triton: TritonServer, photos
             assert np.abs(alone[0].astype(int) - together[i].astype(int)).max() <= 1
         with pytest.raises(Exception, match=r"R in \[256\]"):
             infer(np.zeros((1, 200, 200, 3), np.uint8), np.ones((1, 200, 200), np.uint8), [0])
-        with pytest.raises(Exception, match="steps must be one value in 1..50"):
+        with pytest.raises(Exception, match="steps must be one value in 1..50") as refused:
             infer(images[:1], masks[:1], [0], steps=0)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"  # typed, so clients need not parse text
         assert infer(images[:1], masks[:1], [1]).shape == (1, 256, 256, 3)  # the server is fine after bad requests
     finally:
         client.close()

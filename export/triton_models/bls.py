@@ -38,6 +38,13 @@ class BadRequest(Exception):
     pass
 
 
+def _error(message, bad_request):
+    """A TritonError a client can classify: INVALID_ARG for a bad request (gRPC INVALID_ARGUMENT, HTTP 400),
+    INTERNAL otherwise (status codes exist in python backends of Triton 23.10 and later)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if bad_request else "INTERNAL", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -125,7 +132,7 @@ class TritonPythonModel:
                 item = self._parse_remove(request) if self.mode == "remove" else self._parse_score(request)
                 groups.setdefault(item[0], []).append((i, item[1]))
             except BadRequest as exc:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+                responses[i] = pb_utils.InferenceResponse(error=_error(str(exc), bad_request=True))
         for key, members in groups.items():
             try:
                 outputs = self._run_remove(key, members) if self.mode == "remove" else self._run_score(members)
@@ -133,7 +140,7 @@ class TritonPythonModel:
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])
             except pb_utils.TritonModelException as exc:
                 for i, _ in members:
-                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+                    responses[i] = pb_utils.InferenceResponse(error=_error(str(exc), bad_request=False))
         return responses
 
     def _parse_remove(self, request):
