@@ -1,0 +1,327 @@
+"""Where a batch item is removed: an engine in this process (:class:`InProcessBackend`) or a running gateway
+(:class:`GatewayBackend`, with retries), behind one :class:`Backend` protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .. import imaging
+from ..admission import removal_cost
+from ..errors import CleanplateError, InputError, QueueFull
+from .items import BatchItem, ItemOptions, MaskChannel
+
+log = logging.getLogger("cleanplate.batch")
+
+
+
+# -- backends ------------------------------------------------------------------------------------------
+class BatchAborted(CleanplateError):
+    """A problem no item can get past (the gateway refuses the API key): the run stops after the items
+    in flight, and the CLI exits 2."""
+
+    code = "aborted"
+
+
+class GatewayError(CleanplateError):
+    """The gateway answered an item with an error (its problem+json ``code``) or could not be reached."""
+
+    code = "gateway_error"
+
+
+@dataclass
+class Inferred:
+    """What the engine made of one item: either native ``pixels`` ((H,W,C), the input's dtype) or already
+    ``encoded`` image bytes (``media_type``), plus the gate's view and per-stage times in ms."""
+
+    pixels: np.ndarray | None
+    encoded: bytes | None
+    media_type: str | None
+    score: float | None
+    passed: bool | None
+    threshold: float | None
+    attempts: int
+    seed: int
+    width: int
+    height: int
+    timings_ms: dict[str, float]
+
+
+class Backend(Protocol):
+    """Where the removal runs. ``cost`` (bytes an item holds in this process, from headers; see
+    :mod:`cleanplate.admission`), ``load`` and ``finish`` are called on worker threads, ``infer`` on the
+    event loop (it must not block). ``has_gate`` is known after :meth:`start`."""
+
+    name: str
+    has_gate: bool
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def cost(self, item: BatchItem, mask_channel: MaskChannel) -> int: ...
+    def load(self, item: BatchItem, mask_channel: MaskChannel) -> Any: ...
+    async def infer(self, item: BatchItem, loaded: Any, opts: ItemOptions) -> Inferred: ...
+    def finish(self, item: BatchItem, loaded: Any, inferred: Inferred) -> bytes: ...
+
+
+def _mask_array(item: BatchItem, image: imaging.DecodedImage, channel: MaskChannel) -> np.ndarray:
+    """(H,W) bool mask of an item: the image's transparency, the mask file's luma, or its alpha."""
+    if item.mask is None:
+        return imaging.mask_from_alpha(image)
+    if channel == "luma":
+        return imaging.decode_mask(item.mask)
+    return _alpha_mask(item.mask)
+
+
+def _alpha_mask(path: Path) -> np.ndarray:
+    """(H,W) bool, True where a mask file's alpha is >= 50% (``--mask-channel alpha``)."""
+    decoded = imaging.decode_image(path)
+    if decoded.alpha is None:
+        raise InputError(f"mask {path} has no alpha channel (--mask-channel alpha)", code="no_alpha")
+    return decoded.alpha >= (int(np.iinfo(decoded.alpha.dtype).max) + 1) // 2
+
+
+def _file_size(path: Path | None) -> int:
+    try:
+        return 0 if path is None else path.stat().st_size
+    except OSError:
+        return 0  # unreadable: load() reports it
+
+
+@dataclass
+class _Loaded:
+    image: imaging.DecodedImage
+    mask: np.ndarray
+
+
+class InProcessBackend:
+    """An engine in this process (``torch`` or ``opencv`` from :func:`cleanplate.engines.make_engine`);
+    each item goes through :func:`cleanplate.removal.run_removal`, the gateway's own removal and
+    quality gate, so results equal the gateway's for the same options."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.name = engine.name
+        self.has_gate = False
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.has_gate = self.engine.threshold is not None
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    def cost(self, item: BatchItem, mask_channel: MaskChannel) -> int:
+        """The removal's :func:`~cleanplate.admission.removal_cost` from the image's and the mask's headers."""
+        masks = () if item.mask is None else (imaging.read_header(item.mask),)
+        return removal_cost(imaging.read_header(item.image), extra_images=masks,
+                            encoded_bytes=_file_size(item.image) + _file_size(item.mask))
+
+    def load(self, item: BatchItem, mask_channel: MaskChannel) -> _Loaded:
+        image = imaging.decode_image(item.image)
+        return _Loaded(image, _mask_array(item, image, mask_channel))
+
+    async def infer(self, item: BatchItem, loaded: _Loaded, opts: ItemOptions) -> Inferred:
+        from ..removal import RemoveOptions, run_removal
+
+        ropts = RemoveOptions(dilate_px=opts.dilate_px, steps=opts.steps, seed=opts.seed or 0,
+                              quality_gate=bool(opts.quality_gate), threshold=opts.threshold,
+                              max_attempts=opts.max_attempts or 1)
+        while True:
+            try:
+                out = await run_removal(self.engine, loaded.image, loaded.mask, ropts)
+                break
+            except QueueFull as exc:  # only if the engine's queue is smaller than the concurrency
+                await asyncio.sleep(min(exc.retry_after_s, 5))
+        return Inferred(out.pixels, None, None, out.score, out.passed, out.threshold, out.attempts, out.seed,
+                        loaded.image.width, loaded.image.height, dict(out.timings_ms))
+
+    def finish(self, item: BatchItem, loaded: _Loaded, inferred: Inferred) -> bytes:
+        assert inferred.pixels is not None
+        # A mask given as transparency is filled in, so the result is opaque (as `cleanplate remove`).
+        return imaging.encode_image(inferred.pixels, loaded.image, fmt=item.fmt,
+                                    alpha=None if item.mask is None else "keep")
+
+
+
+
+def _sniff(raw: bytes) -> str | None:
+    if raw.startswith(b"\x89PNG"):
+        return "png"
+    if raw.startswith(b"\xff\xd8"):
+        return "jpeg"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "webp"
+    if raw[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+@dataclass
+class _Upload:
+    image: bytes
+    mask: bytes | None
+    fmt_field: str | None  # output_format to ask for (None: the input's, which is what we want)
+
+
+class GatewayBackend:
+    """A running ``cleanplate serve`` (``POST /v1/remove`` with ``Accept: application/json``).
+
+    429 (queue full) and 503 (loading, draining) are retried after the server's Retry-After, connection
+    failures with exponential backoff (0.5 s doubling to 30 s, with jitter), for up to ``max_wait_s`` per
+    item; then the item is an error ("gateway_busy", "gateway_unreachable"). Other 4xx/5xx answers are
+    the item's error with the gateway's problem ``code``. 401/403 abort the run (:class:`BatchAborted`).
+
+    Args:
+        url: base URL ("http://host:8080"); api_key: sent as ``Authorization: Bearer``;
+        concurrency: connection pool size; timeout_s: one request's limit (s);
+        transport: an httpx transport (tests).
+    """
+
+    def __init__(self, url: str, *, api_key: str | None = None, concurrency: int = 4, timeout_s: float = 300.0,
+                 max_wait_s: float = 600.0, ready_timeout_s: float = 120.0, transport: Any = None) -> None:
+        self.url, self.api_key, self.concurrency = url.rstrip("/"), api_key, concurrency
+        self.timeout_s, self.max_wait_s, self.ready_timeout_s = timeout_s, max_wait_s, ready_timeout_s
+        self.transport = transport
+        self.name = f"gateway {self.url}"
+        self.has_gate = False
+        self.client: Any = None
+
+    async def start(self) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        self.client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=self.timeout_s, limits=limits,
+                                        transport=self.transport)
+        deadline = time.monotonic() + self.ready_timeout_s
+        last = ""
+        while True:
+            try:
+                r = await self.client.get("/readyz")
+                if r.status_code == 200:
+                    body = r.json()
+                    self.has_gate = bool(body.get("quality_gate"))
+                    self.name = f"gateway {self.url} ({body.get('engine', '?')})"
+                    return
+                last = f"/readyz answered {r.status_code}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                await self.client.aclose()
+                raise InputError(f"the gateway at {self.url} is not ready after {self.ready_timeout_s:g} s ({last})",
+                                 code="gateway_unreachable")
+            await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    def cost(self, item: BatchItem, mask_channel: MaskChannel) -> int:
+        """The files and the response held here; the gateway decodes (under its own budget). An alpha
+        mask is decoded here to be sent as luma."""
+        alpha_mask = item.mask is not None and mask_channel == "alpha"
+        decoded = removal_cost(imaging.read_header(item.mask)) if alpha_mask else 0
+        return 2 * (_file_size(item.image) + _file_size(item.mask)) + decoded
+
+    def load(self, item: BatchItem, mask_channel: MaskChannel) -> _Upload:
+        try:
+            raw = item.image.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read image {str(item.image)!r}: {exc.strerror or exc}",
+                             code="unreadable_image") from exc
+        mask = None
+        if item.mask is not None:
+            if mask_channel == "alpha":  # the gateway reads luma; send the alpha as a white-on-black PNG
+                m = _alpha_mask(item.mask)
+                buf = io.BytesIO()
+                from PIL import Image
+
+                Image.fromarray(m.astype(np.uint8) * 255).save(buf, "PNG")
+                mask = buf.getvalue()
+            else:
+                try:
+                    mask = item.mask.read_bytes()
+                except OSError as exc:
+                    raise InputError(f"cannot read mask {str(item.mask)!r}: {exc.strerror or exc}",
+                                     code="unreadable_image") from exc
+        fmt = item.fmt
+        # The gateway writes png/jpeg/webp on request, and the input's own format by default (TIFF included).
+        fmt_field = None if _sniff(raw) == fmt else (fmt if fmt != "tiff" else "png")
+        return _Upload(raw, mask, fmt_field)
+
+    async def infer(self, item: BatchItem, loaded: _Upload, opts: ItemOptions) -> Inferred:
+        import base64
+
+        import httpx
+
+        data: dict[str, str] = {"seed": str(opts.seed or 0), "quality_gate": str(bool(opts.quality_gate)).lower()}
+        for name in ("steps", "dilate_px", "threshold"):
+            if getattr(opts, name) is not None:
+                data[name] = str(getattr(opts, name))
+        if opts.quality_gate and opts.max_attempts is not None:
+            data["max_attempts"] = str(opts.max_attempts)
+        if loaded.fmt_field:
+            data["output_format"] = loaded.fmt_field
+        files = {"image": (item.image.name, loaded.image)}
+        if loaded.mask is not None:
+            files["mask"] = ("mask.png", loaded.mask)
+        t0 = time.monotonic()
+        backoff = 0.5
+        while True:
+            try:
+                r = await self.client.post("/v1/remove", files=files, data=data,
+                                           headers={"Accept": "application/json"})
+            except httpx.HTTPError as exc:
+                wait, why = backoff, ("gateway_unreachable", f"{type(exc).__name__}: {exc}")
+                backoff = min(backoff * 2, 30.0)
+            else:
+                if r.status_code == 200:
+                    break
+                problem = _problem(r)
+                if r.status_code in (401, 403):
+                    raise BatchAborted(f"the gateway refused the request ({r.status_code} {problem[0]}): "
+                                       f"{problem[1]}; check --api-key")
+                if r.status_code not in (429, 503):
+                    raise GatewayError(f"gateway answered {r.status_code}: {problem[1]}", code=problem[0])
+                wait = max(0.1, _retry_after(r, backoff))  # "Retry-After: 0" must not become a hot loop
+                why = ("gateway_busy", f"gateway answered {r.status_code} ({problem[0]}) for {self.max_wait_s:g} s")
+                backoff = min(backoff * 2, 30.0)
+            if time.monotonic() - t0 + wait > self.max_wait_s:
+                raise GatewayError(why[1], code=why[0])
+            await asyncio.sleep(wait * random.uniform(0.8, 1.2))
+        body = r.json()
+        timings = {"request": (time.monotonic() - t0) * 1000}
+        timings.update({f"server_{k}": float(v) for k, v in (body.get("timings_ms") or {}).items()})
+        return Inferred(None, base64.b64decode(body["image"]), body.get("media_type"), body.get("score"),
+                        body.get("passed"), body.get("threshold"), int(body.get("attempts", 1)),
+                        int(body.get("seed", opts.seed or 0)), int(body["width"]), int(body["height"]), timings)
+
+    def finish(self, item: BatchItem, loaded: _Upload, inferred: Inferred) -> bytes:
+        assert inferred.encoded is not None
+        if inferred.media_type == imaging.MEDIA_TYPES[item.fmt]:
+            return inferred.encoded
+        result = imaging.decode_image(inferred.encoded)  # e.g. TIFF asked of a PNG input: re-encode here
+        return imaging.encode_image(result.pixels, result, fmt=item.fmt, alpha="keep")
+
+
+def _problem(r: Any) -> tuple[str, str]:
+    try:
+        body = r.json()
+        return str(body.get("code") or f"http_{r.status_code}"), str(body.get("detail") or r.reason_phrase)
+    except (ValueError, AttributeError):
+        return f"http_{r.status_code}", (r.text[:200] or r.reason_phrase)
+
+
+def _retry_after(r: Any, default: float) -> float:
+    try:
+        return max(0.0, float(r.headers.get("retry-after", default)))
+    except ValueError:
+        return default

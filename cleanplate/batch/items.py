@@ -1,0 +1,263 @@
+"""Batch items: the per-item options, and listing a folder or a manifest (JSONL, CSV, RORem meta.json) into
+:class:`BatchItem`\\ s with their output names."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .. import imaging
+from ..errors import InputError
+
+log = logging.getLogger("cleanplate.batch")
+
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".json")
+_FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tif"}
+MaskChannel = Literal["luma", "alpha"]
+
+
+class ItemOptions(BaseModel):
+    """Per-item removal options; None = the run's option (``cleanplate batch run --seed ...``), then the
+    engine's default. Same ranges as the gateway's form fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="noise seed of the first attempt")
+    steps: int | None = Field(None, ge=1, le=50, description="LCM steps")
+    dilate_px: int | None = Field(None, ge=0, le=512, description="mask dilation radius in px")
+    quality_gate: bool | None = Field(None, description="score with the discriminator, retry, review")
+    threshold: float | None = Field(None, ge=0, le=1, description="gate threshold (default: calibrated)")
+    max_attempts: int | None = Field(None, ge=1, le=16, description="gate attempts, seed+1 each")
+
+    def over(self, base: ItemOptions) -> ItemOptions:
+        """These options with the unset ones taken from ``base``."""
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+OPTION_FIELDS = tuple(ItemOptions.model_fields)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One image to clean.
+
+    Attributes:
+        key: the output name, relative to the output folder, POSIX separators ("shoes/123.jpg"); unique
+            in a run and the item's identity in the report (resume matches on it).
+        image: the source image file.
+        mask: the mask file, or None when the image's transparent pixels are the mask.
+        options: per-item options (manifest columns).
+        origin: where the item came from, for messages ("photos/a.jpg", "list.jsonl:12").
+        problem: ``(code, message)`` when the listing already knows the item cannot run (no mask found);
+            the run reports it as an error without reading anything.
+    """
+
+    key: str
+    image: Path
+    mask: Path | None
+    options: ItemOptions = field(default_factory=ItemOptions)
+    origin: str = ""
+    problem: tuple[str, str] | None = None
+
+    @property
+    def fmt(self) -> str:
+        """The output format ("png", "jpeg", "webp", "tiff"), from the key's suffix."""
+        return imaging.format_for_path(self.key)
+
+
+# -- listing -------------------------------------------------------------------------------------------
+def load_items(source: str | os.PathLike, *, masks: str | os.PathLike | None = None, fmt: str | None = None,
+               exclude: Sequence[str | os.PathLike] = ()) -> list[BatchItem]:
+    """The items of a folder or a manifest.
+
+    Args:
+        source: a folder of images (searched recursively; hidden files skipped), or a manifest:
+            ``.jsonl`` (one object per line), ``.csv`` (a header row) or a RORem ``meta.json`` (a list of
+            {"source", "mask", ...}; other keys such as "GT" are ignored). Manifest fields: ``image``
+            (or ``source``), ``mask`` (optional: absent/empty = the image's transparency), ``output``
+            (optional output name), and the :class:`ItemOptions` fields. Relative paths are relative to
+            the manifest's folder.
+        masks: with a folder, a folder of masks with the same relative names and any image suffix
+            (``photos/a/b.jpg`` -> ``masks/a/b.png``); None = each image's transparency is its mask.
+        fmt: output format for every item whose output name is not given ("png", "jpeg", "webp", "tiff");
+            None = the input's (inputs we cannot write, such as BMP, become PNG).
+        exclude: folders to leave out of a folder walk (the output folder when it lies inside).
+
+    Returns:
+        Items in listing order (sorted for folders, file order for manifests), keys unique.
+
+    Raises:
+        InputError: "bad_option" for a missing source, an unknown suffix or format, no images;
+            "bad_manifest" for a manifest line that does not parse, an unknown field, an option out of
+            range, an unsafe or unwritable output name, or two items with one output name.
+    """
+    src = Path(source)
+    if fmt is not None:
+        fmt = imaging.format_for_path("x." + fmt)
+    if src.is_dir():
+        items = _folder_items(src, None if masks is None else Path(masks), fmt, [Path(p) for p in exclude])
+    elif not src.exists():
+        raise InputError(f"no such file or folder: {src}", code="bad_option")
+    elif masks is not None:
+        raise InputError("--masks goes with a folder of images; a manifest names each item's mask",
+                         code="bad_option")
+    elif src.suffix.lower() == ".jsonl":
+        items = _jsonl_items(src, fmt)
+    elif src.suffix.lower() == ".csv":
+        items = _csv_items(src, fmt)
+    elif src.suffix.lower() == ".json":
+        items = _meta_items(src, fmt)
+    else:
+        raise InputError(f"{src}: give a folder or a manifest ({', '.join(MANIFEST_SUFFIXES)})", code="bad_option")
+    if not items:
+        raise InputError(f"no images in {src}", code="bad_option")
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.key in seen:
+            raise InputError(f"{item.origin} and {seen[item.key]} both write {item.key!r}; give one an output "
+                             f"name", code="bad_manifest")
+        seen[item.key] = item.origin
+    return items
+
+
+def _output_key(name: str, fmt: str | None, *, explicit: bool) -> str:
+    """Normalise an output name: relative, no "..", a writable suffix (``fmt`` replaces a default one)."""
+    parts = PurePosixPath(name.replace("\\", "/"))
+    if not name or parts.is_absolute() or ".." in parts.parts or name.startswith("~"):
+        raise InputError(f"output name {name!r} must be a relative path inside the output folder",
+                         code="bad_manifest")
+    key = str(parts)
+    suffix = parts.suffix.lower()
+    if explicit:
+        if suffix not in imaging.WRITABLE_SUFFIXES:
+            raise InputError(f"output name {name!r}: use .png, .jpg, .jpeg, .webp, .tif or .tiff",
+                             code="bad_manifest")
+        return key
+    writable = suffix in imaging.WRITABLE_SUFFIXES
+    if fmt is not None:  # keep a suffix that already names the format (.jpeg stays .jpeg)
+        return key if writable and imaging.format_for_path(key) == fmt else str(parts.with_suffix(_FORMAT_SUFFIX[fmt]))
+    return key if writable else str(parts.with_suffix(".png"))
+
+
+def _folder_items(folder: Path, masks: Path | None, fmt: str | None, exclude: list[Path]) -> list[BatchItem]:
+    if masks is not None and not masks.is_dir():
+        raise InputError(f"--masks must be a folder: {masks}", code="bad_option")
+    skip = {p.resolve() for p in [*exclude, *([masks] if masks is not None else [])]}
+    mask_index: dict[str, Path] = {}
+    if masks is not None:  # one listing of the mask folder, not one glob per image
+        for path in _walk_images(masks, set()):
+            stem = str(path.relative_to(masks).with_suffix("").as_posix())
+            old = mask_index.get(stem)
+            if old is None or (path.suffix.lower() == ".png" and old.suffix.lower() != ".png"):
+                mask_index[stem] = path  # a .png wins over other suffixes of the same name
+    items = []
+    for path in _walk_images(folder, skip):
+        rel = path.relative_to(folder).as_posix()
+        problem = mask = None
+        if masks is not None:
+            mask = mask_index.get(str(PurePosixPath(rel).with_suffix("")))
+            if mask is None:
+                problem = ("missing_mask", f"no mask named {PurePosixPath(rel).with_suffix('')}.* in {masks}")
+        items.append(BatchItem(_output_key(rel, fmt, explicit=False), path, mask, origin=rel, problem=problem))
+    return items
+
+
+def _walk_images(root: Path, skip: set[Path]) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip)
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in imaging.IMAGE_SUFFIXES:
+                yield here / name
+
+
+def _manifest_item(fields: dict[str, Any], root: Path, where: str, fmt: str | None) -> BatchItem:
+    fields = dict(fields)
+    image = fields.pop("image", None)
+    source = fields.pop("source", None)
+    if image is None:
+        image = source
+    elif source is not None:
+        raise InputError(f"{where}: give image or source, not both", code="bad_manifest")
+    if not isinstance(image, str) or not image:
+        raise InputError(f"{where}: needs an image path (field image or source)", code="bad_manifest")
+    mask = fields.pop("mask", None)
+    if mask is not None and not isinstance(mask, str):
+        raise InputError(f"{where}: mask must be a path", code="bad_manifest")
+    output = fields.pop("output", None)
+    if output is not None and not isinstance(output, str):
+        raise InputError(f"{where}: output must be a file name", code="bad_manifest")
+    try:
+        options = ItemOptions(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(map(str, err["loc"]))
+        hint = f" (fields: image, mask, output, {', '.join(OPTION_FIELDS)})" if err["type"] == "extra_forbidden" else ""
+        raise InputError(f"{where}: {name}: {err['msg']}{hint}", code="bad_manifest") from exc
+    image_path = root / image
+    if output:
+        key = _output_key(output, fmt, explicit=True)
+    else:
+        try:  # the image's path relative to the manifest, or its file name when it lies elsewhere
+            default = image_path.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            default = image_path.name
+        key = _output_key(default, fmt, explicit=False)
+    return BatchItem(key, image_path, root / mask if mask else None, options, where)
+
+
+def _jsonl_items(path: Path, fmt: str | None) -> list[BatchItem]:
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path.name}:{n}"
+            try:
+                fields = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: not JSON: {exc.msg}", code="bad_manifest") from exc
+            if not isinstance(fields, dict):
+                raise InputError(f"{where}: each line must be a JSON object", code="bad_manifest")
+            items.append(_manifest_item(fields, path.parent, where, fmt))
+    return items
+
+
+def _csv_items(path: Path, fmt: str | None) -> list[BatchItem]:
+    items = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            where = f"{path.name}:{reader.line_num}"
+            if None in row:
+                raise InputError(f"{where}: more cells than header columns", code="bad_manifest")
+            fields = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
+            items.append(_manifest_item({k: v for k, v in fields.items() if v not in ("", None)},
+                                        path.parent, where, fmt))
+    return items
+
+
+def _meta_items(path: Path, fmt: str | None) -> list[BatchItem]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path.name}: not JSON: {exc.msg} (line {exc.lineno})", code="bad_manifest") from exc
+    if not isinstance(entries, list):
+        raise InputError(f"{path.name}: a RORem meta.json is a JSON list of {{source, mask, ...}}",
+                         code="bad_manifest")
+    items = []
+    for i, entry in enumerate(entries):
+        where = f"{path.name}[{i}]"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: must be an object", code="bad_manifest")
+        keep = {"image", "source", "mask", "output", *OPTION_FIELDS}  # RORem's GT, score, ... are not ours
+        items.append(_manifest_item({k: v for k, v in entry.items() if k in keep}, path.parent, where, fmt))
+    return items

@@ -1,0 +1,153 @@
+"""The batch report: one JSON line per item and run (appended, fsynced), read back for resume, and summarized
+(counts, gate pass rate, latency percentiles)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger("cleanplate.batch")
+
+
+
+# -- report --------------------------------------------------------------------------------------------
+def read_report(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
+    """All complete lines of a report, in order, and the number of lines skipped because they do not
+    parse (a line cut short by a kill). A missing report is empty.
+
+    Returns:
+        ``(records, bad_lines)``.
+    """
+    records: list[dict[str, Any]] = []
+    bad = 0
+    if not os.path.exists(path):
+        return records, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                bad += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("key"), str):
+                records.append(record)
+            else:
+                bad += 1
+    return records, bad
+
+
+def last_records(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """key -> the last line about it (a later run's line replaces an earlier one)."""
+    return {r["key"]: r for r in records}
+
+
+class ReportWriter:
+    """Appends one JSON line per call, flushed and fsynced before :meth:`append` returns; thread-safe.
+
+    Opening an existing report whose last line was cut short (a kill mid-write) first ends that line,
+    so the fragment stays one unparseable line and the next record starts clean.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._f = open(self.path, "ab")  # noqa: SIM115 - open for the writer's life; closed by close()
+        if self._f.tell() > 0:
+            with open(self.path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    self._f.write(b"\n")
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        with self._lock:
+            self._f.write(line)
+            self._f.flush()
+            if self._fsync:
+                os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            self._f.close()
+
+
+# -- summary -------------------------------------------------------------------------------------------
+def summarize(report_path: str | os.PathLike) -> dict[str, Any]:
+    """Counts, pass rate and latency percentiles of a report (each item's last line counts).
+
+    Returns a dict: ``items``, ``ok``, ``errors``, ``errors_by_code``, ``gated`` (ok items scored by the
+    gate), ``passed``, ``rejected``, ``pass_rate`` (passed / gated, or None), ``attempts_mean``,
+    ``latency_ms`` (p50/p90/p95/p99/max/mean of ``timings_ms.total`` of ok items), ``stage_ms_p50`` (per
+    stage), ``lines``, ``bad_lines``, ``runs`` (distinct run ids).
+
+    Raises:
+        InputError: "bad_option" when the report does not exist.
+    """
+    path = Path(report_path)
+    if not path.is_file():
+        raise InputError(f"no report at {path}", code="bad_option")
+    records, bad = read_report(path)
+    last = last_records(records)
+    ok = [r for r in last.values() if r.get("status") == "ok"]
+    errs = [r for r in last.values() if r.get("status") != "ok"]
+    by_code: dict[str, int] = {}
+    for r in errs:
+        code = (r.get("error") or {}).get("code", "?")
+        by_code[code] = by_code.get(code, 0) + 1
+    gated = [r for r in ok if r.get("passed") is not None]
+    passed = sum(1 for r in gated if r["passed"])
+    totals = [float(r["timings_ms"]["total"]) for r in ok if "total" in (r.get("timings_ms") or {})]
+    stages: dict[str, list[float]] = {}
+    for r in ok:
+        for stage, ms in (r.get("timings_ms") or {}).items():
+            if stage != "total":
+                stages.setdefault(stage, []).append(float(ms))
+
+    def pct(values: list[float]) -> dict[str, float | None]:
+        if not values:
+            return {k: None for k in ("p50", "p90", "p95", "p99", "max", "mean")}
+        a = np.asarray(values)
+        return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+                "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99)), "max": float(a.max()),
+                "mean": float(a.mean())}
+
+    return {"report": str(path), "lines": len(records), "bad_lines": bad, "runs": len({r.get("run") for r in records}),
+            "items": len(last), "ok": len(ok), "errors": len(errs), "errors_by_code": dict(sorted(by_code.items())),
+            "gated": len(gated), "passed": passed, "rejected": len(gated) - passed,
+            "pass_rate": passed / len(gated) if gated else None,
+            "attempts_mean": float(np.mean([r.get("attempts") or 0 for r in ok])) if ok else None,
+            "latency_ms": pct(totals),
+            "stage_ms_p50": {k: float(np.percentile(v, 50)) for k, v in sorted(stages.items())}}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """:func:`summarize`'s dict as a few human lines."""
+    lat = s["latency_ms"]
+    ms = (lambda v: "-" if v is None else f"{v:.0f}")
+    rate = "-" if s["pass_rate"] is None else f"{100 * s['pass_rate']:.1f}%"
+    unreadable = f", {s['bad_lines']} unreadable lines" if s["bad_lines"] else ""
+    attempts = "" if s["attempts_mean"] is None else f", {s['attempts_mean']:.2f} attempts per item"
+    lines = [(f"{s['report']}: {s['items']} items, {s['ok']} ok, {s['errors']} errors "
+              f"({s['lines']} lines, {s['runs']} runs{unreadable})"),
+             (f"quality gate: {s['gated']} scored, {s['passed']} passed, {s['rejected']} to review, "
+              f"pass rate {rate}{attempts}"),
+             (f"latency ms (ok items): p50 {ms(lat['p50'])}, p90 {ms(lat['p90'])}, p95 {ms(lat['p95'])}, "
+              f"p99 {ms(lat['p99'])}, max {ms(lat['max'])}")]
+    if s["stage_ms_p50"]:
+        lines.append("stage p50 ms: " + ", ".join(f"{k} {v:.1f}" for k, v in s["stage_ms_p50"].items()))
+    if s["errors_by_code"]:
+        lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in s["errors_by_code"].items()))
+    return "\n".join(lines)
