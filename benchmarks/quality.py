@@ -201,12 +201,12 @@ def vae_ceiling(pipe: Any, source: Any, gt: np.ndarray, mask: np.ndarray) -> np.
     """
     import torch
 
-    from cleanplate import imaging
+    from cleanplate import compositing, imaging
     from cleanplate.remover import RemovalRequest, composite, crops_to_tensors, prepare, to_uint8_crops
 
     req = RemovalRequest(source, mask)
     prep = prepare(req, pipe.resolution, pipe.config.dilate_px)
-    gt_crop, _ = imaging.crop_to_model(gt, prep.dilated, prep.box, pipe.resolution)
+    gt_crop, _ = compositing.crop_to_model(gt, prep.dilated, prep.box, pipe.resolution)
     with torch.inference_mode():
         recon = pipe.decode(pipe.encode(crops_to_tensors([gt_crop])))
     return imaging.to_rgb8(composite(req, prep, to_uint8_crops(recon)[0]))

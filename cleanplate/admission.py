@@ -43,7 +43,7 @@ def removal_cost(image: ImageHeader, *, extra_images: tuple[ImageHeader, ...] = 
     ``pixels x (2 x native bytes per pixel + EXTRA_BYTES_PER_PIXEL)`` for the image, plus each extra image's
     native size (a mask, a result to score), plus twice the encoded bytes (the upload and the response).
     An upper bound for masks whose context window fits inside the photo; larger windows are blended in
-    strips (:func:`cleanplate.imaging.paste_back`), so they add little.
+    strips (:func:`cleanplate.compositing.paste_back`), so they add little.
     """
     native = image.channels * image.bytes_per_sample
     cost = image.pixels * (2 * native + EXTRA_BYTES_PER_PIXEL)

@@ -14,9 +14,10 @@ import cv2
 import numpy as np
 import torch
 
-from . import imaging
+from . import compositing, imaging
+from .compositing import CropBox
 from .errors import InputError
-from .imaging import CropBox, DecodedImage
+from .imaging import DecodedImage
 from .pipeline import RemovalPipeline
 
 
@@ -76,8 +77,8 @@ def prepare(req: RemovalRequest, resolution: int, default_dilate_px: int) -> Pre
     dilated = imaging.dilate_mask(mask, dilate_px)
     if dilated.all():
         raise InputError("the dilated mask covers the whole image; nothing is left to fill from", code="full_mask")
-    box = imaging.context_crop_box(dilated, resolution)
-    crop, crop_mask = imaging.crop_to_model(req.image.rgb, dilated, box, resolution)
+    box = compositing.context_crop_box(dilated, resolution)
+    crop, crop_mask = compositing.crop_to_model(req.image.rgb, dilated, box, resolution)
     return Prepared(crop, crop_mask, box, dilated, dilate_px)
 
 
@@ -102,7 +103,7 @@ def full_resolution_fill(req: RemovalRequest, prep: Prepared, result_crop: np.nd
     from .masked_source import masked_source
 
     size, r = prep.box.size, result_crop.shape[0]
-    window, window_mask = imaging.crop_to_model(req.image.rgb, prep.dilated, prep.box, size)
+    window, window_mask = compositing.crop_to_model(req.image.rgb, prep.dilated, prep.box, size)
     full = masked_source(window[None], window_mask[None], prefill)[0]
     small = masked_source(prep.crop[None], prep.crop_mask[None], prefill)[0]
     correction = (result_crop.astype(np.float32) / 127.5 - 1.0) - small
@@ -118,7 +119,7 @@ def composite(req: RemovalRequest, prep: Prepared, result_crop: np.ndarray, pref
     fill = result_crop
     if prefill is not None and result_crop.shape[0] < prep.box.size <= MAX_PREFILL_UPSCALE * result_crop.shape[0]:
         fill = full_resolution_fill(req, prep, result_crop, prefill)
-    return imaging.paste_back(req.image, fill, prep.box, req.mask, prep.dilated,
+    return compositing.paste_back(req.image, fill, prep.box, req.mask, prep.dilated,
                               feather_px=max(1.0, prep.dilate_px / 2))
 
 
@@ -188,8 +189,8 @@ def score_crops(source: np.ndarray, result: np.ndarray, mask: np.ndarray, box: C
     Returns:
         (source crop, result crop, crop mask): (R,R,3) uint8, (R,R,3) uint8, (R,R) bool.
     """
-    src_crop, crop_mask = imaging.crop_to_model(source, mask, box, resolution)
-    res_crop, _ = imaging.crop_to_model(result, mask, box, resolution)
+    src_crop, crop_mask = compositing.crop_to_model(source, mask, box, resolution)
+    res_crop, _ = compositing.crop_to_model(result, mask, box, resolution)
     return src_crop, res_crop, crop_mask
 
 
@@ -215,7 +216,7 @@ def prepare_score(req: ScoreRequest, resolution: int, default_dilate_px: int) ->
                          f"{req.source.width}x{req.source.height}", code="size_mismatch")
     mask = imaging.validate_mask(req.mask, req.source.size)
     dilated = imaging.dilate_mask(mask, default_dilate_px if req.dilate_px is None else req.dilate_px)
-    box = imaging.context_crop_box(dilated, resolution)
+    box = compositing.context_crop_box(dilated, resolution)
     return score_crops(req.source.rgb, req.result.rgb, dilated, box, resolution)
 
 

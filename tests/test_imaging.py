@@ -13,20 +13,16 @@ import pytest
 from PIL import Image, ImageCms, ImageOps
 from skimage import data as skdata
 
+from cleanplate.compositing import CropBox, context_crop_box, crop_to_model, feather_alpha, paste_back
 from cleanplate.errors import InputError
 from cleanplate.imaging import (
-    CropBox,
     DecodedImage,
-    context_crop_box,
-    crop_to_model,
     decode_image,
     decode_mask,
     dilate_mask,
     encode_image,
-    feather_alpha,
     format_for_path,
     mask_from_alpha,
-    paste_back,
     validate_mask,
     write_atomic,
 )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cleanplate import imaging
+from cleanplate import compositing, imaging
 from cleanplate.bundle import BundleConfig, load_bundle, read_config
 from cleanplate.masked_source import masked_source
 from cleanplate.metrics import psnr
@@ -236,7 +236,7 @@ def test_paste_back_adds_the_correction_to_a_full_resolution_prefill(photos) -> 
     assert 128 < prep.box.size <= MAX_PREFILL_UPSCALE * 128
     prefilled_crop = np.round((masked_source(prep.crop[None], prep.crop_mask[None], "telea")[0] + 1) * 127.5)
     out = composite(req, prep, prefilled_crop.astype(np.uint8), "telea")
-    window, window_mask = imaging.crop_to_model(rgb, prep.dilated, prep.box, prep.box.size)
+    window, window_mask = compositing.crop_to_model(rgb, prep.dilated, prep.box, prep.box.size)
     telea_full = np.round((masked_source(window[None], window_mask[None], "telea")[0] + 1) * 127.5).astype(np.uint8)
     y0, x0 = prep.box.y0, prep.box.x0
     inside = big[max(y0, 0):, max(x0, 0):][: telea_full.shape[0], : telea_full.shape[1]]

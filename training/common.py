@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cleanplate import imaging
+from cleanplate import compositing, imaging
 from cleanplate.errors import InputError
 
 log = logging.getLogger("cleanplate.training")
@@ -55,7 +55,7 @@ class TrainConfig(BaseModel):
     dilate_range: tuple[int, int] = Field((0, 8), description="random mask dilation in px, as serving dilates")
     crop_window: Literal["random", "serving"] = Field(
         "random", description="random: a random square of the image's short side; serving: the context window "
-                              "that serving cuts around the dilated mask (imaging.context_crop_box)")
+                              "that serving cuts around the dilated mask (compositing.context_crop_box)")
 
     @property
     def resolved_work_dir(self) -> Path:
@@ -141,7 +141,7 @@ class TripletDataset(torch.utils.data.Dataset):
     ``score`` () float when the item has a label.
     The random dilation mirrors serving, where the model sees the dilated mask. ``crop_window``:
     "random" cuts a random square of the image's short side and dilates in crop pixels; "serving" dilates
-    the full-size mask and cuts the context window serving cuts (:func:`cleanplate.imaging.context_crop_box`:
+    the full-size mask and cuts the context window serving cuts (:func:`cleanplate.compositing.context_crop_box`:
     1:1 around small masks, shrunk for large ones), so training sees what the served model sees.
     """
 
@@ -162,15 +162,15 @@ class TripletDataset(torch.utils.data.Dataset):
         mask = imaging.decode_mask(item.mask)
         if self.crop_window == "serving":
             dilated = imaging.dilate_mask(mask, random.randint(*self.dilate_range))
-            box = imaging.context_crop_box(dilated, self.resolution)
-            source, mask = imaging.crop_to_model(source, dilated, box, self.resolution)
-            gt, _ = imaging.crop_to_model(gt, dilated, box, self.resolution)
+            box = compositing.context_crop_box(dilated, self.resolution)
+            source, mask = compositing.crop_to_model(source, dilated, box, self.resolution)
+            gt, _ = compositing.crop_to_model(gt, dilated, box, self.resolution)
         else:
             h, w = mask.shape
             side = min(h, w)
-            box = imaging.CropBox(random.randint(0, w - side), random.randint(0, h - side), side)
-            source, crop_mask = imaging.crop_to_model(source, mask, box, self.resolution)
-            gt, _ = imaging.crop_to_model(gt, mask, box, self.resolution)
+            box = compositing.CropBox(random.randint(0, w - side), random.randint(0, h - side), side)
+            source, crop_mask = compositing.crop_to_model(source, mask, box, self.resolution)
+            gt, _ = compositing.crop_to_model(gt, mask, box, self.resolution)
             mask = imaging.dilate_mask(crop_mask, random.randint(*self.dilate_range))
         if self.flip and random.random() < 0.5:
             source, gt, mask = source[:, ::-1], gt[:, ::-1], mask[:, ::-1]

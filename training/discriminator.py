@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from cleanplate import imaging
+from cleanplate import compositing, imaging
 from cleanplate.bundle import attach_discriminator, load_bundle
 from cleanplate.discriminator import Discriminator
 from cleanplate.errors import InputError
@@ -92,7 +92,7 @@ class DiscriminatorDataset(torch.utils.data.Dataset):
         source = imaging.decode_image(item.source).rgb
         result = imaging.decode_image(item.gt).rgb
         dilated = imaging.dilate_mask(imaging.decode_mask(item.mask), random.randint(*self.dilate_range))
-        box = imaging.context_crop_box(dilated, self.resolution)
+        box = compositing.context_crop_box(dilated, self.resolution)
         src, res, mask = score_crops(source, result, dilated, box, self.resolution)
         if self.flip and random.random() < 0.5:
             src, res, mask = src[:, ::-1], res[:, ::-1], mask[:, ::-1]

@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from cleanplate import imaging
+from cleanplate import compositing, imaging
 from cleanplate.bundle import load_bundle
 from cleanplate.errors import InputError
 from cleanplate.pipeline import RemovalPipeline
@@ -112,14 +112,14 @@ class PairDataset(torch.utils.data.Dataset):
         mask = imaging.decode_mask(pair.mask)
         h, w = mask.shape
         side = min(h, w)
-        box = imaging.CropBox(random.randint(0, w - side), random.randint(0, h - side), side)
+        box = compositing.CropBox(random.randint(0, w - side), random.randint(0, h - side), side)
         out: dict[str, np.ndarray] = {}
         for key in ("source", "preferred", "rejected"):
             rgb = np.asarray(Image.open(getattr(pair, key)).convert("RGB"))
             if rgb.shape[:2] != (h, w):
                 raise InputError(f"{getattr(pair, key)}: size {rgb.shape[1]}x{rgb.shape[0]} differs from the "
                                  f"mask's {w}x{h}", code="size_mismatch")
-            out[key], crop_mask = imaging.crop_to_model(rgb, mask, box, self.resolution)
+            out[key], crop_mask = compositing.crop_to_model(rgb, mask, box, self.resolution)
         m = imaging.dilate_mask(crop_mask, random.randint(*self.dilate_range))
         if self.flip and random.random() < 0.5:
             out = {k: v[:, ::-1] for k, v in out.items()}
