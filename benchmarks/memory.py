@@ -9,7 +9,7 @@
 3. **Soak**: ``--soak-clients`` closed-loop clients send the ordinary 600x400 request for ``--soak-minutes``.
    RSS growth from minute ``--soak-from`` to the end, and the level after the burst against the one before.
 4. **Batch**: ``cleanplate batch run`` over ``--batch-items`` copies of the big photo, ``--batch-concurrency``
-   items at once; the process's peak RSS (``ru_maxrss``) against its memory budget.
+   items at once; the process's peak RSS (its own ``ru_maxrss``, from ``wait4``) against its memory budget.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -25,17 +24,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
+from cleanplate.admission import MiB
 from cleanplate.errors import InputError
 
 from .common import env_line, environment, pyplot
-
-MiB = 1024 * 1024
 
 
 def big_request(megapixels: float, seed: int = 0) -> tuple[bytes, bytes]:
@@ -211,10 +210,7 @@ def _gauge(url: str, name: str) -> float:
 
 
 def _count(values: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[str(v)] = out.get(str(v), 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(Counter(str(v) for v in values).items()))
 
 
 def _batch_phase(image: bytes, mask: bytes, n: int, concurrency: int, budget_mib: int, bundle: str | None,
@@ -234,13 +230,14 @@ def _batch_phase(image: bytes, mask: bytes, n: int, concurrency: int, budget_mib
             cmd += ["--bundle", bundle]
         say(f"batch: {n} photos, --concurrency {concurrency}")
         t0 = time.perf_counter()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         proc = subprocess.Popen(cmd, env={**os.environ})
         sampler = RssSampler(proc.pid).start()
-        code = proc.wait()
+        # wait4: this child's own peak (RUSAGE_CHILDREN would include the gateway started earlier)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
         sampler.stop()
         wall = time.perf_counter() - t0
-        peak_kernel = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        peak_kernel = usage.ru_maxrss / 1024
         from cleanplate.batch import summarize
 
         summary = summarize(root / "out" / "report.jsonl")
@@ -248,7 +245,7 @@ def _batch_phase(image: bytes, mask: bytes, n: int, concurrency: int, budget_mib
                 "images_per_s": n / wall, "ok": summary.get("ok"), "errors": summary.get("errors"),
                 "budget_mib": budget_mib, "peak_rss_mib": max(peak_kernel, max((m for _, m in sampler.samples), default=0)),
                 "peak_rss_sampled_mib": max((m for _, m in sampler.samples), default=None),
-                "children_maxrss_before_mib": before / 1024, "rss_mib": sampler.samples}
+                "rss_mib": sampler.samples}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -40,13 +40,16 @@ EXTRA_BYTES_PER_PIXEL = 5
 def removal_cost(image: ImageHeader, *, extra_images: tuple[ImageHeader, ...] = (), encoded_bytes: int = 0) -> int:
     """Peak bytes one removal (or score) of ``image`` holds, from headers alone.
 
-    ``pixels x (2 x native bytes per pixel + EXTRA_BYTES_PER_PIXEL)`` for the image, plus each extra image's
-    native size (a mask, a result to score), plus twice the encoded bytes (the upload and the response).
+    ``pixels x (2 x native bytes per pixel + EXTRA_BYTES_PER_PIXEL)`` for the image, plus 3 bytes per pixel
+    when the model's 8-bit RGB view is a copy (gray or 16-bit natives, :attr:`DecodedImage.rgb`), plus each
+    extra image's native size (a mask, a result to score), plus twice the encoded bytes (the upload and the
+    response).
     An upper bound for masks whose context window fits inside the photo; larger windows are blended in
     strips (:func:`cleanplate.compositing.paste_back`), so they add little.
     """
     native = image.channels * image.bytes_per_sample
-    cost = image.pixels * (2 * native + EXTRA_BYTES_PER_PIXEL)
+    rgb_copy = 0 if image.channels in (3, 4) and image.bytes_per_sample == 1 else 3
+    cost = image.pixels * (2 * native + rgb_copy + EXTRA_BYTES_PER_PIXEL)
     cost += sum(h.pixels * h.channels * h.bytes_per_sample for h in extra_images)
     return cost + 2 * encoded_bytes
 
@@ -159,8 +162,9 @@ def tune_allocator(*, mmap_threshold: int = 1 * MiB, trim_threshold: int = 8 * M
     libc = _glibc()
     if libc is None:
         return False
-    ok = all(libc.mallopt(param, value) == 1 for param, value in
-             ((_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold), (_M_ARENA_MAX, arena_max)))
+    # a list, not a generator: one refused setting must not skip the others
+    ok = all([libc.mallopt(param, value) == 1 for param, value in
+              ((_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold), (_M_ARENA_MAX, arena_max))])
     if not ok:
         log.warning("mallopt refused a setting; memory may stay resident after bursts")
     return ok
@@ -171,3 +175,9 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def release_free_memory_soon() -> None:
+    """:func:`release_free_memory` on the running loop's default executor (``malloc_trim`` walks every arena,
+    so it stays off the event loop); the ``on_drain`` of the gateway's and the batch job's budgets."""
+    asyncio.get_running_loop().run_in_executor(None, release_free_memory)

@@ -251,8 +251,12 @@ class BatchedEngine:
         return self._inpaint.depth() + self._score.depth()
 
     async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray:
+        from .pipeline import MAX_STEPS
+
         if self.model is None:
             raise EngineUnavailable("the model is still loading")
+        if not 1 <= steps <= MAX_STEPS:  # here, not in the batch: a bad request must not fail its batch-mates
+            raise InputError(f"steps must be in 1..{MAX_STEPS}, got {steps}", code="bad_option")
         return await self._inpaint.submit(InpaintItem(crop, mask, seed, steps))
 
     async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:

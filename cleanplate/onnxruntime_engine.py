@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .engines import BatchedEngine
-from .errors import BundleError, InputError
+from .errors import BundleError
 
 GRAPHS = ("vae_encoder", "unet", "vae_decoder", "discriminator")
 
@@ -85,8 +85,6 @@ class OnnxRuntimeEngine(BatchedEngine):
         return removal, threshold
 
     def _remove(self, crops: np.ndarray, masks: np.ndarray, seeds: np.ndarray, steps: int) -> np.ndarray:
-        if steps not in self.model.schedules:
-            raise InputError(f"steps must be in 1..{max(self.model.schedules)}, got {steps}", code="bad_option")
         return self.model.remove(crops, masks, seeds, steps)
 
     def _score_batch(self, sources: np.ndarray, results: np.ndarray, masks: np.ndarray) -> np.ndarray:

@@ -120,7 +120,7 @@ def composite(req: RemovalRequest, prep: Prepared, result_crop: np.ndarray, pref
     if prefill is not None and result_crop.shape[0] < prep.box.size <= MAX_PREFILL_UPSCALE * result_crop.shape[0]:
         fill = full_resolution_fill(req, prep, result_crop, prefill)
     return compositing.paste_back(req.image, fill, prep.box, req.mask, prep.dilated,
-                              feather_px=max(1.0, prep.dilate_px / 2))
+                                  feather_px=max(1.0, prep.dilate_px / 2))
 
 
 def to_uint8_crops(result: torch.Tensor) -> np.ndarray:

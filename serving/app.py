@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cleanplate import __version__, imaging
-from cleanplate.admission import MemoryBudget, release_free_memory, removal_cost
+from cleanplate.admission import MemoryBudget, release_free_memory_soon, removal_cost
 from cleanplate.engines import Engine, EngineUnavailable, make_engine
 from cleanplate.errors import CleanplateError, InputError, QueueFull
 from cleanplate.removal import RemoveOptions, run_removal, run_score
@@ -271,10 +271,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     metrics = Metrics()
     engine = engine or make_engine(settings, on_batch=metrics.observe_batch)
 
-    def drained() -> None:  # the last big request is done: hand its memory back (off the event loop)
-        asyncio.get_running_loop().run_in_executor(None, release_free_memory)
-
-    budget = MemoryBudget(settings.memory_budget_bytes, max_waiting=settings.max_queue, on_drain=drained)
+    budget = MemoryBudget(settings.memory_budget_bytes, max_waiting=settings.max_queue,
+                          on_drain=release_free_memory_soon)
     metrics.memory_budget.set(budget.capacity)
 
     @asynccontextmanager

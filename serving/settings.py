@@ -21,11 +21,11 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from cleanplate.admission import MiB
 from cleanplate.engines import EngineOptions
 from cleanplate.errors import InputError
 
 CONFIG_ENV = "CLEANPLATE_CONFIG"
-MiB = 1024 * 1024
 _config_file: Path | None = None  # set by load_settings for the duration of one Settings() call
 
 

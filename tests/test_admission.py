@@ -9,6 +9,7 @@ import asyncio
 import io
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ from cleanplate.admission import MemoryBudget, removal_cost
 from cleanplate.batch import InProcessBackend, ItemOptions, load_items, read_report, run_batch
 from cleanplate.engines import TorchEngine
 from cleanplate.errors import InputError, QueueFull
+from cleanplate.remover import RemovalRequest, composite, prepare
 from cleanplate.serving.app import create_app
 from cleanplate.serving.settings import Settings
 
@@ -119,6 +121,19 @@ def test_cost_model_bounds_a_real_decode() -> None:
         assert header.channels * header.bytes_per_sample * header.pixels == native, mode
         cost = removal_cost(header, encoded_bytes=len(data))
         assert cost >= 2 * native + 2 * len(data) + admission.EXTRA_BYTES_PER_PIXEL * header.pixels
+        # and it bounds what a whole removal really allocates (numpy's buffers, traced; Pillow's are not)
+        mask = np.zeros((300, 500), bool)
+        mask[100:200, 150:350] = True
+        tracemalloc.start()
+        try:
+            image = imaging.decode_image(data)
+            req = RemovalRequest(image, mask)
+            prep = prepare(req, 64, 2)
+            imaging.encode_image(composite(req, prep, prep.crop), image)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak <= cost, (mode, peak, cost)
 
 
 # -- the gateway ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import imaging
-from ..admission import MemoryBudget, MiB, release_free_memory
+from ..admission import MemoryBudget, MiB, release_free_memory_soon
 from ..errors import CleanplateError, InputError
 from ..locks import exclusive
 from .backends import Backend, BatchAborted, Inferred
@@ -196,8 +196,7 @@ class _Run:
         self.aborted: BatchAborted | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         # Every item in flight waits here, so the queue never refuses; the window semaphore bounds it.
-        self.budget = MemoryBudget(memory_budget_bytes, max_waiting=sys.maxsize,
-                                   on_drain=lambda: asyncio.get_running_loop().run_in_executor(None, release_free_memory))
+        self.budget = MemoryBudget(memory_budget_bytes, max_waiting=sys.maxsize, on_drain=release_free_memory_soon)
 
     async def start_backend(self) -> bool:
         """Start the backend unless a signal comes first (a Triton engine waits for its server forever).
