@@ -371,10 +371,10 @@ def _run_onnxruntime(bundle: Any, config: Any, cases: Any, resolutions: list[int
             say(f"exporting the bundle to ONNX for {resolutions} px")
             export_onnx(bundle, tmp, buckets=resolutions, max_batch=max(2, *batches))  # a dynamic batch needs max >= 2
         where = Path(onnx_dir or tmp)
-        missing = [r for r in resolutions if r not in read_manifest(where)["buckets"]]
+        buckets = read_manifest(where)["buckets"]
+        missing = [r for r in resolutions if r not in buckets]
         if missing:
-            raise InputError(f"{where} was exported for {read_manifest(where)['buckets']} px, not {missing}",
-                             code="bad_option")
+            raise InputError(f"{where} was exported for {buckets} px, not {missing}", code="bad_option")
         eng = OnnxRuntimeEngine(where, bundle, threads=threads, max_batch=max(batches), window_ms=5)
         out = asyncio.run(_engine_cases(eng, cases, image_size, steps, use_gate, warmup, repeats, seed, say))
     return out, {"model": f"{bundle or default_bundle_path()} exported to ONNX, run by ONNX Runtime in-process",

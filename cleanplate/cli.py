@@ -9,7 +9,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -52,6 +52,20 @@ class DType(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
+
+
+def _from_options(model: Any, **given: Any) -> Any:
+    """``model(**given)`` for a pydantic model built from command-line options (None = not given).
+
+    Raises InputError ("bad_option") naming the first bad ``--option``.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return model(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code="bad_option") from exc
 
 
 def _say(message: str) -> None:
@@ -445,12 +459,8 @@ def batch_run(
                                 or max_batch):
         raise InputError("--engine, --bundle, --torch-threads and --max-batch are for in-process engines; the "
                          "server at --url/--triton-url has its own", code="bad_option")
-    try:
-        defaults = ItemOptions(seed=seed, steps=steps, dilate_px=dilate_px, quality_gate=quality_gate,
-                               threshold=threshold, max_attempts=max_attempts)
-    except ValueError as exc:
-        err = exc.errors()[0]  # type: ignore[attr-defined]
-        raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code="bad_option") from exc
+    defaults = _from_options(ItemOptions, seed=seed, steps=steps, dilate_px=dilate_px, quality_gate=quality_gate,
+                             threshold=threshold, max_attempts=max_attempts)
     items = load_items(source, masks=masks, fmt=fmt.value if fmt else None, exclude=[output, *([review] if review else [])])
     if url:
         backend = GatewayBackend(url, api_key=api_key, concurrency=concurrency)
@@ -464,12 +474,7 @@ def batch_run(
             given = dict(engine=(engine or Engine.torch).value, bundle=bundle, device=device.value,
                          dtype=dtype.value, torch_threads=torch_threads, max_batch=max_batch, onnx_dir=onnx_dir,
                          max_queue=max(64, 2 * concurrency))
-        try:
-            options = EngineOptions(**{k: v for k, v in given.items() if v is not None})
-        except ValueError as exc:  # pydantic's ValidationError
-            err = exc.errors()[0]  # type: ignore[attr-defined]
-            raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code="bad_option") from exc
-        backend = InProcessBackend(make_engine(options))
+        backend = InProcessBackend(make_engine(_from_options(EngineOptions, **given)))
     tune_allocator()
     result = asyncio.run(run_batch(items, backend, output, defaults=defaults, concurrency=concurrency,
                                    report_path=report, review_dir=review, retry_failed=retry_failed,

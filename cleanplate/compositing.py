@@ -167,7 +167,10 @@ def paste_back(image: DecodedImage | np.ndarray, result_crop: np.ndarray, box: C
 
     Gray natives get the ITU-R 601 luma of the fill (as Pillow's "L"); uint16 natives get
     ``fill * 257``. Pixels with zero weight (outside ``dilated`` or outside the window) are copied
-    bit-exactly. Only the window is blended, so memory stays small on huge photos.
+    bit-exactly. The fill is ``result_crop`` resized to the window (``cv2.resize``: area when shrinking;
+    bicubic when enlarging, made strip by strip by :class:`_Enlarged`, within 1 level of ``cv2.resize``).
+    Only the bbox of the filled pixels goes through float, in strips of 256 rows, so a big mask on a 40 MP
+    photo costs a few MiB beyond the output copy.
 
     Returns:
         A new array with the shape and dtype of the native pixels.
