@@ -67,13 +67,14 @@ def _decoded(pixels: np.ndarray) -> Any:
 
 
 def _engine(name: str, bundle: Any, device: str, dtype: str, threads: int | None, triton_url: str | None) -> Any:
-    from cleanplate.engines import make_engine
-    from cleanplate.serving.settings import Settings
+    from cleanplate.bundle import default_bundle_path
+    from cleanplate.engines import EngineOptions, make_engine
 
-    settings = Settings(engine=name, bundle=bundle, device=device, dtype=dtype, torch_threads=threads, max_batch=1,
-                        batch_window_ms=0, max_queue=1024, triton_url=triton_url or "127.0.0.1:8001",
-                        triton_timeout_s=600)
-    return make_engine(settings)
+    # the resolved bundle, so the opencv engine dilates as the bundle does (without one it uses its own 8 px)
+    options = EngineOptions(engine=name, bundle=bundle or default_bundle_path(), device=device, dtype=dtype,
+                            torch_threads=threads, max_batch=1, batch_window_ms=0, max_queue=1024,
+                            triton_url=triton_url or "127.0.0.1:8001", triton_timeout_s=600)
+    return make_engine(options)
 
 
 async def _remove_all(engines: dict[str, Any], items: list[Any], dilate_px: int, seed: int, say: Say,
