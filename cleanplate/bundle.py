@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import BundleError
 from .imaging import write_atomic
+from .masked_source import CLASSICAL_FILLS
 
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
@@ -86,13 +87,13 @@ class BundleConfig(BaseModel):
     guidance_scale: float = 1.0
     dilate_px: int = Field(8, ge=0, description="default mask dilation radius in source px")
     scheduler: dict[str, Any] = Field(default_factory=lambda: dict(SDXL_LCM_SCHEDULER))
-    masked_source: Literal["zero", "telea"] = Field(
-        "zero", description="the UNet's conditioning image: zero = x_s·(1−m) (RORem); telea = the hole pre-filled by "
-                            "OpenCV Telea (cleanplate.masked_source)")
+    masked_source: Literal["zero", "telea", "ns"] = Field(
+        "zero", description="the UNet's conditioning image: zero = x_s·(1−m) (RORem); telea / ns = the hole "
+                            "pre-filled by OpenCV's Telea / Navier-Stokes inpainting (cleanplate.masked_source)")
     decode_residual: bool = Field(
         False, description="the fill is the conditioning image plus the decoded correction, x̃_s + D(ẑ) − D(E(x̃_s)) "
                            "(one more VAE decode): the VAE's reconstruction error of the conditioning image cancels, "
-                           "so with masked_source telea a zero correction returns Telea's fill exactly")
+                           "so with a classical masked_source a zero correction returns that fill exactly")
     residual_scale: float = Field(
         1.0, ge=0.0, le=1.0, description="with decode_residual: the fill is x̃_s + s·(D(ẑ) − D(E(x̃_s))); s < 1 damps "
                                          "the learned correction (calibrated on held-out photos, like the gate's threshold)")
@@ -102,10 +103,10 @@ class BundleConfig(BaseModel):
 
     @property
     def paste_prefill(self) -> str | None:
-        """"telea" when the fill is Telea plus a learned correction (``masked_source`` telea with
-        ``decode_residual``): paste-back then adds the correction to a full-resolution Telea fill of the window
+        """The classical fill ("telea" or "ns") when the fill is that fill plus a learned correction
+        (``decode_residual``): paste-back then adds the correction to a full-resolution fill of the window
         (:func:`cleanplate.remover.composite`); None otherwise."""
-        return "telea" if self.decode_residual and self.masked_source == "telea" else None
+        return self.masked_source if self.decode_residual and self.masked_source in CLASSICAL_FILLS else None
 
     @field_validator("scheduler")
     @classmethod

@@ -5,7 +5,7 @@ BLS model (``export/triton_models/bls.py``, which gets a copy of this file, as o
 ``masked_source.py``).
 
 Same semantics as :class:`cleanplate.pipeline.RemovalPipeline` (RORem, arXiv 2501.00740): masked source
-(``zero`` = ``x_s·(1-m)``, ``telea`` = the hole pre-filled by OpenCV Telea) -> ``vae_encoder`` -> N LCM steps
+(``zero`` = ``x_s·(1-m)``, ``telea`` / ``ns`` = the hole pre-filled by OpenCV Telea / Navier-Stokes) -> ``vae_encoder`` -> N LCM steps
 (``unet`` + :func:`sampling.lcm_step`; the UNet output is ε, x0 or v as each schedule step's
 ``prediction_type`` says) -> ``vae_decoder`` (with ``decode_residual`` the result is the masked source plus
 the decoded correction, x̃_s + s·(D(ẑ) − D(E(x̃_s))), both latents decoded in one batch).
@@ -34,7 +34,7 @@ class GraphRemoval:
     Args:
         infer: runs one graph (see the module docstring).
         vae_scale_factor: pixels per latent cell (8 for SDXL's VAE).
-        fill: the bundle's ``masked_source`` ("zero" or "telea").
+        fill: the bundle's ``masked_source`` (:data:`masked_source.MASKED_SOURCE_FILLS`).
         decode_residual, residual_scale: the bundle's residual decode (``BundleConfig``).
         schedules: steps -> the LCM schedule (:func:`sampling.load_schedule_table`).
         prompt_embeds (1, 77, D), pooled_prompt_embeds (1, P): float32 empty-prompt conditioning.

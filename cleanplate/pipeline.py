@@ -132,7 +132,7 @@ class RemovalPipeline:
         """The conditioning image (B,3,H,W) in [-1,1] of the bundle's ``masked_source`` fill.
 
         source (B,3,H,W) in [-1,1] (uint8 crops scaled, so the round trip to uint8 is exact), mask
-        (B,1,H,W) in {0,1}. ``zero`` stays in torch (differentiable); ``telea`` runs
+        (B,1,H,W) in {0,1}. ``zero`` stays in torch (differentiable); ``telea`` / ``ns`` run
         :func:`cleanplate.masked_source.masked_source` on the CPU, as the Triton model does.
         """
         if self.config.masked_source == "zero":

@@ -25,6 +25,7 @@ import numpy as np
 
 from .engines import EngineUnavailable
 from .errors import InputError, QueueFull
+from .masked_source import CLASSICAL_FILLS
 
 log = logging.getLogger("cleanplate.triton")
 REMOVE_MODEL, SCORE_MODEL = "cleanplate_remove", "cleanplate_score"  # as cleanplate.export.triton
@@ -94,7 +95,8 @@ class TritonEngine:
         self.default_steps = int(params["default_steps"])
         self.default_dilate_px = int(params["dilate_px"])
         residual = params.get("decode_residual", "0") == "1"
-        self.paste_prefill = "telea" if residual and params.get("masked_source") == "telea" else None
+        fill = params.get("masked_source", "zero")
+        self.paste_prefill = fill if residual and fill in CLASSICAL_FILLS else None
         self.threshold = None
         if "threshold" in params and await self._client.is_model_ready(self.score_model):
             self.threshold = float(params["threshold"])

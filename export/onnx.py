@@ -19,8 +19,8 @@ the VAE graphs include the latent scaling (``(z - shift) · scaling_factor``, po
 discriminator graph ends in the sigmoid, so a consumer needs no bundle config to use them, except two
 facts that ``export.json`` records: ``prediction_type``, what ``noise_pred`` is (the name is kept for
 compatibility): ε for "epsilon", x0 for "sample", v for "v_prediction" (:mod:`cleanplate.sampling`);
-and ``masked_source``, how the hole of the image whose latent conditions the UNet is filled: "zero" or
-"telea" (:mod:`cleanplate.masked_source`). The exporter is torch's ``torch.export``-based ONNX exporter
+and ``masked_source``, how the hole of the image whose latent conditions the UNet is filled: "zero",
+"telea" or "ns" (:mod:`cleanplate.masked_source`). The exporter is torch's ``torch.export``-based ONNX exporter
 (``torch.onnx.export(dynamo=True)``).
 """
 

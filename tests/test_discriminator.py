@@ -17,7 +17,16 @@ from cleanplate.bundle import attach_discriminator, load_bundle, read_config
 from cleanplate.discriminator import Discriminator, UNetEncoder, load_discriminator
 from cleanplate.errors import BundleError, InputError
 from cleanplate.pipeline import RemovalPipeline
-from cleanplate.training.discriminator import DiscriminatorConfig, calibrate, train_discriminator
+from cleanplate.training.common import read_meta
+from cleanplate.training.discriminator import (
+    DiscriminatorConfig,
+    DiscriminatorDataset,
+    calibrate,
+    encode_candidates,
+    score_dataset,
+    score_latents,
+    train_discriminator,
+)
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +206,39 @@ def test_trainer_learns_calibrates_and_writes_a_bundle(tmp_path: Path, tiny_bund
     # resuming a finished run trains no further and writes the same discriminator
     again = train_discriminator(cfg)
     assert again["losses"] == []
+
+
+def test_trainer_on_cached_latents_trains_the_whole_encoder(tmp_path: Path, tiny_bundle: Path) -> None:
+    """latent_cache encodes each candidate once (reused by a second run) and scores the held-out split from its
+    own cache exactly as from the images; lora_rank 0 fine-tunes every encoder weight."""
+    meta = _labelled_set(tmp_path / "data", 24)
+    cfg = DiscriminatorConfig(meta=[meta], val_meta=[meta], bundle=tiny_bundle, out=tmp_path / "out", max_steps=40,
+                              batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=20, dilate_range=(0, 2),
+                              lora_rank=0, latent_cache=True, cache_variants=2, cache_dir=tmp_path / "cache")
+    result = train_discriminator(cfg)
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(caches) == 2 and not any(name.endswith(".tmp") for name in caches)  # training x2, held-out x1
+    from safetensors.torch import load_file
+
+    train_cache = load_file(str(tmp_path / "cache" / next(n for n in caches if "_x2_" in n)))
+    assert train_cache["result"].shape[0] == 48 and train_cache["result"].dtype == torch.float16
+    losses = result["losses"]
+    assert np.mean(losses[-8:]) < np.mean(losses[:8])
+    assert result["calibration"]["roc_auc"] > 0.8
+    bundle = load_bundle(tmp_path / "out")
+    base = load_bundle(tiny_bundle)
+    changed = [k for k, v in bundle.discriminator.encoder.state_dict().items()
+               if not torch.equal(v, base.unet.state_dict()[k])]
+    assert any("down_blocks.0.resnets.0.conv1" in k for k in changed)  # not only LoRA targets merged back
+    # the cached held-out scores are the uncached ones (latents stored in fp16)
+    pipe = RemovalPipeline.from_bundle(bundle)
+    val = DiscriminatorDataset(read_meta([meta]), bundle.config.resolution, (bundle.config.dilate_px,) * 2, flip=False)
+    cached, labels = score_latents(bundle.discriminator, encode_candidates(pipe, val), pipe.device)
+    direct, _ = score_dataset(pipe, bundle.discriminator, val)
+    np.testing.assert_allclose(cached, direct, atol=5e-3)
+    assert labels.tolist() == [float(i % 2 == 0) for i in range(24)]
+    again = train_discriminator(cfg)  # finished: resumes without training or re-encoding
+    assert again["losses"] == [] and sorted(p.name for p in (tmp_path / "cache").iterdir()) == caches
 
 
 def test_trainer_refuses_unlabelled_data(tmp_path: Path, tiny_bundle: Path, synth_data: Path) -> None:

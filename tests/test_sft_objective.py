@@ -45,11 +45,12 @@ def test_zero_fill_is_rorem_masked_source() -> None:
     np.testing.assert_array_equal(out, expected)
 
 
-def test_telea_fill_is_opencv_telea_and_keeps_the_rest() -> None:
+@pytest.mark.parametrize(("fill", "flag"), [("telea", cv2.INPAINT_TELEA), ("ns", cv2.INPAINT_NS)])
+def test_classical_fill_is_opencv_inpaint_and_keeps_the_rest(fill: str, flag: int) -> None:
     images, masks = _crops()
-    out = masked_source(images, masks, "telea")
+    out = masked_source(images, masks, fill)
     for img, m, o in zip(images, masks, out, strict=False):
-        bgr = cv2.inpaint(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), m.astype(np.uint8) * 255, 3, cv2.INPAINT_TELEA)
+        bgr = cv2.inpaint(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), m.astype(np.uint8) * 255, 3, flag)
         np.testing.assert_array_equal(np.round((o + 1) * 127.5).astype(np.uint8), cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
         np.testing.assert_array_equal(o[~m], img[~m].astype(np.float32) / 127.5 - 1)
     with pytest.raises(ValueError, match="fill"):

@@ -123,11 +123,10 @@ def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, 
     asyncio.run(run())
 
 
-# Bundles that predict each kind of output and fill the masked source with Telea (and one with zero fill):
-# (prediction_type, masked_source). Adjacent pairs differ in one of the two.
-# (prediction_type, masked_source, decode_residual with this residual_scale, or None)
+# Bundles that predict each kind of output and fill the masked source with Telea (one with zero fill, one with
+# Navier-Stokes): (prediction_type, masked_source, decode_residual with this residual_scale, or None).
 VARIANTS = (("epsilon", "telea", None), ("v_prediction", "telea", None), ("sample", "telea", None),
-            ("sample", "zero", None), ("sample", "telea", 1.0), ("sample", "telea", 0.4))
+            ("sample", "zero", None), ("sample", "telea", 1.0), ("sample", "telea", 0.4), ("sample", "ns", 0.4))
 
 
 def _variant_model(prediction_type: str, fill: str, residual: float | None) -> str:
@@ -173,7 +172,7 @@ def variants(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path_fa
 @pytest.mark.parametrize("variant", VARIANTS, ids=["_".join(map(str, v)) for v in VARIANTS])
 def test_triton_engine_follows_prediction_type_and_masked_source(variants, photos,
                                                                  variant: tuple[str, str, float | None]) -> None:
-    """For a bundle predicting ε, v or x0 with a Telea- or zero-filled masked source, with or without the
+    """For a bundle predicting ε, v or x0 with a Telea-, NS- or zero-filled masked source, with or without the
     residual decode, the Triton repository removes as the torch engine does; every other variant gives
     another removal, so the comparison sees the prediction type, the fill and the decode."""
     server, bundles = variants
@@ -185,7 +184,7 @@ def test_triton_engine_follows_prediction_type_and_masked_source(variants, photo
         await torch_engine.start()
         try:
             assert engines[variant].resolution == torch_engine.resolution == 64
-            expected_prefill = "telea" if variant[2] is not None and variant[1] == "telea" else None
+            expected_prefill = variant[1] if variant[2] is not None and variant[1] != "zero" else None
             assert engines[variant].paste_prefill == torch_engine.paste_prefill == expected_prefill
             for i, (name, crop, mask) in enumerate(_crops(photos, 64)):
                 steps = (4, 2, 1)[i]

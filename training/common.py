@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -280,6 +280,39 @@ def optimizer_step(accelerator: Any, cfg: TrainConfig, loss: torch.Tensor, param
     if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
         save_checkpoint(accelerator, cfg, step)
     return step
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Items of a latent cache: ``{key: tensors[key][i] as float32}``; with ``flip``, a random horizontal flip
+    of every per-item map (rank >= 2 per item: latents, masks) together (the VAE is convolutional, so this
+    approximates encoding the flipped image); per-item scalars and vectors are returned as they are."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], flip: bool = True) -> None:
+        self.tensors, self.flip = tensors, flip
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        flip = self.flip and random.random() < 0.5
+        return {k: (v[i].flip(-1) if flip and v.ndim >= 3 else v[i]).float() for k, v in self.tensors.items()}
+
+
+def cached_tensors(path: Path, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors in the safetensors file ``path``, or ``build()``'s, written there atomically first.
+
+    The trainers' latent caches (frozen-VAE latents encoded once; SFT and the discriminator) live here, so a
+    killed build leaves no half-written cache that a rerun would trust."""
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        return load_file(str(path))
+    tensors = {k: v.contiguous() for k, v in build().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    return tensors
 
 
 def progress(accelerator: Any, start: int, total: int, desc: str) -> Any:

@@ -46,8 +46,10 @@ from cleanplate.pipeline import RemovalPipeline
 from cleanplate.remover import crops_to_tensors, masks_to_tensor, score_crops
 
 from .common import (
+    CachedLatents,
     TrainConfig,
     Triplet,
+    cached_tensors,
     make_accelerator,
     read_meta,
     start_training,
@@ -61,7 +63,13 @@ LORA_TARGETS = (r".*(conv_in|to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.
 class DiscriminatorConfig(TrainConfig):
     bundle: Path = Field(description="the remover bundle: the discriminator starts from its UNet and uses its VAE")
     val_meta: list[Path] = Field(default_factory=list, description="held-out labelled meta.json for calibration")
-    lora_rank: int = Field(4, ge=1, description="RORem uses 4")
+    lora_rank: int = Field(4, ge=0, description="RORem uses 4; 0 trains the whole encoder (a small UNet's encoder "
+                                                "is cheap to train in full, and a rank-4 LoRA could not rank fills)")
+    latent_cache: bool = Field(False, description="encode every candidate's source and result crops through the "
+                                                  "frozen VAE once (cache_variants random dilations each), then train "
+                                                  "on the latents; the held-out split is encoded once too")
+    cache_variants: int = Field(1, ge=1, description="random dilations cached per candidate")
+    cache_dir: Path | None = Field(None, description="where the latent cache lives (default: work_dir)")
     head_channels: int = Field(128, ge=8)
     target_precision: float = Field(0.9, gt=0, le=1, description="without gt/source kinds in val_meta: precision "
                                                                  "of 'passed' the threshold must reach")
@@ -194,17 +202,48 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
+def encode_candidates(pipe: RemovalPipeline, dataset: DiscriminatorDataset, variants: int = 1, seed: int = 0,
+                      batch_size: int = 16, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The frozen-VAE view of every candidate, ``variants`` times (random dilations drawn from ``seed``).
+
+    Returns ``result`` and ``source`` (N·variants, C, h, w) latents in ``dtype`` (fp16 for a cache on disk), ``mask`` (N·variants, 1, h, w)
+    uint8 at latent size (:meth:`Discriminator.mask_to_latent`) and ``score`` (N·variants,) float32 labels,
+    variant-major. The dataset's flip is off while encoding (:class:`CachedLatents` flips latents)."""
+    from tqdm.auto import tqdm
+
+    parts: dict[str, list[torch.Tensor]] = {"result": [], "source": [], "mask": [], "score": []}
+    flip, dataset.flip = dataset.flip, False
+    with tqdm(total=variants * len(dataset), desc="discriminator latents", mininterval=10) as bar:
+        for v in range(variants):
+            random.seed(seed * 1000 + v)
+            for start in range(0, len(dataset), batch_size):
+                items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                parts["result"].append(pipe.encode(torch.stack([it["result"] for it in items])).to("cpu", dtype))
+                parts["source"].append(pipe.encode(torch.stack([it["source"] for it in items])).to("cpu", dtype))
+                mask = Discriminator.mask_to_latent(torch.stack([it["mask"] for it in items]), pipe.vae_scale_factor)
+                parts["mask"].append(mask.to(torch.uint8))
+                parts["score"].append(torch.stack([it["score"] for it in items]))
+                bar.update(len(items))
+    dataset.flip = flip
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def score_latents(disc: Discriminator, latents: dict[str, torch.Tensor], device: Any = "cpu",
+                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N,) in [0,1] and labels (N,) of :func:`encode_candidates`' tensors, in order."""
+    scores = []
+    for start in range(0, len(latents["score"]), batch_size):
+        part = {k: v[start:start + batch_size].to(device).float() for k, v in latents.items()}
+        scores.append(torch.sigmoid(disc(part["result"], part["mask"], part["source"])).float().cpu())
+    return torch.cat(scores).numpy(), latents["score"].float().numpy()
+
+
 def score_dataset(pipe: RemovalPipeline, disc: Discriminator, dataset: DiscriminatorDataset,
                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Scores (N,) in [0,1] and labels (N,) of a dataset, in order."""
-    scores, labels = [], []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for batch in loader:
-        z_res, z_src = pipe.encode(batch["result"]), pipe.encode(batch["source"])
-        mask = disc.mask_to_latent(batch["mask"].to(pipe.device), pipe.vae_scale_factor)
-        scores.append(torch.sigmoid(disc(z_res, mask, z_src)).float().cpu())
-        labels.append(batch["score"])
-    return torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    latents = encode_candidates(pipe, dataset, batch_size=batch_size, dtype=torch.float32)
+    return score_latents(disc, latents, pipe.device)
 
 
 def _entries(meta: Sequence[Path]) -> list[dict[str, Any]]:
@@ -234,6 +273,18 @@ def pass_rates_by_kind(scores: np.ndarray, kinds: Sequence[str | None], threshol
     return {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
 
 
+def _cache_path(cfg: DiscriminatorConfig, meta: Sequence[Path], dilate: tuple[int, int], variants: int) -> Path:
+    """The cache file of these candidates as this bundle's VAE sees them: named by a digest of the meta.json
+    files and the VAE weights, so new labels or a new VAE never reuse stale latents."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in [*meta, Path(cfg.bundle) / "vae" / "diffusion_pytorch_model.safetensors"]:
+        digest.update(Path(path).read_bytes())
+    name = f"disc_latents_r{cfg.resolution}_d{dilate[0]}-{dilate[1]}_x{variants}_s{cfg.seed}_{digest.hexdigest()[:12]}"
+    return (cfg.cache_dir or cfg.resolved_work_dir) / f"{name}.safetensors"
+
+
 def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
     """Train, calibrate on ``val_meta`` (or report uncalibrated at 0.5 without one) and write the bundle.
 
@@ -251,21 +302,29 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
         bundle.unet.enable_gradient_checkpointing()
     disc = Discriminator.from_unet(bundle.unet, bundle.conditioning, vae_scale_factor=pipe.vae_scale_factor,
                                    head_channels=cfg.head_channels)
-    disc.encoder.requires_grad_(False)
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
-                      init_lora_weights="gaussian")
-    disc.encoder = LoraModel(disc.encoder, lora, "default")
+    disc.encoder.requires_grad_(not cfg.lora_rank)  # the bundle's UNet comes frozen
+    if cfg.lora_rank:
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
+                          init_lora_weights="gaussian")
+        disc.encoder = LoraModel(disc.encoder, lora, "default")
     disc.train()
     items = read_meta(cfg.meta)
-    dataset = DiscriminatorDataset(items, resolution, cfg.dilate_range, flip=True)
+    dataset: torch.utils.data.Dataset = DiscriminatorDataset(items, resolution, cfg.dilate_range, flip=True)
+    if cfg.latent_cache:
+        path = _cache_path(cfg, cfg.meta, cfg.dilate_range, cfg.cache_variants)
+        dataset = CachedLatents(cached_tensors(path, lambda: encode_candidates(pipe, dataset, cfg.cache_variants,
+                                                                               cfg.seed)))
     n_pos = sum(1 for item in items if item.score > 0.5)
     pos_weight = torch.tensor((len(items) - n_pos) / max(1, n_pos))
     run = start_training(accelerator, cfg, disc, dataset, "discriminator")
     while run.step < cfg.max_steps:
         batch = next(run.batches)
-        with torch.no_grad():
-            z_res, z_src = pipe.encode(batch["result"]), pipe.encode(batch["source"])
-            mask = Discriminator.mask_to_latent(batch["mask"], pipe.vae_scale_factor)
+        if cfg.latent_cache:
+            z_res, z_src, mask = batch["result"], batch["source"], batch["mask"]
+        else:
+            with torch.no_grad():
+                z_res, z_src = pipe.encode(batch["result"]), pipe.encode(batch["source"])
+                mask = Discriminator.mask_to_latent(batch["mask"], pipe.vae_scale_factor)
         with accelerator.autocast():
             logits = run.model(z_res, mask, z_src)
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch["score"], pos_weight=pos_weight.to(logits.device))
@@ -278,12 +337,18 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
     calibration: dict[str, Any] = {}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(run.model)
-        final.encoder = final.encoder.merge_and_unload()
+        if cfg.lora_rank:
+            final.encoder = final.encoder.merge_and_unload()
         final.eval().requires_grad_(False)
         if cfg.val_meta:
             d = bundle.config.dilate_px
             val = DiscriminatorDataset(read_meta(cfg.val_meta), resolution, (d, d), flip=False)
-            scores, labels = score_dataset(pipe, final, val)
+            if cfg.latent_cache:
+                path = _cache_path(cfg, cfg.val_meta, (d, d), 1)
+                latents = cached_tensors(path, lambda: encode_candidates(pipe, val))
+                scores, labels = score_latents(final, latents, pipe.device)
+            else:
+                scores, labels = score_dataset(pipe, final, val)
             entries = _entries(cfg.val_meta)
             kinds = [e.get("label_kind") for e in entries]
             calibration = calibrate(scores, labels, cfg.target_precision, kinds=kinds if any(kinds) else None,

@@ -47,10 +47,12 @@ from cleanplate.pipeline import RemovalPipeline
 from cleanplate.sampling import PREDICTION_TYPES, lcm_schedule, training_target
 
 from .common import (
+    CachedLatents,
     TrainConfig,
     Triplet,
     TripletDataset,
     alphas_cumprod,
+    cached_tensors,
     load_model_config,
     make_accelerator,
     read_meta,
@@ -70,7 +72,7 @@ class SFTConfig(TrainConfig):
     lr: float = 1e-4
     # What the bundle declares (None: the starting bundle's, or RORem's for a new one).
     prediction_type: PredictionType | None = Field(None, description="what the UNet predicts (scheduler config)")
-    masked_source: Literal["zero", "telea"] | None = Field(None, description="the UNet's conditioning fill")
+    masked_source: Literal["zero", "telea", "ns"] | None = Field(None, description="the UNet's conditioning fill")
     dilate_px: int | None = Field(None, ge=0, description="the bundle's default serving dilation in px")
     decode_residual: bool | None = Field(None, description="the bundle decodes x̃_s + D(ẑ) − D(E(x̃_s))")
     # The objective (defaults: RORem's).
@@ -169,33 +171,25 @@ def sft_loss(output: torch.Tensor, target: torch.Tensor, cells: torch.Tensor, ma
 
 
 # -- latent cache ------------------------------------------------------------------------------------
-class LatentCache(torch.utils.data.Dataset):
-    """Cached frozen-VAE latents. Items: ``gt`` and ``cond`` (C,h,w) float32 (GT latent, masked-source
-    latent), ``mask`` (1,h,w) {0,1} (as the UNet sees it, nearest) and ``cells`` (1,h,w) {0,1} (max-pool);
-    a random horizontal flip of all four (the VAE is convolutional, so this approximates encoding the flip)."""
+class LatentCache(CachedLatents):
+    """SFT's cached latents. Items: ``gt`` and ``cond`` (C,h,w) float32 (GT latent, masked-source latent),
+    ``mask`` (1,h,w) {0,1} (as the UNet sees it, nearest) and ``cells`` (1,h,w) {0,1} (max-pool), flipped
+    together (:class:`CachedLatents`)."""
 
     KEYS = ("gt", "cond", "mask", "cells")
-
-    def __init__(self, tensors: dict[str, torch.Tensor], flip: bool = True) -> None:
-        self.tensors, self.flip = tensors, flip
-
-    def __len__(self) -> int:
-        return len(self.tensors["gt"])
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        flip = self.flip and random.random() < 0.5
-        return {k: (v[i].flip(-1) if flip else v[i]).float() for k, v in self.tensors.items()}
 
 
 @torch.no_grad()
 def build_latent_cache(pipe: RemovalPipeline, dataset: TripletDataset, path: Path, variants: int, seed: int,
                        batch_size: int = 16) -> LatentCache:
     """Encode ``variants`` random views of every item once (fp16 on disk at ``path``, reused when present)."""
-    from safetensors.torch import load_file, save_file
+    return LatentCache(cached_tensors(path, lambda: _encode_views(pipe, dataset, variants, seed, batch_size)))
+
+
+def _encode_views(pipe: RemovalPipeline, dataset: TripletDataset, variants: int, seed: int,
+                  batch_size: int) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 
-    if path.is_file():
-        return LatentCache(load_file(str(path)))
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in LatentCache.KEYS}
     flip, dataset.flip = dataset.flip, False  # flips are applied to the latents at load time
     f = pipe.vae_scale_factor
@@ -213,12 +207,7 @@ def build_latent_cache(pipe: RemovalPipeline, dataset: TripletDataset, path: Pat
                 parts["cells"].append(mask_cells(mask, f).to(torch.uint8))
                 bar.update(len(items))
     dataset.flip = flip
-    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-    return LatentCache(tensors)
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 # -- evaluation --------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 ``cleanplate_remove`` runs the whole removal of a batch of model crops inside Triton, with the same
 semantics as :class:`cleanplate.pipeline.RemovalPipeline` (RORem, arXiv 2501.00740):
 masked source (:mod:`masked_source` with the bundle's fill, parameter ``masked_source``: ``zero`` =
-``x_s·(1-m)``, ``telea`` = the hole pre-filled by OpenCV Telea) -> ``vae_encoder`` -> N LCM steps
+``x_s·(1-m)``, ``telea`` / ``ns`` = the hole pre-filled by OpenCV Telea / Navier-Stokes) -> ``vae_encoder`` -> N LCM steps
 (``unet`` + :mod:`sampling`; the UNet output is ε, x0 or v as each schedule step's ``prediction_type``
 says, from ``schedules.json``) -> ``vae_decoder`` (with parameter ``decode_residual`` = 1 the result is
 the masked source plus the decoded correction, x̃_s + s·(D(ẑ) − D(E(x̃_s))) with s the parameter
@@ -64,12 +64,12 @@ class TritonPythonModel:
             if self.fill not in MASKED_SOURCE_FILLS:
                 raise pb_utils.TritonModelException(f"masked_source must be one of {MASKED_SOURCE_FILLS}, "
                                                     f"got {self.fill!r}")
-            if self.fill == "telea":
+            if self.fill != "zero":
                 try:  # fail the model load, not every request
                     import cv2  # noqa: F401
                 except ImportError as exc:
                     raise pb_utils.TritonModelException(
-                        "masked_source telea needs OpenCV in Triton's python environment "
+                        f"masked_source {self.fill} needs OpenCV in Triton's python environment "
                         "(opencv-python-headless; `cleanplate triton setup` installs it)") from exc
             with open(os.path.join(here, "schedules.json")) as fh:
                 self.schedules = load_schedule_table(fh.read())
