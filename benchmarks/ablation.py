@@ -20,7 +20,7 @@ from typing import Any
 
 from cleanplate.errors import InputError
 
-from .common import env_line, environment, pyplot
+from .common import environment, pyplot, save_figure, with_environment
 
 # name -> (description, overrides of the base config)
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -104,15 +104,12 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
         last = a["last"]
         delta = "-" if ref is None else f"{last['psnr_mask_db'] - ref:+.2f}"
         lines.append(f"| {name} | {a['description']} | {last['psnr_mask_db']:.2f} | {last['ssim_mask']:.3f} | {delta} |")
-    lines += ["", f"Environment: {env_line(report['environment'])}.", ""]
-    return "\n".join(lines)
+    return with_environment(lines, report["environment"])
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
     """``out.png``: eval PSNR in mask against training step, one line per arm."""
     plt = pyplot()
-    if plt is None:
-        return []
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, a in report["arms"].items():
         ax.plot([e["step"] for e in a["evals"]], [e["psnr_mask_db"] for e in a["evals"]], marker="o", label=name)
@@ -120,8 +117,4 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel("PSNR in mask (dB)")
     ax.legend(fontsize=8)
     ax.set_title("SFT ablation: eval through the production path")
-    fig.tight_layout()
-    path = out.with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out.with_suffix(".png"))]

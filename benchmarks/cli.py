@@ -77,13 +77,12 @@ def _say(message: str) -> None:
 
 def _finish(report: dict[str, Any], out: Path, module: Any) -> None:
     """Write OUT.json, OUT.md and the module's plots; print the markdown."""
-    from .common import command_line, write_report
+    from .common import command_line, plots, write_report
 
     command = command_line()
     report["command"] = command
     markdown = module.to_markdown(report, command)
-    paths = write_report(out, report, markdown)
-    paths += module.plot(report, out)
+    paths = write_report(out, report, markdown) + plots(module, report, out)
     typer.echo(markdown)
     _say("wrote " + ", ".join(str(p) for p in paths))
 
@@ -319,7 +318,7 @@ def report_cmd(
     import json
 
     from . import ablation, discriminator, latency, load, memory, quality, reference
-    from .common import write_report
+    from .common import plots, write_report
 
     try:
         report = json.loads(report_json.read_text())
@@ -329,6 +328,6 @@ def report_cmd(
         raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code="bad_option") from exc
     out = report_json.with_suffix("")
     markdown = module.to_markdown(report, report.get("command", "?"))
-    paths = write_report(out, report, markdown) + module.plot(report, out)
+    paths = write_report(out, report, markdown) + plots(module, report, out)
     typer.echo(markdown)
     _say("wrote " + ", ".join(str(p) for p in paths))

@@ -8,6 +8,7 @@ without its context.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -233,17 +234,37 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (plots are skipped)."""
-    try:
-        import matplotlib
+def with_environment(lines: list[str], env: dict[str, Any], label: str = "Environment") -> str:
+    """A report's markdown: ``lines``, then a line ``label: <env_line(env)>.``; ends with a newline."""
+    return "\n".join([*lines, "", f"{label}: {env_line(env)}.", ""])
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+
+def plots(module: Any, report: dict[str, Any], out: Path) -> list[Path]:
+    """A harness's PNG plots, ``module.plot(report, out)``; none (with a note on stderr) when matplotlib is
+    not installed, so the JSON and markdown are still written."""
+    if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed (pip install 'cleanplate[bench]'): plots skipped", file=sys.stderr)
-        return None
+        return []
+    return module.plot(report, out)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (ImportError without matplotlib: call a harness's ``plot``
+    through :func:`plots`, which skips it then)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (PNG, 110 dpi) and close it; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
 
 
 def fmt_ms(v: float | None) -> str:

@@ -40,7 +40,17 @@ import numpy as np
 from cleanplate.engines import ENGINE_NAMES
 from cleanplate.errors import InputError
 
-from .common import StageClock, cuda_sync, env_line, environment, fmt_ms, promo_payload, pyplot, summarize_ms
+from .common import (
+    StageClock,
+    cuda_sync,
+    environment,
+    fmt_ms,
+    promo_payload,
+    pyplot,
+    save_figure,
+    summarize_ms,
+    with_environment,
+)
 
 ENGINES = ENGINE_NAMES
 Say = Callable[[str], None]
@@ -474,16 +484,13 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     if cases and "plain_total_ms" in cases[0]:
         lines += ["", "*plain*: the same code path with no stage clock (on CUDA: one synchronisation at the end) "
                   f"({cases[0]['plain_total_ms']['n']} repetitions): the cost of per-stage synchronisation."]
-    lines += ["", f"Environment: {env_line(report['environment'])}.", ""]
-    return "\n".join(lines)
+    return with_environment(lines, report["environment"])
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
     """``out.png``: median latency vs resolution (a line per batch) and per-image latency vs batch (a line
     per resolution); ``out_stages.png``: stacked median stage times per case."""
     plt = pyplot()
-    if plt is None:
-        return []
     cases = report["cases"]
     res = sorted({c["resolution"] for c in cases})
     bat = sorted({c["batch"] for c in cases})
@@ -509,10 +516,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     if per_image and max(per_image) / min(per_image) > 10:
         b.set_yscale("log")
     b.legend()
-    fig.tight_layout()
-    paths = [out.with_suffix(".png")]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    paths = [save_figure(fig, out.with_suffix(".png"))]
 
     stages = _stage_columns(report)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases) + 3), 4.2))
@@ -525,8 +529,4 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         bottom += vals
     ax.set(ylabel="median ms per call", title=f"{report['engine']}: where the time goes")
     ax.legend(fontsize=7, ncol=2, loc="upper left")
-    fig.tight_layout()
-    paths.append(out.with_name(out.name + "_stages.png"))
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
-    return paths
+    return [*paths, save_figure(fig, out.with_name(out.name + "_stages.png"))]

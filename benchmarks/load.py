@@ -23,7 +23,7 @@ import httpx
 
 from cleanplate.errors import InputError
 
-from .common import env_line, environment, fmt_ms, pyplot
+from .common import environment, fmt_ms, pyplot, save_figure, with_environment
 
 Say = Callable[[str], None]
 
@@ -133,15 +133,12 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
         lines.append(f"| {lv['concurrency']} | {lv['throughput_rps']:.2f} | {fmt_ms(lat['p50'])} | {fmt_ms(lat['p95'])} | "
                      f"{fmt_ms(lat['p99'])} | {fmt_ms(lat['mean'])} | {lv['sent']} | {status} | {lost} | {codes} | "
                      f"{'-' if mb is None else f'{mb:.2f}'} |")
-    lines += ["", f"Environment (the load generator's machine): {env_line(report['environment'])}.", ""]
-    return "\n".join(lines)
+    return with_environment(lines, report["environment"], "Environment (the load generator's machine)")
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
     """``out.png``: throughput (200/s) and p50/p95/p99 latency vs concurrency."""
     plt = pyplot()
-    if plt is None:
-        return []
     lv = report["levels"]
     xs = [x["concurrency"] for x in lv]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -157,8 +154,4 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         for ax in (a, b):
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
-    fig.tight_layout()
-    path = out.with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out.with_suffix(".png"))]

@@ -34,7 +34,7 @@ import numpy as np
 from cleanplate.admission import MiB
 from cleanplate.errors import InputError
 
-from .common import env_line, environment, pyplot
+from .common import environment, pyplot, save_figure, with_environment
 
 
 def big_request(megapixels: float, seed: int = 0) -> tuple[bytes, bytes]:
@@ -280,15 +280,12 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
                      f"{bt['peak_rss_mib']:.0f} MiB ({bt['ok']} ok, {bt['errors']} errors, "
                      f"{bt['images_per_s']:.2f} images/s) | budget {bt['budget_mib']} MiB + the process "
                      f"({'?' if idle is None else f'{idle:.0f}'} MiB idle) | |")
-    lines += ["", f"Environment: {env_line(report['environment'])}.", ""]
-    return "\n".join(lines)
+    return with_environment(lines, report["environment"])
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
     """``out.png``: the gateway's RSS over the run with its phases, and the batch job's."""
     plt = pyplot()
-    if plt is None:
-        return []
     g = report["gateway"]
     panels = 2 if "batch" in report else 1
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
@@ -311,8 +308,4 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         b.set(xlabel="seconds", ylabel="RSS (MiB)", title=f"batch: {bt['items']} x 40 MP, concurrency "
                                                            f"{bt['concurrency']}")
         b.set_ylim(bottom=0)
-    fig.tight_layout()
-    path = out.with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out.with_suffix(".png"))]

@@ -32,7 +32,17 @@ import numpy as np
 
 from cleanplate.errors import InputError
 
-from .common import StageClock, cuda_sync, env_line, environment, fmt_ms, promo_payload, pyplot, summarize_ms
+from .common import (
+    StageClock,
+    cuda_sync,
+    environment,
+    fmt_ms,
+    promo_payload,
+    pyplot,
+    save_figure,
+    summarize_ms,
+    with_environment,
+)
 
 Say = Callable[[str], None]
 
@@ -208,16 +218,13 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
         lines.append(f"| {left} | | {right} |")
     lines += ["", "diffusers runs both text encoders on every call and processes the whole photo at the model size; "
               "cleanplate uses the empty-prompt conditioning computed once, crops the context window and pastes the "
-              "result back bit-exactly outside the dilated mask.", "",
-              f"Environment: {env_line(report['environment'])}.", ""]
-    return "\n".join(lines)
+              "result back bit-exactly outside the dilated mask."]
+    return with_environment(lines, report["environment"])
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
     """``out.png``: stacked median stage times of the two pipelines."""
     plt = pyplot()
-    if plt is None:
-        return []
     fig, ax = plt.subplots(figsize=(7, 4.2))
     cmap = plt.get_cmap("tab20")
     for x, name in enumerate(("diffusers", "cleanplate")):
@@ -231,8 +238,4 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     s = report["settings"]
     ax.set(ylabel="median ms per removal",
            title=f"{s['arch']} @ {s['resolution']} px, {s['steps']} steps, {s['device']}: x{report['ratio_median']:.2f}")
-    fig.tight_layout()
-    path = out.with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out.with_suffix(".png"))]
