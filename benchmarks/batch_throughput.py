@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from cleanplate.batch import GatewayBackend, InProcessBackend, load_items
-    from cleanplate.benchmarks.gateway_load import start_server
+    from cleanplate.benchmarks.load import start_server
     from cleanplate.engines import make_engine
     from cleanplate.serving.settings import load_settings
 

@@ -1,11 +1,10 @@
 """HTTP load against a gateway (``cleanplate bench load``): throughput and latency percentiles per
 concurrency level, and every answer counted by status.
 
-For each level, ``concurrency`` closed-loop clients (:func:`cleanplate.benchmarks.gateway_load.run_load`:
-asyncio + httpx, keep-alive) POST the same photo and mask to ``/v1/remove`` with fresh seeds for
-``duration`` seconds; a 429 makes that client wait the ``Retry-After`` the server sent. A transport error or
-timeout is a *lost* request, counted by exception type. Latency is client-side (send to full answer) over
-the 200 answers. With no ``--url`` a local ``cleanplate serve`` is started (and stopped) for the run; when
+For each level, ``concurrency`` closed-loop clients (:func:`run_load`: asyncio + httpx, keep-alive) POST
+the same photo and mask to ``/v1/remove`` with fresh seeds for ``duration`` seconds; a 429 makes that client
+wait the ``Retry-After`` the server sent. A transport error or timeout is a *lost* request, counted by
+exception type. Latency is client-side (send to full answer) over the 200 answers. With no ``--url`` a local ``cleanplate serve`` is started (and stopped) for the run; when
 the server is a cleanplate gateway its own ``/metrics`` (answers by status, mean micro-batch) are read
 before and after each level.
 """
@@ -13,13 +12,21 @@ before and after each level.
 from __future__ import annotations
 
 import asyncio
+import io
+import os
+import random
 import signal
+import socket
+import subprocess
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from cleanplate.errors import InputError
 
@@ -28,9 +35,125 @@ from .common import environment, fmt_ms, pyplot, save_figure, with_environment
 Say = Callable[[str], None]
 
 
-def _metrics(url: str) -> dict[str, Any] | None:
-    from .gateway_load import server_metrics
+# -- the client and the local gateway ------------------------------------------------------------------
+def request_payload() -> tuple[bytes, bytes]:
+    """The built-in request: scikit-image's coffee (600x400) with a white 100x60 px sticker, as JPEG (quality 92)
+    bytes, and its mask (white = the sticker) as PNG bytes."""
+    from PIL import Image
+    from skimage import data
 
+    img = data.coffee().copy()
+    mask = np.zeros(img.shape[:2], np.uint8)
+    mask[150:210, 250:350] = 255
+    img[mask > 0] = 255
+    image, mask_png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(img).save(image, "JPEG", quality=92)
+    Image.fromarray(mask).save(mask_png, "PNG")
+    return image.getvalue(), mask_png.getvalue()
+
+
+async def run_load(url: str, *, concurrency: int, duration_s: float, image: bytes, mask: bytes,
+                   api_key: str | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Drive ``POST {url}/v1/remove`` with ``concurrency`` clients for ``duration_s`` seconds.
+
+    Returns: sent, answered, lost, by_status, throughput_rps (200s/s), latency_ms {p50,p95,p99,mean} of the
+    200s, latency of the 429 answers, problem codes of 4xx/5xx answers.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    ok_ms: list[float] = []
+    busy_ms: list[float] = []
+    statuses: Counter[int] = Counter()
+    codes: Counter[str] = Counter()
+    lost: Counter[str] = Counter()
+    sent = 0
+    stop_at = time.monotonic() + duration_s
+
+    async def client(client_id: int, http: httpx.AsyncClient) -> None:
+        nonlocal sent
+        rng = random.Random(client_id)
+        while time.monotonic() < stop_at:
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url + "/v1/remove", files={"image": ("coffee.jpg", image), "mask": ("m.png", mask)},
+                                    data={"seed": str(rng.randrange(2**31))}, headers=headers)
+            except httpx.HTTPError as exc:
+                lost[type(exc).__name__] += 1
+                continue
+            ms = (time.perf_counter() - t0) * 1000
+            statuses[r.status_code] += 1
+            if r.status_code == 200:
+                ok_ms.append(ms)
+            else:
+                if r.headers.get("content-type") == "application/problem+json":
+                    codes[r.json().get("code", "?")] += 1
+                if r.status_code == 429:
+                    busy_ms.append(ms)
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")) * rng.uniform(0.5, 1.5))
+
+    t_start = time.monotonic()
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
+        await asyncio.gather(*[client(i, http) for i in range(concurrency)])
+    elapsed = time.monotonic() - t_start
+
+    def pct(values: list[float]) -> dict[str, float | None]:
+        if not values:
+            return {"p50": None, "p95": None, "p99": None, "mean": None}
+        a = np.asarray(values)
+        return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+                "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+    return {"concurrency": concurrency, "duration_s": duration_s, "elapsed_s": elapsed, "sent": sent,
+            "answered": sum(statuses.values()), "lost": sum(lost.values()), "lost_by_error": dict(lost),
+            "by_status": {str(k): v for k, v in sorted(statuses.items())}, "problem_codes": dict(codes),
+            "throughput_rps": statuses[200] / elapsed, "latency_ms": pct(ok_ms), "latency_429_ms": pct(busy_ms)}
+
+
+def server_metrics(url: str) -> dict[str, Any]:
+    """Server-side counts from /metrics: requests by status on /v1/remove and the mean inpaint batch size."""
+    by_status: dict[str, float] = {}
+    batch_sum = batch_count = 0.0
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith('cleanplate_requests_total{endpoint="/v1/remove"'):
+            status = line.split('status="')[1].split('"')[0]
+            by_status[status] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith('cleanplate_batch_size_sum{queue="inpaint"}'):
+            batch_sum = float(line.rsplit(" ", 1)[1])
+        elif line.startswith('cleanplate_batch_size_count{queue="inpaint"}'):
+            batch_count = float(line.rsplit(" ", 1)[1])
+    return {"requests_by_status": by_status, "batches": batch_count,
+            "mean_batch_size": batch_sum / batch_count if batch_count else None}
+
+
+def start_server(env_extra: dict[str, str], bundle: str | None) -> tuple[subprocess.Popen, str]:
+    """Start ``cleanplate serve`` on a free 127.0.0.1 port as a child process, with ``env_extra`` added to the
+    environment (``CLEANPLATE_*`` settings) and ``bundle`` (None: the default); returns it and its base URL
+    once /readyz answers 200. Raises RuntimeError when it exits or is not ready within 300 s."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **env_extra}
+    cmd = [sys.executable, "-m", "cleanplate.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    if bundle:
+        cmd += ["--bundle", bundle]
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not get ready in 300 s")
+
+
+def _metrics(url: str) -> dict[str, Any] | None:
     try:
         return server_metrics(url)
     except (httpx.HTTPError, ValueError, IndexError):
@@ -61,8 +184,6 @@ def run_load_levels(url: str | None = None, *, concurrency: Sequence[int] = (1, 
     Raises:
         InputError: a level < 1, duration <= 0, only one of image/mask, or a server that is not ready.
     """
-    from .gateway_load import request_payload, start_server
-
     if not concurrency or any(c < 1 for c in concurrency) or duration_s <= 0 or warmup_requests < 0:
         raise InputError("need concurrency levels >= 1, --duration > 0 and warm-up requests >= 0", code="bad_option")
     if (image is None) != (mask is None):
@@ -96,8 +217,6 @@ def run_load_levels(url: str | None = None, *, concurrency: Sequence[int] = (1, 
         for i in range(warmup_requests):
             httpx.post(url + "/v1/remove", files={"image": ("warmup.jpg", image), "mask": ("m.png", mask)},
                        data={"seed": str(i)}, headers=headers, timeout=timeout_s)
-        from .gateway_load import run_load
-
         for c in concurrency:
             before = _metrics(url)
             result = asyncio.run(run_load(url, concurrency=c, duration_s=duration_s, image=image, mask=mask,

@@ -131,7 +131,7 @@ def run_memory(*, megapixels: float = 40.0, burst: int = 16, soak_clients: int =
     from cleanplate import imaging
     from cleanplate.admission import removal_cost
 
-    from .gateway_load import request_payload, run_load, start_server
+    from .load import request_payload, run_load, start_server
 
     if megapixels <= 0 or burst < 1 or soak_clients < 1 or soak_minutes <= 0 or batch_items < 0 \
             or batch_concurrency < 1 or not 0 <= soak_from_minute < soak_minutes:
