@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperCommand
 
+from cleanplate.cli_options import say
 from cleanplate.engines import ENGINE_NAMES
 from cleanplate.errors import InputError
 
@@ -71,10 +72,6 @@ class Arch(str, Enum):
     sdxl = "sdxl"
 
 
-def _say(message: str) -> None:
-    typer.echo(message, err=True)
-
-
 def _finish(report: dict[str, Any], out: Path, module: Any) -> None:
     """Write OUT.json, OUT.md and the module's plots; print the markdown."""
     from .common import command_line, plots, write_report
@@ -84,7 +81,7 @@ def _finish(report: dict[str, Any], out: Path, module: Any) -> None:
     markdown = module.to_markdown(report, command)
     paths = write_report(out, report, markdown) + plots(module, report, out)
     typer.echo(markdown)
-    _say("wrote " + ", ".join(str(p) for p in paths))
+    say("wrote " + ", ".join(str(p) for p in paths))
 
 
 def _device_tag(device: str) -> str:
@@ -134,7 +131,7 @@ def latency_cmd(
                                  batches=batch or [1], steps=steps, image_size=image_size, warmup=warmup,
                                  repeats=repeats, device=device, dtype=dtype, gate=gate, triton_url=triton_url,
                                  triton_protocol=triton_protocol, threads=threads, seed=seed, onnx_dir=onnx_dir,
-                                 say=_say)
+                                 say=say)
     default = f"latency_{engine.value}" + ("_sdxl" if arch is LatencyArch.sdxl else "") + _device_tag(device)
     _finish(report, out or Path("benchmarks/results") / default, latency)
 
@@ -170,7 +167,7 @@ def load_cmd(
     report = load.run_load_levels(url, concurrency=concurrency or [1, 2, 4], duration_s=duration, image=image_bytes,
                                   mask=mask_bytes, api_key=api_key, bundle=str(bundle) if bundle else None,
                                   engine=engine.value, max_batch=max_batch, max_queue=max_queue, threads=threads,
-                                  warmup_requests=warmup_requests, timeout_s=timeout, say=_say)
+                                  warmup_requests=warmup_requests, timeout_s=timeout, say=say)
     _finish(report, out or Path("benchmarks/results/load"), load)
 
 
@@ -193,7 +190,7 @@ def memory_cmd(
     report = memory.run_memory(megapixels=megapixels, burst=burst, soak_clients=soak_clients,
                                soak_minutes=soak_minutes, soak_from_minute=soak_from, batch_items=batch_items,
                                batch_concurrency=batch_concurrency, batch_budget_mib=batch_budget_mib,
-                               bundle=str(bundle) if bundle else None, say=_say)
+                               bundle=str(bundle) if bundle else None, say=say)
     _finish(report, out or Path("benchmarks/results/memory"), memory)
 
 
@@ -217,7 +214,7 @@ def quality_cmd(
 
     engines = [e.value for e in engine] if engine else ["torch", "opencv"]
     report = quality.run_quality(set_dir, engines=engines, bundle=bundle, device=device, dtype=dtype, limit=limit,
-                                 seed=seed, triton_url=triton_url, threads=threads, say=_say)
+                                 seed=seed, triton_url=triton_url, threads=threads, say=say)
     _finish(report, out or Path("benchmarks/results/quality"), quality)
 
 
@@ -247,7 +244,7 @@ def reference_cmd(
     diffusers.utils.logging.set_verbosity_error()  # its VAE up/down-casting warns on every call
     report = reference.run_reference(arch=arch.value, bundle=bundle, resolution=resolution, image_size=image_size,
                                      steps=steps, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
-                                     seed=seed, threads=threads, say=_say)
+                                     seed=seed, threads=threads, say=say)
     dev = report["settings"]["device"]
     _finish(report, out or Path("benchmarks/results") / f"reference_{arch.value}{_device_tag(dev)}", reference)
 
@@ -265,7 +262,7 @@ def panel_cmd(
 
     if label and len(label) != len(bundle):
         raise InputError(f"give one --label per --bundle ({len(bundle)}), got {len(label)}", code="bad_option")
-    _say(f"wrote {quality.panel(set_dir, bundle, out, limit=limit, labels=label)}")
+    say(f"wrote {quality.panel(set_dir, bundle, out, limit=limit, labels=label)}")
 
 
 @bench_app.command("ablation")
@@ -285,7 +282,7 @@ def ablation_cmd(
     from . import ablation
 
     report = ablation.run_ablation(base, work, steps=steps, items=items, arms=arm or list(ablation.ARMS),
-                                   eval_every=eval_every, say=_say)
+                                   eval_every=eval_every, say=say)
     _finish(report, out or Path("benchmarks/results/sft_ablation"), ablation)
 
 
@@ -306,7 +303,7 @@ def gate_cmd(
     from . import discriminator
 
     report = discriminator.run_gate(heldout_meta, bundle=bundle, device=device, dtype=dtype, limit=limit,
-                                    threads=threads, say=_say)
+                                    threads=threads, say=say)
     _finish(report, out or Path("benchmarks/results/gate"), discriminator)
 
 
@@ -330,4 +327,4 @@ def report_cmd(
     markdown = module.to_markdown(report, report.get("command", "?"))
     paths = write_report(out, report, markdown) + plots(module, report, out)
     typer.echo(markdown)
-    _say("wrote " + ", ".join(str(p) for p in paths))
+    say("wrote " + ", ".join(str(p) for p in paths))

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .benchmarks.cli import bench_app
-from .cli_options import BatchOpt, ConfigOpt, LrOpt, MetaOpt, OutOpt, ResOpt, SeedOpt, StepsOpt, WorkOpt
+from .cli_options import BatchOpt, ConfigOpt, LrOpt, MetaOpt, OutOpt, ResOpt, SeedOpt, StepsOpt, WorkOpt, say
 from .deploy import deploy_app
 from .engines import ENGINE_NAMES
 from .errors import CleanplateError, ExportError, InputError
@@ -68,10 +68,6 @@ def _from_options(model: Any, **given: Any) -> Any:
         raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code="bad_option") from exc
 
 
-def _say(message: str) -> None:
-    typer.echo(message, err=True)
-
-
 @app.command()
 def remove(
     image: Annotated[Path, typer.Argument(help="an image file, or a folder of images")],
@@ -110,14 +106,14 @@ def remove(
             data = imaging.encode_image(result.pixels, decoded, fmt=imaging.format_for_path(out_path),
                                         alpha=None if from_alpha else "keep")
             imaging.write_atomic(out_path, data)
-            _say(f"{out_path}: {decoded.width}x{decoded.height}, {(time.perf_counter() - t0) * 1000:.0f} ms")
+            say(f"{out_path}: {decoded.width}x{decoded.height}, {(time.perf_counter() - t0) * 1000:.0f} ms")
         except CleanplateError as exc:
             if len(pairs) == 1:
                 raise
             failures += 1
-            _say(f"error: {src_path.name}: {exc}")
+            say(f"error: {src_path.name}: {exc}")
     if failures:
-        _say(f"error: {failures} of {len(pairs)} images failed")
+        say(f"error: {failures} of {len(pairs)} images failed")
         raise typer.Exit(2)
 
 
@@ -157,7 +153,7 @@ def bundle_from_rorem(
     """Convert the published RORem layout into a bundle (empty-prompt embeddings computed once)."""
     from .bundle import from_rorem
 
-    _say(f"wrote {from_rorem(base, unet, out, lora_dir=lora, resolution=resolution)}")
+    say(f"wrote {from_rorem(base, unet, out, lora_dir=lora, resolution=resolution)}")
 
 
 @bundle_app.command("info")
@@ -182,8 +178,8 @@ def bundle_tune(
     from .training.sft import tune_bundle
 
     best = tune_bundle(bundle, meta, dilations=dilate_px, scales=residual_scale or [1.0], steps=steps, limit=limit,
-                       say=_say)["best"]
-    _say(f"wrote {bundle}/bundle.json: dilate_px {best['dilate_px']}, residual_scale {best['residual_scale']:g}, "
+                       say=say)["best"]
+    say(f"wrote {bundle}/bundle.json: dilate_px {best['dilate_px']}, residual_scale {best['residual_scale']:g}, "
          f"steps {best['steps']} ({best['psnr_mask_db']:.2f} dB in mask on {best['n']} items)")
 
 
@@ -200,7 +196,7 @@ def data_synth(
     from .training.synth import DEV_PHOTOS, SynthConfig, synth_dataset
 
     cfg = SynthConfig(size=size, photos=DEV_PHOTOS, photo_fraction=1.0) if dev else SynthConfig(size=size)
-    _say(f"wrote {synth_dataset(out, n, seed=seed, cfg=cfg)}")
+    say(f"wrote {synth_dataset(out, n, seed=seed, cfg=cfg)}")
 
 
 def _common(meta, out, max_steps, batch_size, lr, resolution, seed, work_dir) -> dict:
@@ -218,7 +214,7 @@ def train_vae_cmd(config: ConfigOpt = None, meta: MetaOpt = None, out: OutOpt = 
 
     cfg = load_config(VAEConfig, config, _common(meta, out, max_steps, batch_size, lr, resolution, seed, work_dir))
     result = train_vae(cfg)
-    _say(f"wrote {cfg.out} (scaling_factor {result['scaling_factor']})")
+    say(f"wrote {cfg.out} (scaling_factor {result['scaling_factor']})")
 
 
 @train_app.command("sft")
@@ -236,7 +232,7 @@ def train_sft_cmd(config: ConfigOpt = None, meta: MetaOpt = None, out: OutOpt = 
     overrides.update(init_bundle=init_bundle, unet_config=unet_config, vae=vae)
     cfg = load_config(SFTConfig, config, overrides)
     train_sft(cfg)
-    _say(f"wrote {cfg.out}")
+    say(f"wrote {cfg.out}")
 
 
 @train_app.command("lcm")
@@ -253,7 +249,7 @@ def train_lcm_cmd(config: ConfigOpt = None, meta: MetaOpt = None, out: OutOpt = 
     overrides.update(bundle=bundle, lora_rank=lora_rank)
     cfg = load_config(LCMConfig, config, overrides)
     train_lcm(cfg)
-    _say(f"wrote {cfg.out}")
+    say(f"wrote {cfg.out}")
 
 
 @train_app.command("discriminator")
@@ -278,12 +274,12 @@ def train_discriminator_cmd(
     cfg = load_config(DiscriminatorConfig, config, overrides)
     cal = train_discriminator(cfg)["calibration"]
     if "threshold" in cal:
-        _say(f"threshold {cal['threshold']:.4f} ({cal['rule']}): precision {cal['precision']:.3f}, "
+        say(f"threshold {cal['threshold']:.4f} ({cal['rule']}): precision {cal['precision']:.3f}, "
              f"recall {cal['recall']:.3f}, ROC AUC {cal['roc_auc']:.3f} on {cal['n_pos'] + cal['n_neg']} held-out items")
         if "gt_pass_rate" in cal:
-            _say(f"GT passes {cal['gt_pass_rate']:.1%}, source {cal['source_pass_rate']:.1%}; targets "
+            say(f"GT passes {cal['gt_pass_rate']:.1%}, source {cal['source_pass_rate']:.1%}; targets "
                  f"{'met' if cal['targets_met'] else 'NOT met'}")
-    _say(f"wrote {cfg.out}")
+    say(f"wrote {cfg.out}")
 
 
 for _name, _cmd in (("dpo", train_dpo_cmd), ("rwd", train_rwd_cmd), ("grpo", train_grpo_cmd)):
@@ -326,9 +322,9 @@ def data_disc_labels(
                             dtype=dtype.value)
     for kind, row in summarize_labels(json.loads(path.read_text())).items():
         median = row["psnr_mask_db_median"]
-        _say(f"{kind:9s} {row['n']:6d} candidates, {row['good']:6d} good"
+        say(f"{kind:9s} {row['n']:6d} candidates, {row['good']:6d} good"
              + ("" if median is None else f", median in-mask PSNR {median:.1f} dB"))
-    _say(f"wrote {path}")
+    say(f"wrote {path}")
 
 
 @app.command()
@@ -480,7 +476,7 @@ def batch_run(
                                    report_path=report, review_dir=review, retry_failed=retry_failed,
                                    mask_channel=mask_channel.value, progress=Progress(progress.value),
                                    memory_budget_bytes=memory_budget_mib * MiB))
-    _say(result.line())
+    say(result.line())
     raise typer.Exit(result.exit_code)
 
 
@@ -504,10 +500,10 @@ def main() -> None:
     try:
         app()
     except ExportError as exc:
-        _say(f"error: {exc}")
+        say(f"error: {exc}")
         sys.exit(1)
     except CleanplateError as exc:
-        _say(f"error: {exc}")
+        say(f"error: {exc}")
         sys.exit(2)
 
 

@@ -1,4 +1,5 @@
-"""Typer option types the trainer commands share (``cleanplate train ...`` in :mod:`cleanplate.cli` and
+"""What the command lines share: :func:`say` (every ``cleanplate`` command's status lines), and the typer
+option types of the trainer commands (``cleanplate train ...`` in :mod:`cleanplate.cli` and
 :mod:`cleanplate.training.rl_cli`): one definition, so the commands read and document them alike."""
 
 from __future__ import annotations
@@ -7,6 +8,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+
+def say(message: str) -> None:
+    """Print one status line on stderr, leaving stdout to a command's results (markdown, JSON)."""
+    typer.echo(message, err=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="JSON config (fields of the trainer's config); options override it")]
 MetaOpt = Annotated[Optional[list[Path]], typer.Option(help="RORem meta.json file (repeatable)")]

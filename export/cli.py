@@ -14,14 +14,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from cleanplate.cli_options import say
+
 export_app = typer.Typer(help="Export a bundle: ONNX, TensorRT engines, a Triton model repository.",
                          no_args_is_help=True)
 triton_app = typer.Typer(help="A local Triton Inference Server (the nvidia-pytriton wheel's binary).",
                          no_args_is_help=True)
-
-
-def _say(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 class TritonBackend(str, Enum):
@@ -51,9 +49,9 @@ def export_onnx_cmd(
     from .onnx import export_onnx
 
     report = export_onnx(bundle, out, buckets=resolution, max_batch=max_batch, graphs=graph, atol=atol, rtol=rtol,
-                         seed=seed, progress=_say)
+                         seed=seed, progress=say)
     worst = max(report.parity, key=lambda p: p.max_abs)
-    _say(f"wrote {out}: {', '.join(report.files)}; parity ok (largest max |diff| {worst.max_abs:.2g} in "
+    say(f"wrote {out}: {', '.join(report.files)}; parity ok (largest max |diff| {worst.max_abs:.2g} in "
          f"{worst.graph}.{worst.output})")
 
 
@@ -86,8 +84,8 @@ def export_tensorrt_cmd(
     if plan_only:
         typer.echo(json.dumps({g: [p.as_dict() for p in ps] for g, ps in plan.items()}, indent=2))
         return
-    written = build_engines(onnx_dir, out, plan, precision=precision, workspace_gib=workspace_gib, progress=_say)
-    _say(f"wrote {', '.join(str(p) for p in written)}")
+    written = build_engines(onnx_dir, out, plan, precision=precision, workspace_gib=workspace_gib, progress=say)
+    say(f"wrote {', '.join(str(p) for p in written)}")
 
 
 @export_app.command("triton")
@@ -112,8 +110,8 @@ def export_triton_cmd(
     opts = RepositoryOptions(backend=backend.value, max_batch=max_batch, queue_delay_us=queue_delay_us,
                              instances=instances, bls_instances=bls_instances, max_queue=max_queue,
                              intra_op_threads=intra_op_threads)
-    models = export_triton(bundle, out, opts, onnx_dir=onnx_dir, plan_dir=plans, progress=_say)
-    _say(f"wrote {out}: {', '.join(models)} (all config.pbtxt valid)")
+    models = export_triton(bundle, out, opts, onnx_dir=onnx_dir, plan_dir=plans, progress=say)
+    say(f"wrote {out}: {', '.join(models)} (all config.pbtxt valid)")
 
 
 @triton_app.command("setup")
@@ -124,7 +122,7 @@ def triton_setup_cmd(
     """Create Triton's own Python environment (nvidia-pytriton's tritonserver, numpy<2, onnxruntime, OpenCV)."""
     from .triton_server import setup_env
 
-    setup_env(env, progress=_say)
+    setup_env(env, progress=say)
 
 
 @triton_app.command("serve")
@@ -148,13 +146,13 @@ def triton_serve_cmd(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.start(timeout_s)
-    _say(f"Triton ready: http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}/metrics "
+    say(f"Triton ready: http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}/metrics "
          f"(log {server.log_path})")
     try:
         while not stop.wait(1.0):
             if server.process is not None and server.process.poll() is not None:
-                _say(f"error: tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
+                say(f"error: tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
                 raise typer.Exit(1)
     finally:
         code = server.stop()
-    _say(f"Triton stopped ({code})")
+    say(f"Triton stopped ({code})")

@@ -14,14 +14,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from cleanplate.cli_options import say
+
 flywheel_app = typer.Typer(help="RORem's data flywheel: generate candidates with the current bundle, autolabel "
                                 "them with its discriminator.", no_args_is_help=True)
 label_app = typer.Typer(help="Human labels of flywheel candidates: a local labeling page and the export to "
                              "meta.json.", no_args_is_help=True)
-
-
-def _say(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 class Policy(str, Enum):
@@ -65,10 +63,10 @@ def generate_cmd(
     items = load_pairs(pairs, masks)[:limit]
     result = generate(items, out, bundle=bundle, per_pair=per_pair, seed=seed, round=round, dilate_px=dilate_px,
                       steps=steps, batch_size=batch_size, score=score, device=device,
-                      progress=lambda done, total: _say(f"{done}/{total}"))
+                      progress=lambda done, total: say(f"{done}/{total}"))
     for source, message in result.errors:
-        _say(f"error: {source}: {message}")
-    _say(result.line())
+        say(f"error: {source}: {message}")
+    say(result.line())
     if result.failed:
         raise typer.Exit(1)
 
@@ -105,7 +103,7 @@ def autolabel_cmd(
     a, agree = result["added"], result["agreement_on_overlap"]
     kappa = "n/a" if agree["kappa"] is None else f"{agree['kappa']:.2f}"
     acc = "n/a" if agree["accuracy"] is None else f"{agree['accuracy']:.2f}"
-    _say(f"round {result['round']}: {result['candidates']} candidates, {result['disc_accepted']} accepted at "
+    say(f"round {result['round']}: {result['candidates']} candidates, {result['disc_accepted']} accepted at "
          f"threshold {result['threshold']:.3f} ({result['threshold_source']}); added {a['total']} "
          f"({a['by_discriminator']} by the discriminator, {a['by_human']} by people) -> {result['train_meta']} "
          f"({result['train_meta_total']} in all); agreement with people on {agree['n']} items: accuracy {acc}, "
@@ -127,7 +125,7 @@ def label_serve(
     from .label_server import serve
 
     serve(directory, host=host, port=port, labeler=labeler, rounds=round, policy=policy.value,
-          export_path=export_path, announce=lambda url: _say(f"labeling page: {url}"))
+          export_path=export_path, announce=lambda url: say(f"labeling page: {url}"))
 
 
 @label_app.command("export")
@@ -145,5 +143,5 @@ def label_export(
 
     counts = LabelStore(directory).export(output, policy.value, min_votes=min_votes, rounds=round,  # type: ignore[arg-type]
                                           labelers=labeler)
-    _say(f"wrote {output}: {counts['decided']} items (yes {counts['yes']}, no {counts['no']}); left out: "
+    say(f"wrote {output}: {counts['decided']} items (yes {counts['yes']}, no {counts['no']}); left out: "
          f"{counts['unlabeled']} unlabeled, {counts['ties']} ties, {counts['too_few_votes']} with too few votes")

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cleanplate.cli_options import BatchOpt, ConfigOpt, LrOpt, MetaOpt, ResOpt, SeedOpt, StepsOpt, WorkOpt
+from cleanplate.cli_options import BatchOpt, ConfigOpt, LrOpt, MetaOpt, ResOpt, SeedOpt, StepsOpt, WorkOpt, say
 
 OutOpt = Annotated[Optional[Path], typer.Option(help="output bundle directory")]
 BundleOpt = Annotated[Optional[Path], typer.Option(help="starting bundle (policy base; LoRA disabled = reference)")]
@@ -22,7 +22,7 @@ RankOpt = Annotated[Optional[int], typer.Option(help="LoRA rank")]
 
 def _say(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch, once
-        typer.echo(message, err=True)
+        say(message)
 
 
 def _overrides(**kw: object) -> dict:
