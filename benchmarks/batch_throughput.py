@@ -1,72 +1,74 @@
-"""Batch cleaning throughput: images/s vs ``--concurrency``, in-process and through the gateway.
+"""Batch cleaning throughput (``cleanplate bench batch``): images/s against ``--concurrency``, in process and
+through the gateway.
 
-The catalog is a RORem ``meta.json`` of ``--n`` held-out dev photos (scikit-image's astronaut, rocket and
-stereo motorcycle, 512x512 PNG) with synthetic promo overlays and their masks (``cleanplate data synth
---dev``). For each concurrency level the whole catalog is cleaned into a fresh folder with
-:func:`cleanplate.batch.run_batch`:
+The catalog is a RORem ``meta.json`` of ``images`` held-out dev photos (scikit-image's astronaut, rocket and
+stereo motorcycle, ``size`` x ``size`` PNG) with synthetic promo overlays and their masks (as ``cleanplate
+data synth --dev`` makes them). For each concurrency level the whole catalog is cleaned into a fresh folder
+with :func:`cleanplate.batch.run_batch`, the code behind ``cleanplate batch run``:
 
-* ``in-process``: the torch engine in this process (default bundle unless ``--bundle``), built from the
+* ``in-process``: the torch engine in this process (the default bundle unless ``bundle``), built from the
   same settings ``cleanplate batch run`` uses;
 * ``gateway``: ``cleanplate serve`` started on 127.0.0.1 as a child process (same bundle and torch
   threads), driven by the batch job's gateway client; stopped at the end.
 
-Both use the quality gate with one attempt per image (one removal + one discriminator score), so every
-image costs the same. Throughput is images / (last item's end - first item's start), read from the
-report, so model loading and process start-up are not counted. Writes
-``benchmarks/results/batch_throughput.{json,md}``.
-
-Usage::
-
-    OMP_NUM_THREADS=1 python -m cleanplate.benchmarks.batch_throughput --n 32 --concurrency 1 2 4 8
+Both use the quality gate with ``max_attempts`` attempts per image (by default one removal and one
+discriminator score), so every image costs the same. Modes alternate at each level, so load from other work
+on the machine hits both alike. Throughput is images / (last item's end - first item's start), read from the
+job's report, so model loading and process start-up are not counted.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
-import platform
 import shutil
 import signal
-import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
+from cleanplate.errors import InputError
+
+from .common import environment, fmt_ms, pyplot, save_figure, with_environment
+
+MODES = ("in-process", "gateway")
+Say = Callable[[str], None]
 
 
-def make_catalog(folder: Path, n: int, seed: int = 2024) -> Path:
-    """``n`` dev photos with promo overlays (512x512 PNG) and masks; returns the meta.json path."""
+def make_catalog(folder: Path, n: int, *, size: int = 512, seed: int = 2024) -> Path:
+    """``n`` dev photos (``size`` x ``size`` PNG) with promo overlays, and their masks; returns the meta.json."""
     from cleanplate.training.synth import DEV_PHOTOS, SynthConfig, synth_dataset
 
-    return synth_dataset(folder, n, seed=seed, cfg=SynthConfig(size=512, photos=DEV_PHOTOS, photo_fraction=1.0),
+    return synth_dataset(folder, n, seed=seed, cfg=SynthConfig(size=size, photos=DEV_PHOTOS, photo_fraction=1.0),
                          progress=False)
 
 
 def measure(report: Path) -> dict[str, Any]:
-    """Throughput and latency of one run from its report (each line: end time and total ms)."""
+    """Counts, throughput (images/s over the span of the ok items) and item / model time percentiles (ms,
+    None without ok items) of one run, from its ``report.jsonl`` (each line: end time and total ms)."""
     from cleanplate.batch import read_report
 
     records, _ = read_report(report)
     ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        return {"images": len(records), "ok": 0, "errors": len(records), "span_s": None, "images_per_s": 0.0,
+                "item_ms": {"p50": None, "p95": None}, "model_ms_p50": None, "passed": 0}
     ends = np.array([datetime.fromisoformat(r["time"]).timestamp() for r in ok])
     totals = np.array([r["timings_ms"]["total"] for r in ok])
-    span = float(ends.max() - (ends - totals / 1000).min()) if ok else float("nan")
+    span = float(ends.max() - (ends - totals / 1000).min())
     model = [r["timings_ms"].get("model", r["timings_ms"].get("server_model", 0.0)) for r in ok]
     return {"images": len(records), "ok": len(ok), "errors": len(records) - len(ok), "span_s": span,
-            "images_per_s": len(ok) / span if ok else 0.0,
+            "images_per_s": len(ok) / span,
             "item_ms": {"p50": float(np.percentile(totals, 50)), "p95": float(np.percentile(totals, 95))},
-            "model_ms_p50": float(np.percentile(model, 50)),
-            "passed": sum(1 for r in ok if r["passed"])}
+            "model_ms_p50": float(np.percentile(model, 50)), "passed": sum(1 for r in ok if r["passed"])}
 
 
-async def one_run(items: list, backend: Any, out: Path, concurrency: int, max_attempts: int) -> dict[str, Any]:
+async def _one_run(items: list, backend: Any, out: Path, concurrency: int, max_attempts: int) -> dict[str, Any]:
     from cleanplate.batch import ItemOptions, run_batch
 
     t0 = time.perf_counter()
@@ -77,96 +79,101 @@ async def one_run(items: list, backend: Any, out: Path, concurrency: int, max_at
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=32, help="images in the catalog")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--modes", nargs="+", choices=["in-process", "gateway"], default=["in-process", "gateway"])
-    parser.add_argument("--bundle", default=None)
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--max-attempts", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS / "batch_throughput")
-    args = parser.parse_args(argv)
+def run_batch_throughput(*, images: int = 32, concurrency: Sequence[int] = (1, 2, 4, 8),
+                         modes: Sequence[str] = MODES, bundle: str | None = None, threads: int = 1,
+                         max_attempts: int = 1, size: int = 512, say: Say = lambda m: None) -> dict[str, Any]:
+    """Clean the catalog once per mode and concurrency level; return the report (runs ordered by mode, then
+    concurrency; each with the counts and times of :func:`measure`).
 
+    Raises:
+        InputError: fewer than 1 image, a level < 1, an unknown or repeated mode, ``max_attempts`` < 1.
+    """
     from cleanplate.batch import GatewayBackend, InProcessBackend, load_items
-    from cleanplate.benchmarks.load import start_server
     from cleanplate.engines import make_engine
     from cleanplate.serving.settings import load_settings
 
+    from .load import start_server
+
+    if images < 1 or not concurrency or any(c < 1 for c in concurrency) or max_attempts < 1:
+        raise InputError("need --images >= 1, concurrency levels >= 1 and --max-attempts >= 1", code="bad_option")
+    if not modes or len(set(modes)) != len(modes) or set(modes) - set(MODES):
+        raise InputError(f"modes must be distinct, from {MODES}; got {list(modes)}", code="bad_option")
     work = Path(tempfile.mkdtemp(prefix="cleanplate-batch-bench-"))
     runs: list[dict[str, Any]] = []
-    load_before = os.getloadavg()
+    load_before = os.getloadavg()[0]
+    t_start = time.perf_counter()
     proc = url = None
     try:
-        meta = make_catalog(work / "catalog", args.n)
-        items = load_items(meta)
-        if "gateway" in args.modes:
-            proc, url = start_server({"CLEANPLATE_TORCH_THREADS": str(args.torch_threads)}, args.bundle)
-        # Modes alternate at each level, so load from other work on the machine hits both alike.
-        for c in args.concurrency:
-            for mode in args.modes:
+        say(f"making a catalog of {images} {size}x{size} photos")
+        items = load_items(make_catalog(work / "catalog", images, size=size))
+        if "gateway" in modes:
+            say("starting a local gateway")
+            proc, url = start_server({"CLEANPLATE_TORCH_THREADS": str(threads)}, bundle)
+        for c in concurrency:
+            for mode in modes:
                 if mode == "gateway":
                     backend: Any = GatewayBackend(url, concurrency=c)
                 else:
-                    settings = load_settings(bundle=args.bundle, torch_threads=args.torch_threads,
-                                             max_queue=max(64, 2 * c))
+                    settings = load_settings(bundle=bundle, torch_threads=threads, max_queue=max(64, 2 * c))
                     backend = InProcessBackend(make_engine(settings))
-                stats = asyncio.run(one_run(items, backend, work / f"{mode}-{c}", c, args.max_attempts))
+                stats = asyncio.run(_one_run(items, backend, work / f"{mode}-{c}", c, max_attempts))
                 stats["mode"] = mode
                 runs.append(stats)
-                print(json.dumps({k: stats[k] for k in ("mode", "concurrency", "ok", "errors", "images_per_s",
-                                                        "item_ms")}), flush=True)
+                say(f"{mode}, concurrency {c}: {stats['ok']} ok, {stats['errors']} errors, "
+                    f"{stats['images_per_s']:.2f} images/s, item p50 {fmt_ms(stats['item_ms']['p50'])} ms")
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
         shutil.rmtree(work, ignore_errors=True)
-    runs.sort(key=lambda r: (args.modes.index(r["mode"]), r["concurrency"]))
-
-    import torch
-
-    report = {
-        "command": (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '<unset>')} python -m "
-                    f"cleanplate.benchmarks.batch_throughput {' '.join(argv or sys.argv[1:])}"),
-        "environment": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                        "torch": torch.__version__, "torch_threads": args.torch_threads,
-                        "bundle": args.bundle or "default", "images": args.n,
-                        "image": "512x512 PNG, synthetic promo overlay on a dev photo",
-                        "gate": f"on, max_attempts {args.max_attempts}",
-                        "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
-        "runs": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(report))
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
-    return 1 if any(r["errors"] or r["ok"] != args.n for r in runs) else 0
+    runs.sort(key=lambda r: (list(modes).index(r["mode"]), r["concurrency"]))
+    return {"harness": "batch", "settings": {
+                "images": images, "image": f"{size}x{size} PNG, synthetic promo overlay on a dev photo",
+                "bundle": bundle or "default", "torch_threads": threads, "gate": f"on, max_attempts {max_attempts}"},
+            "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "runs": runs, "wall_s": time.perf_counter() - t_start, "environment": environment()}
 
 
-def to_markdown(report: dict[str, Any]) -> str:
-    env = report["environment"]
+def failed(report: dict[str, Any]) -> bool:
+    """Whether any run left an item undone or in error."""
+    return any(r["errors"] or r["ok"] != report["settings"]["images"] for r in report["runs"])
+
+
+def to_markdown(report: dict[str, Any], command: str) -> str:
+    s = report["settings"]
     lines = [
-        "# Batch cleaning throughput",
-        "",
-        f"`{report['command']}`  ",
-        (f"{env['cpus']} CPUs ({env['machine']}), torch {env['torch']} with {env['torch_threads']} intra-op "
-         f"thread(s), bundle `{env['bundle']}`; catalog: {env['images']} images ({env['image']}); quality gate "
-         f"{env['gate']}. Machine load average (1 min) before/after: {env['loadavg_1m_before_after']} (the "
-         f"machine is shared; other work running at the same time lowers these figures)."),
+        "# Batch cleaning throughput", "", f"`{command}`", "",
+        (f"Bundle `{s['bundle']}`, {s['torch_threads']} torch thread(s); catalog: {s['images']} images ({s['image']}); "
+         f"quality gate {s['gate']}. Machine load average (1 min) before/after: {report['loadavg_1m_before_after']} "
+         "(on a shared machine, other work running at the same time lowers these figures)."),
         "",
         "| engine | concurrency | images/s | item p50 ms | item p95 ms | model p50 ms | ok | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
-        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['images_per_s']:.2f} | {r['item_ms']['p50']:.0f} | "
-                     f"{r['item_ms']['p95']:.0f} | {r['model_ms_p50']:.0f} | {r['ok']} | {r['errors']} |")
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['images_per_s']:.2f} | {fmt_ms(r['item_ms']['p50'])} | "
+                     f"{fmt_ms(r['item_ms']['p95'])} | {fmt_ms(r['model_ms_p50'])} | {r['ok']} | {r['errors']} |")
     lines += ["", ("images/s = images / (last item's end - first item's start), from the report: model loading "
                    "and start-up are not counted. Item time is one item's wall time in the job (decode, wait for "
                    "the engine, removal, gate, encode, write); it grows with concurrency once the engine is the "
                    "bottleneck, since items queue for it. Model time includes the wait in the engine's micro-batch "
-                   "queue and the whole batch's run, so it grows too. Reproduce with the command above.")]
-    return "\n".join(lines) + "\n"
+                   "queue and the whole batch's run, so it grows too.")]
+    return with_environment(lines, report["environment"])
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    """``out.png``: images/s and item p50 latency against concurrency, a line per mode."""
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in dict.fromkeys(r["mode"] for r in report["runs"]):
+        runs = [r for r in report["runs"] if r["mode"] == mode]
+        xs = [r["concurrency"] for r in runs]
+        a.plot(xs, [r["images_per_s"] for r in runs], marker="o", label=mode)
+        b.plot(xs, [np.nan if r["item_ms"]["p50"] is None else r["item_ms"]["p50"] for r in runs], marker="o",
+               label=mode)
+    a.set(xlabel="concurrency (items in flight)", ylabel="images/s", title="batch throughput")
+    b.set(xlabel="concurrency (items in flight)", ylabel="item time, median (ms)", title="time per item")
+    for ax in (a, b):
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    return [save_figure(fig, out.with_suffix(".png"))]

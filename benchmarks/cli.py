@@ -1,6 +1,6 @@
-"""``cleanplate bench ...`` (registered in :mod:`cleanplate.cli`): latency, load, quality, the reference
-comparison and the quality gate. Each writes ``OUT.json`` (machines), ``OUT.md`` (people) and PNG plots,
-and prints the markdown.
+"""``cleanplate bench ...`` (registered in :mod:`cleanplate.cli`): latency, load, memory, quality, the reference
+comparison, the SFT ablation, the quality gate and batch throughput. Each writes ``OUT.json`` (machines),
+``OUT.md`` (people) and PNG plots, and prints the markdown.
 
 List options take several values after one flag, as ``--resolution 256 512 --batch 1 2 4`` (or repeated
 flags). Bad input exits 2 with one line ``error: ...``.
@@ -20,15 +20,17 @@ from cleanplate.cli_options import say
 from cleanplate.engines import ENGINE_NAMES
 from cleanplate.errors import InputError
 
-bench_app = typer.Typer(help="Benchmarks: per-stage latency, HTTP load, removal quality, a reference comparison "
-                             "with diffusers' SDXL inpainting pipeline, and the quality gate. Results: JSON, "
-                             "markdown and PNG plots.",
+from .batch_throughput import MODES as BATCH_MODES
+
+bench_app = typer.Typer(help="Benchmarks: per-stage latency, HTTP load, memory, removal quality, a reference "
+                             "comparison with diffusers' SDXL inpainting pipeline, the quality gate and batch "
+                             "throughput. Results: JSON, markdown and PNG plots.",
                         no_args_is_help=True)
 
 # Options that take several values after one flag, and which tokens belong to them.
 _MULTI: dict[str, Callable[[str], bool]] = {
     "--resolution": str.isdigit, "--batch": str.isdigit, "--concurrency": str.isdigit,
-    "--engine": lambda t: t in ENGINE_NAMES,
+    "--engine": lambda t: t in ENGINE_NAMES, "--mode": lambda t: t in BATCH_MODES,
 }
 
 
@@ -59,6 +61,7 @@ class MultiValueCommand(TyperCommand):
 
 
 Engine = Enum("Engine", {name: name for name in ENGINE_NAMES}, type=str)  # cleanplate.engines names them
+BatchMode = Enum("BatchMode", {name: name for name in BATCH_MODES}, type=str)  # benchmarks.batch_throughput's
 
 
 class LatencyArch(str, Enum):
@@ -307,6 +310,31 @@ def gate_cmd(
     _finish(report, out or Path("benchmarks/results/gate"), discriminator)
 
 
+@bench_app.command("batch", cls=MultiValueCommand)
+def batch_cmd(
+    images: Annotated[int, typer.Option(min=1, help="catalog size: held-out dev photos with promo overlays")] = 32,
+    concurrency: Annotated[Optional[list[int]], typer.Option(help="items in flight per level (default: 1 2 4 8)")] = None,
+    mode: Annotated[Optional[list[BatchMode]], typer.Option(help="in-process (torch engine here) and/or gateway (a "
+                                                                 "local `cleanplate serve`); default: both")] = None,
+    bundle: BundleOpt = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads of the engine")] = 1,
+    max_attempts: Annotated[int, typer.Option(min=1, help="quality-gate attempts per image")] = 1,
+    size: Annotated[int, typer.Option(min=64, max=4096, help="side of the catalog photos in px")] = 512,
+    out: OutOpt = None,
+) -> None:
+    """`cleanplate batch run` throughput: images/s and item time per concurrency level, in process and through a
+    local gateway, gate on. Exits 1 (after writing the report) when any item was not cleaned."""
+    from . import batch_throughput
+
+    report = batch_throughput.run_batch_throughput(
+        images=images, concurrency=concurrency or [1, 2, 4, 8], modes=[m.value for m in mode or BatchMode],
+        bundle=str(bundle) if bundle else None, threads=threads, max_attempts=max_attempts, size=size, say=say)
+    _finish(report, out or Path("benchmarks/results/batch_throughput"), batch_throughput)
+    if batch_throughput.failed(report):
+        say("error: some items were not cleaned (see the errors column)")
+        raise typer.Exit(1)
+
+
 @bench_app.command("report")
 def report_cmd(
     report_json: Annotated[Path, typer.Argument(help="a report written by `cleanplate bench ...` (OUT.json)")],
@@ -314,13 +342,14 @@ def report_cmd(
     """Rewrite a report's markdown and plots from its JSON (e.g. one copied back from a GPU machine)."""
     import json
 
-    from . import ablation, discriminator, latency, load, memory, quality, reference
+    from . import ablation, batch_throughput, discriminator, latency, load, memory, quality, reference
     from .common import plots, write_report
 
     try:
         report = json.loads(report_json.read_text())
         module = {"latency": latency, "load": load, "quality": quality, "reference": reference,
-                  "ablation": ablation, "gate": discriminator, "memory": memory}[report["harness"]]
+                  "ablation": ablation, "gate": discriminator, "memory": memory, "batch": batch_throughput}[
+                      report["harness"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code="bad_option") from exc
     out = report_json.with_suffix("")

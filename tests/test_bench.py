@@ -311,12 +311,40 @@ def test_cli_latency_writes_reports(cli, tmp_path: Path) -> None:
     (["load", "--concurrency", "0"], "concurrency"),
     (["load", "--image", "x.jpg"], "--mask"),
     (["reference", "--arch", "sdxl", "--device", "cpu"], "CUDA GPU"),
+    (["batch", "--concurrency", "0"], "concurrency"),
 ])
 def test_cli_bad_input_exits_2(cli, synth_data: Path, tmp_path: Path, args: list[str], message: str) -> None:
     args = [str(synth_data) if a == "SET" else a for a in args]
     r = cli("bench", *args, "--out", tmp_path / "x")
     assert r.code == 2 and r.err.startswith("error: ") and message in r.err, r.err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+# -- batch throughput -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_batch_cleans_the_catalog_in_each_mode(cli, gated_bundle: Path, tmp_path: Path) -> None:
+    """`bench batch` at toy size: every level of both modes cleans the whole catalog once through the batch job
+    (in process, and through a real local gateway), and the report's rates are its own counts over its span."""
+    out = tmp_path / "res" / "batch"
+    r = cli("bench", "batch", "--images", 3, "--concurrency", 1, 2, "--size", 64, "--bundle", gated_bundle,
+            "--out", out)
+    assert r.code == 0, r.err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["command"].startswith("cleanplate bench batch") and report["settings"]["images"] == 3
+    assert [(x["mode"], x["concurrency"]) for x in report["runs"]] == [
+        ("in-process", 1), ("in-process", 2), ("gateway", 1), ("gateway", 2)]
+    for run in report["runs"]:
+        assert (run["images"], run["ok"], run["errors"], run["exit_code"]) == (3, 3, 0, 0)
+        assert 0 <= run["passed"] <= 3  # the gate ran; a random discriminator passes what it passes
+        assert run["images_per_s"] == pytest.approx(3 / run["span_s"])
+        assert 0 < run["item_ms"]["p50"] <= run["item_ms"]["p95"]
+        assert run["span_s"] <= run["wall_s_with_startup"]
+    md = out.with_suffix(".md").read_text()
+    assert md in r.out and "| gateway | 2 |" in md and out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    out.with_suffix(".md").unlink()
+    r = cli("bench", "report", out.with_suffix(".json"))
+    assert r.code == 0, r.err
+    assert out.with_suffix(".md").read_text() == md
 
 
 @pytest.mark.slow
