@@ -1,6 +1,6 @@
 """``cleanplate bench ...`` (registered in :mod:`cleanplate.cli`): latency, load, memory, quality, the reference
-comparison, the SFT ablation, the quality gate and batch throughput. Each writes ``OUT.json`` (machines),
-``OUT.md`` (people) and PNG plots, and prints the markdown.
+comparison, the SFT ablation, the quality gate, batch throughput and a flywheel round. Each writes
+``OUT.json`` (machines), ``OUT.md`` (people) and PNG plots, and prints the markdown.
 
 List options take several values after one flag, as ``--resolution 256 512 --batch 1 2 4`` (or repeated
 flags). Bad input exits 2 with one line ``error: ...``.
@@ -23,8 +23,8 @@ from cleanplate.errors import InputError
 from .batch_throughput import MODES as BATCH_MODES
 
 bench_app = typer.Typer(help="Benchmarks: per-stage latency, HTTP load, memory, removal quality, a reference "
-                             "comparison with diffusers' SDXL inpainting pipeline, the quality gate and batch "
-                             "throughput. Results: JSON, markdown and PNG plots.",
+                             "comparison with diffusers' SDXL inpainting pipeline, the quality gate, batch "
+                             "throughput and a data-flywheel round. Results: JSON, markdown and PNG plots.",
                         no_args_is_help=True)
 
 # Options that take several values after one flag, and which tokens belong to them.
@@ -335,6 +335,33 @@ def batch_cmd(
         raise typer.Exit(1)
 
 
+@bench_app.command("flywheel")
+def flywheel_cmd(
+    work: Annotated[Path, typer.Option(help="scratch folder (pairs, candidates, labels, the new bundle); a rerun "
+                                            "reuses it")] = Path("runs/flywheel_round"),
+    fresh: Annotated[bool, typer.Option(help="delete --work first")] = False,
+    bundle: BundleOpt = None,
+    pairs: Annotated[int, typer.Option(help="synthetic pairs, half per round")] = 40,
+    cal_pairs: Annotated[int, typer.Option(help="extra pairs for the calibration labels")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the synthetic pairs")] = 7000,
+    size: Annotated[int, typer.Option(min=64, max=4096, help="side of the synthetic pairs in px")] = 256,
+    label_r1: Annotated[int, typer.Option(help="round-1 candidates the script labels (training labels)")] = 12,
+    label_r2: Annotated[int, typer.Option(help="round-2 candidates the script labels (held-out overlap)")] = 8,
+    psnr_yes: Annotated[float, typer.Option(help="scripted labeler: yes at this in-mask PSNR, dB")] = 12.0,
+    human_repeat: Annotated[int, typer.Option(help="times the scripted labels appear in training")] = 2,
+    disc_steps: Annotated[int, typer.Option(help="discriminator training steps")] = 60,
+    out: OutOpt = None,
+) -> None:
+    """One round of RORem's data flywheel on synthetic pairs: generate, label by script (a stand-in for a
+    person), train the discriminator, autolabel; the counts of each step and the new gate's agreement."""
+    from . import flywheel_round
+
+    report = flywheel_round.run_flywheel_round(
+        work, bundle=bundle, pairs=pairs, cal_pairs=cal_pairs, seed=seed, size=size, label_r1=label_r1,
+        label_r2=label_r2, psnr_yes=psnr_yes, human_repeat=human_repeat, disc_steps=disc_steps, fresh=fresh, say=say)
+    _finish(report, out or Path("benchmarks/results/flywheel_round"), flywheel_round)
+
+
 @bench_app.command("report")
 def report_cmd(
     report_json: Annotated[Path, typer.Argument(help="a report written by `cleanplate bench ...` (OUT.json)")],
@@ -342,14 +369,14 @@ def report_cmd(
     """Rewrite a report's markdown and plots from its JSON (e.g. one copied back from a GPU machine)."""
     import json
 
-    from . import ablation, batch_throughput, discriminator, latency, load, memory, quality, reference
+    from . import ablation, batch_throughput, discriminator, flywheel_round, latency, load, memory, quality, reference
     from .common import plots, write_report
 
     try:
         report = json.loads(report_json.read_text())
         module = {"latency": latency, "load": load, "quality": quality, "reference": reference,
-                  "ablation": ablation, "gate": discriminator, "memory": memory, "batch": batch_throughput}[
-                      report["harness"]]
+                  "ablation": ablation, "gate": discriminator, "memory": memory, "batch": batch_throughput,
+                  "flywheel": flywheel_round}[report["harness"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code="bad_option") from exc
     out = report_json.with_suffix("")

@@ -1,64 +1,59 @@
-"""One short round of RORem's data flywheel on this machine: generate -> label -> train the discriminator ->
-autolabel, with the counts of each step.
+"""One short round of RORem's data flywheel (``cleanplate bench flywheel``): generate -> label -> train the
+discriminator -> autolabel, with the counts of each step.
 
-1. ``cleanplate data synth``: ``--pairs`` synthetic pairs (256², seed 7000: never used to build the default
-   bundle), split in two halves, round 1 and round 2, plus ``--cal-pairs`` more for calibration.
-2. ``flywheel generate``: the default bundle over both halves (rounds 1 and 2, one candidate per pair).
+1. ``cleanplate data synth``: ``pairs`` synthetic pairs (``size``², seed 7000: never used to build the
+   default bundle), split in two halves, round 1 and round 2, plus ``cal_pairs`` more for calibration.
+2. ``flywheel generate``: the bundle over both halves (rounds 1 and 2, one candidate per pair).
 3. Labels by script. **A stand-in for a person, not one**: the scripted labeler "script-psnr" says *yes*
-   when the candidate's PSNR against the pair's GT inside the mask is at least ``--psnr-yes`` dB, else
-   *no*. It labels the first ``--label-r1`` candidates of round 1 (the labels the discriminator learns
-   from) and the first ``--label-r2`` of round 2 (a spot check the discriminator never sees in training:
+   when the candidate's PSNR against the pair's GT inside the mask is at least ``psnr_yes`` dB, else
+   *no*. It labels the first ``label_r1`` candidates of round 1 (the labels the discriminator learns
+   from) and the first ``label_r2`` of round 2 (a spot check the discriminator never sees in training:
    the overlap set on which autolabel's agreement is measured). The default bundle fills masks with
    smudges (README: 10.4 dB in-mask PSNR on the dev set), so a person would reject nearly every candidate;
    the 12 dB cut was picked after looking at these candidates' spread (about 7-22 dB, median 10) so that
    both labels occur. A yes here means "closer to GT than most", not "a good removal".
 4. ``label export --round 1`` -> the human labels in RORem's discriminator format (GT = candidate, score).
-5. ``train discriminator`` from the default bundle (a fresh discriminator on its UNet, as the trainer always
+5. ``train discriminator`` from the bundle (a fresh discriminator on its UNet, as the trainer always
    does), briefly on the CPU: the round-1 labels mixed with synthetic labels (``data disc-labels``) of the
    round-1 pairs, calibrated on synthetic labels of the calibration pairs (target precision 0.9).
 6. ``flywheel autolabel``: round 1 and round 2 with the new discriminator at its calibrated threshold
    (round 1's overlap is its own training labels, so its agreement is optimistic; round 2's is held out),
-   and round 2 judged by the default bundle's own gate for comparison (nothing written).
+   and round 2 judged by the starting bundle's own gate for comparison (nothing written).
 
-Writes ``flywheel_round.json`` and ``flywheel_round.md`` under ``--out``.
-
-Usage::
-
-    OMP_NUM_THREADS=1 python -m cleanplate.benchmarks.flywheel_round --work runs/flywheel_round
+Scratch files go to ``work`` (reused by a rerun unless ``fresh``); the plot shows the candidates' in-mask
+PSNR against the scripted labeler's cut.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
+import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 
-from cleanplate.bundle import default_bundle_path
-from cleanplate.training.common import load_config
-from cleanplate.training.disc_labels import make_disc_labels
-from cleanplate.training.discriminator import DiscriminatorConfig, train_discriminator
-from cleanplate.training.flywheel import autolabel, generate, load_pairs, read_candidates
-from cleanplate.training.label_store import LabelStore
-from cleanplate.training.synth import SynthConfig, synth_dataset
+from .common import environment, pyplot, save_figure, with_environment
 
 LABELER = "script-psnr"
+Say = Callable[[str], None]
 
 
 def psnr_in_mask(directory: Path, cand: Any) -> float:
-    """PSNR (dB, 8-bit RGB) of the candidate's result against the pair's GT over the mask's pixels."""
-    result = np.asarray(Image.open(directory / cand.result).convert("RGB"), np.float64)
-    gt = np.asarray(Image.open(directory / cand.gt).convert("RGB"), np.float64)
+    """PSNR (dB, 8-bit RGB, :func:`cleanplate.metrics.psnr`) of the candidate's result against the pair's GT
+    over the mask's pixels (mask > 127)."""
+    from PIL import Image
+
+    from cleanplate.metrics import psnr
+
+    def rgb(name: str) -> np.ndarray:
+        return np.asarray(Image.open(directory / name).convert("RGB"))
+
     mask = np.asarray(Image.open(directory / cand.mask).convert("L")) > 127
-    mse = float(((result - gt)[mask] ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return psnr(rgb(cand.result), rgb(cand.gt), mask)
 
 
 def _write_meta(path: Path, entries: list[dict]) -> Path:
@@ -68,8 +63,6 @@ def _write_meta(path: Path, entries: list[dict]) -> Path:
 
 def _rebase(meta: Path, out_dir: Path) -> list[dict]:
     """Entries of ``meta`` with paths made relative to ``out_dir`` (to merge several meta.json files)."""
-    import os
-
     entries = json.loads(meta.read_text())
     for e in entries:
         for k in ("source", "mask", "GT"):
@@ -77,20 +70,45 @@ def _rebase(meta: Path, out_dir: Path) -> list[dict]:
     return entries
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run_flywheel_round(work: Path, *, bundle: str | Path | None = None, pairs: int = 40, cal_pairs: int = 8,
+                       seed: int = 7000, size: int = 256, label_r1: int = 12, label_r2: int = 8,
+                       psnr_yes: float = 12.0, human_repeat: int = 2, disc_steps: int = 60, fresh: bool = False,
+                       say: Say = lambda m: None) -> dict[str, Any]:
+    """Run the round (see the module docstring) in ``work`` and return the report.
+
+    Raises:
+        InputError: ``pairs`` < 2, ``cal_pairs``, ``human_repeat`` or ``disc_steps`` < 1, or a negative label count.
+    """
+    import torch
+
+    from cleanplate.bundle import default_bundle_path
+    from cleanplate.errors import InputError
+    from cleanplate.training.common import load_config
+    from cleanplate.training.disc_labels import make_disc_labels
+    from cleanplate.training.discriminator import DiscriminatorConfig, train_discriminator
+    from cleanplate.training.flywheel import autolabel, generate, load_pairs, read_candidates
+    from cleanplate.training.label_store import LabelStore
+    from cleanplate.training.synth import SynthConfig, synth_dataset
+
+    if pairs < 2 or cal_pairs < 1 or human_repeat < 1 or disc_steps < 1 or min(label_r1, label_r2) < 0:
+        raise InputError("need --pairs >= 2, --cal-pairs, --human-repeat and --disc-steps >= 1, and label counts "
+                         ">= 0", code="bad_option")
+    config = {"work": str(work), "bundle": str(bundle) if bundle else None, "pairs": pairs, "cal_pairs": cal_pairs,
+              "seed": seed, "size": size, "label_r1": label_r1, "label_r2": label_r2, "psnr_yes": psnr_yes,
+              "human_repeat": human_repeat, "disc_steps": disc_steps, "fresh": fresh}
+    bundle = bundle or default_bundle_path()
     torch.manual_seed(0)
-    work: Path = args.work
-    if args.fresh and work.exists():
+    if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    n_half = args.pairs // 2
-    meta = synth_dataset(work / "pairs", args.pairs + args.cal_pairs, seed=args.seed, cfg=SynthConfig(size=256),
-                         progress=False)
+    say(f"synth: {pairs} + {cal_pairs} pairs")
+    n_half = pairs // 2
+    meta = synth_dataset(work / "pairs", pairs + cal_pairs, seed=seed, cfg=SynthConfig(size=size), progress=False)
     entries = json.loads(meta.read_text())
-    splits = {"round1": entries[:n_half], "round2": entries[n_half:args.pairs], "cal": entries[args.pairs:]}
+    splits = {"round1": entries[:n_half], "round2": entries[n_half:pairs], "cal": entries[pairs:]}
     split_meta = {k: _write_meta(work / "pairs" / f"{k}.json", v) for k, v in splits.items()}
     timings["synth_s"] = time.perf_counter() - t
 
@@ -98,7 +116,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     gen = {}
     for rnd, key in ((1, "round1"), (2, "round2")):
-        res = generate(load_pairs(split_meta[key]), fw, bundle=args.bundle, round=rnd, seed=0, batch_size=4)
+        say(f"generate: round {rnd}")
+        res = generate(load_pairs(split_meta[key]), fw, bundle=bundle, round=rnd, seed=0, batch_size=4)
         gen[str(rnd)] = {"generated": res.generated, "already": res.already, "failed": res.failed}
     timings["generate_s"] = time.perf_counter() - t
     cands = read_candidates(fw)
@@ -108,13 +127,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store = LabelStore(fw)
     store.sync()
     labeled_ids = {lab.item_id for lab in store.labels(labeler=LABELER)}
-    psnr: dict[str, float] = {}
-    for rnd, count in ((1, args.label_r1), (2, args.label_r2)):
+    psnr = {c.id: psnr_in_mask(fw, c) for c in cands}
+    for rnd, count in ((1, label_r1), (2, label_r2)):
         for cand in [c for c in cands if c.round == rnd][:count]:
-            psnr[cand.id] = psnr_in_mask(fw, cand)
             if cand.id not in labeled_ids:
-                store.add_label(cand.id, "yes" if psnr[cand.id] >= args.psnr_yes else "no", LABELER)
-    all_psnr = [psnr_in_mask(fw, c) for c in cands]
+                store.add_label(cand.id, "yes" if psnr[cand.id] >= psnr_yes else "no", LABELER)
+    all_psnr = list(psnr.values())
     label_counts = {r: store.decisions("majority", rounds=[r])[1] for r in (1, 2)}
     human_meta = work / "labels_round1.json"
     store.export(human_meta, "majority", rounds=[1])
@@ -122,13 +140,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # the discriminator: round-1 human labels + synthetic labels of the round-1 pairs; calibration pairs held out
     t = time.perf_counter()
+    say(f"train discriminator: {disc_steps} steps")
     synth_labels = make_disc_labels([split_meta["round1"]], work / "disc_synth", per_item=2, seed=1)
     cal_labels = make_disc_labels([split_meta["cal"]], work / "disc_cal", per_item=4, seed=2)
     train_meta = _write_meta(work / "disc_train.json",
-                             _rebase(human_meta, work) * args.human_repeat + _rebase(synth_labels, work))
+                             _rebase(human_meta, work) * human_repeat + _rebase(synth_labels, work))
     cfg = load_config(DiscriminatorConfig, None, {
-        "meta": [train_meta], "val_meta": [cal_labels], "bundle": args.bundle, "out": work / "bundle_r1",
-        "max_steps": args.disc_steps, "batch_size": 8, "lr": 2e-3, "warmup_steps": 10, "checkpoint_every": 1000,
+        "meta": [train_meta], "val_meta": [cal_labels], "bundle": bundle, "out": work / "bundle_r1",
+        "max_steps": disc_steps, "batch_size": 8, "lr": 2e-3, "warmup_steps": 10, "checkpoint_every": 1000,
         "seed": 0, "dilate_range": (0, 8)})
     shutil.rmtree(cfg.resolved_work_dir, ignore_errors=True)  # a fresh run every time, never a resumed one
     trained = train_discriminator(cfg)
@@ -136,25 +155,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["train_discriminator_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    say("autolabel: rounds 1 and 2")
     reports = {
         "round1_new_gate": autolabel(fw, bundle=cfg.out, round=1),
         "round2_new_gate": autolabel(fw, bundle=cfg.out, round=2),
-        "round2_default_gate": autolabel(fw, bundle=args.bundle, round=2, write=False),
+        "round2_default_gate": autolabel(fw, bundle=bundle, round=2, write=False),
     }
     timings["autolabel_s"] = time.perf_counter() - t
 
     return {
-        "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "harness": "flywheel",
+        "config": config,
         "generate": gen,
         "candidates": len(cands),
         "psnr_in_mask_db": {"all_candidates": {"min": min(all_psnr), "median": float(np.median(all_psnr)),
-                                               "max": max(all_psnr)}, "yes_at": args.psnr_yes},
+                                               "max": max(all_psnr)}, "yes_at": psnr_yes, "per_candidate": all_psnr},
         "scripted_labels": {str(r): {k: label_counts[r][k] for k in ("items", "decided", "yes", "no")}
                             for r in (1, 2)},
         "discriminator": {"train_items": cal.get("train_items"), "train_positives": cal.get("train_positives"),
-                          "human_labels_in_train": label_counts[1]["decided"], "human_repeat": args.human_repeat,
+                          "human_labels_in_train": label_counts[1]["decided"], "human_repeat": human_repeat,
                           "synthetic_labels_in_train": len(json.loads(synth_labels.read_text())),
                           "steps": cal.get("steps"), "final_loss": cal.get("final_loss"),
                           "threshold": cal.get("threshold"), "rule": cal.get("rule"),
@@ -162,6 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "val_recall": cal.get("recall"), "val_items": (cal.get("n_pos", 0) + cal.get("n_neg", 0))},
         "autolabel": reports,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "environment": environment("cpu"),
     }
 
 
@@ -173,15 +193,16 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
-def markdown(res: dict[str, Any]) -> str:
-    d, p = res["discriminator"], res["psnr_in_mask_db"]
+def to_markdown(res: dict[str, Any], command: str) -> str:
+    d, p, c = res["discriminator"], res["psnr_in_mask_db"], res["config"]
     gen = res["generate"]
     lines = [
         "# One flywheel round (generate -> label -> train the discriminator -> autolabel)",
         "",
-        (f"{res['config']['pairs']} synthetic pairs (256², seed {res['config']['seed']}), default bundle, CPU "
-         f"({res['machine']['cpu_threads']} torch thread); `OMP_NUM_THREADS=1 python -m "
-         "cleanplate.benchmarks.flywheel_round`."),
+        f"`{command}`",
+        "",
+        (f"{c['pairs']} synthetic pairs ({c['size']}², seed {c['seed']}), bundle `{c['bundle'] or 'default'}`, CPU "
+         f"({res['environment']['torch_threads']} torch thread(s))."),
         "",
         ("**The labels are scripted, a stand-in for a person**: yes when the candidate's PSNR against GT inside "
          f"the mask is >= {p['yes_at']} dB. The candidates span {p['all_candidates']['min']:.1f}-"
@@ -208,7 +229,7 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     names = {"round1_new_gate": ("round 1", "retrained (its overlap = its own training labels)"),
              "round2_new_gate": ("round 2", "retrained (overlap held out)"),
-             "round2_default_gate": ("round 2", "default bundle's, before retraining (dry run)")}
+             "round2_default_gate": ("round 2", "the starting bundle's, before retraining (dry run)")}
     for key, (rnd, gate) in names.items():
         r = res["autolabel"][key]
         a, added = r["agreement_on_overlap"], r["added"]
@@ -230,32 +251,20 @@ def markdown(res: dict[str, Any]) -> str:
             "is close to arbitrary" if (d["val_roc_auc"] or 0.0) < 0.6 else "")
          + ". The table shows that the loop runs end to end and what each step counts, not how good a gate a real "
          "labelled round would give."),
-        "",
     ]
-    return "\n".join(lines)
+    return with_environment(lines, res["environment"])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("runs/flywheel_round"), help="scratch directory")
-    parser.add_argument("--bundle", type=Path, default=default_bundle_path())
-    parser.add_argument("--pairs", type=int, default=40, help="pairs, half per round")
-    parser.add_argument("--cal-pairs", type=int, default=8, help="extra pairs for the calibration labels")
-    parser.add_argument("--seed", type=int, default=7000)
-    parser.add_argument("--label-r1", type=int, default=12, help="round-1 candidates the script labels")
-    parser.add_argument("--label-r2", type=int, default=8, help="round-2 candidates the script labels (overlap)")
-    parser.add_argument("--psnr-yes", type=float, default=12.0, help="scripted labeler: yes at this PSNR (dB)")
-    parser.add_argument("--human-repeat", type=int, default=2, help="times the human labels appear in training")
-    parser.add_argument("--disc-steps", type=int, default=60)
-    parser.add_argument("--fresh", action="store_true", help="delete --work first")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "flywheel_round.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    (args.out / "flywheel_round.md").write_text(markdown(res))
-    print(markdown(res))
+def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    """``out.png``: the candidates' in-mask PSNR (histogram) and the scripted labeler's yes cut."""
+    plt = pyplot()
+    p = report["psnr_in_mask_db"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(p["per_candidate"], bins=20, color="C0")
+    ax.axvline(p["yes_at"], color="C3", ls="--", label=f"scripted yes at {p['yes_at']:g} dB")
+    ax.set(xlabel="PSNR against GT inside the mask (dB)", ylabel="candidates",
+           title=f"{report['candidates']} candidates of the bundle")
+    ax.legend()
+    return [save_figure(fig, out.with_suffix(".png"))]
 
 
-if __name__ == "__main__":
-    main()

@@ -312,6 +312,7 @@ def test_cli_latency_writes_reports(cli, tmp_path: Path) -> None:
     (["load", "--image", "x.jpg"], "--mask"),
     (["reference", "--arch", "sdxl", "--device", "cpu"], "CUDA GPU"),
     (["batch", "--concurrency", "0"], "concurrency"),
+    (["flywheel", "--pairs", "1"], "pairs"),
 ])
 def test_cli_bad_input_exits_2(cli, synth_data: Path, tmp_path: Path, args: list[str], message: str) -> None:
     args = [str(synth_data) if a == "SET" else a for a in args]
@@ -345,6 +346,34 @@ def test_cli_batch_cleans_the_catalog_in_each_mode(cli, gated_bundle: Path, tmp_
     r = cli("bench", "report", out.with_suffix(".json"))
     assert r.code == 0, r.err
     assert out.with_suffix(".md").read_text() == md
+
+
+# -- a flywheel round -------------------------------------------------------------------------------------------
+def test_cli_flywheel_round_counts_each_step(cli, gated_bundle: Path, tmp_path: Path) -> None:
+    """`bench flywheel` at toy size: the scripted labels follow the PSNR cut, the discriminator trains on them
+    and the synthetic labels, and autolabel judges both rounds; report, markdown and plot written."""
+    out = tmp_path / "res" / "fw"
+    r = cli("bench", "flywheel", "--work", tmp_path / "work", "--bundle", gated_bundle, "--pairs", 4, "--cal-pairs", 2,
+            "--size", 64, "--label-r1", 2, "--label-r2", 1, "--psnr-yes", 10, "--disc-steps", 2, "--out", out)
+    assert r.code == 0, r.err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["harness"] == "flywheel" and report["command"].startswith("cleanplate bench flywheel")
+    assert report["generate"] == {"1": {"generated": 2, "already": 0, "failed": 0},
+                                  "2": {"generated": 2, "already": 0, "failed": 0}}
+    psnr = report["psnr_in_mask_db"]["per_candidate"]  # candidates in file order: round 1, then round 2
+    assert report["candidates"] == len(psnr) == 4
+    for rnd, labeled in (("1", psnr[:2]), ("2", psnr[2:3])):
+        s = report["scripted_labels"][rnd]
+        assert s["decided"] == len(labeled) and s["yes"] == sum(v >= 10 for v in labeled)
+        assert s["yes"] + s["no"] == s["decided"]
+    d = report["discriminator"]
+    assert d["steps"] == 2 and d["human_labels_in_train"] == 2
+    assert d["train_items"] == 2 * d["human_repeat"] + d["synthetic_labels_in_train"]
+    for key in ("round1_new_gate", "round2_new_gate", "round2_default_gate"):
+        assert report["autolabel"][key]["candidates"] == 2
+    md = out.with_suffix(".md").read_text()
+    assert md in r.out and "| label round 1 (script) | 2 labeled:" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.slow
