@@ -20,9 +20,8 @@ job's report, so model loading and process start-up are not counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -92,23 +91,23 @@ def run_batch_throughput(*, images: int = 32, concurrency: Sequence[int] = (1, 2
     from cleanplate.engines import make_engine
     from cleanplate.serving.settings import load_settings
 
-    from .load import start_server
+    from .load import local_gateway
 
     if images < 1 or not concurrency or any(c < 1 for c in concurrency) or max_attempts < 1:
         raise InputError("need --images >= 1, concurrency levels >= 1 and --max-attempts >= 1", code="bad_option")
     if not modes or len(set(modes)) != len(modes) or set(modes) - set(MODES):
         raise InputError(f"modes must be distinct, from {MODES}; got {list(modes)}", code="bad_option")
-    work = Path(tempfile.mkdtemp(prefix="cleanplate-batch-bench-"))
     runs: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]
     t_start = time.perf_counter()
-    proc = url = None
-    try:
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cleanplate-batch-bench-",
+                                                                    ignore_cleanup_errors=True)))
         say(f"making a catalog of {images} {size}x{size} photos")
         items = load_items(make_catalog(work / "catalog", images, size=size))
         if "gateway" in modes:
             say("starting a local gateway")
-            proc, url = start_server({"CLEANPLATE_TORCH_THREADS": str(threads)}, bundle)
+            _, url = stack.enter_context(local_gateway({"CLEANPLATE_TORCH_THREADS": str(threads)}, bundle))
         for c in concurrency:
             for mode in modes:
                 if mode == "gateway":
@@ -121,11 +120,6 @@ def run_batch_throughput(*, images: int = 32, concurrency: Sequence[int] = (1, 2
                 runs.append(stats)
                 say(f"{mode}, concurrency {c}: {stats['ok']} ok, {stats['errors']} errors, "
                     f"{stats['images_per_s']:.2f} images/s, item p50 {fmt_ms(stats['item_ms']['p50'])} ms")
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
-        shutil.rmtree(work, ignore_errors=True)
     runs.sort(key=lambda r: (list(modes).index(r["mode"]), r["concurrency"]))
     return {"harness": "batch", "settings": {
                 "images": images, "image": f"{size}x{size} PNG, synthetic promo overlay on a dev photo",

@@ -12,6 +12,7 @@ before and after each level.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import random
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,31 +127,42 @@ def server_metrics(url: str) -> dict[str, Any]:
             "mean_batch_size": batch_sum / batch_count if batch_count else None}
 
 
-def start_server(env_extra: dict[str, str], bundle: str | None) -> tuple[subprocess.Popen, str]:
-    """Start ``cleanplate serve`` on a free 127.0.0.1 port as a child process, with ``env_extra`` added to the
-    environment (``CLEANPLATE_*`` settings) and ``bundle`` (None: the default); returns it and its base URL
-    once /readyz answers 200. Raises RuntimeError when it exits or is not ready within 300 s."""
+@contextlib.contextmanager
+def local_gateway(env_extra: dict[str, str], bundle: str | None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``cleanplate serve`` on a free 127.0.0.1 port as a child process, with ``env_extra`` added to its
+    environment (``CLEANPLATE_*`` settings) and ``bundle`` (None: the default). Yields the process and its base
+    URL once /readyz answers 200; on exit stops it with SIGTERM (the gateway drains) and waits up to 120 s.
+
+    Raises RuntimeError when it exits, or is not ready within 300 s, before that.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, **env_extra}
     cmd = [sys.executable, "-m", "cleanplate.cli", "serve", "--port", str(port), "--log-level", "warning"]
     if bundle:
         cmd += ["--bundle", bundle]
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env_extra})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    while not _ready(url):
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not get ready in 300 s")
         time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not get ready in 300 s")
+    try:
+        yield proc, url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _metrics(url: str) -> dict[str, Any] | None:
@@ -193,21 +205,20 @@ def run_load_levels(url: str | None = None, *, concurrency: Sequence[int] = (1, 
         image, mask = request_payload()
     else:
         payload = "user-supplied image and mask"
-    proc = None
     where = url
-    if url is None:
-        env = {"CLEANPLATE_ENGINE": engine, "CLEANPLATE_MAX_BATCH": str(max_batch),
-               "CLEANPLATE_BATCH_WINDOW_MS": "10" if max_batch > 1 else "0", "CLEANPLATE_MAX_QUEUE": str(max_queue),
-               "CLEANPLATE_TORCH_THREADS": str(threads)}
-        say(f"starting a local gateway ({engine} engine, max_batch {max_batch}, max_queue {max_queue})")
-        proc, url = start_server(env, bundle)
-        where = (f"local `cleanplate serve` ({engine} engine, bundle {bundle or 'default'}, max_batch {max_batch}, "
-                 f"max_queue {max_queue}, torch threads {threads})")
-    url = url.rstrip("/")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     levels = []
     t_start = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            env = {"CLEANPLATE_ENGINE": engine, "CLEANPLATE_MAX_BATCH": str(max_batch),
+                   "CLEANPLATE_BATCH_WINDOW_MS": "10" if max_batch > 1 else "0",
+                   "CLEANPLATE_MAX_QUEUE": str(max_queue), "CLEANPLATE_TORCH_THREADS": str(threads)}
+            say(f"starting a local gateway ({engine} engine, max_batch {max_batch}, max_queue {max_queue})")
+            _, url = stack.enter_context(local_gateway(env, bundle))
+            where = (f"local `cleanplate serve` ({engine} engine, bundle {bundle or 'default'}, max_batch "
+                     f"{max_batch}, max_queue {max_queue}, torch threads {threads})")
+        url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
             ready = httpx.get(url + "/readyz", timeout=30, headers=headers).status_code
         except httpx.HTTPError as exc:
@@ -226,10 +237,6 @@ def run_load_levels(url: str | None = None, *, concurrency: Sequence[int] = (1, 
             lat = result["latency_ms"]
             say(f"concurrency {c}: {result['throughput_rps']:.2f} 200/s, p50 {fmt_ms(lat['p50'])} ms, p99 "
                 f"{fmt_ms(lat['p99'])} ms, by status {result['by_status']}, lost {result['lost']}")
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
     return {"harness": "load", "url": where, "payload": payload, "duration_s": duration_s,
             "levels": levels, "wall_s": time.perf_counter() - t_start, "environment": environment()}
 

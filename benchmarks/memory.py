@@ -18,7 +18,6 @@ import asyncio
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,8 @@ def big_request(megapixels: float, seed: int = 0) -> tuple[bytes, bytes]:
 
 
 class RssSampler:
-    """Samples a process's resident set every ``every_s`` seconds in a thread; ``mark`` names phases."""
+    """Samples a process's resident set every ``every_s`` seconds in a thread; ``mark`` names phases. As a
+    context manager it samples for the ``with`` block."""
 
     def __init__(self, pid: int, every_s: float = 0.25) -> None:
         self.pid, self.every_s = pid, every_s
@@ -90,6 +90,12 @@ class RssSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    def __enter__(self) -> RssSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def mark(self, name: str) -> float:
         t = time.monotonic() - self.t0
@@ -131,7 +137,7 @@ def run_memory(*, megapixels: float = 40.0, burst: int = 16, soak_clients: int =
     from cleanplate import imaging
     from cleanplate.admission import removal_cost
 
-    from .load import request_payload, run_load, start_server
+    from .load import local_gateway, request_payload, run_load
 
     if megapixels <= 0 or burst < 1 or soak_clients < 1 or soak_minutes <= 0 or batch_items < 0 \
             or batch_concurrency < 1 or not 0 <= soak_from_minute < soak_minutes:
@@ -148,9 +154,7 @@ def run_memory(*, megapixels: float = 40.0, burst: int = 16, soak_clients: int =
     t_start = time.perf_counter()
 
     say("starting a local gateway with default settings")
-    proc, url = start_server({}, bundle)
-    sampler = RssSampler(proc.pid).start()
-    try:
+    with local_gateway({}, bundle) as (proc, url), RssSampler(proc.pid) as sampler:
         budget = _gauge(url, "cleanplate_memory_budget_bytes")
         for i in range(4):  # warm-up: the model, the thread pools, the first allocations
             httpx.post(url + "/v1/remove", files={"image": small_image, "mask": small_mask}, data={"seed": str(i)},
@@ -189,10 +193,6 @@ def run_memory(*, megapixels: float = 40.0, burst: int = 16, soak_clients: int =
             "peak_rss_mib": max(sampler.between(t_soak, t_end)), "by_status": load["by_status"],
             "lost": load["lost"], "throughput_rps": load["throughput_rps"], "latency_ms": load["latency_ms"]}
         say(f"soak: {start_level:.0f} -> {end_level:.0f} MiB, answers {load['by_status']}")
-    finally:
-        sampler.stop()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
     report["gateway"]["rss_mib"] = sampler.samples
     report["gateway"]["marks"] = sampler.marks
     if batch_items:
