@@ -107,26 +107,38 @@ class Triplet:
     score: float | None = None
 
 
-def read_meta(paths: Sequence[str | Path]) -> list[Triplet]:
-    """Read RORem ``meta.json`` files: JSON lists of {"source","mask","GT"[,"score"]}, paths relative to the file.
+def read_meta_entries(paths: Sequence[str | Path], keys: Sequence[str],
+                      what: str) -> list[tuple[list[Path], dict[str, Any]]]:
+    """Read meta.json files (JSON lists of objects) whose ``keys`` hold paths relative to the file.
 
-    Raises InputError naming the file and entry on a missing key.
+    Returns per entry, in file order: the paths under ``keys`` (resolved against the file's folder, in the
+    order of ``keys``) and the entry itself. Raises InputError naming the file and entry on a missing key,
+    naming the file when it does not read, and naming ``what`` ("training items") when there is no entry.
     """
-    items: list[Triplet] = []
+    need = ", ".join(keys[:-1]) + " and " + keys[-1]
+    out: list[tuple[list[Path], dict[str, Any]]] = []
     for meta in map(Path, paths):
         try:
             entries = json.loads(meta.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"cannot read {meta}: {exc}", code="bad_option") from exc
-        root = meta.parent
         for i, e in enumerate(entries):
             try:
-                items.append(Triplet(root / e["source"], root / e["mask"], root / e["GT"], e.get("score")))
+                out.append(([meta.parent / e[k] for k in keys], e))
             except (KeyError, TypeError) as exc:
-                raise InputError(f"{meta} entry {i}: needs source, mask and GT", code="bad_option") from exc
-    if not items:
-        raise InputError(f"no training items in {', '.join(map(str, paths))}", code="bad_option")
-    return items
+                raise InputError(f"{meta} entry {i}: needs {need}", code="bad_option") from exc
+    if not out:
+        raise InputError(f"no {what} in {', '.join(map(str, paths))}", code="bad_option")
+    return out
+
+
+def read_meta(paths: Sequence[str | Path]) -> list[Triplet]:
+    """Read RORem ``meta.json`` files: JSON lists of {"source","mask","GT"[,"score"]}, paths relative to the file.
+
+    Raises InputError naming the file and entry on a missing key.
+    """
+    return [Triplet(*files, e.get("score"))
+            for files, e in read_meta_entries(paths, ("source", "mask", "GT"), "training items")]
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:

@@ -52,7 +52,7 @@ from cleanplate.errors import InputError
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.sampling import training_target
 
-from .common import alphas_cumprod, make_accelerator, read_meta, start_training, to_tensor
+from .common import alphas_cumprod, make_accelerator, read_meta, read_meta_entries, start_training, to_tensor
 from .rl_common import RLConfig, add_policy_lora, reference_model, region_mean, save_policy_bundle
 
 _STREAM = 0xD1D0  # RNG stream tag of make_dpo_pairs (see disc_labels._STREAM)
@@ -76,21 +76,8 @@ class Pair:
 
 def read_pairs(paths: Sequence[str | Path]) -> list[Pair]:
     """Read preference meta.json files (paths relative to each file). Raises InputError naming a bad entry."""
-    pairs: list[Pair] = []
-    for meta in map(Path, paths):
-        try:
-            entries = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {meta}: {exc}", code="bad_option") from exc
-        for i, e in enumerate(entries):
-            try:
-                pairs.append(Pair(*(meta.parent / e[k] for k in ("source", "mask", "preferred", "rejected"))))
-            except (KeyError, TypeError) as exc:
-                raise InputError(f"{meta} entry {i}: needs source, mask, preferred and rejected",
-                                 code="bad_option") from exc
-    if not pairs:
-        raise InputError(f"no preference pairs in {', '.join(map(str, paths))}", code="bad_option")
-    return pairs
+    return [Pair(*files) for files, _ in read_meta_entries(paths, ("source", "mask", "preferred", "rejected"),
+                                                           "preference pairs")]
 
 
 class PairDataset(torch.utils.data.Dataset):
