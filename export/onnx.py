@@ -108,14 +108,19 @@ class UNetGraph(nn.Module):
                          return_dict=False)[0]
 
 
-class VAEEncoderGraph(nn.Module):
-    """Image in [-1,1] -> scaled latent ``(mode - shift) * scaling_factor`` (as RemovalPipeline.encode)."""
+class _VAEGraph(nn.Module):
+    """A graph around a diffusers ``AutoencoderKL`` with its latent ``shift`` (``shift_factor``, 0 when unset)
+    and ``scale`` (``scaling_factor``) as Python floats, so the export bakes them in as constants."""
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
         self.vae = vae
         self.shift = float(vae.config.get("shift_factor") or 0.0)
         self.scale = float(vae.config.scaling_factor)
+
+
+class VAEEncoderGraph(_VAEGraph):
+    """Image in [-1,1] -> scaled latent ``(mode - shift) * scaling_factor`` (as RemovalPipeline.encode)."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         moments = self.vae.quant_conv(self.vae.encoder(image)) if self.vae.quant_conv is not None \
@@ -124,14 +129,8 @@ class VAEEncoderGraph(nn.Module):
         return (mode - self.shift) * self.scale
 
 
-class VAEDecoderGraph(nn.Module):
+class VAEDecoderGraph(_VAEGraph):
     """Scaled latent -> image in [-1,1] (as RemovalPipeline.decode)."""
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-        self.shift = float(vae.config.get("shift_factor") or 0.0)
-        self.scale = float(vae.config.scaling_factor)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latent / self.scale + self.shift, return_dict=False)[0].clamp(-1, 1)
