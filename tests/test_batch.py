@@ -366,13 +366,21 @@ def _check_complete(images: Path, out: Path) -> dict[str, list[dict]]:
     return by_key
 
 
-def test_sigkill_midway_then_resume_does_each_item_once(gated_bundle, kill_catalog, tmp_path):
+def _interrupted_run(kill_catalog: tuple[Path, Path], bundle: Path, tmp_path: Path, after_lines: int,
+                     sig: int) -> tuple[subprocess.Popen, Path, list]:
+    """``batch run`` over the kill catalog (2 items in flight) sent ``sig`` once its report has ``after_lines``
+    lines; returns the process, the output folder and the arguments (to run it again)."""
     images, masks = kill_catalog
     out = tmp_path / "out"
-    args = ["batch", "run", images, "--masks", masks, "-o", out, "--bundle", gated_bundle, "--concurrency", 2]
+    args = ["batch", "run", images, "--masks", masks, "-o", out, "--bundle", bundle, "--concurrency", 2]
     proc = _start(args, tmp_path)
-    _wait_lines(proc, out / "report.jsonl", 4)
-    proc.send_signal(signal.SIGKILL)
+    _wait_lines(proc, out / "report.jsonl", after_lines)
+    proc.send_signal(sig)
+    return proc, out, args
+
+
+def test_sigkill_midway_then_resume_does_each_item_once(gated_bundle, kill_catalog, tmp_path):
+    proc, out, args = _interrupted_run(kill_catalog, gated_bundle, tmp_path, 4, signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     first = lines_by_key(out / "report.jsonl")
     assert 4 <= len(first) < N_KILL, "the kill did not land midway"
@@ -381,18 +389,13 @@ def test_sigkill_midway_then_resume_does_each_item_once(gated_bundle, kill_catal
     proc = _start(args, tmp_path)
     assert proc.wait(300) == 0, _stderr(proc)
     assert f"{len(first)} done before" in _stderr(proc)
-    by_key = _check_complete(images, out)
+    by_key = _check_complete(kill_catalog[0], out)
     for key, recs in first.items():  # items finished before the kill were not touched again
         assert by_key[key] == recs
 
 
 def test_sigint_finishes_in_flight_items_then_resume(gated_bundle, kill_catalog, tmp_path):
-    images, masks = kill_catalog
-    out = tmp_path / "out"
-    args = ["batch", "run", images, "--masks", masks, "-o", out, "--bundle", gated_bundle, "--concurrency", 2]
-    proc = _start(args, tmp_path)
-    _wait_lines(proc, out / "report.jsonl", 3)
-    proc.send_signal(signal.SIGINT)
+    proc, out, args = _interrupted_run(kill_catalog, gated_bundle, tmp_path, 3, signal.SIGINT)
     assert proc.wait(60) == 130
     err = _stderr(proc)
     assert "Traceback" not in err and "stopped by SIGINT" in err.strip().splitlines()[-1]
@@ -401,7 +404,7 @@ def test_sigint_finishes_in_flight_items_then_resume(gated_bundle, kill_catalog,
     assert sorted(p.name for p in out.glob("*.png")) == sorted(r["key"] for r in records)  # in flight finished
     proc = _start(args, tmp_path)
     assert proc.wait(300) == 0, _stderr(proc)
-    _check_complete(images, out)
+    _check_complete(kill_catalog[0], out)
 
 
 # -- gateway -----------------------------------------------------------------------------------------------
