@@ -56,6 +56,12 @@ class StageClock:
         self.stages: dict[str, float] = {}
         self._t0 = self._last = 0.0
 
+    @classmethod
+    def for_device(cls, device: Any) -> StageClock:
+        """A clock that synchronises ``device`` (a torch device or its name) before each read when it is a
+        CUDA device (:func:`cuda_sync`), and does not synchronise otherwise."""
+        return cls(cuda_sync(device))
+
     def start(self) -> None:
         self.sync()
         self.stages = {}

@@ -40,17 +40,7 @@ import numpy as np
 from cleanplate.engines import ENGINE_NAMES
 from cleanplate.errors import InputError
 
-from .common import (
-    StageClock,
-    cuda_sync,
-    environment,
-    fmt_ms,
-    promo_payload,
-    pyplot,
-    save_figure,
-    summarize_ms,
-    with_environment,
-)
+from .common import StageClock, environment, fmt_ms, promo_payload, pyplot, save_figure, summarize_ms, with_environment
 
 ENGINES = ENGINE_NAMES
 Say = Callable[[str], None]
@@ -107,7 +97,6 @@ def _torch_cases(pipe: Any, cases: Sequence[tuple[int, int]], image_size: int | 
                  warmup: int, repeats: int, plain_repeats: int, seed: int, say: Say) -> list[dict[str, Any]]:
     import torch
 
-    sync = cuda_sync(pipe.device)
     results = []
     with torch.inference_mode():
         for resolution, batch in cases:
@@ -115,7 +104,7 @@ def _torch_cases(pipe: Any, cases: Sequence[tuple[int, int]], image_size: int | 
                                     _schedules={})
             size = image_size or resolution
             image_bytes, mask_bytes = promo_payload(size)
-            clock = StageClock(sync)
+            clock = StageClock.for_device(pipe.device)
             for _ in range(warmup):
                 _torch_rep(p, image_bytes, mask_bytes, batch, steps, gate, clock, seed)
             stages: list[dict[str, float]] = []

@@ -32,17 +32,7 @@ import numpy as np
 
 from cleanplate.errors import InputError
 
-from .common import (
-    StageClock,
-    cuda_sync,
-    environment,
-    fmt_ms,
-    promo_payload,
-    pyplot,
-    save_figure,
-    summarize_ms,
-    with_environment,
-)
+from .common import StageClock, environment, fmt_ms, promo_payload, pyplot, save_figure, summarize_ms, with_environment
 
 Say = Callable[[str], None]
 
@@ -151,7 +141,6 @@ def run_reference(*, arch: str = "bundle", bundle: str | Path | None = None, res
     ours = parts.removal_pipeline(conditioning, resolution=r, steps=steps)
     image_bytes, mask_bytes = promo_payload(size)
     image, mask = imaging.decode_image(image_bytes), imaging.decode_mask(mask_bytes)
-    sync = cuda_sync(dev)
     runs: dict[str, dict[str, list]] = {"diffusers": {"stages": [], "totals": []}, "cleanplate": {"stages": [], "totals": []}}
     outputs: dict[str, np.ndarray] = {}
 
@@ -165,7 +154,7 @@ def run_reference(*, arch: str = "bundle", bundle: str | Path | None = None, res
         for rep in range(warmup + repeats):
             order = ("diffusers", "cleanplate") if rep % 2 == 0 else ("cleanplate", "diffusers")
             for name in order:
-                clock = StageClock(sync)
+                clock = StageClock.for_device(dev)
                 outputs[name] = one(name, clock)
                 if rep >= warmup:
                     runs[name]["stages"].append(dict(clock.stages))
