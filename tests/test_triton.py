@@ -287,6 +287,17 @@ def _wait_readyz(url: str, status: int, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+def _check_serves_while_up(server: TritonServer, url: str, resolution: int, files: dict) -> None:
+    """Start ``server``: the gateway at ``url`` gets ready at ``resolution`` and removes; then stop it."""
+    server.start(timeout_s=120)
+    try:
+        _wait_readyz(url, 200)
+        assert httpx.get(url + "/readyz").json()["resolution"] == resolution
+        assert httpx.post(url + "/v1/remove", files=files, timeout=60).status_code == 200
+    finally:
+        server.stop()
+
+
 def test_readiness_follows_triton(triton_env: Path, gated_bundle: Path, gated_onnx: Path, tmp_path: Path) -> None:
     """/readyz is 503 until Triton is up, 200 while it is, 503 after it stops (requests then get 503), and
     200 again when a Triton with a changed repository comes back, whose parameters the engine re-reads."""
@@ -303,13 +314,7 @@ def test_readiness_follows_triton(triton_env: Path, gated_bundle: Path, gated_on
     with serve_in_thread(app, timeout_s=3) as url:
         assert httpx.get(url + "/readyz").status_code == 503
         assert httpx.post(url + "/v1/remove", files=files).status_code == 503
-        server.start(timeout_s=120)
-        try:
-            _wait_readyz(url, 200)
-            assert httpx.get(url + "/readyz").json()["resolution"] == 64
-            assert httpx.post(url + "/v1/remove", files=files, timeout=60).status_code == 200
-        finally:
-            server.stop()
+        _check_serves_while_up(server, url, 64, files)
         _wait_readyz(url, 503)
         assert httpx.get(url + "/readyz").status_code == 503
         r = httpx.post(url + "/v1/remove", files=files, timeout=60)
@@ -321,13 +326,7 @@ def test_readiness_follows_triton(triton_env: Path, gated_bundle: Path, gated_on
         assert 'key: "resolution"\n  value {\n    string_value: "128"' in config.read_text()
         again = TritonServer(repo, env=triton_env, http_port=server.http_port, grpc_port=server.grpc_port,
                              metrics_port=server.metrics_port, exit_timeout_s=3)
-        again.start(timeout_s=120)
-        try:
-            _wait_readyz(url, 200)
-            assert httpx.get(url + "/readyz").json()["resolution"] == 128
-            assert httpx.post(url + "/v1/remove", files=files, timeout=60).status_code == 200
-        finally:
-            again.stop()
+        _check_serves_while_up(again, url, 128, files)
 
 
 def test_unreachable_triton_is_engine_unavailable() -> None:
