@@ -217,9 +217,12 @@ def test_tune_writes_the_best_dilation_and_scale(tiny_bundle: Path, synth_data: 
     tuned = read_config(bundle)
     assert (tuned.dilate_px, tuned.residual_scale, tuned.steps) == (best["dilate_px"], best["residual_scale"],
                                                                     best["steps"])
-    assert tuned.provenance["tune"]["best"] == best
+    assert tuned.provenance["tune"][-1]["best"] == best
     pipe = RemovalPipeline.from_bundle(bundle)
     assert evaluate_removals(pipe, read_meta([synth_data])[:2])["psnr_mask_db"] == pytest.approx(best["psnr_mask_db"])
+    tune_bundle(bundle, [synth_data], dilations=[best["dilate_px"]], scales=[0.5], limit=2, say=lambda m: None)
+    runs = read_config(bundle).provenance["tune"]  # a second tune keeps the first one's grid
+    assert [len(r["grid"]) for r in runs] == [8, 1] and read_config(bundle).residual_scale == 0.5
 
 
 def test_paste_back_adds_the_correction_to_a_full_resolution_prefill(photos) -> None:

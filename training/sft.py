@@ -346,7 +346,8 @@ def tune_bundle(bundle_dir: Path, meta: list[Path], *, dilations: list[int], sca
 
     Every (dilation, scale, steps) triple is judged by :func:`evaluate_removals` (the production path, seed 0)
     on the first ``limit`` items of ``meta``; the one with the highest mean in-mask PSNR is written into
-    ``bundle.json`` (atomically) with the whole grid under ``provenance.tune``. ``scales`` other than [1]
+    ``bundle.json`` (atomically) with the whole grid appended to the list ``provenance.tune`` (earlier
+    tunes of the bundle stay there, in order; a single earlier record is kept as the list's first). ``scales`` other than [1]
     need ``decode_residual``; ``steps`` defaults to the bundle's. Returns {"grid": [...], "best": {...}}.
     Raises InputError: empty grid, a scale outside [0, 1] or without decode_residual, steps outside 1..50.
     """
@@ -372,8 +373,10 @@ def tune_bundle(bundle_dir: Path, meta: list[Path], *, dilations: list[int], sca
                     f"SSIM {result['ssim_mask']:.3f}")
                 grid.append(result)
     best = max(grid, key=lambda r: r["psnr_mask_db"])
-    provenance = {**config.provenance, "tune": {"meta": [str(m) for m in meta], "limit": limit, "grid": grid,
-                                                "best": best}}
+    earlier = config.provenance.get("tune", [])
+    runs = [*(earlier if isinstance(earlier, list) else [earlier]),
+            {"meta": [str(m) for m in meta], "limit": limit, "grid": grid, "best": best}]
+    provenance = {**config.provenance, "tune": runs}
     tuned = config.model_copy(update={"dilate_px": best["dilate_px"], "residual_scale": best["residual_scale"],
                                       "steps": best["steps"], "provenance": provenance})
     write_atomic(Path(bundle_dir) / BUNDLE_JSON, (json.dumps(tuned.model_dump(), indent=2) + "\n").encode())
