@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 from .common import environment, pyplot, save_figure, with_environment
 
@@ -60,11 +60,11 @@ def run_ablation(base_config: Path, work: Path, *, steps: int, items: int, arms:
     """
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
-        raise InputError(f"unknown arms {unknown}; choose from {sorted(ARMS)}", code="bad_option")
+        raise InputError(f"unknown arms {unknown}; choose from {sorted(ARMS)}", code=ErrorCode.BAD_OPTION)
     try:
         base = json.loads(base_config.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {base_config}: {exc}", code="bad_option") from exc
+        raise InputError(f"cannot read {base_config}: {exc}", code=ErrorCode.BAD_OPTION) from exc
     work.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
     for meta in base["meta"]:
@@ -83,7 +83,7 @@ def run_ablation(base_config: Path, work: Path, *, steps: int, items: int, arms:
             say(f"arm {name}: {desc}")
             done = subprocess.run([sys.executable, "-m", "cleanplate.cli", "train", "sft", "--config", str(cfg_path)])
             if done.returncode != 0:
-                raise InputError(f"arm {name} failed (exit {done.returncode})", code="bad_option")
+                raise InputError(f"arm {name} failed (exit {done.returncode})", code=ErrorCode.BAD_OPTION)
         history = json.loads(best.read_text())["history"]
         results[name] = {"description": desc, "overrides": overrides, "evals": history, "last": history[-1],
                          "wall_s": time.perf_counter() - t0}

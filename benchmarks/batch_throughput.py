@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 from .common import environment, fmt_ms, pyplot, save_figure, with_environment
 
@@ -94,9 +94,10 @@ def run_batch_throughput(*, images: int = 32, concurrency: Sequence[int] = (1, 2
     from .load import local_gateway
 
     if images < 1 or not concurrency or any(c < 1 for c in concurrency) or max_attempts < 1:
-        raise InputError("need --images >= 1, concurrency levels >= 1 and --max-attempts >= 1", code="bad_option")
+        raise InputError("need --images >= 1, concurrency levels >= 1 and --max-attempts >= 1",
+                         code=ErrorCode.BAD_OPTION)
     if not modes or len(set(modes)) != len(modes) or set(modes) - set(MODES):
-        raise InputError(f"modes must be distinct, from {MODES}; got {list(modes)}", code="bad_option")
+        raise InputError(f"modes must be distinct, from {MODES}; got {list(modes)}", code=ErrorCode.BAD_OPTION)
     runs: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]
     t_start = time.perf_counter()

@@ -18,7 +18,7 @@ from typer.core import TyperCommand
 
 from cleanplate.cli_options import say
 from cleanplate.engines import ENGINE_NAMES
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 from .batch_throughput import MODES as BATCH_MODES
 
@@ -129,7 +129,7 @@ def latency_cmd(
     from . import latency
 
     if triton_protocol not in ("grpc", "http"):
-        raise InputError(f"--triton-protocol must be grpc or http, got {triton_protocol!r}", code="bad_option")
+        raise InputError(f"--triton-protocol must be grpc or http, got {triton_protocol!r}", code=ErrorCode.BAD_OPTION)
     report = latency.run_latency(engine.value, bundle=bundle, arch=arch.value, resolutions=resolution,
                                  batches=batch or [1], steps=steps, image_size=image_size, warmup=warmup,
                                  repeats=repeats, device=device, dtype=dtype, gate=gate, triton_url=triton_url,
@@ -162,11 +162,11 @@ def load_cmd(
     image_bytes = mask_bytes = None
     if image is not None or mask is not None:
         if image is None or mask is None:
-            raise InputError("give both --image and --mask, or neither", code="bad_option")
+            raise InputError("give both --image and --mask, or neither", code=ErrorCode.BAD_OPTION)
         try:
             image_bytes, mask_bytes = image.read_bytes(), mask.read_bytes()
         except OSError as exc:
-            raise InputError(f"cannot read the request files: {exc}", code="bad_option") from exc
+            raise InputError(f"cannot read the request files: {exc}", code=ErrorCode.BAD_OPTION) from exc
     report = load.run_load_levels(url, concurrency=concurrency or [1, 2, 4], duration_s=duration, image=image_bytes,
                                   mask=mask_bytes, api_key=api_key, bundle=str(bundle) if bundle else None,
                                   engine=engine.value, max_batch=max_batch, max_queue=max_queue, threads=threads,
@@ -264,7 +264,7 @@ def panel_cmd(
     from . import quality
 
     if label and len(label) != len(bundle):
-        raise InputError(f"give one --label per --bundle ({len(bundle)}), got {len(label)}", code="bad_option")
+        raise InputError(f"give one --label per --bundle ({len(bundle)}), got {len(label)}", code=ErrorCode.BAD_OPTION)
     say(f"wrote {quality.panel(set_dir, bundle, out, limit=limit, labels=label)}")
 
 
@@ -378,7 +378,7 @@ def report_cmd(
                   "ablation": ablation, "gate": discriminator, "memory": memory, "batch": batch_throughput,
                   "flywheel": flywheel_round}[report["harness"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code="bad_option") from exc
+        raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code=ErrorCode.BAD_OPTION) from exc
     out = report_json.with_suffix("")
     markdown = module.to_markdown(report, report.get("command", "?"))
     paths = write_report(out, report, markdown) + plots(module, report, out)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 from .common import env_line, environment, pyplot
 
@@ -55,18 +55,18 @@ def _read(meta: Path, limit: int | None) -> list[dict[str, Any]]:
     """The labelled entries, with absolute paths; raises InputError for a missing/unlabelled file."""
     if not meta.is_file():
         raise InputError(f"no labelled meta.json at {meta} (make one with `cleanplate data disc-labels --bundle`)",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     try:
         entries = json.loads(meta.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {meta}: {exc}", code="bad_option") from exc
+        raise InputError(f"cannot read {meta}: {exc}", code=ErrorCode.BAD_OPTION) from exc
     if not isinstance(entries, list) or not entries:
-        raise InputError(f"{meta}: expected a non-empty JSON list", code="bad_option")
+        raise InputError(f"{meta}: expected a non-empty JSON list", code=ErrorCode.BAD_OPTION)
     out = []
     for i, e in enumerate(entries[:limit]):
         if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("source", "mask", "GT")) \
                 or e.get("score") is None:
-            raise InputError(f"{meta} entry {i}: needs source, mask, GT and a score (0/1)", code="bad_option")
+            raise InputError(f"{meta} entry {i}: needs source, mask, GT and a score (0/1)", code=ErrorCode.BAD_OPTION)
         out.append({**e, **{k: meta.parent / e[k] for k in ("source", "mask", "GT")}})
     return out
 
@@ -89,15 +89,16 @@ def run_gate(meta: str | Path, *, bundle: str | Path | None = None, device: str 
     from cleanplate.training.discriminator import pass_rates_by_kind, roc_auc, spearman
 
     if limit is not None and limit < 1:
-        raise InputError(f"--limit must be >= 1, got {limit}", code="bad_option")
+        raise InputError(f"--limit must be >= 1, got {limit}", code=ErrorCode.BAD_OPTION)
     entries = _read(Path(meta), limit)
     labels = np.asarray([float(e["score"]) > 0.5 for e in entries])
     if labels.all() or not labels.any():
         raise InputError(f"{meta}: the gate needs good and bad candidates; all {len(labels)} are "
-                         f"{'good' if labels.all() else 'bad'}", code="bad_option")
+                         f"{'good' if labels.all() else 'bad'}", code=ErrorCode.BAD_OPTION)
     root = Path(bundle) if bundle is not None else default_bundle_path()
     if not read_config(root).discriminator:
-        raise InputError(f"bundle {root} has no discriminator, so there is no gate to measure", code="no_discriminator")
+        raise InputError(f"bundle {root} has no discriminator, so there is no gate to measure",
+                         code=ErrorCode.NO_DISCRIMINATOR)
     if threads:
         torch.set_num_threads(threads)
     pipe = RemovalPipeline.from_bundle(root, device=device, dtype=dtype)

@@ -82,7 +82,7 @@ def run_flywheel_round(work: Path, *, bundle: str | Path | None = None, pairs: i
     import torch
 
     from cleanplate.bundle import default_bundle_path
-    from cleanplate.errors import InputError
+    from cleanplate.errors import ErrorCode, InputError
     from cleanplate.training.common import load_config
     from cleanplate.training.disc_labels import make_disc_labels
     from cleanplate.training.discriminator import DiscriminatorConfig, train_discriminator
@@ -92,7 +92,7 @@ def run_flywheel_round(work: Path, *, bundle: str | Path | None = None, pairs: i
 
     if pairs < 2 or cal_pairs < 1 or human_repeat < 1 or disc_steps < 1 or min(label_r1, label_r2) < 0:
         raise InputError("need --pairs >= 2, --cal-pairs, --human-repeat and --disc-steps >= 1, and label counts "
-                         ">= 0", code="bad_option")
+                         ">= 0", code=ErrorCode.BAD_OPTION)
     config = {"work": str(work), "bundle": str(bundle) if bundle else None, "pairs": pairs, "cal_pairs": cal_pairs,
               "seed": seed, "size": size, "label_r1": label_r1, "label_r2": label_r2, "psnr_yes": psnr_yes,
               "human_repeat": human_repeat, "disc_steps": disc_steps, "fresh": fresh}

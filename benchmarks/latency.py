@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from cleanplate.engines import ENGINE_NAMES
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 from .common import StageClock, environment, fmt_ms, promo_payload, pyplot, save_figure, summarize_ms, with_environment
 
@@ -290,11 +290,11 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
     from cleanplate.bundle import default_bundle_path, read_config
 
     if engine not in ENGINES:
-        raise InputError(f"unknown engine {engine!r}; use one of {ENGINES}", code="bad_option")
+        raise InputError(f"unknown engine {engine!r}; use one of {ENGINES}", code=ErrorCode.BAD_OPTION)
     if arch != "bundle" and engine != "torch":
-        raise InputError("--arch applies to the torch engine only", code="bad_option")
+        raise InputError("--arch applies to the torch engine only", code=ErrorCode.BAD_OPTION)
     if warmup < 0 or repeats < 1 or any(b < 1 for b in batches) or (image_size is not None and image_size < 16):
-        raise InputError("need warmup >= 0, repeats >= 1, batch >= 1 and image size >= 16", code="bad_option")
+        raise InputError("need warmup >= 0, repeats >= 1, batch >= 1 and image size >= 16", code=ErrorCode.BAD_OPTION)
     if threads:
         torch.set_num_threads(threads)
     say_ = say
@@ -313,14 +313,14 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
         config, f = pipe.config, pipe.vae_scale_factor
         gate = pipe.discriminator is not None if gate is None else gate
         if gate and pipe.discriminator is None:
-            raise InputError("--gate: this model has no discriminator", code="no_discriminator")
+            raise InputError("--gate: this model has no discriminator", code=ErrorCode.NO_DISCRIMINATOR)
     else:
         config, f = read_config(bundle or default_bundle_path()), 1
     steps = steps or config.steps
     resolutions = list(resolutions or [config.resolution])
     if not 1 <= steps <= 50 or any(r < 16 or r % f for r in resolutions):
         raise InputError(f"steps must be 1..50 and resolutions multiples of {f} px >= 16, got steps {steps}, "
-                         f"resolutions {resolutions}", code="bad_option")
+                         f"resolutions {resolutions}", code=ErrorCode.BAD_OPTION)
     cases = [(r, b) for r in resolutions for b in batches]
     plain_repeats = max(3, repeats // 4) if plain_repeats is None else plain_repeats
     meta: dict[str, Any] = {}
@@ -364,7 +364,7 @@ def _run_onnxruntime(bundle: Any, config: Any, cases: Any, resolutions: list[int
 
     use_gate = bool(config.discriminator) if gate is None else gate
     if use_gate and not config.discriminator:
-        raise InputError("--gate: this bundle has no discriminator", code="no_discriminator")
+        raise InputError("--gate: this bundle has no discriminator", code=ErrorCode.NO_DISCRIMINATOR)
     with tempfile.TemporaryDirectory(prefix="cleanplate-onnx-") as tmp:
         if onnx_dir is None:
             say(f"exporting the bundle to ONNX for {resolutions} px")
@@ -373,7 +373,7 @@ def _run_onnxruntime(bundle: Any, config: Any, cases: Any, resolutions: list[int
         buckets = read_manifest(where)["buckets"]
         missing = [r for r in resolutions if r not in buckets]
         if missing:
-            raise InputError(f"{where} was exported for {buckets} px, not {missing}", code="bad_option")
+            raise InputError(f"{where} was exported for {buckets} px, not {missing}", code=ErrorCode.BAD_OPTION)
         eng = OnnxRuntimeEngine(where, bundle, threads=threads, max_batch=max(batches), window_ms=5)
         out = asyncio.run(_engine_cases(eng, cases, image_size, steps, use_gate, warmup, repeats, seed, say))
     return out, {"model": f"{bundle or default_bundle_path()} exported to ONNX, run by ONNX Runtime in-process",
@@ -391,10 +391,11 @@ def _run_triton(bundle: Any, cases: Any, resolutions: list[int], batches: Sequen
         asyncio.run(_probe(eng))
         missing = [r for r in resolutions if r not in eng.buckets]
         if missing:
-            raise InputError(f"Triton's repository serves resolutions {eng.buckets}, not {missing}", code="bad_option")
+            raise InputError(f"Triton's repository serves resolutions {eng.buckets}, not {missing}",
+                             code=ErrorCode.BAD_OPTION)
         use_gate = eng.threshold is not None if gate is None else gate
         if use_gate and eng.threshold is None:
-            raise InputError("--gate: this Triton repository has no discriminator", code="no_discriminator")
+            raise InputError("--gate: this Triton repository has no discriminator", code=ErrorCode.NO_DISCRIMINATOR)
         out = asyncio.run(_engine_cases(eng, cases, image_size, steps, use_gate, warmup, repeats, seed, say,
                                         stats=lambda: triton_statistics(grpc_url, proto)))
         return out, {"model": f"{bundle or default_bundle_path()} exported to a Triton repository", "triton": where,
@@ -411,7 +412,7 @@ async def _probe(engine: Any) -> None:
     try:
         await asyncio.wait_for(engine.start(), 60)
     except asyncio.TimeoutError as exc:
-        raise InputError(f"no ready Triton at {engine.url}", code="bad_option") from exc
+        raise InputError(f"no ready Triton at {engine.url}", code=ErrorCode.BAD_OPTION) from exc
     finally:
         await engine.close()
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 from .common import environment, fmt_ms, pyplot, save_figure, with_environment
 
@@ -197,9 +197,10 @@ def run_load_levels(url: str | None = None, *, concurrency: Sequence[int] = (1, 
         InputError: a level < 1, duration <= 0, only one of image/mask, or a server that is not ready.
     """
     if not concurrency or any(c < 1 for c in concurrency) or duration_s <= 0 or warmup_requests < 0:
-        raise InputError("need concurrency levels >= 1, --duration > 0 and warm-up requests >= 0", code="bad_option")
+        raise InputError("need concurrency levels >= 1, --duration > 0 and warm-up requests >= 0",
+                         code=ErrorCode.BAD_OPTION)
     if (image is None) != (mask is None):
-        raise InputError("give both --image and --mask, or neither (the built-in request)", code="bad_option")
+        raise InputError("give both --image and --mask, or neither (the built-in request)", code=ErrorCode.BAD_OPTION)
     payload = "built-in: scikit-image coffee 600x400 JPEG, 100x60 px sticker mask"
     if image is None:
         image, mask = request_payload()
@@ -222,9 +223,9 @@ def run_load_levels(url: str | None = None, *, concurrency: Sequence[int] = (1, 
         try:
             ready = httpx.get(url + "/readyz", timeout=30, headers=headers).status_code
         except httpx.HTTPError as exc:
-            raise InputError(f"no gateway answers at {url}: {exc}", code="bad_option") from exc
+            raise InputError(f"no gateway answers at {url}: {exc}", code=ErrorCode.BAD_OPTION) from exc
         if ready != 200:
-            raise InputError(f"{url}/readyz answered {ready}: the gateway is not ready", code="bad_option")
+            raise InputError(f"{url}/readyz answered {ready}: the gateway is not ready", code=ErrorCode.BAD_OPTION)
         for i in range(warmup_requests):
             httpx.post(url + "/v1/remove", files={"image": ("warmup.jpg", image), "mask": ("m.png", mask)},
                        data={"seed": str(i)}, headers=headers, timeout=timeout_s)

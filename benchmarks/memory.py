@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 from cleanplate.admission import MiB
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 from .common import environment, pyplot, save_figure, with_environment
 
@@ -142,7 +142,7 @@ def run_memory(*, megapixels: float = 40.0, burst: int = 16, soak_clients: int =
     if megapixels <= 0 or burst < 1 or soak_clients < 1 or soak_minutes <= 0 or batch_items < 0 \
             or batch_concurrency < 1 or not 0 <= soak_from_minute < soak_minutes:
         raise InputError("need --megapixels > 0, --burst/--soak-clients/--batch-concurrency >= 1, --soak-minutes "
-                         "> 0 and 0 <= --soak-from < --soak-minutes", code="bad_option")
+                         "> 0 and 0 <= --soak-from < --soak-minutes", code=ErrorCode.BAD_OPTION)
     say(f"making a {megapixels:g} MP request")
     image, mask = big_request(megapixels)
     header = imaging.read_header(image)
@@ -206,7 +206,7 @@ def _gauge(url: str, name: str) -> float:
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
-    raise InputError(f"the gateway at {url} does not export {name}", code="bad_option")
+    raise InputError(f"the gateway at {url} does not export {name}", code=ErrorCode.BAD_OPTION)
 
 
 def _count(values: Any) -> dict[str, int]:

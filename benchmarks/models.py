@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from cleanplate.bundle import SDXL_INPAINT_UNET_CONFIG, SDXL_LCM_SCHEDULER, BundleConfig, NullConditioning
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 ARCHS = ("bundle", "tiny", "sdxl")
 
@@ -176,13 +176,13 @@ def build_parts(arch: str = "bundle", *, bundle: str | Path | None = None, devic
     from cleanplate.pipeline import resolve_device, resolve_dtype
 
     if arch not in ARCHS:
-        raise InputError(f"unknown arch {arch!r}; use one of {ARCHS}", code="bad_option")
+        raise InputError(f"unknown arch {arch!r}; use one of {ARCHS}", code=ErrorCode.BAD_OPTION)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if arch == "sdxl" and dev.type not in ("cuda", "meta"):  # meta: build the shapes only (tests)
         raise InputError("--arch sdxl builds the full-size SDXL-inpainting UNet (2.6 B parameters) and both SDXL text "
                          "encoders with random weights in fp16; it needs a CUDA GPU (about 8 GB of GPU memory, 12 GB "
-                         f"while building), and this run's device is {dev}", code="bad_option")
+                         f"while building), and this run's device is {dev}", code=ErrorCode.BAD_OPTION)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="cleanplate-tok-") as tmp:
         tokenizer, tokenizer_2 = byte_level_tokenizers(Path(tmp))

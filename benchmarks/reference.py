@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 from .common import StageClock, environment, fmt_ms, promo_payload, pyplot, save_figure, summarize_ms, with_environment
 
@@ -121,7 +121,7 @@ def run_reference(*, arch: str = "bundle", bundle: str | Path | None = None, res
     from .models import build_parts
 
     if warmup < 0 or repeats < 1 or not 1 <= steps <= 50:
-        raise InputError("need warmup >= 0, repeats >= 1 and steps in 1..50", code="bad_option")
+        raise InputError("need warmup >= 0, repeats >= 1 and steps in 1..50", code=ErrorCode.BAD_OPTION)
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -134,7 +134,7 @@ def run_reference(*, arch: str = "bundle", bundle: str | Path | None = None, res
     f = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     if r % max(8, f) or r < 16:
         raise InputError(f"resolution must be a multiple of {max(8, f)} px (diffusers' pipeline needs 8), got {r}",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     size = image_size or r
     ref = diffusers_pipeline(parts)
     conditioning = parts.null_conditioning()

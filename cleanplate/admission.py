@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from .errors import InputError, QueueFull
+from .errors import ErrorCode, InputError, QueueFull
 from .imaging import ImageHeader
 
 log = logging.getLogger("cleanplate.admission")
@@ -68,7 +68,8 @@ class MemoryBudget:
     def __init__(self, capacity_bytes: int, *, max_waiting: int = 64, retry_after_s: int = 1,
                  on_drain: Callable[[], None] | None = None) -> None:
         if capacity_bytes < 1:
-            raise InputError(f"the memory budget must be positive, got {capacity_bytes} bytes", code="bad_option")
+            raise InputError(f"the memory budget must be positive, got {capacity_bytes} bytes",
+                             code=ErrorCode.BAD_OPTION)
         self.capacity, self.max_waiting, self.retry_after_s = capacity_bytes, max_waiting, retry_after_s
         self.in_use = 0
         self.on_drain = on_drain
@@ -84,7 +85,7 @@ class MemoryBudget:
         if cost > self.capacity:
             raise InputError(f"{what} needs about {cost / MiB:.0f} MiB of working memory, more than this server's "
                              f"whole budget of {self.capacity / MiB:.0f} MiB; send a smaller image",
-                             code="over_budget")
+                             code=ErrorCode.OVER_BUDGET)
 
     @asynccontextmanager
     async def reserve(self, cost: int, what: str = "this request") -> AsyncIterator[None]:

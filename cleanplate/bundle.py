@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import BundleError
+from .errors import BundleError, ErrorCode
 from .imaging import write_atomic
 from .masked_source import CLASSICAL_FILLS
 
@@ -156,7 +156,7 @@ class NullConditioning:
         tensors = load_file(str(path))
         missing = {"prompt_embeds", "pooled_prompt_embeds"} - tensors.keys()
         if missing:
-            raise BundleError(f"{path} lacks tensors {sorted(missing)}", code="bad_bundle")
+            raise BundleError(f"{path} lacks tensors {sorted(missing)}", code=ErrorCode.BAD_BUNDLE)
         return cls(tensors["prompt_embeds"], tensors["pooled_prompt_embeds"])
 
 
@@ -179,7 +179,7 @@ def default_bundle_path() -> Path:
 
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
-        raise BundleError(f"bundle is missing {what}: {path}", code="bad_bundle")
+        raise BundleError(f"bundle is missing {what}: {path}", code=ErrorCode.BAD_BUNDLE)
     return path
 
 

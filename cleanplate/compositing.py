@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from .errors import ErrorCode, InputError
 from .imaging import DecodedImage
 
 
@@ -49,9 +49,9 @@ def context_crop_box(mask: np.ndarray, resolution: int, *, margin: float = 0.25,
     """
     if resolution < 1 or margin < 0 or min_margin_px < 0:
         raise InputError(f"bad crop options: resolution={resolution}, margin={margin}, "
-                         f"min_margin_px={min_margin_px}", code="bad_option")
+                         f"min_margin_px={min_margin_px}", code=ErrorCode.BAD_OPTION)
     if not mask.any():
-        raise InputError("mask is empty: nothing to remove", code="empty_mask")
+        raise InputError("mask is empty: nothing to remove", code=ErrorCode.EMPTY_MASK)
     h, w = mask.shape
     bx, by, bw, bh = cv2.boundingRect(mask.astype(np.uint8))
     m = max(bw, bh)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import InputError
+from .errors import ErrorCode, InputError
 
 CHART_DIR = Path(__file__).resolve().parent.parent / "helm" / "cleanplate"
 PROFILES = {"default": None, "cpu": "values-cpu.yaml", "gpu": "values-gpu.yaml"}
@@ -103,7 +103,7 @@ def _helm() -> Any:
         import helm_python
     except ImportError as exc:  # an install without the test extra
         raise InputError("cleanplate deploy needs helm-python-sdk: pip install -e '.[test]'",
-                         code="missing_dependency") from exc
+                         code=ErrorCode.MISSING_DEPENDENCY) from exc
     return helm_python
 
 
@@ -114,7 +114,7 @@ def chart_path(chart: Path | None = None) -> Path:
     """
     path = Path(chart) if chart is not None else CHART_DIR
     if not (path / "Chart.yaml").is_file():
-        raise InputError(f"no Helm chart (Chart.yaml) in {path}; pass --chart", code="bad_option")
+        raise InputError(f"no Helm chart (Chart.yaml) in {path}; pass --chart", code=ErrorCode.BAD_OPTION)
     return path
 
 
@@ -135,11 +135,11 @@ def merge_values(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[s
 def _read_values(path: Path) -> dict[str, Any]:
     helm = _helm()
     if not path.is_file():
-        raise InputError(f"values file not found: {path}", code="bad_option")
+        raise InputError(f"values file not found: {path}", code=ErrorCode.BAD_OPTION)
     try:
         return helm.values_from_yaml(path.read_text()) or {}
     except helm.HelmError as exc:
-        raise InputError(f"values file {path}: {_one_line(exc)}", code="bad_option") from exc
+        raise InputError(f"values file {path}: {_one_line(exc)}", code=ErrorCode.BAD_OPTION) from exc
 
 
 def load_values(profile: str = "default", files: Iterable[Path] = (), sets: Iterable[str] = (),
@@ -152,7 +152,7 @@ def load_values(profile: str = "default", files: Iterable[Path] = (), sets: Iter
     helm = _helm()
     chart = chart_path(chart)
     if profile not in PROFILES:
-        raise InputError(f"unknown profile {profile!r}: one of {', '.join(PROFILES)}", code="bad_option")
+        raise InputError(f"unknown profile {profile!r}: one of {', '.join(PROFILES)}", code=ErrorCode.BAD_OPTION)
     values: dict[str, Any] = {}
     if PROFILES[profile]:
         values = _read_values(chart / PROFILES[profile])
@@ -162,7 +162,7 @@ def load_values(profile: str = "default", files: Iterable[Path] = (), sets: Iter
         try:
             values = merge_values(values, helm.parse_set_string(expression))
         except helm.HelmError as exc:
-            raise InputError(f"--set {expression}: {_one_line(exc)}", code="bad_option") from exc
+            raise InputError(f"--set {expression}: {_one_line(exc)}", code=ErrorCode.BAD_OPTION) from exc
     return values
 
 
@@ -182,7 +182,7 @@ def render(values: Mapping[str, Any] | None = None, *, chart: Path | None = None
         with helm.Chart.load(chart) as loaded:
             return loaded.render(dict(values or {}), name=name, namespace=namespace, is_install=True)
     except helm.HelmError as exc:
-        raise InputError(_one_line(exc), code="bad_option") from exc
+        raise InputError(_one_line(exc), code=ErrorCode.BAD_OPTION) from exc
 
 
 def manifests(rendered: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -239,7 +239,7 @@ def schema_errors(objects: Iterable[Mapping[str, Any]], kube_version: str | None
         from kubernetes_validate.utils import latest_version
     except ImportError as exc:
         raise InputError("validation needs kubernetes-validate: pip install -e '.[test]'",
-                         code="missing_dependency") from exc
+                         code=ErrorCode.MISSING_DEPENDENCY) from exc
     version = kube_version or latest_version()
     monitor = jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA)
     errors = []
@@ -255,7 +255,7 @@ def schema_errors(objects: Iterable[Mapping[str, Any]], kube_version: str | None
         except kubernetes_validate.SchemaNotFoundError as exc:
             errors.append(f"{_ref(obj)}: {exc.message}")
         except kubernetes_validate.VersionNotSupportedError as exc:
-            raise InputError(exc.message, code="bad_option") from exc
+            raise InputError(exc.message, code=ErrorCode.BAD_OPTION) from exc
     return errors
 
 
@@ -411,7 +411,7 @@ def render_command(
     if check:
         problems = validate(objects, kube_version)
         if problems:
-            raise InputError(f"{len(problems)} problem(s): " + "; ".join(problems), code="invalid_manifest")
+            raise InputError(f"{len(problems)} problem(s): " + "; ".join(problems), code=ErrorCode.INVALID_MANIFEST)
     if out is None:
         for path, text in sorted(rendered.items()):
             if not path.endswith(NOTES) and text.strip():
@@ -427,5 +427,5 @@ def lint_command(profile: ProfileOpt = "default", values: ValuesOpt = None, set_
     """`helm lint --strict` the chart with a profile plus values files; exit 2 on any warning or error."""
     problems = lint(load_values(profile, values or [], set_ or [], chart=chart), chart=chart)
     if problems:
-        raise InputError(f"helm lint: {'; '.join(problems)}", code="lint")
+        raise InputError(f"helm lint: {'; '.join(problems)}", code=ErrorCode.LINT)
     typer.echo(f"helm lint: {chart_path(chart)} ({profile}) clean", err=True)

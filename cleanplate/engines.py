@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
-from .errors import CleanplateError, InputError, QueueFull
+from .errors import CleanplateError, ErrorCode, InputError, QueueFull
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,7 +64,7 @@ class EngineOptions(BaseModel):
 class EngineUnavailable(CleanplateError):
     """The engine is loading, stopped or unreachable (HTTP 503)."""
 
-    code = "engine_unavailable"
+    code = ErrorCode.ENGINE_UNAVAILABLE
 
 
 class Engine(Protocol):
@@ -256,7 +256,7 @@ class BatchedEngine:
         if self.model is None:
             raise EngineUnavailable("the model is still loading")
         if not 1 <= steps <= MAX_STEPS:  # here, not in the batch: a bad request must not fail its batch-mates
-            raise InputError(f"steps must be in 1..{MAX_STEPS}, got {steps}", code="bad_option")
+            raise InputError(f"steps must be in 1..{MAX_STEPS}, got {steps}", code=ErrorCode.BAD_OPTION)
         return await self._inpaint.submit(InpaintItem(crop, mask, seed, steps))
 
     async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:
@@ -264,7 +264,7 @@ class BatchedEngine:
             raise EngineUnavailable("the model is still loading")
         if self.threshold is None:
             raise InputError("this model has no discriminator, so the quality gate and scoring are unavailable",
-                             code="no_discriminator")
+                             code=ErrorCode.NO_DISCRIMINATOR)
         return await self._score.submit(ScoreItem(source, result, mask))
 
     def _run_inpaint(self, items: list[InpaintItem]) -> list[np.ndarray]:
@@ -371,7 +371,7 @@ class OpenCVEngine:
 
     async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:
         raise InputError("the opencv engine has no discriminator, so the quality gate and scoring are unavailable",
-                         code="no_discriminator")
+                         code=ErrorCode.NO_DISCRIMINATOR)
 
 
 def make_engine(options: EngineOptions, on_batch: Callable[[str, int, float], None] | None = None) -> Engine:
@@ -390,7 +390,7 @@ def make_engine(options: EngineOptions, on_batch: Callable[[str, int, float], No
 
         if options.onnx_dir is None:
             raise InputError("the onnxruntime engine needs onnx_dir: a `cleanplate export onnx BUNDLE DIR` directory",
-                             code="bad_option")
+                             code=ErrorCode.BAD_OPTION)
         return OnnxRuntimeEngine(options.onnx_dir, options.bundle, threads=options.onnx_threads,
                                  max_batch=options.max_batch, window_ms=options.batch_window_ms,
                                  max_queue=options.max_queue, on_batch=on_batch)

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-from cleanplate.errors import CleanplateError, InputError
+from cleanplate.errors import CleanplateError, ErrorCode, InputError
 
 DEFAULT_MAX_PIXELS: int = 64_000_000  # decompression-bomb limit
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"})  # what folders are read for
@@ -121,15 +121,15 @@ def _decoding(name: str, raw: bytes = b"") -> Iterator[None]:
         except CleanplateError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InputError(f"{name} is too large to decode: {e}", code="too_many_pixels") from e
+            raise InputError(f"{name} is too large to decode: {e}", code=ErrorCode.TOO_MANY_PIXELS) from e
         except UnidentifiedImageError as e:
             if raw.startswith(_SIGNATURES) or raw[8:12] == b"WEBP":
-                raise InputError(f"cannot read {name}: its header is corrupt", code="unreadable_image") from e
+                raise InputError(f"cannot read {name}: its header is corrupt", code=ErrorCode.UNREADABLE_IMAGE) from e
             raise InputError(f"cannot read {name}: not an image format this server reads (PNG, JPEG, WEBP, TIFF, "
-                             f"BMP, GIF)", code="unsupported_image") from e
+                             f"BMP, GIF)", code=ErrorCode.UNSUPPORTED_IMAGE) from e
         except _DECODE_ERRORS as e:
             reason = (str(e).splitlines() or [type(e).__name__])[0]
-            raise InputError(f"cannot read {name}: {reason}", code="unreadable_image") from e
+            raise InputError(f"cannot read {name}: {reason}", code=ErrorCode.UNREADABLE_IMAGE) from e
 
 
 def _pil_array(im: Image.Image) -> np.ndarray:
@@ -195,7 +195,7 @@ def decode_image(data: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_M
         w, h = im.size
         if w * h > max_pixels:
             raise InputError(f"{name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
-                             code="too_many_pixels")
+                             code=ErrorCode.TOO_MANY_PIXELS)
         tile = im.tile[0].args if im.tile else None  # before getexif(): it may load (PNG) and clear tile
         rawmode = tile[0] if isinstance(tile, tuple) else tile
         orientation, exif = _exif(im)
@@ -203,7 +203,7 @@ def decode_image(data: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT_M
             # Pillow would silently drop to 8 bits per channel; OpenCV keeps 16.
             arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
             if arr is None or arr.ndim != 3:
-                raise InputError(f"cannot read {name}: OpenCV could not decode it", code="unreadable_image")
+                raise InputError(f"cannot read {name}: OpenCV could not decode it", code=ErrorCode.UNREADABLE_IMAGE)
             arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
         else:
             im.load()
@@ -290,7 +290,7 @@ def mask_from_alpha(image: DecodedImage) -> np.ndarray:
     """
     if image.alpha is None:
         raise InputError(f"the image (mode {image.mode}) has no alpha channel to take the mask from",
-                         code="no_alpha")
+                         code=ErrorCode.NO_ALPHA)
     return image.alpha < _half(image.alpha.dtype)
 
 
@@ -305,12 +305,12 @@ def validate_mask(mask: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     w, h = image_size
     if mask.ndim != 2 or mask.shape != (h, w):
         got = f"{mask.shape[1]}x{mask.shape[0]}" if mask.ndim == 2 else f"shape {mask.shape}"
-        raise InputError(f"mask is {got} but the image is {w}x{h}", code="size_mismatch")
+        raise InputError(f"mask is {got} but the image is {w}x{h}", code=ErrorCode.SIZE_MISMATCH)
     mask = mask if mask.dtype == bool else mask != 0
     if not mask.any():
-        raise InputError("mask is empty: nothing to remove", code="empty_mask")
+        raise InputError("mask is empty: nothing to remove", code=ErrorCode.EMPTY_MASK)
     if mask.all():
-        raise InputError("mask covers the whole image: nothing left to fill from", code="full_mask")
+        raise InputError("mask covers the whole image: nothing left to fill from", code=ErrorCode.FULL_MASK)
     return mask
 
 
@@ -322,9 +322,10 @@ def dilate_mask(mask: np.ndarray, dilate_px: int, kernel: Literal["disc", "squar
         InputError: "bad_option" for a negative or non-integer radius or an unknown kernel.
     """
     if isinstance(dilate_px, bool) or not isinstance(dilate_px, (int, np.integer)) or dilate_px < 0:
-        raise InputError(f"dilation must be a whole number of pixels >= 0, got {dilate_px!r}", code="bad_option")
+        raise InputError(f"dilation must be a whole number of pixels >= 0, got {dilate_px!r}",
+                         code=ErrorCode.BAD_OPTION)
     if kernel not in ("disc", "square"):
-        raise InputError(f"unknown dilation kernel {kernel!r} (disc or square)", code="bad_option")
+        raise InputError(f"unknown dilation kernel {kernel!r} (disc or square)", code=ErrorCode.BAD_OPTION)
     r = int(dilate_px)
     if r == 0 or not mask.any():
         return mask.astype(bool, copy=True)
@@ -364,9 +365,9 @@ def encode_image(pixels: np.ndarray, like: DecodedImage, *, fmt: str | None = No
     """
     f = (_norm_format(like.format or "") or "png") if fmt is None else _norm_format(fmt)
     if f is None:
-        raise InputError(f"cannot write format {fmt!r} (png, jpeg, webp, tiff)", code="bad_option")
+        raise InputError(f"cannot write format {fmt!r} (png, jpeg, webp, tiff)", code=ErrorCode.BAD_OPTION)
     if not 1 <= quality <= 100:
-        raise InputError(f"quality must be 1..100, got {quality}", code="bad_option")
+        raise InputError(f"quality must be 1..100, got {quality}", code=ErrorCode.BAD_OPTION)
     px = pixels if pixels.ndim == 3 else pixels[..., None]
     if px.dtype not in (np.uint8, np.uint16) or px.shape[2] not in (1, 3):
         raise ValueError(f"pixels must be (H,W,1|3) uint8/uint16, got {pixels.shape} {pixels.dtype}")
@@ -447,5 +448,5 @@ def format_for_path(path: str | os.PathLike) -> str:
     f = _norm_format(ext) if ext else None
     if f is None:
         raise InputError(f"cannot tell the image format from {os.fspath(path)!r} "
-                         "(use .png, .jpg, .jpeg, .webp, .tif or .tiff)", code="bad_option")
+                         "(use .png, .jpg, .jpeg, .webp, .tif or .tiff)", code=ErrorCode.BAD_OPTION)
     return f

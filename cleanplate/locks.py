@@ -10,7 +10,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import InputError
+from .errors import ErrorCode, InputError
 
 
 @contextmanager
@@ -26,7 +26,7 @@ def exclusive(directory: str | Path, lock_name: str, busy: str) -> Iterator[None
     try:
         lock.acquire()
     except Timeout as exc:
-        raise InputError(busy, code="busy") from exc
+        raise InputError(busy, code=ErrorCode.BUSY) from exc
     try:
         yield
     finally:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .bundle import Bundle, BundleConfig, NullConditioning, load_bundle
-from .errors import InputError
+from .errors import ErrorCode, InputError
 from .masked_source import masked_source
 from .sampling import LCMStep, lcm_schedule, lcm_step, sampling_noise
 
@@ -35,7 +35,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but no CUDA device is available", code="bad_option")
+        raise InputError("--device cuda asked for, but no CUDA device is available", code=ErrorCode.BAD_OPTION)
     return dev
 
 
@@ -43,9 +43,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     """"fp32" | "fp16" | "bf16" (or a torch dtype). fp16 on CPU is refused (slow and unsupported ops)."""
     resolved = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in DTYPES.values():
-        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}", code="bad_option")
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}", code=ErrorCode.BAD_OPTION)
     if resolved is torch.float16 and device.type == "cpu":
-        raise InputError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU", code="bad_option")
+        raise InputError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU", code=ErrorCode.BAD_OPTION)
     return resolved
 
 
@@ -189,10 +189,11 @@ class RemovalPipeline:
             InputError: the bundle has no discriminator, or the shapes disagree.
         """
         if self.discriminator is None:
-            raise InputError("this bundle has no discriminator, so nothing can be scored", code="no_discriminator")
+            raise InputError("this bundle has no discriminator, so nothing can be scored",
+                             code=ErrorCode.NO_DISCRIMINATOR)
         if result.shape != source.shape or result.ndim != 4 or mask.shape != (result.shape[0], 1, *result.shape[2:]):
             raise InputError(f"expected result and source (B,3,H,W) and mask (B,1,H,W), got {tuple(result.shape)}, "
-                             f"{tuple(source.shape)} and {tuple(mask.shape)}", code="bad_option")
+                             f"{tuple(source.shape)} and {tuple(mask.shape)}", code=ErrorCode.BAD_OPTION)
         z_result = self.encode(result.to(self.device))
         z_source = self.encode(source.to(self.device))
         mask_latent = self.discriminator.mask_to_latent(mask.to(self.device), self.vae_scale_factor).to(self.dtype)
@@ -236,13 +237,13 @@ class RemovalPipeline:
         """
         steps = self.config.steps if steps is None else int(steps)
         if not 1 <= steps <= MAX_STEPS:
-            raise InputError(f"steps must be in 1..{MAX_STEPS}, got {steps}", code="bad_option")
+            raise InputError(f"steps must be in 1..{MAX_STEPS}, got {steps}", code=ErrorCode.BAD_OPTION)
         if source.ndim != 4 or source.shape[1] != 3 or mask.shape != (source.shape[0], 1, *source.shape[2:]):
             raise InputError(f"expected source (B,3,H,W) and mask (B,1,H,W), got {tuple(source.shape)} and "
-                             f"{tuple(mask.shape)}", code="bad_option")
+                             f"{tuple(mask.shape)}", code=ErrorCode.BAD_OPTION)
         if len(seeds) != source.shape[0] or any(int(s) < 0 for s in seeds):
             raise InputError(f"need {source.shape[0]} seeds >= 0 for a batch of {source.shape[0]}, got {list(seeds)}",
-                             code="bad_option")
+                             code=ErrorCode.BAD_OPTION)
 
         mark = on_stage or _no_stage
         source, mask = source.to(self.device), mask.to(self.device)

@@ -17,7 +17,7 @@ from anyio import to_thread
 
 from . import imaging
 from .engines import Engine
-from .errors import InputError
+from .errors import ErrorCode, InputError
 from .imaging import DecodedImage
 from .remover import RemovalRequest, composite, prepare, score_crops
 
@@ -66,7 +66,7 @@ async def run_removal(engine: Engine, image: DecodedImage, mask: np.ndarray, opt
     if opts.quality_gate:
         if engine.threshold is None:
             raise InputError(f"the {engine.name} engine has no discriminator, so the quality gate is unavailable",
-                             code="no_discriminator")
+                             code=ErrorCode.NO_DISCRIMINATOR)
         threshold = engine.threshold if opts.threshold is None else opts.threshold
     steps = engine.default_steps if opts.steps is None else opts.steps
     timings: dict[str, float] = {}
@@ -111,7 +111,7 @@ async def run_score(engine: Engine, source: DecodedImage, result: DecodedImage, 
 
     if engine.threshold is None:
         raise InputError(f"the {engine.name} engine has no discriminator, so scoring is unavailable",
-                         code="no_discriminator")
+                         code=ErrorCode.NO_DISCRIMINATOR)
     src, res, crop_mask = await to_thread.run_sync(
         prepare_score, ScoreRequest(source, result, mask, dilate_px), engine.resolution, engine.default_dilate_px)
     return await engine.score(src, res, crop_mask)

@@ -16,7 +16,7 @@ import torch
 
 from . import compositing, imaging
 from .compositing import CropBox
-from .errors import InputError
+from .errors import ErrorCode, InputError
 from .imaging import DecodedImage
 from .pipeline import RemovalPipeline
 
@@ -76,7 +76,8 @@ def prepare(req: RemovalRequest, resolution: int, default_dilate_px: int) -> Pre
     dilate_px = default_dilate_px if req.dilate_px is None else req.dilate_px
     dilated = imaging.dilate_mask(mask, dilate_px)
     if dilated.all():
-        raise InputError("the dilated mask covers the whole image; nothing is left to fill from", code="full_mask")
+        raise InputError("the dilated mask covers the whole image; nothing is left to fill from",
+                         code=ErrorCode.FULL_MASK)
     box = compositing.context_crop_box(dilated, resolution)
     crop, crop_mask = compositing.crop_to_model(req.image.rgb, dilated, box, resolution)
     return Prepared(crop, crop_mask, box, dilated, dilate_px)
@@ -213,7 +214,7 @@ def prepare_score(req: ScoreRequest, resolution: int, default_dilate_px: int) ->
     """
     if req.result.size != req.source.size:
         raise InputError(f"result is {req.result.width}x{req.result.height} but the source is "
-                         f"{req.source.width}x{req.source.height}", code="size_mismatch")
+                         f"{req.source.width}x{req.source.height}", code=ErrorCode.SIZE_MISMATCH)
     mask = imaging.validate_mask(req.mask, req.source.size)
     dilated = imaging.dilate_mask(mask, default_dilate_px if req.dilate_px is None else req.dilate_px)
     box = compositing.context_crop_box(dilated, resolution)

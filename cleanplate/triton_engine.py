@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .engines import EngineUnavailable
-from .errors import InputError, QueueFull
+from .errors import ErrorCode, InputError, QueueFull
 from .masked_source import CLASSICAL_FILLS
 
 log = logging.getLogger("cleanplate.triton")
@@ -49,7 +49,7 @@ class TritonEngine:
                  remove_model: str = REMOVE_MODEL, score_model: str = SCORE_MODEL, timeout_s: float = 30.0,
                  retries: int = 2, max_inflight: int = 64, health_interval_s: float = 2.0) -> None:
         if protocol not in ("grpc", "http"):
-            raise InputError(f"triton protocol must be grpc or http, got {protocol!r}", code="bad_option")
+            raise InputError(f"triton protocol must be grpc or http, got {protocol!r}", code=ErrorCode.BAD_OPTION)
         self.url, self.protocol = url, protocol
         self.remove_model, self.score_model = remove_model, score_model
         self.timeout_s, self.retries, self.max_inflight = timeout_s, retries, max_inflight
@@ -169,7 +169,7 @@ class TritonEngine:
                         raise EngineUnavailable(f"Triton at {self.url} is unavailable: {exc}") from exc
                     if kind == "invalid":
                         raise InputError(f"Triton refused the request to {model}: {_message(exc)}",
-                                         code="bad_option") from exc
+                                         code=ErrorCode.BAD_OPTION) from exc
                     raise
             raise AssertionError("unreachable")
         finally:
@@ -198,7 +198,7 @@ class TritonEngine:
         r = self.resolution
         if crop.shape != (r, r, 3) or crop.dtype != np.uint8 or mask.shape != (r, r):
             raise InputError(f"triton engine needs ({r},{r},3) uint8 crops and ({r},{r}) masks, got {crop.shape} "
-                             f"{crop.dtype} and {mask.shape}", code="bad_option")
+                             f"{crop.dtype} and {mask.shape}", code=ErrorCode.BAD_OPTION)
 
     async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray:
         self._check(crop, mask)
@@ -210,7 +210,7 @@ class TritonEngine:
     async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float:
         if self.threshold is None:
             raise InputError("this Triton repository has no discriminator, so the quality gate and scoring are "
-                             "unavailable", code="no_discriminator")
+                             "unavailable", code=ErrorCode.NO_DISCRIMINATOR)
         self._check(source, mask)
         self._check(result, mask)
         inputs = [self._input("source", source[None], "UINT8"), self._input("result", result[None], "UINT8"),

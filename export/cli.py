@@ -73,12 +73,12 @@ def export_tensorrt_cmd(
     and the tensorrt package)."""
     import json
 
-    from cleanplate.errors import InputError
+    from cleanplate.errors import ErrorCode, InputError
 
     from .tensorrt import build_engines, plan_profiles
 
     if fp16 and bf16:
-        raise InputError("give --fp16 or --bf16, not both", code="bad_option")
+        raise InputError("give --fp16 or --bf16, not both", code=ErrorCode.BAD_OPTION)
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     plan = plan_profiles(onnx_dir, profile, graphs=graph)
     if plan_only:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from cleanplate.bundle import Bundle, NullConditioning, load_bundle
-from cleanplate.errors import ExportError, InputError
+from cleanplate.errors import ErrorCode, ExportError, InputError
 from cleanplate.imaging import write_atomic
 
 GRAPHS = ("unet", "vae_encoder", "vae_decoder", "discriminator")
@@ -318,17 +318,18 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
     f = 2 ** (len(vae_cfg.block_out_channels) - 1)
     buckets = sorted(set(buckets or [b.config.resolution]))
     if max_batch < 1:
-        raise InputError(f"max_batch must be >= 1, got {max_batch}", code="bad_option")
+        raise InputError(f"max_batch must be >= 1, got {max_batch}", code=ErrorCode.BAD_OPTION)
     step = f * 2 ** (len(b.unet.config.block_out_channels) - 1)  # the UNet halves the latent per down block
     if any(r < step or r % step for r in buckets):
         raise InputError(f"resolution buckets must be positive multiples of {step} px for this bundle, got {buckets}",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     modules = graph_modules(b)
     wanted = list(graphs or modules)
     unknown = [g for g in wanted if g not in GRAPHS]
     missing = [g for g in wanted if g in GRAPHS and g not in modules]
     if unknown or missing:
-        raise InputError(f"unknown graphs {unknown}" if unknown else f"the bundle has no {missing[0]}", code="bad_option")
+        raise InputError(f"unknown graphs {unknown}" if unknown else f"the bundle has no {missing[0]}",
+                         code=ErrorCode.BAD_OPTION)
     cond = b.conditioning
     specs = graph_specs(int(vae_cfg.latent_channels), int(cond.prompt_embeds.shape[-1]),
                         int(cond.pooled_prompt_embeds.shape[-1]), int(cond.prompt_embeds.shape[1]))
@@ -388,4 +389,4 @@ def read_manifest(onnx_dir: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not an ONNX export directory ({exc})", code="bad_export") from exc
+        raise InputError(f"{path}: not an ONNX export directory ({exc})", code=ErrorCode.BAD_EXPORT) from exc

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cleanplate.errors import CleanplateError, InputError
+from cleanplate.errors import CleanplateError, ErrorCode, InputError
 from cleanplate.imaging import write_atomic
 
 from .onnx import GRAPHS, ExportError, TensorSpec, read_manifest
@@ -28,7 +28,7 @@ _PROFILE = re.compile(r"^(\d+):(\d+)-(\d+)-(\d+)$")
 class TensorRTUnavailable(CleanplateError):
     """No ``tensorrt`` package or no CUDA GPU here (CLI exit 2)."""
 
-    code = "tensorrt_unavailable"
+    code = ErrorCode.TENSORRT_UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,13 @@ def parse_profile(text: str, max_batch: int | None = None) -> BatchRange:
     """
     m = _PROFILE.match(text.strip())
     if not m:
-        raise InputError(f"profile {text!r} is not RES:MIN-OPT-MAX, e.g. 1024:1-4-8", code="bad_option")
+        raise InputError(f"profile {text!r} is not RES:MIN-OPT-MAX, e.g. 1024:1-4-8", code=ErrorCode.BAD_OPTION)
     res, lo, opt, hi = (int(g) for g in m.groups())
     if not 1 <= lo <= opt <= hi:
-        raise InputError(f"profile {text!r}: need 1 <= min <= opt <= max", code="bad_option")
+        raise InputError(f"profile {text!r}: need 1 <= min <= opt <= max", code=ErrorCode.BAD_OPTION)
     if max_batch is not None and hi > max_batch:
         raise InputError(f"profile {text!r}: max batch {hi} is above the export's max_batch {max_batch}",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     return BatchRange(res, lo, opt, hi)
 
 
@@ -106,12 +106,12 @@ def plan_profiles(onnx_dir: str | Path, profiles: Sequence[str] | None = None, *
     for r in ranges:
         if r.resolution not in manifest["buckets"]:
             raise InputError(f"profile resolution {r.resolution} is not one of the exported buckets "
-                             f"{manifest['buckets']}", code="bad_option")
+                             f"{manifest['buckets']}", code=ErrorCode.BAD_OPTION)
     wanted = list(graphs or manifest["graphs"])
     unknown = [g for g in wanted if g not in manifest["graphs"]]
     if unknown:
         raise InputError(f"graphs {unknown} are not in {onnx_dir} (it has {sorted(manifest['graphs'])})",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     return {g: profiles_for_graph(g, [TensorSpec(t["name"], tuple(t["dims"]), t["dtype"])
                                       for t in manifest["graphs"][g]["inputs"]], ranges, f) for g in wanted}
 
@@ -140,7 +140,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, plan: dict[str, lis
     build failure, with TensorRT's messages).
     """
     if precision not in ("fp32", "fp16", "bf16"):
-        raise InputError(f"precision must be fp32, fp16 or bf16, got {precision!r}", code="bad_option")
+        raise InputError(f"precision must be fp32, fp16 or bf16, got {precision!r}", code=ErrorCode.BAD_OPTION)
     trt = _require_tensorrt()
     say = progress or (lambda msg: None)
     out = Path(out_dir)

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 from cleanplate.imaging import write_atomic
 from cleanplate.pipeline import MAX_STEPS
 
@@ -76,13 +76,13 @@ class RepositoryOptions:
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
-            raise InputError(f"backend must be one of {BACKENDS}, got {self.backend!r}", code="bad_option")
+            raise InputError(f"backend must be one of {BACKENDS}, got {self.backend!r}", code=ErrorCode.BAD_OPTION)
         for name in ("max_batch", "instances", "bls_instances"):
             if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}", code="bad_option")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}", code=ErrorCode.BAD_OPTION)
         for name in ("queue_delay_us", "max_queue", "intra_op_threads"):
             if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", code="bad_option")
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", code=ErrorCode.BAD_OPTION)
 
 
 # -- config.pbtxt -------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
     say = progress or (lambda msg: None)
     if opts.backend == "tensorrt" and plan_dir is None:
         raise InputError("--backend tensorrt needs --plans DIR from `cleanplate export tensorrt` (built on a GPU)",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     repo = Path(out_repo)
     with tempfile.TemporaryDirectory(prefix="cleanplate-onnx-") as tmp:
         if onnx_dir is None:
@@ -225,14 +225,14 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
         manifest = read_manifest(onnx_dir)
         if manifest["max_batch"] < opts.max_batch:
             raise InputError(f"the ONNX export allows batch <= {manifest['max_batch']}, below --max-batch "
-                             f"{opts.max_batch}", code="bad_option")
+                             f"{opts.max_batch}", code=ErrorCode.BAD_OPTION)
         graphs = manifest["graphs"]
         plan_profiles: dict[str, Any] = {}
         if opts.backend == "tensorrt":
             missing = [f"{g}.plan" for g in graphs if not (Path(plan_dir) / f"{g}.plan").exists()]
             if missing:  # before anything is written: no half-built repository
                 raise InputError(f"{', '.join(missing)} missing in {plan_dir}; build with `cleanplate export tensorrt`",
-                                 code="bad_option")
+                                 code=ErrorCode.BAD_OPTION)
             profiles_file = Path(plan_dir) / "profiles.json"
             plan_profiles = json.loads(profiles_file.read_text()) if profiles_file.exists() else {}
         repo.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from cleanplate.errors import CleanplateError
+from cleanplate.errors import CleanplateError, ErrorCode
 
 # What the Triton side needs; numpy<2 for the python-backend stub (see the module docstring).
 # OpenCV runs the telea masked source inside cleanplate_remove; 4.12 and later require numpy>=2.
@@ -35,7 +35,7 @@ ENV_MARKER = "cleanplate-triton-env.txt"
 class TritonUnavailable(CleanplateError):
     """The Triton environment is missing, or the server did not start (CLI exit 2)."""
 
-    code = "triton_unavailable"
+    code = ErrorCode.TRITON_UNAVAILABLE
 
 
 def default_env_path() -> Path:

@@ -23,7 +23,7 @@ from pydantic_settings import (
 
 from cleanplate.admission import MiB
 from cleanplate.engines import EngineOptions
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 CONFIG_ENV = "CLEANPLATE_CONFIG"
 _config_file: Path | None = None  # set by load_settings for the duration of one Settings() call
@@ -77,7 +77,7 @@ class Settings(BaseSettings, EngineOptions):
 
 def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
     if not path.is_file():
-        raise InputError(f"config file not found: {path}", code="bad_option")
+        raise InputError(f"config file not found: {path}", code=ErrorCode.BAD_OPTION)
     suffix = path.suffix.lower()
     if suffix == ".json":
         return JsonConfigSettingsSource(settings_cls, json_file=path)
@@ -85,7 +85,7 @@ def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSe
         return TomlConfigSettingsSource(settings_cls, toml_file=path)
     if suffix in (".yaml", ".yml"):
         return YamlConfigSettingsSource(settings_cls, yaml_file=path)
-    raise InputError(f"config file must be .json, .toml or .yaml: {path}", code="bad_option")
+    raise InputError(f"config file must be .json, .toml or .yaml: {path}", code=ErrorCode.BAD_OPTION)
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -100,8 +100,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(map(str, err["loc"])) or "settings"
-        raise InputError(f"settings: {where}: {err['msg']}", code="bad_option") from exc
+        raise InputError(f"settings: {where}: {err['msg']}", code=ErrorCode.BAD_OPTION) from exc
     except ValueError as exc:  # a config file that does not parse
-        raise InputError(f"settings: {exc}", code="bad_option") from exc
+        raise InputError(f"settings: {exc}", code=ErrorCode.BAD_OPTION) from exc
     finally:
         _config_file = None

@@ -24,7 +24,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cleanplate import compositing, imaging
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 log = logging.getLogger("cleanplate.training")
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -69,13 +69,13 @@ def load_config(cls: type[BaseModel], path: Path | None, overrides: dict[str, An
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read config {path}: {exc}", code="bad_option") from exc
+            raise InputError(f"cannot read config {path}: {exc}", code=ErrorCode.BAD_OPTION) from exc
     data.update({k: v for k, v in overrides.items() if v is not None and v != []})
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise InputError(f"config: {'.'.join(map(str, err['loc']))}: {err['msg']}", code="bad_option") from exc
+        raise InputError(f"config: {'.'.join(map(str, err['loc']))}: {err['msg']}", code=ErrorCode.BAD_OPTION) from exc
 
 
 def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
@@ -92,7 +92,7 @@ def load_model_config(path_or_name: str | Path) -> dict[str, Any]:
     if not path.exists():
         path = CONFIG_DIR / f"{path_or_name}.json"
     if not path.exists():
-        raise InputError(f"model config not found: {path_or_name}", code="bad_option")
+        raise InputError(f"model config not found: {path_or_name}", code=ErrorCode.BAD_OPTION)
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
@@ -121,14 +121,14 @@ def read_meta_entries(paths: Sequence[str | Path], keys: Sequence[str],
         try:
             entries = json.loads(meta.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {meta}: {exc}", code="bad_option") from exc
+            raise InputError(f"cannot read {meta}: {exc}", code=ErrorCode.BAD_OPTION) from exc
         for i, e in enumerate(entries):
             try:
                 out.append(([meta.parent / e[k] for k in keys], e))
             except (KeyError, TypeError) as exc:
-                raise InputError(f"{meta} entry {i}: needs {need}", code="bad_option") from exc
+                raise InputError(f"{meta} entry {i}: needs {need}", code=ErrorCode.BAD_OPTION) from exc
     if not out:
-        raise InputError(f"no {what} in {', '.join(map(str, paths))}", code="bad_option")
+        raise InputError(f"no {what} in {', '.join(map(str, paths))}", code=ErrorCode.BAD_OPTION)
     return out
 
 
@@ -160,7 +160,7 @@ class TripletDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[Triplet], resolution: int, dilate_range: tuple[int, int] = (0, 0),
                  flip: bool = True, crop_window: str = "random") -> None:
         if crop_window not in ("random", "serving"):
-            raise InputError(f"crop_window must be random or serving, got {crop_window!r}", code="bad_option")
+            raise InputError(f"crop_window must be random or serving, got {crop_window!r}", code=ErrorCode.BAD_OPTION)
         self.items, self.resolution, self.dilate_range, self.flip = list(items), resolution, dilate_range, flip
         self.crop_window = crop_window
 

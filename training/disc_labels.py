@@ -119,7 +119,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cleanplate import imaging
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 from cleanplate.locks import exclusive
 from cleanplate.metrics import psnr, ssim, telea
 
@@ -341,11 +341,11 @@ def _load(item: Triplet, index: int) -> tuple[Rgb, Mask, Rgb]:
         src = np.asarray(Image.open(item.source).convert("RGB"))
         gt = np.asarray(Image.open(item.gt).convert("RGB"))
     except OSError as exc:
-        raise InputError(f"item {index}: cannot read image: {exc}", code="bad_input") from exc
+        raise InputError(f"item {index}: cannot read image: {exc}", code=ErrorCode.BAD_INPUT) from exc
     mask = imaging.decode_mask(item.mask)
     if not src.shape == gt.shape == mask.shape + (3,):
         raise InputError(f"item {index} ({item.source}): source {src.shape[:2]}, GT {gt.shape[:2]} and mask "
-                         f"{mask.shape} sizes differ", code="size_mismatch")
+                         f"{mask.shape} sizes differ", code=ErrorCode.SIZE_MISMATCH)
     return src, mask, gt
 
 
@@ -409,26 +409,27 @@ def _check_options(per_item: int, seed: int, positive_fraction: float, limit: in
     """Validate; return K (0 without a bundle). Raises InputError ("bad_option") naming the option."""
     low = 0 if bundle is not None else 1
     if int(per_item) != per_item or per_item < low:
-        raise InputError(f"per_item must be an integer >= {low}, got {per_item}", code="bad_option")
+        raise InputError(f"per_item must be an integer >= {low}, got {per_item}", code=ErrorCode.BAD_OPTION)
     if not 0.0 <= positive_fraction <= 1.0:
-        raise InputError(f"positive_fraction must be in [0, 1], got {positive_fraction}", code="bad_option")
+        raise InputError(f"positive_fraction must be in [0, 1], got {positive_fraction}", code=ErrorCode.BAD_OPTION)
     if int(seed) != seed or seed < 0:
-        raise InputError(f"seed must be an integer >= 0, got {seed}", code="bad_option")
+        raise InputError(f"seed must be an integer >= 0, got {seed}", code=ErrorCode.BAD_OPTION)
     if limit is not None and limit < 1:
-        raise InputError(f"limit must be >= 1, got {limit}", code="bad_option")
+        raise InputError(f"limit must be >= 1, got {limit}", code=ErrorCode.BAD_OPTION)
     if not (math.isfinite(psnr_good) and 0 < psnr_good <= 100):
-        raise InputError(f"psnr_good must be in (0, 100] dB, got {psnr_good}", code="bad_option")
+        raise InputError(f"psnr_good must be in (0, 100] dB, got {psnr_good}", code=ErrorCode.BAD_OPTION)
     if not -1.0 <= ssim_good <= 1.0:
-        raise InputError(f"ssim_good must be in [-1, 1], got {ssim_good}", code="bad_option")
+        raise InputError(f"ssim_good must be in [-1, 1], got {ssim_good}", code=ErrorCode.BAD_OPTION)
     if not (math.isfinite(max_cast) and max_cast >= 0):
-        raise InputError(f"max_cast must be >= 0 levels (255 turns it off), got {max_cast}", code="bad_option")
+        raise InputError(f"max_cast must be >= 0 levels (255 turns it off), got {max_cast}", code=ErrorCode.BAD_OPTION)
     if bundle is None:
         if removals_per_item is not None:
-            raise InputError("removals_per_item needs a bundle (--bundle) whose removals to label", code="bad_option")
+            raise InputError("removals_per_item needs a bundle (--bundle) whose removals to label",
+                             code=ErrorCode.BAD_OPTION)
         return 0
     k = DEFAULT_REMOVALS_PER_ITEM if removals_per_item is None else removals_per_item
     if int(k) != k or k < 1:
-        raise InputError(f"removals_per_item must be an integer >= 1, got {k}", code="bad_option")
+        raise InputError(f"removals_per_item must be an integer >= 1, got {k}", code=ErrorCode.BAD_OPTION)
     return int(k)
 
 
@@ -571,7 +572,7 @@ def make_disc_labels(meta: Sequence[str | Path], out_dir: str | Path, *, per_ite
                     cands = _candidates(src, mask, gt, i, pipe=pipe, seeds=range(seed, seed + k), per_item=per_item,
                                         seed=seed, positive_fraction=positive_fraction, balance=balance, rule=rule)
                 except InputError as exc:
-                    if exc.code != "full_mask":
+                    if exc.code != ErrorCode.FULL_MASK:
                         raise
                     reason = str(exc)
             rel = {"source": Path(os.path.relpath(item.source, out)).as_posix(),
@@ -589,7 +590,7 @@ def make_disc_labels(meta: Sequence[str | Path], out_dir: str | Path, *, per_ite
         log.warning("disc labels: skipped %d of %d items (empty mask, or a dilated mask covering the image)",
                     skipped, len(items))
     if not entries:
-        raise InputError("no input item has a usable (non-empty) mask", code="bad_option")
+        raise InputError("no input item has a usable (non-empty) mask", code=ErrorCode.BAD_OPTION)
     meta_path = out / "meta.json"
     tmp = meta_path.with_name("meta.json.tmp")
     tmp.write_text(json.dumps(entries, indent=1) + "\n")

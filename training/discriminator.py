@@ -41,7 +41,7 @@ from pydantic import Field
 from cleanplate import compositing, imaging
 from cleanplate.bundle import attach_discriminator, load_bundle
 from cleanplate.discriminator import Discriminator
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.remover import crops_to_tensors, masks_to_tensor, score_crops
 
@@ -89,7 +89,7 @@ class DiscriminatorDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[Triplet], resolution: int, dilate_range: tuple[int, int], flip: bool) -> None:
         if any(item.score is None for item in items):
             raise InputError("discriminator training needs a 'score' (0 or 1) on every meta.json entry",
-                             code="bad_option")
+                             code=ErrorCode.BAD_OPTION)
         self.items, self.resolution, self.dilate_range, self.flip = list(items), resolution, dilate_range, flip
 
     def __len__(self) -> int:
@@ -115,7 +115,8 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
-        raise InputError(f"ROC AUC needs both labels; got {n_pos} positives and {n_neg} negatives", code="bad_option")
+        raise InputError(f"ROC AUC needs both labels; got {n_pos} positives and {n_neg} negatives",
+                         code=ErrorCode.BAD_OPTION)
     ranks = _average_ranks(scores)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -143,10 +144,10 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         raise InputError(f"calibration needs both labels; got {n_pos} positives and {n_neg} negatives",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     kind = np.asarray([str(k) for k in kinds]) if kinds is not None else None
     if kind is not None and kind.shape != scores.shape:
-        raise InputError(f"{len(kind)} kinds for {len(scores)} scores", code="bad_option")
+        raise InputError(f"{len(kind)} kinds for {len(scores)} scores", code=ErrorCode.BAD_OPTION)
     gt = kind == "gt" if kind is not None else np.zeros_like(labels)
     src = kind == "source" if kind is not None else np.zeros_like(labels)
 

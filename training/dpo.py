@@ -48,7 +48,7 @@ from pydantic import Field
 
 from cleanplate import compositing, imaging
 from cleanplate.bundle import load_bundle
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.sampling import training_target
 
@@ -105,7 +105,7 @@ class PairDataset(torch.utils.data.Dataset):
             rgb = np.asarray(Image.open(getattr(pair, key)).convert("RGB"))
             if rgb.shape[:2] != (h, w):
                 raise InputError(f"{getattr(pair, key)}: size {rgb.shape[1]}x{rgb.shape[0]} differs from the "
-                                 f"mask's {w}x{h}", code="size_mismatch")
+                                 f"mask's {w}x{h}", code=ErrorCode.SIZE_MISMATCH)
             out[key], crop_mask = compositing.crop_to_model(rgb, mask, box, self.resolution)
         m = imaging.dilate_mask(crop_mask, random.randint(*self.dilate_range))
         if self.flip and random.random() < 0.5:
@@ -130,11 +130,11 @@ def make_dpo_pairs(meta: Sequence[str | Path], out_dir: str | Path, *, per_item:
     from .disc_labels import _load, make_candidate
 
     if int(per_item) != per_item or per_item < 1:
-        raise InputError(f"per_item must be an integer >= 1, got {per_item}", code="bad_option")
+        raise InputError(f"per_item must be an integer >= 1, got {per_item}", code=ErrorCode.BAD_OPTION)
     if int(seed) != seed or seed < 0:
-        raise InputError(f"seed must be an integer >= 0, got {seed}", code="bad_option")
+        raise InputError(f"seed must be an integer >= 0, got {seed}", code=ErrorCode.BAD_OPTION)
     if limit is not None and limit < 1:
-        raise InputError(f"limit must be >= 1, got {limit}", code="bad_option")
+        raise InputError(f"limit must be >= 1, got {limit}", code=ErrorCode.BAD_OPTION)
     items = read_meta(meta)[:limit]
     out = Path(out_dir)
     (out / "rejected").mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def make_dpo_pairs(meta: Sequence[str | Path], out_dir: str | Path, *, per_item:
             os.replace(tmp, out / name)
             entries.append({**rel, "rejected": name, "rejected_kind": kind, "item": i})
     if not entries:
-        raise InputError("no input item has a non-empty mask", code="bad_option")
+        raise InputError("no input item has a non-empty mask", code=ErrorCode.BAD_OPTION)
     path = out / "meta.json"
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(entries, indent=1) + "\n")

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from cleanplate import imaging
-from cleanplate.errors import CleanplateError, InputError
+from cleanplate.errors import CleanplateError, ErrorCode, InputError
 from cleanplate.locks import exclusive
 
 log = logging.getLogger("cleanplate.training")
@@ -101,10 +101,11 @@ def load_pairs(source: str | os.PathLike, masks: str | os.PathLike | None = None
     src = Path(source)
     if src.is_dir():
         if masks is None:
-            raise InputError("a folder of images needs --masks (a folder of same-named masks)", code="bad_option")
+            raise InputError("a folder of images needs --masks (a folder of same-named masks)",
+                             code=ErrorCode.BAD_OPTION)
         mdir = Path(masks)
         if not mdir.is_dir():
-            raise InputError(f"--masks must be a folder: {mdir}", code="bad_option")
+            raise InputError(f"--masks must be a folder: {mdir}", code=ErrorCode.BAD_OPTION)
         by_stem: dict[str, Path] = {}
         for m in sorted(mdir.iterdir()):
             if m.suffix.lower() in imaging.IMAGE_SUFFIXES and not m.name.startswith("."):
@@ -114,28 +115,29 @@ def load_pairs(source: str | os.PathLike, masks: str | os.PathLike | None = None
             if img.suffix.lower() not in imaging.IMAGE_SUFFIXES or img.name.startswith("."):
                 continue
             if img.stem not in by_stem:
-                raise InputError(f"no mask named {img.stem}.* in {mdir}", code="bad_option")
+                raise InputError(f"no mask named {img.stem}.* in {mdir}", code=ErrorCode.BAD_OPTION)
             pairs.append(Pair(img, by_stem[img.stem]))
     elif not src.exists():
-        raise InputError(f"no such file or folder: {src}", code="bad_option")
+        raise InputError(f"no such file or folder: {src}", code=ErrorCode.BAD_OPTION)
     else:
         if masks is not None:
-            raise InputError("--masks goes with a folder of images; a meta.json names each mask", code="bad_option")
+            raise InputError("--masks goes with a folder of images; a meta.json names each mask",
+                             code=ErrorCode.BAD_OPTION)
         try:
             entries = json.loads(src.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {src} as a RORem meta.json: {exc}", code="bad_option") from exc
+            raise InputError(f"cannot read {src} as a RORem meta.json: {exc}", code=ErrorCode.BAD_OPTION) from exc
         if not isinstance(entries, list):
-            raise InputError(f"{src}: a RORem meta.json is a JSON list", code="bad_option")
+            raise InputError(f"{src}: a RORem meta.json is a JSON list", code=ErrorCode.BAD_OPTION)
         pairs = []
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or not isinstance(e.get("source"), str) or not isinstance(e.get("mask"), str):
-                raise InputError(f"{src} entry {i}: needs \"source\" and \"mask\" paths", code="bad_option")
+                raise InputError(f"{src} entry {i}: needs \"source\" and \"mask\" paths", code=ErrorCode.BAD_OPTION)
             gt = e.get("GT")
             pairs.append(Pair(src.parent / e["source"], src.parent / e["mask"],
                               src.parent / gt if isinstance(gt, str) else None))
     if not pairs:
-        raise InputError(f"no (image, mask) pairs in {src}", code="bad_option")
+        raise InputError(f"no (image, mask) pairs in {src}", code=ErrorCode.BAD_OPTION)
     return pairs
 
 
@@ -285,7 +287,7 @@ def generate(pairs: Sequence[Pair], out_dir: str | os.PathLike, *, bundle: str |
     for name, value, low in (("per_pair", per_pair, 1), ("round", round, 1), ("batch_size", batch_size, 1),
                              ("seed", seed, 0)):
         if int(value) != value or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value}", code="bad_option")
+            raise InputError(f"{name} must be an integer >= {low}, got {value}", code=ErrorCode.BAD_OPTION)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = GenerateResult(candidates_file=out / CANDIDATES_FILE)
@@ -506,21 +508,22 @@ def autolabel(directory: str | os.PathLike, *, bundle: str | os.PathLike | None 
     cands = read_candidates(out)
     if not cands:
         raise InputError(f"no candidates in {out / CANDIDATES_FILE}; run `cleanplate flywheel generate` first",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     if round is None:
         round = max(c.round for c in cands)
     cands = [c for c in cands if c.round == round]
     if not cands:
-        raise InputError(f"no candidates of round {round} in {out / CANDIDATES_FILE}", code="bad_option")
+        raise InputError(f"no candidates of round {round} in {out / CANDIDATES_FILE}", code=ErrorCode.BAD_OPTION)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise InputError(f"threshold must be in [0, 1], got {threshold}", code="bad_option")
+        raise InputError(f"threshold must be in [0, 1], got {threshold}", code=ErrorCode.BAD_OPTION)
     source = "option"
     if scorer is None:
         from cleanplate.pipeline import RemovalPipeline
 
         default_t, source_t = bundle_threshold(bundle)
         if default_t is None:
-            raise InputError("this bundle has no discriminator, so it cannot autolabel", code="no_discriminator")
+            raise InputError("this bundle has no discriminator, so it cannot autolabel",
+                             code=ErrorCode.NO_DISCRIMINATOR)
         if threshold is None:
             threshold, source = default_t, source_t
         scorer = discriminator_scorer(RemovalPipeline.from_bundle(bundle, device=device), out)
@@ -542,9 +545,9 @@ def autolabel(directory: str | os.PathLike, *, bundle: str | os.PathLike | None 
         try:
             existing = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {meta_path}: {exc}", code="bad_option") from exc
+            raise InputError(f"cannot read {meta_path}: {exc}", code=ErrorCode.BAD_OPTION) from exc
         if not isinstance(existing, list):
-            raise InputError(f"{meta_path}: a RORem meta.json is a JSON list", code="bad_option")
+            raise InputError(f"{meta_path}: a RORem meta.json is a JSON list", code=ErrorCode.BAD_OPTION)
     kept = [e for e in existing if e.get("round") != round]
     elsewhere = {e.get("item") for e in kept}
     base = meta_path.parent.resolve()

@@ -54,12 +54,12 @@ def generate_cmd(
 ) -> None:
     """Run the bundle over unlabeled (image, mask) pairs and store each result as a candidate. Resumable:
     a rerun makes only the candidates that are missing. Exit 1 when some pairs could not be used."""
-    from cleanplate.errors import InputError
+    from cleanplate.errors import ErrorCode, InputError
 
     from .flywheel import generate, load_pairs
 
     if limit is not None and limit < 1:
-        raise InputError(f"--limit must be >= 1, got {limit}", code="bad_option")
+        raise InputError(f"--limit must be >= 1, got {limit}", code=ErrorCode.BAD_OPTION)
     items = load_pairs(pairs, masks)[:limit]
     result = generate(items, out, bundle=bundle, per_pair=per_pair, seed=seed, round=round, dilate_px=dilate_px,
                       steps=steps, batch_size=batch_size, score=score, device=device,

@@ -55,7 +55,7 @@ from pydantic import Field, model_validator
 
 from cleanplate.bundle import load_bundle
 from cleanplate.discriminator import Discriminator
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.sampling import LCMStep, lcm_schedule, lcm_step
 
@@ -236,7 +236,7 @@ def train_grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> dict:
     schedule = lcm_schedule(config.scheduler, cfg.sampler_steps or config.steps)
     if len(schedule) < 2 and cfg.last_step_std == 0:
         raise InputError("the sampler has no stochastic step: use sampler_steps >= 2 or last_step_std > 0",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     reward = reward_fn or make_reward(cfg, device)
     dataset = TripletDataset(read_meta(cfg.meta), cfg.resolution, cfg.dilate_range)
     run = start_training(accelerator, cfg, unet, dataset, "grpo")

@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 from cleanplate.imaging import write_atomic
 
 DB_NAME = "labels.sqlite"
@@ -89,7 +89,7 @@ def check_labeler(name: str | None) -> str:
     name = (name or "").strip()
     if not name or len(name) > MAX_LABELER_LEN or not name.isprintable():
         raise InputError(f"labeler name must be 1..{MAX_LABELER_LEN} printable characters, got {name!r}",
-                         code="bad_labeler")
+                         code=ErrorCode.BAD_LABELER)
     return name
 
 
@@ -136,13 +136,13 @@ class LabelStore:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
         if not self.dir.is_dir():
-            raise InputError(f"no such flywheel directory: {self.dir}", code="bad_option")
+            raise InputError(f"no such flywheel directory: {self.dir}", code=ErrorCode.BAD_OPTION)
         self.path = self.dir / DB_NAME
         with self._db() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise InputError(f"{self.path}: schema version {version} is newer than this cleanplate",
-                                 code="bad_option")
+                                 code=ErrorCode.BAD_OPTION)
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._synced: tuple[int, int] | None = None
@@ -215,14 +215,14 @@ class LabelStore:
                 "unknown_item" for an id not in the store.
         """
         if label not in LABELS:
-            raise InputError(f"label must be one of {', '.join(LABELS)}, got {label!r}", code="bad_label")
+            raise InputError(f"label must be one of {', '.join(LABELS)}, got {label!r}", code=ErrorCode.BAD_LABEL)
         labeler = check_labeler(labeler)
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT round FROM items WHERE id = ?", (item_id,)).fetchone()
             if row is None:
                 db.execute("ROLLBACK")
-                raise InputError(f"no item {item_id!r} in {self.path}", code="unknown_item")
+                raise InputError(f"no item {item_id!r} in {self.path}", code=ErrorCode.UNKNOWN_ITEM)
             now = utc_now()
             cur = db.execute("INSERT INTO labels (item_id, label, labeler, round, created_at) VALUES (?,?,?,?,?)",
                              (item_id, label, labeler, row["round"], now))
@@ -303,9 +303,9 @@ class LabelStore:
             InputError: "bad_option" for an unknown policy or min_votes < 1.
         """
         if policy not in POLICIES:
-            raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}", code="bad_option")
+            raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}", code=ErrorCode.BAD_OPTION)
         if min_votes < 1:
-            raise InputError(f"min_votes must be >= 1, got {min_votes}", code="bad_option")
+            raise InputError(f"min_votes must be >= 1, got {min_votes}", code=ErrorCode.BAD_OPTION)
         latest: dict[tuple[str, str], Label] = {}
         for lab in self.labels():
             if labelers is None or lab.labeler in labelers:
@@ -366,7 +366,8 @@ class LabelStore:
         entries, counts = self.export_entries(out.parent, policy, min_votes=min_votes, rounds=rounds,
                                               labelers=labelers)
         if not entries:
-            raise InputError(f"no labelled item to export from {self.path} ({_describe(counts)})", code="no_labels")
+            raise InputError(f"no labelled item to export from {self.path} ({_describe(counts)})",
+                             code=ErrorCode.NO_LABELS)
         write_atomic(out, (json.dumps(entries, indent=1) + "\n").encode())
         return counts
 

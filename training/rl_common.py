@@ -103,12 +103,12 @@ def discriminator_scorer(bundle_dir: str | Path, device: torch.device | str, wha
     """A pipeline holding only a bundle's VAE and discriminator on ``device``, for
     :meth:`RemovalPipeline.score` (no UNet is moved). Raises InputError when the bundle has no
     discriminator (``what`` names the option that needs it)."""
-    from cleanplate.errors import InputError
+    from cleanplate.errors import ErrorCode, InputError
 
     b = load_bundle(bundle_dir)
     if b.discriminator is None:
         raise InputError(f"{what} needs a bundle with a discriminator; {bundle_dir} has none (set reward_bundle)",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     device = torch.device(device)
     return RemovalPipeline(None, b.vae.to(device), b.conditioning, b.config, device, torch.float32, torch.float32,
                            b.discriminator.to(device))

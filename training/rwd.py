@@ -35,7 +35,7 @@ import torch
 from pydantic import Field
 
 from cleanplate.bundle import read_config
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 from cleanplate.pipeline import RemovalPipeline
 
 from .common import TrainingRun, read_meta
@@ -125,11 +125,11 @@ def train_rwd(cfg: RWDConfig) -> dict:
     if mode == "auto":
         mode = "label" if all(item.score is not None for item in items) else "data"
     if mode == "label" and any(item.score is None for item in items):
-        raise InputError("reward 'label' needs a 'score' on every meta.json entry", code="bad_option")
+        raise InputError("reward 'label' needs a 'score' on every meta.json entry", code=ErrorCode.BAD_OPTION)
     judge = cfg.reward_bundle or cfg.bundle
     if mode != "label" and not read_config(judge).discriminator:  # fail before training starts
         raise InputError(f"reward {mode!r} needs a bundle with a discriminator; {judge} has none (set "
-                         "reward_bundle)", code="bad_option")
+                         "reward_bundle)", code=ErrorCode.BAD_OPTION)
     weigh = _Weigher(cfg, mode)
     result: dict[str, Any] = distill(cfg, "rwd", weigh)
     return {**result, **weigh.history, "reward": mode}

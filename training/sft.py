@@ -40,7 +40,7 @@ from pydantic import Field
 
 from cleanplate import imaging
 from cleanplate.bundle import BundleConfig, NullConditioning, load_bundle, save_bundle
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 from cleanplate.imaging import write_atomic
 from cleanplate.metrics import psnr, ssim
 from cleanplate.pipeline import RemovalPipeline
@@ -109,10 +109,10 @@ def build_pipeline(cfg: SFTConfig) -> tuple[RemovalPipeline, BundleConfig]:
         cond = NullConditioning(torch.zeros(1, 77, unet.config.cross_attention_dim), torch.zeros(1, text_dim))
         bundle_cfg = BundleConfig(name=cfg.name, resolution=cfg.resolution)
     else:
-        raise InputError("train sft needs init_bundle, or unet_config and vae", code="bad_option")
+        raise InputError("train sft needs init_bundle, or unet_config and vae", code=ErrorCode.BAD_OPTION)
     if unet.config.in_channels != 2 * vae.config.latent_channels + 1:
         raise InputError(f"UNet in_channels {unet.config.in_channels} does not fit VAE latent_channels "
-                         f"{vae.config.latent_channels} (needs 2C+1)", code="bad_option")
+                         f"{vae.config.latent_channels} (needs 2C+1)", code=ErrorCode.BAD_OPTION)
     update: dict[str, Any] = {}
     if cfg.prediction_type is not None:
         update["scheduler"] = {**bundle_cfg.scheduler, "prediction_type": cfg.prediction_type}
@@ -244,7 +244,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     Raises InputError: a bad config (no starting model, channels that do not fit, eval without eval_meta).
     """
     if cfg.eval_every and not cfg.eval_meta:
-        raise InputError("eval_every needs eval_meta", code="bad_option")
+        raise InputError("eval_every needs eval_meta", code=ErrorCode.BAD_OPTION)
     pipe, bundle_cfg = build_pipeline(cfg)
     accelerator = make_accelerator(cfg, "sft")
     pipe.device = accelerator.device
@@ -355,12 +355,12 @@ def tune_bundle(bundle_dir: Path, meta: list[Path], *, dilations: list[int], sca
 
     config = read_config(bundle_dir)
     if not dilations or not scales or any(not 0 <= s <= 1 for s in scales) or any(d < 0 for d in dilations):
-        raise InputError("tune needs dilations >= 0 and scales in [0, 1]", code="bad_option")
+        raise InputError("tune needs dilations >= 0 and scales in [0, 1]", code=ErrorCode.BAD_OPTION)
     if not config.decode_residual and scales != [1.0]:
-        raise InputError("residual_scale needs a bundle with decode_residual", code="bad_option")
+        raise InputError("residual_scale needs a bundle with decode_residual", code=ErrorCode.BAD_OPTION)
     steps = steps or [config.steps]
     if any(not 1 <= n <= 50 for n in steps):
-        raise InputError("steps must be in 1..50", code="bad_option")
+        raise InputError("steps must be in 1..50", code=ErrorCode.BAD_OPTION)
     pipe = RemovalPipeline.from_bundle(bundle_dir)
     items = read_meta(meta)[:limit]
     grid = []

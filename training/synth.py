@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 
 TRAIN_PHOTOS: tuple[str, ...] = (
     "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel",
@@ -62,11 +62,11 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if not 64 <= int(self.size) <= 4096:
-            raise InputError(f"size must be in 64..4096, got {self.size}", code="bad_option")
+            raise InputError(f"size must be in 64..4096, got {self.size}", code=ErrorCode.BAD_OPTION)
         if not 0.0 <= self.photo_fraction <= 1.0:
-            raise InputError("photo_fraction must be in [0, 1]", code="bad_option")
+            raise InputError("photo_fraction must be in [0, 1]", code=ErrorCode.BAD_OPTION)
         if self.photo_fraction > 0 and not self.photos:
-            raise InputError("photo_fraction > 0 needs at least one photo", code="bad_option")
+            raise InputError("photo_fraction > 0 needs at least one photo", code=ErrorCode.BAD_OPTION)
 
 
 # ---------------------------------------------------------------- resources
@@ -77,7 +77,7 @@ def load_photo(name: str) -> np.ndarray:
 
     fn = getattr(skimage.data, name, None)
     if name.startswith("_") or not callable(fn):
-        raise InputError(f"unknown skimage.data photo {name!r}", code="bad_option")
+        raise InputError(f"unknown skimage.data photo {name!r}", code=ErrorCode.BAD_OPTION)
     img = fn()
     img = img[0] if isinstance(img, tuple) else img
     if img.dtype != np.uint8:
@@ -452,7 +452,7 @@ def add_overlay(background: np.ndarray, rng: np.random.Generator) -> tuple[np.nd
     """Composite a random storefront overlay over ``background``: (source, mask, kind)."""
     bg = np.asarray(background)
     if bg.dtype != np.uint8 or bg.ndim != 3 or bg.shape[2] != 3:
-        raise InputError(f"background must be (H, W, 3) uint8, got {bg.shape} {bg.dtype}", code="bad_input")
+        raise InputError(f"background must be (H, W, 3) uint8, got {bg.shape} {bg.dtype}", code=ErrorCode.BAD_INPUT)
     H, W = bg.shape[:2]
     bg32 = bg.astype(np.int32)
     chosen = str(rng.choice(OVERLAY_KINDS, p=_KIND_P))  # retry the same kind so _KIND_P holds
@@ -482,7 +482,7 @@ def make_triplet(seed: int, index: int, cfg: SynthConfig = SynthConfig()
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Item ``index`` of the stream for ``seed``: (source, mask, GT, info)."""
     if seed < 0 or index < 0:
-        raise InputError("seed and index must be >= 0", code="bad_option")
+        raise InputError("seed and index must be >= 0", code=ErrorCode.BAD_OPTION)
     rng = np.random.default_rng([int(seed), int(index)])
     gt, btype = _background(rng, cfg)
     src, mask, kind = add_overlay(gt, rng)
@@ -502,9 +502,9 @@ def synth_dataset(out_dir: str | os.PathLike, n: int, *, seed: int = 0, cfg: Syn
     Resumable: items whose three PNGs exist are not rewritten (assumes the same seed and cfg).
     """
     if int(n) <= 0:
-        raise InputError(f"n must be positive, got {n}", code="bad_option")
+        raise InputError(f"n must be positive, got {n}", code=ErrorCode.BAD_OPTION)
     if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}", code="bad_option")
+        raise InputError(f"seed must be >= 0, got {seed}", code=ErrorCode.BAD_OPTION)
     out = Path(out_dir)
     for sub in ("source", "mask", "GT"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import imaging
 from ..admission import removal_cost
-from ..errors import CleanplateError, InputError, QueueFull
+from ..errors import CleanplateError, ErrorCode, InputError, QueueFull
 from .items import BatchItem, ItemOptions, MaskChannel
 
 log = logging.getLogger("cleanplate.batch")
@@ -28,13 +28,14 @@ class BatchAborted(CleanplateError):
     """A problem no item can get past (the gateway refuses the API key): the run stops after the items
     in flight, and the CLI exits 2."""
 
-    code = "aborted"
+    code = ErrorCode.ABORTED
 
 
 class GatewayError(CleanplateError):
-    """The gateway answered an item with an error (its problem+json ``code``) or could not be reached."""
+    """The gateway answered an item with an error (its problem+json ``code``, or ``GATEWAY_ERROR`` when
+    that is no :class:`ErrorCode`, e.g. a proxy's non-JSON 502) or could not be reached."""
 
-    code = "gateway_error"
+    code = ErrorCode.GATEWAY_ERROR
 
 
 @dataclass
@@ -84,7 +85,7 @@ def _alpha_mask(path: Path) -> np.ndarray:
     """(H,W) bool, True where a mask file's alpha is >= 50% (``--mask-channel alpha``)."""
     decoded = imaging.decode_image(path)
     if decoded.alpha is None:
-        raise InputError(f"mask {path} has no alpha channel (--mask-channel alpha)", code="no_alpha")
+        raise InputError(f"mask {path} has no alpha channel (--mask-channel alpha)", code=ErrorCode.NO_ALPHA)
     return decoded.alpha >= (int(np.iinfo(decoded.alpha.dtype).max) + 1) // 2
 
 
@@ -177,7 +178,8 @@ class GatewayBackend:
     429 (queue full) and 503 (loading, draining) are retried after the server's Retry-After, connection
     failures with exponential backoff (0.5 s doubling to 30 s, with jitter), for up to ``max_wait_s`` per
     item; then the item is an error ("gateway_busy", "gateway_unreachable"). Other 4xx/5xx answers are
-    the item's error with the gateway's problem ``code``. 401/403 abort the run (:class:`BatchAborted`).
+    the item's error with the gateway's problem ``code`` ("gateway_error" when this client does not know it,
+    the code then in the message). 401/403 abort the run (:class:`BatchAborted`).
 
     Args:
         url: base URL ("http://host:8080"); api_key: sent as ``Authorization: Bearer``;
@@ -217,7 +219,7 @@ class GatewayBackend:
             if time.monotonic() > deadline:
                 await self.client.aclose()
                 raise InputError(f"the gateway at {self.url} is not ready after {self.ready_timeout_s:g} s ({last})",
-                                 code="gateway_unreachable")
+                                 code=ErrorCode.GATEWAY_UNREACHABLE)
             await asyncio.sleep(0.5)
 
     async def close(self) -> None:
@@ -236,7 +238,7 @@ class GatewayBackend:
             raw = item.image.read_bytes()
         except OSError as exc:
             raise InputError(f"cannot read image {str(item.image)!r}: {exc.strerror or exc}",
-                             code="unreadable_image") from exc
+                             code=ErrorCode.UNREADABLE_IMAGE) from exc
         mask = None
         if item.mask is not None:
             if mask_channel == "alpha":  # the gateway reads luma; send the alpha as a white-on-black PNG
@@ -251,7 +253,7 @@ class GatewayBackend:
                     mask = item.mask.read_bytes()
                 except OSError as exc:
                     raise InputError(f"cannot read mask {str(item.mask)!r}: {exc.strerror or exc}",
-                                     code="unreadable_image") from exc
+                                     code=ErrorCode.UNREADABLE_IMAGE) from exc
         fmt = item.fmt
         # The gateway writes png/jpeg/webp on request, and the input's own format by default (TIFF included).
         fmt_field = None if _sniff(raw) == fmt else (fmt if fmt != "tiff" else "png")
@@ -280,7 +282,7 @@ class GatewayBackend:
                 r = await self.client.post("/v1/remove", files=files, data=data,
                                            headers={"Accept": "application/json"})
             except httpx.HTTPError as exc:
-                wait, why = backoff, ("gateway_unreachable", f"{type(exc).__name__}: {exc}")
+                wait, why = backoff, (ErrorCode.GATEWAY_UNREACHABLE, f"{type(exc).__name__}: {exc}")
                 backoff = min(backoff * 2, 30.0)
             else:
                 if r.status_code == 200:
@@ -290,9 +292,12 @@ class GatewayBackend:
                     raise BatchAborted(f"the gateway refused the request ({r.status_code} {problem[0]}): "
                                        f"{problem[1]}; check --api-key")
                 if r.status_code not in (429, 503):
-                    raise GatewayError(f"gateway answered {r.status_code}: {problem[1]}", code=problem[0])
+                    code = _error_code(problem[0])
+                    unknown = "" if code.value == problem[0] else f" (code {problem[0]})"
+                    raise GatewayError(f"gateway answered {r.status_code}: {problem[1]}{unknown}", code=code)
                 wait = max(0.1, _retry_after(r, backoff))  # "Retry-After: 0" must not become a hot loop
-                why = ("gateway_busy", f"gateway answered {r.status_code} ({problem[0]}) for {self.max_wait_s:g} s")
+                why = (ErrorCode.GATEWAY_BUSY,
+                       f"gateway answered {r.status_code} ({problem[0]}) for {self.max_wait_s:g} s")
                 backoff = min(backoff * 2, 30.0)
             if time.monotonic() - t0 + wait > self.max_wait_s:
                 raise GatewayError(why[1], code=why[0])
@@ -318,6 +323,15 @@ def _problem(r: Any) -> tuple[str, str]:
         return str(body.get("code") or f"http_{r.status_code}"), str(body.get("detail") or r.reason_phrase)
     except (ValueError, AttributeError):
         return f"http_{r.status_code}", (r.text[:200] or r.reason_phrase)
+
+
+def _error_code(code: str) -> ErrorCode:
+    """The gateway's problem ``code`` as an :class:`ErrorCode`; ``GATEWAY_ERROR`` for a string that is none
+    (``http_<status>`` from :func:`_problem`, or a newer gateway's code)."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.GATEWAY_ERROR
 
 
 def _retry_after(r: Any, default: float) -> float:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import imaging
-from ..errors import InputError
+from ..errors import ErrorCode, InputError
 
 log = logging.getLogger("cleanplate.batch")
 
@@ -65,7 +65,7 @@ class BatchItem:
     mask: Path | None
     options: ItemOptions = field(default_factory=ItemOptions)
     origin: str = ""
-    problem: tuple[str, str] | None = None
+    problem: tuple[ErrorCode, str] | None = None
 
     @property
     def fmt(self) -> str:
@@ -105,10 +105,10 @@ def load_items(source: str | os.PathLike, *, masks: str | os.PathLike | None = N
     if src.is_dir():
         items = _folder_items(src, None if masks is None else Path(masks), fmt, [Path(p) for p in exclude])
     elif not src.exists():
-        raise InputError(f"no such file or folder: {src}", code="bad_option")
+        raise InputError(f"no such file or folder: {src}", code=ErrorCode.BAD_OPTION)
     elif masks is not None:
         raise InputError("--masks goes with a folder of images; a manifest names each item's mask",
-                         code="bad_option")
+                         code=ErrorCode.BAD_OPTION)
     elif src.suffix.lower() == ".jsonl":
         items = _jsonl_items(src, fmt)
     elif src.suffix.lower() == ".csv":
@@ -116,14 +116,15 @@ def load_items(source: str | os.PathLike, *, masks: str | os.PathLike | None = N
     elif src.suffix.lower() == ".json":
         items = _meta_items(src, fmt)
     else:
-        raise InputError(f"{src}: give a folder or a manifest ({', '.join(MANIFEST_SUFFIXES)})", code="bad_option")
+        raise InputError(f"{src}: give a folder or a manifest ({', '.join(MANIFEST_SUFFIXES)})",
+                         code=ErrorCode.BAD_OPTION)
     if not items:
-        raise InputError(f"no images in {src}", code="bad_option")
+        raise InputError(f"no images in {src}", code=ErrorCode.BAD_OPTION)
     seen: dict[str, str] = {}
     for item in items:
         if item.key in seen:
             raise InputError(f"{item.origin} and {seen[item.key]} both write {item.key!r}; give one an output "
-                             f"name", code="bad_manifest")
+                             f"name", code=ErrorCode.BAD_MANIFEST)
         seen[item.key] = item.origin
     return items
 
@@ -133,13 +134,13 @@ def _output_key(name: str, fmt: str | None, *, explicit: bool) -> str:
     parts = PurePosixPath(name.replace("\\", "/"))
     if not name or parts.is_absolute() or ".." in parts.parts or name.startswith("~"):
         raise InputError(f"output name {name!r} must be a relative path inside the output folder",
-                         code="bad_manifest")
+                         code=ErrorCode.BAD_MANIFEST)
     key = str(parts)
     suffix = parts.suffix.lower()
     if explicit:
         if suffix not in imaging.WRITABLE_SUFFIXES:
             raise InputError(f"output name {name!r}: use .png, .jpg, .jpeg, .webp, .tif or .tiff",
-                             code="bad_manifest")
+                             code=ErrorCode.BAD_MANIFEST)
         return key
     writable = suffix in imaging.WRITABLE_SUFFIXES
     if fmt is not None:  # keep a suffix that already names the format (.jpeg stays .jpeg)
@@ -149,7 +150,7 @@ def _output_key(name: str, fmt: str | None, *, explicit: bool) -> str:
 
 def _folder_items(folder: Path, masks: Path | None, fmt: str | None, exclude: list[Path]) -> list[BatchItem]:
     if masks is not None and not masks.is_dir():
-        raise InputError(f"--masks must be a folder: {masks}", code="bad_option")
+        raise InputError(f"--masks must be a folder: {masks}", code=ErrorCode.BAD_OPTION)
     skip = {p.resolve() for p in [*exclude, *([masks] if masks is not None else [])]}
     mask_index: dict[str, Path] = {}
     if masks is not None:  # one listing of the mask folder, not one glob per image
@@ -165,7 +166,7 @@ def _folder_items(folder: Path, masks: Path | None, fmt: str | None, exclude: li
         if masks is not None:
             mask = mask_index.get(str(PurePosixPath(rel).with_suffix("")))
             if mask is None:
-                problem = ("missing_mask", f"no mask named {PurePosixPath(rel).with_suffix('')}.* in {masks}")
+                problem = (ErrorCode.MISSING_MASK, f"no mask named {PurePosixPath(rel).with_suffix('')}.* in {masks}")
         items.append(BatchItem(_output_key(rel, fmt, explicit=False), path, mask, origin=rel, problem=problem))
     return items
 
@@ -186,22 +187,22 @@ def _manifest_item(fields: dict[str, Any], root: Path, where: str, fmt: str | No
     if image is None:
         image = source
     elif source is not None:
-        raise InputError(f"{where}: give image or source, not both", code="bad_manifest")
+        raise InputError(f"{where}: give image or source, not both", code=ErrorCode.BAD_MANIFEST)
     if not isinstance(image, str) or not image:
-        raise InputError(f"{where}: needs an image path (field image or source)", code="bad_manifest")
+        raise InputError(f"{where}: needs an image path (field image or source)", code=ErrorCode.BAD_MANIFEST)
     mask = fields.pop("mask", None)
     if mask is not None and not isinstance(mask, str):
-        raise InputError(f"{where}: mask must be a path", code="bad_manifest")
+        raise InputError(f"{where}: mask must be a path", code=ErrorCode.BAD_MANIFEST)
     output = fields.pop("output", None)
     if output is not None and not isinstance(output, str):
-        raise InputError(f"{where}: output must be a file name", code="bad_manifest")
+        raise InputError(f"{where}: output must be a file name", code=ErrorCode.BAD_MANIFEST)
     try:
         options = ItemOptions(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
         name = ".".join(map(str, err["loc"]))
         hint = f" (fields: image, mask, output, {', '.join(OPTION_FIELDS)})" if err["type"] == "extra_forbidden" else ""
-        raise InputError(f"{where}: {name}: {err['msg']}{hint}", code="bad_manifest") from exc
+        raise InputError(f"{where}: {name}: {err['msg']}{hint}", code=ErrorCode.BAD_MANIFEST) from exc
     image_path = root / image
     if output:
         key = _output_key(output, fmt, explicit=True)
@@ -224,9 +225,9 @@ def _jsonl_items(path: Path, fmt: str | None) -> list[BatchItem]:
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not JSON: {exc.msg}", code="bad_manifest") from exc
+                raise InputError(f"{where}: not JSON: {exc.msg}", code=ErrorCode.BAD_MANIFEST) from exc
             if not isinstance(fields, dict):
-                raise InputError(f"{where}: each line must be a JSON object", code="bad_manifest")
+                raise InputError(f"{where}: each line must be a JSON object", code=ErrorCode.BAD_MANIFEST)
             items.append(_manifest_item(fields, path.parent, where, fmt))
     return items
 
@@ -238,7 +239,7 @@ def _csv_items(path: Path, fmt: str | None) -> list[BatchItem]:
         for row in reader:
             where = f"{path.name}:{reader.line_num}"
             if None in row:
-                raise InputError(f"{where}: more cells than header columns", code="bad_manifest")
+                raise InputError(f"{where}: more cells than header columns", code=ErrorCode.BAD_MANIFEST)
             fields = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
             items.append(_manifest_item({k: v for k, v in fields.items() if v not in ("", None)},
                                         path.parent, where, fmt))
@@ -249,15 +250,15 @@ def _meta_items(path: Path, fmt: str | None) -> list[BatchItem]:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path.name}: not JSON: {exc.msg} (line {exc.lineno})", code="bad_manifest") from exc
+        raise InputError(f"{path.name}: not JSON: {exc.msg} (line {exc.lineno})", code=ErrorCode.BAD_MANIFEST) from exc
     if not isinstance(entries, list):
         raise InputError(f"{path.name}: a RORem meta.json is a JSON list of {{source, mask, ...}}",
-                         code="bad_manifest")
+                         code=ErrorCode.BAD_MANIFEST)
     items = []
     for i, entry in enumerate(entries):
         where = f"{path.name}[{i}]"
         if not isinstance(entry, dict):
-            raise InputError(f"{where}: must be an object", code="bad_manifest")
+            raise InputError(f"{where}: must be an object", code=ErrorCode.BAD_MANIFEST)
         keep = {"image", "source", "mask", "output", *OPTION_FIELDS}  # RORem's GT, score, ... are not ours
         items.append(_manifest_item({k: v for k, v in entry.items() if k in keep}, path.parent, where, fmt))
     return items

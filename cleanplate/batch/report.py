@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ErrorCode, InputError
 
 log = logging.getLogger("cleanplate.batch")
 
@@ -98,7 +98,7 @@ def summarize(report_path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(report_path)
     if not path.is_file():
-        raise InputError(f"no report at {path}", code="bad_option")
+        raise InputError(f"no report at {path}", code=ErrorCode.BAD_OPTION)
     records, bad = read_report(path)
     last = last_records(records)
     ok = [r for r in last.values() if r.get("status") == "ok"]

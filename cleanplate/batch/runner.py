@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import imaging
 from ..admission import MemoryBudget, MiB, release_free_memory_soon
-from ..errors import CleanplateError, InputError
+from ..errors import CleanplateError, ErrorCode, InputError
 from ..locks import exclusive
 from .backends import Backend, BatchAborted, Inferred
 from .items import BatchItem, ItemOptions, MaskChannel
@@ -146,7 +146,7 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
         Errors of one item never raise: they become its ``"status": "error"`` line.
     """
     if concurrency < 1:
-        raise InputError(f"--concurrency must be >= 1, got {concurrency}", code="bad_option")
+        raise InputError(f"--concurrency must be >= 1, got {concurrency}", code=ErrorCode.BAD_OPTION)
     out = Path(out_dir)
     report_file = Path(report_path) if report_path is not None else out / REPORT_NAME
     review = Path(review_dir) if review_dir is not None else out / REVIEW_NAME
@@ -154,7 +154,7 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
     for item in items:
         if item.key == report_rel or (review_rel is not None and (item.key + "/").startswith(review_rel + "/")):
             raise InputError(f"{item.origin}: output {item.key!r} would land on the report or in the review "
-                             f"folder; rename it or use --report/--review elsewhere", code="bad_option")
+                             f"folder; rename it or use --report/--review elsewhere", code=ErrorCode.BAD_OPTION)
     result = BatchResult(total=len(items), report=report_file)
     run = _Run(backend, out, review, defaults or ItemOptions(), concurrency, mask_channel,
                progress or Progress("off"), io_workers or min(8, concurrency + 1), stop or asyncio.Event(), result,
@@ -218,7 +218,7 @@ class _Run:
             raise
         except Exception as exc:  # e.g. a bundle that fails to load: one line and exit 2, not a traceback
             raise InputError(f"the {self.backend.name} engine did not start: {type(exc).__name__}: {exc}",
-                             code="engine_unavailable") from exc
+                             code=ErrorCode.ENGINE_UNAVAILABLE) from exc
         return True
 
     async def go(self, todo: list[BatchItem], writer: ReportWriter) -> None:
@@ -340,10 +340,10 @@ class _Run:
             self.result.not_started += 1  # not the item's fault: no report line
             return
         except CleanplateError as exc:
-            record["error"] = {"code": exc.code, "message": str(exc)}
+            record["error"] = {"code": exc.code.value, "message": str(exc)}
         except Exception as exc:  # one bad item must not end an overnight run
             log.exception("item %s failed", item.key)
-            record["error"] = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+            record["error"] = {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {exc}"}
         timings["total"] = round((time.perf_counter() - t0) * 1000, 2)
         record.update(run=self.run_id, time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
         if record["status"] == "ok" and record["review"] is not None:
