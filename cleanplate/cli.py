@@ -17,7 +17,7 @@ from .benchmarks.cli import bench_app
 from .cli_options import BatchOpt, ConfigOpt, LrOpt, MetaOpt, OutOpt, ResOpt, SeedOpt, StepsOpt, WorkOpt, say
 from .deploy import deploy_app
 from .engines import ENGINE_NAMES
-from .errors import CleanplateError, ExportError, InputError
+from .errors import CleanplateError, ErrorCode, InputError
 from .export.cli import export_app, triton_app
 from .training.flywheel_cli import flywheel_app, label_app
 from .training.rl_cli import data_dpo_pairs_cmd, train_dpo_cmd, train_grpo_cmd, train_rwd_cmd
@@ -65,7 +65,7 @@ def _from_options(model: Any, **given: Any) -> Any:
         return model(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code="bad_option") from exc
+        raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code=ErrorCode.BAD_OPTION) from exc
 
 
 @app.command()
@@ -121,19 +121,19 @@ def _folder_pairs(folder: Path, masks: Path | None, output: Path) -> list[tuple[
     from .imaging import IMAGE_SUFFIXES, WRITABLE_SUFFIXES
 
     if masks is not None and not masks.is_dir():
-        raise InputError(f"--mask must be a folder when IMAGE is a folder: {masks}", code="bad_option")
+        raise InputError(f"--mask must be a folder when IMAGE is a folder: {masks}", code=ErrorCode.BAD_OPTION)
     if output.exists() and not output.is_dir():
-        raise InputError(f"-o must be a folder when IMAGE is a folder: {output}", code="bad_option")
+        raise InputError(f"-o must be a folder when IMAGE is a folder: {output}", code=ErrorCode.BAD_OPTION)
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise InputError(f"no images in {folder}", code="bad_option")
+        raise InputError(f"no images in {folder}", code=ErrorCode.BAD_OPTION)
     pairs = []
     for img in images:
         mask_path = None
         if masks is not None:
             found = [m for m in masks.glob(img.stem + ".*") if m.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
-                raise InputError(f"no mask named {img.stem}.* in {masks}", code="missing_mask")
+                raise InputError(f"no mask named {img.stem}.* in {masks}", code=ErrorCode.MISSING_MASK)
             mask_path = found[0]
         # Outputs keep the input's name; a suffix we cannot write (e.g. .bmp) becomes .png.
         out_name = img.name if img.suffix.lower() in WRITABLE_SUFFIXES else img.stem + ".png"
@@ -449,12 +449,12 @@ def batch_run(
     from .batch import GatewayBackend, InProcessBackend, ItemOptions, Progress, load_items, run_batch
 
     if url and triton_url:
-        raise InputError("give --url or --triton-url, not both", code="bad_option")
+        raise InputError("give --url or --triton-url, not both", code=ErrorCode.BAD_OPTION)
     wants_triton = bool(triton_url) or (engine is not None and engine.value == "triton")
     if (url or triton_url) and ((engine is not None and engine.value != "triton") or bundle or torch_threads
                                 or max_batch):
         raise InputError("--engine, --bundle, --torch-threads and --max-batch are for in-process engines; the "
-                         "server at --url/--triton-url has its own", code="bad_option")
+                         "server at --url/--triton-url has its own", code=ErrorCode.BAD_OPTION)
     defaults = _from_options(ItemOptions, seed=seed, steps=steps, dilate_px=dilate_px, quality_gate=quality_gate,
                              threshold=threshold, max_attempts=max_attempts)
     items = load_items(source, masks=masks, fmt=fmt.value if fmt else None, exclude=[output, *([review] if review else [])])
@@ -495,16 +495,14 @@ def batch_summarize(
 
 
 def main() -> None:
-    """Entry point: run the app, turning a CleanplateError into one line on stderr and exit code 2
-    (1 for a failed export: the input was fine, the result was not)."""
+    """Entry point: run the app, turning a CleanplateError into one line on stderr and the exit code of its
+    ``code`` (``ErrorCode.exit_code``: 2 for a caller's mistake, 1 for a failed export: the input was fine,
+    the result was not)."""
     try:
         app()
-    except ExportError as exc:
-        say(f"error: {exc}")
-        sys.exit(1)
     except CleanplateError as exc:
         say(f"error: {exc}")
-        sys.exit(2)
+        sys.exit(exc.code.exit_code)
 
 
 if __name__ == "__main__":

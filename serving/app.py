@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cleanplate import __version__, imaging
 from cleanplate.admission import MemoryBudget, release_free_memory_soon, removal_cost
 from cleanplate.engines import Engine, EngineUnavailable, make_engine
-from cleanplate.errors import CleanplateError, InputError, QueueFull
+from cleanplate.errors import CleanplateError, ErrorCode, InputError, QueueFull
 from cleanplate.removal import RemoveOptions, run_removal, run_score
 
 from .metrics import Metrics
@@ -39,9 +39,6 @@ from .settings import Settings
 log = logging.getLogger("cleanplate.serving")
 PROBLEM = "application/problem+json"
 ENDPOINTS = ("/v1/remove", "/v1/score", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
-# Status of each error code raised as an exception that is not 422 (Guard answers its own refusals directly).
-STATUS_BY_CODE = {"unreadable_image": 400, "unsupported_image": 415, "too_many_pixels": 413, "over_budget": 413,
-                  "queue_full": 429, "engine_unavailable": 503}
 
 
 class OutputFormat(str, Enum):
@@ -83,11 +80,13 @@ class ScoreResult(BaseModel):
     passed: bool
 
 
-def problem(status: int, detail: str, code: str, instance: str = "", headers: dict[str, str] | None = None,
-            errors: list[dict[str, Any]] | None = None) -> JSONResponse:
-    """An RFC 9457 ``application/problem+json`` response; ``type`` is ``urn:cleanplate:problem:<code>``."""
-    body = {"type": f"urn:cleanplate:problem:{code}", "title": HTTPStatus(status).phrase, "status": status,
-            "detail": detail, "code": code, "instance": instance}
+def problem(code: ErrorCode, detail: str, instance: str = "", headers: dict[str, str] | None = None,
+            errors: list[dict[str, Any]] | None = None, status: int | None = None) -> JSONResponse:
+    """An RFC 9457 ``application/problem+json`` response; ``type`` is ``urn:cleanplate:problem:<code>``,
+    the status ``code.http_status`` unless ``status`` is given (Starlette's own HTTP errors)."""
+    status = code.http_status if status is None else status
+    body = {"type": f"urn:cleanplate:problem:{code.value}", "title": HTTPStatus(status).phrase, "status": status,
+            "detail": detail, "code": code.value, "instance": instance}
     if errors is not None:
         body["errors"] = errors
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
@@ -166,7 +165,7 @@ class Guard:
                 if status["started"]:
                     raise
                 detail = f"the request took longer than the {settings.request_timeout_s:g} s deadline"
-                await problem(504, detail, "deadline", path)(scope, receive, send_tracked)
+                await problem(ErrorCode.DEADLINE, detail, path)(scope, receive, send_tracked)
         finally:
             metrics.in_flight.dec()
             code = str(status["code"])
@@ -175,23 +174,24 @@ class Guard:
 
     def _refuse(self, scope: dict, path: str, settings: Settings) -> Response | None:
         if self.state.draining and path not in ("/healthz", "/metrics"):
-            return problem(503, "the server is shutting down; retry on another replica", "draining", path,
+            return problem(ErrorCode.DRAINING, "the server is shutting down; retry on another replica", path,
                            headers={"Retry-After": "1", "Connection": "close"})
         if not path.startswith("/v1/"):
             return None
         if settings.api_keys and not _authorized(scope, settings):
-            return problem(401, "a valid API key is required: Authorization: Bearer <key>", "unauthorized", path,
+            return problem(ErrorCode.UNAUTHORIZED, "a valid API key is required: Authorization: Bearer <key>", path,
                            headers={"WWW-Authenticate": 'Bearer realm="cleanplate"'})
         if scope["method"] == "POST":
             ctype = _header(scope, b"content-type").split(";")[0].strip().lower()
             if ctype != "multipart/form-data":
-                return problem(415, f"send multipart/form-data, not {ctype or 'no content type'}",
-                               "unsupported_media_type", path, headers={"Accept-Post": "multipart/form-data"})
+                return problem(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                               f"send multipart/form-data, not {ctype or 'no content type'}", path,
+                               headers={"Accept-Post": "multipart/form-data"})
         return None
 
     async def _read_body(self, scope: dict, receive: Callable, settings: Settings) -> bytes | Response:
         path, limit = scope["path"], settings.max_upload_bytes
-        too_large = problem(413, f"the request body is over the limit of {limit} bytes", "too_large", path,
+        too_large = problem(ErrorCode.TOO_LARGE, f"the request body is over the limit of {limit} bytes", path,
                             headers={"Connection": "close"})
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > limit:
@@ -217,8 +217,9 @@ class Guard:
         except OverflowError:
             return too_large
         except asyncio.TimeoutError:
-            return problem(408, f"the request body was not received within {settings.body_timeout_s:g} s",
-                           "body_timeout", path, headers={"Connection": "close"})
+            return problem(ErrorCode.BODY_TIMEOUT,
+                           f"the request body was not received within {settings.body_timeout_s:g} s", path,
+                           headers={"Connection": "close"})
         except ConnectionAbortedError:
             return Response(status_code=499)  # nobody is listening; logged as client-closed
         return b"".join(chunks)
@@ -302,11 +303,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     # -- errors -------------------------------------------------------------------------------------
     @app.exception_handler(CleanplateError)
     async def cleanplate_error(request: Request, exc: CleanplateError) -> JSONResponse:
-        status = STATUS_BY_CODE.get(exc.code, 422)
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
         if isinstance(exc, EngineUnavailable):
             headers = {"Retry-After": "5"}
-        return problem(status, str(exc), exc.code, request.url.path, headers)
+        return problem(exc.code, str(exc), request.url.path, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -314,18 +314,20 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                   for e in exc.errors()]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query"))
-        return problem(422, f"{field}: {first['msg']}" if field else first["msg"], "invalid_field",
+        return problem(ErrorCode.INVALID_FIELD, f"{field}: {first['msg']}" if field else first["msg"],
                        request.url.path, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {400: "bad_multipart", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return problem(exc.status_code, str(exc.detail), code, request.url.path, dict(exc.headers or {}) or None)
+        code = {400: ErrorCode.BAD_MULTIPART, 404: ErrorCode.NOT_FOUND,
+                405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code, ErrorCode.HTTP_ERROR)
+        return problem(code, str(exc.detail), request.url.path, dict(exc.headers or {}) or None,
+                       status=exc.status_code)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return problem(500, "internal error; it has been logged", "internal", request.url.path)
+        return problem(ErrorCode.INTERNAL, "internal error; it has been logged", request.url.path)
 
     # -- routes -------------------------------------------------------------------------------------
     async def read(upload: UploadFile | None, what: str) -> tuple[bytes, imaging.ImageHeader] | None:
@@ -334,11 +336,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             return None
         data = await upload.read()
         if not data:
-            raise InputError(f"{what} is empty (0 bytes)", code="unreadable_image")
+            raise InputError(f"{what} is empty (0 bytes)", code=ErrorCode.UNREADABLE_IMAGE)
         header = imaging.read_header(data)
         if header.pixels > settings.max_pixels:
             raise InputError(f"{what} is {header.width}x{header.height} = {header.pixels} pixels, over the limit "
-                             f"of {settings.max_pixels}", code="too_many_pixels")
+                             f"of {settings.max_pixels}", code=ErrorCode.TOO_MANY_PIXELS)
         return data, header
 
     @asynccontextmanager
@@ -400,7 +402,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         check_ready()
         attempts = settings.max_attempts if max_attempts is None else max_attempts
         if attempts > settings.max_attempts_limit:
-            raise InputError(f"max_attempts: at most {settings.max_attempts_limit}", code="invalid_field")
+            raise InputError(f"max_attempts: at most {settings.max_attempts_limit}", code=ErrorCode.INVALID_FIELD)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         image_upload, mask_upload = await read(image, "image"), await read(mask, "mask")

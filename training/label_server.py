@@ -35,13 +35,12 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, Field
 
-from cleanplate.errors import CleanplateError, InputError
+from cleanplate.errors import CleanplateError, ErrorCode, InputError
 
 from .label_store import POLICIES, Item, LabelStore, check_labeler, label_dict
 
 PAGE = Path(__file__).with_name("label_page.html")
 EXPORT_NAME = "labels_meta.json"
-_STATUS = {"unknown_item": 404, "no_labels": 409}
 
 
 class LabelBody(BaseModel):
@@ -80,7 +79,7 @@ def create_app(directory: str | os.PathLike, *, labeler: str | None = None, roun
     if labeler is not None:
         labeler = check_labeler(labeler)
     if policy not in POLICIES:
-        raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}", code="bad_option")
+        raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}", code=ErrorCode.BAD_OPTION)
     round_list = [int(r) for r in rounds] if rounds else None
     out_path = Path(export_path) if export_path is not None else store.dir / EXPORT_NAME
 
@@ -88,9 +87,9 @@ def create_app(directory: str | os.PathLike, *, labeler: str | None = None, roun
 
     @app.exception_handler(CleanplateError)
     async def _problem(request: Request, exc: CleanplateError) -> JSONResponse:
-        status = _STATUS.get(exc.code, 422)
-        return JSONResponse({"type": "about:blank", "title": exc.code, "status": status, "detail": str(exc),
-                             "code": exc.code}, status_code=status, media_type="application/problem+json")
+        status = exc.code.http_status
+        return JSONResponse({"type": "about:blank", "title": exc.code.value, "status": status, "detail": str(exc),
+                             "code": exc.code.value}, status_code=status, media_type="application/problem+json")
 
     def item_json(item: Item) -> dict[str, Any]:
         return {"id": item.id, "round": item.round,
@@ -125,7 +124,7 @@ def create_app(directory: str | os.PathLike, *, labeler: str | None = None, roun
     def get_item(item_id: str) -> Item:
         item = store.item(item_id)
         if item is None:
-            raise InputError(f"no item {item_id!r}", code="unknown_item")
+            raise InputError(f"no item {item_id!r}", code=ErrorCode.UNKNOWN_ITEM)
         return item
 
     @app.get("/api/items/{item_id}")
@@ -159,7 +158,7 @@ def create_app(directory: str | os.PathLike, *, labeler: str | None = None, roun
     @app.get("/files/{item_id}/{kind}")
     def file(item_id: str, kind: str) -> FileResponse:
         if kind not in ("source", "mask", "result"):
-            raise InputError(f"kind must be source, mask or result, got {kind!r}", code="unknown_item")
+            raise InputError(f"kind must be source, mask or result, got {kind!r}", code=ErrorCode.UNKNOWN_ITEM)
         item = get_item(item_id)
         return FileResponse(store.dir / getattr(item, kind), media_type="image/png",
                             headers={"Cache-Control": "no-store"})
