@@ -172,15 +172,19 @@ def bundle_tune(
     residual_scale: Annotated[Optional[list[float]], typer.Option(help="residual scales to try (repeatable)")] = None,
     steps: Annotated[Optional[list[int]], typer.Option(help="sampler steps to try (repeatable; default: the "
                                                             "bundle's)")] = None,
+    masked_source: Annotated[Optional[list[str]], typer.Option(
+        help="classical prefills to try, telea / ns (repeatable; default: the bundle's)")] = None,
     limit: Annotated[int, typer.Option(min=1, help="first N items of --meta")] = 24,
 ) -> None:
-    """Pick the serving dilation, residual scale and step count with the best in-mask PSNR on held-out photos."""
+    """Pick the serving prefill, dilation, residual scale and step count with the best in-mask PSNR on held-out
+    photos."""
     from .training.sft import tune_bundle
 
-    best = tune_bundle(bundle, meta, dilations=dilate_px, scales=residual_scale or [1.0], steps=steps, limit=limit,
-                       say=say)["best"]
-    say(f"wrote {bundle}/bundle.json: dilate_px {best['dilate_px']}, residual_scale {best['residual_scale']:g}, "
-         f"steps {best['steps']} ({best['psnr_mask_db']:.2f} dB in mask on {best['n']} items)")
+    best = tune_bundle(bundle, meta, dilations=dilate_px, scales=residual_scale or [1.0], steps=steps,
+                       fills=masked_source, limit=limit, say=say)["best"]
+    say(f"wrote {bundle}/bundle.json: masked_source {best['masked_source']}, dilate_px {best['dilate_px']}, "
+        f"residual_scale {best['residual_scale']:g}, steps {best['steps']} ({best['psnr_mask_db']:.2f} dB in mask "
+        f"on {best['n']} items)")
 
 
 @data_app.command("synth")

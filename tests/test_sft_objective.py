@@ -220,9 +220,16 @@ def test_tune_writes_the_best_dilation_and_scale(tiny_bundle: Path, synth_data: 
     assert tuned.provenance["tune"][-1]["best"] == best
     pipe = RemovalPipeline.from_bundle(bundle)
     assert evaluate_removals(pipe, read_meta([synth_data])[:2])["psnr_mask_db"] == pytest.approx(best["psnr_mask_db"])
-    tune_bundle(bundle, [synth_data], dilations=[best["dilate_px"]], scales=[0.5], limit=2, say=lambda m: None)
-    runs = read_config(bundle).provenance["tune"]  # a second tune keeps the first one's grid
-    assert [len(r["grid"]) for r in runs] == [8, 1] and read_config(bundle).residual_scale == 0.5
+    # a second tune keeps the first one's grid; the prefill can be tuned among the classical fills
+    second = tune_bundle(bundle, [synth_data], dilations=[best["dilate_px"]], scales=[0.5], fills=["telea", "ns"],
+                         limit=2, say=lambda m: None)
+    runs = read_config(bundle).provenance["tune"]
+    assert [len(r["grid"]) for r in runs] == [8, 2] and read_config(bundle).residual_scale == 0.5
+    assert read_config(bundle).masked_source == second["best"]["masked_source"]
+    assert {r["masked_source"] for r in second["grid"]} == {"telea", "ns"}
+    assert second["grid"][0]["psnr_mask_db"] != second["grid"][1]["psnr_mask_db"]  # the fill is really swapped
+    with pytest.raises(InputError, match="masked_source"):
+        tune_bundle(bundle, [synth_data], dilations=[0], scales=[0.5], fills=["zero"], limit=2)
 
 
 def test_paste_back_adds_the_correction_to_a_full_resolution_prefill(photos) -> None:

@@ -27,6 +27,7 @@ to TensorBoard and keeps the best bundle, which becomes ``out``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -42,6 +43,7 @@ from cleanplate import imaging
 from cleanplate.bundle import BundleConfig, NullConditioning, load_bundle, save_bundle
 from cleanplate.errors import ErrorCode, InputError
 from cleanplate.imaging import write_atomic
+from cleanplate.masked_source import CLASSICAL_FILLS
 from cleanplate.metrics import psnr, ssim
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.sampling import PREDICTION_TYPES, lcm_schedule, training_target
@@ -341,15 +343,21 @@ def train_sft(cfg: SFTConfig) -> dict:
 
 
 def tune_bundle(bundle_dir: Path, meta: list[Path], *, dilations: list[int], scales: list[float],
-                steps: list[int] | None = None, limit: int = 24, say: Any = print) -> dict[str, Any]:
-    """Pick the bundle's serving ``dilate_px``, ``residual_scale`` and default ``steps`` on held-out triplets.
+                steps: list[int] | None = None, fills: list[str] | None = None, limit: int = 24,
+                say: Any = print) -> dict[str, Any]:
+    """Pick the bundle's serving ``dilate_px``, ``residual_scale``, default ``steps`` and classical prefill
+    (``masked_source``) on held-out triplets.
 
-    Every (dilation, scale, steps) triple is judged by :func:`evaluate_removals` (the production path, seed 0)
-    on the first ``limit`` items of ``meta``; the one with the highest mean in-mask PSNR is written into
+    Every (fill, dilation, scale, steps) combination is judged by :func:`evaluate_removals` (the production
+    path, seed 0) on the first ``limit`` items of ``meta``; the one with the highest mean in-mask PSNR is written into
     ``bundle.json`` (atomically) with the whole grid appended to the list ``provenance.tune`` (earlier
     tunes of the bundle stay there, in order; a single earlier record is kept as the list's first). ``scales`` other than [1]
-    need ``decode_residual``; ``steps`` defaults to the bundle's. Returns {"grid": [...], "best": {...}}.
-    Raises InputError: empty grid, a scale outside [0, 1] or without decode_residual, steps outside 1..50.
+    need ``decode_residual``; ``steps`` defaults to the bundle's; ``fills`` (the bundle's by default) must be
+    classical fills (:data:`masked_source.CLASSICAL_FILLS`) of a bundle that already has one: the UNet then sees
+    another prefill than it was trained on, so only a held-out measurement can say whether that pays.
+    Returns {"grid": [...], "best": {...}}.
+    Raises InputError: empty grid, a scale outside [0, 1] or without decode_residual, steps outside 1..50, a
+    fill that is not classical or a bundle trained on the zero fill.
     """
     from cleanplate.bundle import BUNDLE_JSON, read_config
 
@@ -361,23 +369,28 @@ def tune_bundle(bundle_dir: Path, meta: list[Path], *, dilations: list[int], sca
     steps = steps or [config.steps]
     if any(not 1 <= n <= 50 for n in steps):
         raise InputError("steps must be in 1..50", code=ErrorCode.BAD_OPTION)
+    fills = fills or [config.masked_source]
+    if fills != [config.masked_source] and (config.masked_source not in CLASSICAL_FILLS
+                                            or not set(fills) <= set(CLASSICAL_FILLS)):
+        raise InputError(f"masked_source can be tuned among {CLASSICAL_FILLS} for a bundle trained on one of them, "
+                         f"not {fills} for a bundle trained on {config.masked_source!r}", code=ErrorCode.BAD_OPTION)
     pipe = RemovalPipeline.from_bundle(bundle_dir)
     items = read_meta(meta)[:limit]
     grid = []
-    for d in dilations:
-        for s in scales:
-            for n in steps:
-                pipe.config = config.model_copy(update={"dilate_px": d, "residual_scale": s, "steps": n})
-                result = {"dilate_px": d, "residual_scale": s, "steps": n, **evaluate_removals(pipe, items)}
-                say(f"dilate {d} px, residual_scale {s:g}, {n} steps: PSNR in mask {result['psnr_mask_db']:.2f} dB, "
-                    f"SSIM {result['ssim_mask']:.3f}")
-                grid.append(result)
+    for fill, d, s, n in itertools.product(fills, dilations, scales, steps):
+        pipe.config = config.model_copy(update={"masked_source": fill, "dilate_px": d, "residual_scale": s, "steps": n})
+        result = {"masked_source": fill, "dilate_px": d, "residual_scale": s, "steps": n,
+                  **evaluate_removals(pipe, items)}
+        say(f"{fill} fill, dilate {d} px, residual_scale {s:g}, {n} steps: PSNR in mask "
+            f"{result['psnr_mask_db']:.2f} dB, SSIM {result['ssim_mask']:.3f}")
+        grid.append(result)
     best = max(grid, key=lambda r: r["psnr_mask_db"])
     earlier = config.provenance.get("tune", [])
     runs = [*(earlier if isinstance(earlier, list) else [earlier]),
             {"meta": [str(m) for m in meta], "limit": limit, "grid": grid, "best": best}]
     provenance = {**config.provenance, "tune": runs}
-    tuned = config.model_copy(update={"dilate_px": best["dilate_px"], "residual_scale": best["residual_scale"],
-                                      "steps": best["steps"], "provenance": provenance})
+    tuned = config.model_copy(update={"masked_source": best["masked_source"], "dilate_px": best["dilate_px"],
+                                      "residual_scale": best["residual_scale"], "steps": best["steps"],
+                                      "provenance": provenance})
     write_atomic(Path(bundle_dir) / BUNDLE_JSON, (json.dumps(tuned.model_dump(), indent=2) + "\n").encode())
     return {"grid": grid, "best": best}
