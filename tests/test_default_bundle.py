@@ -12,6 +12,7 @@ import pytest
 
 from cleanplate import imaging
 from cleanplate.bundle import default_bundle_path, load_bundle, read_config
+from cleanplate.masked_source import CLASSICAL_FILLS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -19,9 +20,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_default_bundle_is_complete_and_small():
     root = default_bundle_path()
     config = read_config(root)
-    # x0 prediction (1-4 sampler steps, tuned), conditioned on a Telea prefill whose correction it learns
+    # x0 prediction (1-4 sampler steps, tuned), conditioned on a classical prefill whose correction it learns
     assert 1 <= config.steps <= 4 and config.scheduler["prediction_type"] == "sample"
-    assert config.paste_prefill == "telea" and 0 <= config.residual_scale <= 1
+    assert config.paste_prefill in CLASSICAL_FILLS and 0 <= config.residual_scale <= 1
     size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2**20
     assert size_mb < 50, f"default bundle is {size_mb:.1f} MB"
     provenance = config.provenance
