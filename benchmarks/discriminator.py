@@ -38,7 +38,7 @@ import numpy as np
 
 from cleanplate.errors import ErrorCode, InputError
 
-from .common import env_line, environment, pyplot
+from .common import environment, pyplot, save_figure, with_environment
 
 TARGETS = {"roc_auc_min": 0.95, "gt_pass_min": 0.90, "source_pass_max": 0.02, "removal_spearman_psnr_min": 0.6}
 PLOT_PSNR_CAP = 60.0
@@ -217,15 +217,12 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
                   f"{cal.get('n_pos', '?')} good + {cal.get('n_neg', '?')} bad calibration candidates{where}, ROC AUC "
                   f"{_f(cal.get('roc_auc'))}; trained {cal.get('steps', '?')} steps on {cal.get('train_items', '?')} "
                   "labelled items."]
-    lines += ["", f"Environment: {env_line(report['environment'])}."]
-    return "\n".join(lines) + "\n"
+    return with_environment(lines, report["environment"])
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
     """``out.png``: score vs in-mask PSNR per candidate coloured by kind (threshold line), and the ROC curve."""
     plt = pyplot()
-    if plt is None:
-        return []
     items = report["items"]
     kinds = list(report["by_kind"])
     colors = {k: KIND_COLORS.get(k, "tab:brown") for k in kinds}
@@ -260,8 +257,4 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     roc.set_title(f"ROC (AUC {report['summary']['roc_auc']:.3f})")
     roc.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"quality gate on {Path(report['meta']).parent.name} ({report['n']} candidates)")
-    fig.tight_layout()
-    path = Path(out).with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, Path(out).with_suffix(".png"))]

@@ -38,10 +38,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cleanplate.errors import InputError
+from cleanplate.errors import ErrorCode, InputError
 from cleanplate.metrics import PSNR_CAP_DB, psnr, ssim, telea
 
-from .common import env_line, environment, fmt_ms, pyplot
+from .common import environment, fmt_ms, pyplot, save_figure, with_environment
 
 ENGINES = ("torch", "opencv", "triton")
 LABELS = {"identity": "leave as is", "telea": "OpenCV Telea (whole image, mask as given)",
@@ -56,7 +56,7 @@ def find_meta(set_path: str | Path) -> Path:
     p = Path(set_path)
     meta = p / "meta.json" if p.is_dir() else p
     if not meta.is_file():
-        raise InputError(f"no RORem meta.json at {meta} (make a set with `cleanplate data synth`)", code="bad_option")
+        raise InputError(f"no RORem meta.json at {meta} (make a set with `cleanplate data synth`)", code=ErrorCode.BAD_OPTION)
     return meta
 
 
@@ -163,7 +163,7 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
         gt = imaging.decode_image(item.gt).rgb
         mask = imaging.decode_mask(item.mask)
         if gt.shape != src.rgb.shape or mask.shape != gt.shape[:2]:
-            raise InputError(f"{item.source}: source, mask and GT sizes differ", code="size_mismatch")
+            raise InputError(f"{item.source}: source, mask and GT sizes differ", code=ErrorCode.SIZE_MISMATCH)
         dilated = imaging.dilate_mask(mask, config.dilate_px)
         row: dict[str, Any] = {"source": str(item.source), "mask_fraction": float(mask.mean()), "methods": {}}
         scores = [None] * (len(methods) + 1)
@@ -257,16 +257,13 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     lines += ["", f"Means over items (medians in the JSON). The GT itself passes the discriminator in "
               f"{pct(g['success_rate'])} of items (mean score "
               f"{gt_score}): the ceiling this judge allows. "
-              "*ms per image* is the wall time of one gateway-path removal (decode excluded), one at a time.",
-              "", f"Environment: {env_line(report['environment'])}.", ""]
-    return "\n".join(lines)
+              "*ms per image* is the wall time of one gateway-path removal (decode excluded), one at a time."]
+    return with_environment(lines, report["environment"])
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
     """``out.png``: bars per method of PSNR in mask, SSIM in mask and discriminator success rate."""
     plt = pyplot()
-    if plt is None:
-        return []
     summ = {m: v for m, v in report["summary"].items() if m != "gt"}
     names = list(summ)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -283,11 +280,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         axes[2].axhline(100 * report["summary"]["gt"]["success_rate"], color="k", ls="--", lw=1, label="GT")
         axes[2].legend(fontsize=8)
     fig.suptitle(f"quality on {Path(report['set']).parent.name} ({report['n']} items)")
-    fig.tight_layout()
-    path = out.with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out.with_suffix(".png"))]
 
 
 def panel(set_path: str | Path, bundles: Sequence[str | Path], out: Path, *, limit: int = 8, seed: int = 0,
