@@ -106,8 +106,11 @@ def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, 
                 assert ours.shape == ref.shape == (256, 256, 3) and ours.dtype == np.uint8
                 diff = np.abs(ours.astype(int) - ref.astype(int))
                 assert diff.max() <= MAX_LEVELS and diff.mean() <= MAX_MEAN_LEVELS, (name, diff.max(), diff.mean())
-                other, _ = await _both(engine, torch_engine, crop, mask, seed=99, steps=steps)
-                assert np.abs(other.astype(int) - ours.astype(int)).max() > 10  # the seed reaches Triton's noise
+                # the seed reaches Triton's noise: another seed gives another removal, the one torch gives with it
+                # (the default bundle damps its learned correction to x0.1, so seeds move a few levels only)
+                other, other_ref = await _both(engine, torch_engine, crop, mask, seed=99, steps=steps)
+                assert np.abs(other.astype(int) - ours.astype(int)).max() > 0
+                assert np.abs(other.astype(int) - other_ref.astype(int)).max() <= MAX_LEVELS
                 # the discriminator inside Triton scores as the torch engine does
                 s_triton = await engine.score(crop, ours, mask)
                 s_torch = await torch_engine.score(crop, ours, mask)
