@@ -63,8 +63,9 @@ LORA_TARGETS = (r".*(conv_in|to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.
 class DiscriminatorConfig(TrainConfig):
     bundle: Path = Field(description="the remover bundle: the discriminator starts from its UNet and uses its VAE")
     val_meta: list[Path] = Field(default_factory=list, description="held-out labelled meta.json for calibration")
-    lora_rank: int = Field(4, ge=0, description="RORem uses 4; 0 trains the whole encoder (a small UNet's encoder "
-                                                "is cheap to train in full, and a rank-4 LoRA could not rank fills)")
+    lora_rank: int = Field(4, ge=0, description="RORem uses 4; 0 trains the whole encoder (cheap for a small UNet; "
+                                                "on our data it fit the training photos better and unseen ones "
+                                                "worse: benchmarks/results/gate_full_finetune.md)")
     latent_cache: bool = Field(False, description="encode every candidate's source and result crops through the "
                                                   "frozen VAE once (cache_variants random dilations each), then train "
                                                   "on the latents; the held-out split is encoded once too")
@@ -207,9 +208,10 @@ def encode_candidates(pipe: RemovalPipeline, dataset: DiscriminatorDataset, vari
                       batch_size: int = 16, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The frozen-VAE view of every candidate, ``variants`` times (random dilations drawn from ``seed``).
 
-    Returns ``result`` and ``source`` (N·variants, C, h, w) latents in ``dtype`` (fp16 for a cache on disk), ``mask`` (N·variants, 1, h, w)
-    uint8 at latent size (:meth:`Discriminator.mask_to_latent`) and ``score`` (N·variants,) float32 labels,
-    variant-major. The dataset's flip is off while encoding (:class:`CachedLatents` flips latents)."""
+    Returns ``result`` and ``source`` (N·variants, C, h, w) latents in ``dtype`` (fp16 for a cache on disk),
+    ``mask`` (N·variants, 1, h, w) uint8 at latent size (:meth:`Discriminator.mask_to_latent`) and ``score``
+    (N·variants,) float32 labels, variant-major. The dataset's flip is off while encoding (:class:`CachedLatents`
+    flips latents); ``random`` is reseeded per variant, as SFT's latent cache does."""
     from tqdm.auto import tqdm
 
     parts: dict[str, list[torch.Tensor]] = {"result": [], "source": [], "mask": [], "score": []}
@@ -274,15 +276,16 @@ def pass_rates_by_kind(scores: np.ndarray, kinds: Sequence[str | None], threshol
     return {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
 
 
-def _cache_path(cfg: DiscriminatorConfig, meta: Sequence[Path], dilate: tuple[int, int], variants: int) -> Path:
-    """The cache file of these candidates as this bundle's VAE sees them: named by a digest of the meta.json
-    files and the VAE weights, so new labels or a new VAE never reuse stale latents."""
+def _cache_path(cfg: DiscriminatorConfig, resolution: int, meta: Sequence[Path], dilate: tuple[int, int],
+                variants: int) -> Path:
+    """The cache file of these candidates as this bundle's VAE sees them at ``resolution`` (the bundle's): named
+    by a digest of the meta.json files and the VAE weights, so new labels or a new VAE never reuse stale latents."""
     import hashlib
 
     digest = hashlib.sha256()
     for path in [*meta, Path(cfg.bundle) / "vae" / "diffusion_pytorch_model.safetensors"]:
         digest.update(Path(path).read_bytes())
-    name = f"disc_latents_r{cfg.resolution}_d{dilate[0]}-{dilate[1]}_x{variants}_s{cfg.seed}_{digest.hexdigest()[:12]}"
+    name = f"disc_latents_r{resolution}_d{dilate[0]}-{dilate[1]}_x{variants}_s{cfg.seed}_{digest.hexdigest()[:12]}"
     return (cfg.cache_dir or cfg.resolved_work_dir) / f"{name}.safetensors"
 
 
@@ -312,7 +315,7 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
     items = read_meta(cfg.meta)
     dataset: torch.utils.data.Dataset = DiscriminatorDataset(items, resolution, cfg.dilate_range, flip=True)
     if cfg.latent_cache:
-        path = _cache_path(cfg, cfg.meta, cfg.dilate_range, cfg.cache_variants)
+        path = _cache_path(cfg, resolution, cfg.meta, cfg.dilate_range, cfg.cache_variants)
         dataset = CachedLatents(cached_tensors(path, lambda: encode_candidates(pipe, dataset, cfg.cache_variants,
                                                                                cfg.seed)))
     n_pos = sum(1 for item in items if item.score > 0.5)
@@ -345,7 +348,7 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             d = bundle.config.dilate_px
             val = DiscriminatorDataset(read_meta(cfg.val_meta), resolution, (d, d), flip=False)
             if cfg.latent_cache:
-                path = _cache_path(cfg, cfg.val_meta, (d, d), 1)
+                path = _cache_path(cfg, resolution, cfg.val_meta, (d, d), 1)
                 latents = cached_tensors(path, lambda: encode_candidates(pipe, val))
                 scores, labels = score_latents(final, latents, pipe.device)
             else:
