@@ -9,10 +9,12 @@ Methods, every one on the full-size image and judged the same way:
 * ``vae_ceiling``: the GT itself through the bundle's VAE (encode, decode) on the removal's context window,
   pasted back as a removal is: the best any fill of this bundle can score, since every fill is decoded by
   that VAE at that crop scale;
-* each engine asked for (``torch``, ``opencv``, ``triton``): the gateway's own removal
+* each engine asked for (:data:`cleanplate.engines.ENGINE_NAMES`: ``torch``, ``opencv``, ``triton``,
+  ``onnxruntime``): the gateway's own removal
   (:func:`cleanplate.removal.run_removal`: dilate, crop, engine, feathered paste-back) with the
   engine that ``cleanplate serve --engine NAME`` builds from the same settings. ``opencv`` is Telea on
-  the dilated context crop; ``torch`` and ``triton`` are cleanplate's diffusion remover.
+  the dilated context crop; ``torch``, ``triton`` and ``onnxruntime`` are cleanplate's diffusion remover
+  (``onnxruntime`` on an ONNX export of the bundle made for the run, as ``bench latency`` does).
 
 Metrics per item, summarised per method (mean, median):
 
@@ -29,7 +31,9 @@ Metrics per item, summarised per method (mean, median):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,16 +42,18 @@ from typing import Any
 import cv2
 import numpy as np
 
+from cleanplate.engines import ENGINE_NAMES
 from cleanplate.errors import ErrorCode, InputError
 from cleanplate.metrics import PSNR_CAP_DB, psnr, ssim, telea
 
 from .common import environment, fmt_ms, pyplot, save_figure, with_environment
 
-ENGINES = ("torch", "opencv", "triton")
+ENGINES = ENGINE_NAMES
 LABELS = {"identity": "leave as is", "telea": "OpenCV Telea (whole image, mask as given)",
           "vae_ceiling": "ceiling: GT through the bundle's VAE, crop and paste-back",
           "opencv": "opencv engine (Telea on the dilated crop)", "torch": "cleanplate, torch engine",
-          "triton": "cleanplate, triton engine", "gt": "GT (the judge's ceiling)"}
+          "triton": "cleanplate, triton engine", "onnxruntime": "cleanplate, onnxruntime engine",
+          "gt": "GT (the judge's ceiling)"}
 Say = Callable[[str], None]
 
 
@@ -66,14 +72,16 @@ def _decoded(pixels: np.ndarray) -> Any:
     return DecodedImage(pixels, None, "RGB", None, None, None)
 
 
-def _engine(name: str, bundle: Any, device: str, dtype: str, threads: int | None, triton_url: str | None) -> Any:
+def _engine(name: str, bundle: Any, device: str, dtype: str, threads: int | None, triton_url: str | None,
+            onnx_dir: Path | None) -> Any:
     from cleanplate.bundle import default_bundle_path
     from cleanplate.engines import EngineOptions, make_engine
 
     # the resolved bundle, so the opencv engine dilates as the bundle does (without one it uses its own 8 px)
     options = EngineOptions(engine=name, bundle=bundle or default_bundle_path(), device=device, dtype=dtype,
                             torch_threads=threads, max_batch=1, batch_window_ms=0, max_queue=1024,
-                            triton_url=triton_url or "127.0.0.1:8001", triton_timeout_s=600)
+                            triton_url=triton_url or "127.0.0.1:8001", triton_timeout_s=600, onnx_dir=onnx_dir,
+                            onnx_threads=threads)
     return make_engine(options)
 
 
@@ -124,9 +132,9 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
     meta = find_meta(set_path)
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or len(set(engines)) != len(engines):
-        raise InputError(f"engines must be distinct names from {ENGINES}, got {list(engines)}", code="bad_option")
+        raise InputError(f"engines must be distinct names from {ENGINES}, got {list(engines)}", code=ErrorCode.BAD_OPTION)
     if limit is not None and limit < 1:
-        raise InputError(f"--limit must be >= 1, got {limit}", code="bad_option")
+        raise InputError(f"--limit must be >= 1, got {limit}", code=ErrorCode.BAD_OPTION)
     if threads:
         torch.set_num_threads(threads)
     config = read_config(bundle or default_bundle_path())
@@ -138,20 +146,26 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
     pipe = RemovalPipeline.from_bundle(bundle, device=device, dtype=dtype)
     judge = pipe if config.discriminator else None
 
-    def measure(triton: str | None) -> tuple[list[dict[str, np.ndarray]], dict[str, list[float]]]:
-        built = {e: _engine(e, bundle, device, dtype, threads, triton) for e in engines}
+    def measure(triton: str | None, onnx_dir: Path | None) -> tuple[list[dict[str, np.ndarray]], dict[str, list[float]]]:
+        built = {e: _engine(e, bundle, device, dtype, threads, triton, onnx_dir) for e in engines}
         return asyncio.run(_remove_all(built, items, config.dilate_px, seed, say))
 
-    triton_where = None
-    if "triton" in engines and not triton_url:
-        from .latency import local_triton
+    with contextlib.ExitStack() as stack:
+        onnx_dir = None
+        if "onnxruntime" in engines:
+            from cleanplate.export.onnx import export_onnx
 
-        with local_triton(bundle, [config.resolution], 8, threads or torch.get_num_threads(), say) as server:
-            outputs, times = measure(server.grpc_url)
-        triton_where = "local tritonserver (python backend, onnxruntime)"
-    else:
-        outputs, times = measure(triton_url)
+            onnx_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cleanplate-quality-onnx-")))
+            say(f"exporting the bundle to ONNX for {config.resolution} px")
+            export_onnx(bundle, onnx_dir, buckets=[config.resolution], max_batch=2)  # dynamic batch needs >= 2
         triton_where = triton_url
+        if "triton" in engines and not triton_url:
+            from .latency import local_triton
+
+            server = stack.enter_context(local_triton(bundle, [config.resolution], 8,
+                                                      threads or torch.get_num_threads(), say))
+            triton_url, triton_where = server.grpc_url, "local tritonserver (python backend, onnxruntime)"
+        outputs, times = measure(triton_url, onnx_dir)
 
     for item, out in zip(items, outputs, strict=False):
         out["vae_ceiling"] = vae_ceiling(pipe, imaging.decode_image(item.source), imaging.decode_image(item.gt).rgb,
@@ -298,7 +312,7 @@ def panel(set_path: str | Path, bundles: Sequence[str | Path], out: Path, *, lim
     from cleanplate.training.common import read_meta
 
     if not bundles or limit < 1:
-        raise InputError("panel needs at least one bundle and limit >= 1", code="bad_option")
+        raise InputError("panel needs at least one bundle and limit >= 1", code=ErrorCode.BAD_OPTION)
     names = list(labels) if labels else [Path(b).name for b in bundles]
     pipes = [RemovalPipeline.from_bundle(b) for b in bundles]
 

@@ -138,6 +138,18 @@ def test_quality_metrics(gated_bundle: Path, synth_data: Path, tmp_path: Path) -
     assert quality.plot(report, tmp_path / "q")[0].read_bytes()[:8] == PNG_MAGIC
 
 
+def test_quality_runs_the_onnxruntime_engine_on_a_fresh_export(gated_bundle: Path, synth_data: Path) -> None:
+    """bench quality exports the bundle to ONNX for the onnxruntime engine; its removals score as the torch
+    engine's (same removal within the graph tolerance) and keep the pixels outside the dilated mask."""
+    from cleanplate.benchmarks import quality
+
+    report = quality.run_quality(synth_data, engines=["torch", "onnxruntime"], bundle=gated_bundle, limit=2)
+    s = report["summary"]
+    assert s["onnxruntime"]["bit_exact_rate"] == 1.0
+    assert s["onnxruntime"]["psnr_mask_db_mean"] == pytest.approx(s["torch"]["psnr_mask_db_mean"], abs=0.1)
+    assert "| cleanplate, onnxruntime engine |" in quality.to_markdown(report, "cmd")
+
+
 # -- the quality gate --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gate_labels(gated_bundle: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
