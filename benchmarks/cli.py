@@ -99,7 +99,8 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="output path
 
 @bench_app.command("latency", cls=MultiValueCommand)
 def latency_cmd(
-    engine: Annotated[Engine, typer.Option(help="what runs the model")] = Engine.torch,
+    engine: Annotated[Optional[list[Engine]], typer.Option(help="what runs the model (default: torch); several "
+                                                                "engines run back to back and are compared")] = None,
     bundle: BundleOpt = None,
     arch: Annotated[LatencyArch, typer.Option(help="torch engine: the bundle, or a random-weight full-size "
                                                    "SDXL-inpainting architecture (CUDA only)")] = LatencyArch.bundle,
@@ -125,18 +126,36 @@ def latency_cmd(
     out: OutOpt = None,
 ) -> None:
     """Per-stage latency (decode, crop, VAE encode, each UNet step, VAE decode, composite, gate) per resolution
-    and batch: median, p95, p99, with warm-up, device sync and the environment recorded."""
-    from . import latency
+    and batch: median, p95, p99, with warm-up, device sync and the environment recorded. Several --engine:
+    each runs with the same options, back to back, and one report compares their ms per image."""
+    from . import latency, latency_compare
 
+    engines = [e.value for e in engine] if engine else ["torch"]
     if triton_protocol not in ("grpc", "http"):
         raise InputError(f"--triton-protocol must be grpc or http, got {triton_protocol!r}", code=ErrorCode.BAD_OPTION)
-    report = latency.run_latency(engine.value, bundle=bundle, arch=arch.value, resolutions=resolution,
-                                 batches=batch or [1], steps=steps, image_size=image_size, warmup=warmup,
-                                 repeats=repeats, device=device, dtype=dtype, gate=gate, triton_url=triton_url,
-                                 triton_protocol=triton_protocol, threads=threads, seed=seed, onnx_dir=onnx_dir,
-                                 say=say)
-    default = f"latency_{engine.value}" + ("_sdxl" if arch is LatencyArch.sdxl else "") + _device_tag(device)
-    _finish(report, out or Path("benchmarks/results") / default, latency)
+    if len(engines) > 1:  # refuse what one engine would refuse before any other one runs
+        if len(set(engines)) != len(engines):
+            raise InputError(f"--engine: give each engine once, got {engines}", code=ErrorCode.BAD_OPTION)
+        if arch is not LatencyArch.bundle:
+            raise InputError("--arch applies to the torch engine only", code=ErrorCode.BAD_OPTION)
+        if "torch" in engines:
+            from cleanplate.pipeline import resolve_device, resolve_dtype
+
+            resolve_dtype(dtype, resolve_device(device))
+    reports = [latency.run_latency(name, bundle=bundle, arch=arch.value, resolutions=resolution,
+                                   batches=batch or [1], steps=steps, image_size=image_size, warmup=warmup,
+                                   repeats=repeats, device=device, dtype=dtype, gate=gate, triton_url=triton_url,
+                                   triton_protocol=triton_protocol, threads=threads, seed=seed, onnx_dir=onnx_dir,
+                                   say=say) for name in engines]
+    default = "latency_" + "_vs_".join(engines) + ("_sdxl" if arch is LatencyArch.sdxl else "") + _device_tag(device)
+    if len(reports) == 1:
+        _finish(reports[0], out or Path("benchmarks/results") / default, latency)
+        return
+    from .common import command_line
+
+    for r in reports:
+        r["command"] = command_line()
+    _finish(latency_compare.compare(reports), out or Path("benchmarks/results") / default, latency_compare)
 
 
 @bench_app.command("load", cls=MultiValueCommand)
@@ -369,14 +388,25 @@ def report_cmd(
     """Rewrite a report's markdown and plots from its JSON (e.g. one copied back from a GPU machine)."""
     import json
 
-    from . import ablation, batch_throughput, discriminator, flywheel_round, latency, load, memory, quality, reference
+    from . import (
+        ablation,
+        batch_throughput,
+        discriminator,
+        flywheel_round,
+        latency,
+        latency_compare,
+        load,
+        memory,
+        quality,
+        reference,
+    )
     from .common import plots, write_report
 
     try:
         report = json.loads(report_json.read_text())
         module = {"latency": latency, "load": load, "quality": quality, "reference": reference,
                   "ablation": ablation, "gate": discriminator, "memory": memory, "batch": batch_throughput,
-                  "flywheel": flywheel_round}[report["harness"]]
+                  "flywheel": flywheel_round, latency_compare.HARNESS: latency_compare}[report["harness"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code=ErrorCode.BAD_OPTION) from exc
     out = report_json.with_suffix("")

@@ -432,6 +432,11 @@ def _stage_columns(report: dict[str, Any]) -> list[str]:
 
 
 def to_markdown(report: dict[str, Any], command: str) -> str:
+    return with_environment(markdown_lines(report, command), report["environment"])
+
+
+def markdown_lines(report: dict[str, Any], command: str) -> list[str]:
+    """The report's markdown lines, without the environment line (:func:`to_markdown` adds it)."""
     s, cases = report["settings"], report["cases"]
     lines = [f"# Latency: {report['engine']} engine", "", f"`{command}`", "",
              f"Model: {s.get('model')}"
@@ -474,7 +479,7 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     if cases and "plain_total_ms" in cases[0]:
         lines += ["", "*plain*: the same code path with no stage clock (on CUDA: one synchronisation at the end) "
                   f"({cases[0]['plain_total_ms']['n']} repetitions): the cost of per-stage synchronisation."]
-    return with_environment(lines, report["environment"])
+    return lines
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:

@@ -314,6 +314,56 @@ def test_cli_latency_writes_reports(cli, tmp_path: Path) -> None:
     assert r.code == 2 and r.err.startswith("error: ")
 
 
+def test_cli_latency_compares_engines_in_one_run(cli, gated_bundle: Path, gated_onnx: Path, tmp_path: Path) -> None:
+    """Several --engine: each runs with the same options, back to back; one JSON keeps each engine's report
+    and a comparison, whose table and ratios come from the per-engine medians; `bench report` rebuilds it."""
+    from cleanplate.benchmarks.common import fmt_ms
+
+    out = tmp_path / "res" / "cmp"
+    r = cli("bench", "latency", "--engine", "torch", "--engine", "onnxruntime", "--bundle", gated_bundle,
+            "--onnx-dir", gated_onnx, "--resolution", "64", "--steps", "2", "--warmup", "0", "--repeats", "2",
+            "--out", out)
+    assert r.code == 0, r.err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["harness"] == "latency_compare" and report["engines"] == ["torch", "onnxruntime"]
+    assert report["command"].startswith("cleanplate bench latency --engine torch --engine onnxruntime")
+    per_engine = {e: report["reports"][e]["cases"][0]["per_image_ms"] for e in ("torch", "onnxruntime")}
+    for e in per_engine:
+        sub = report["reports"][e]
+        assert sub["engine"] == e and sub["settings"]["steps"] == 2 and sub["settings"]["repeats"] == 2
+        assert [(c["resolution"], c["batch"]) for c in sub["cases"]] == [(64, 1)]
+    [row] = report["comparison"]
+    assert (row["resolution"], row["batch"]) == (64, 1) and row["per_image_ms"] == per_engine
+    ratio = per_engine["onnxruntime"] / per_engine["torch"]
+    assert row["ratio_to_first"] == {"torch": 1.0, "onnxruntime": pytest.approx(ratio)}
+
+    md = out.with_suffix(".md").read_text()
+    assert md in r.out
+    assert "| resolution | batch | torch ms/image | onnxruntime ms/image | onnxruntime ÷ torch |" in md
+    assert f"| 64 | 1 | {fmt_ms(per_engine['torch'])} | {fmt_ms(per_engine['onnxruntime'])} | {ratio:.2f}× |" in md
+    assert "## Latency: torch engine" in md and "## Latency: onnxruntime engine" in md
+    assert (tmp_path / "res" / "cmp.png").read_bytes()[:8] == PNG_MAGIC
+
+    for p in (tmp_path / "res").glob("cmp.[mp]*"):
+        p.unlink()
+    r = cli("bench", "report", out.with_suffix(".json"))
+    assert r.code == 0, r.err
+    assert out.with_suffix(".md").read_text() == md and (tmp_path / "res" / "cmp.png").exists()
+
+
+@pytest.mark.parametrize("engines, args, message", [
+    (["torch", "onnxruntime"], ["--arch", "sdxl"], "torch engine only"),
+    (["onnxruntime", "torch"], ["--dtype", "fp16"], "fp16"),
+    (["torch", "torch"], [], "each engine once"),
+])
+def test_cli_latency_several_engines_refuses_before_running(cli, tmp_path: Path, engines: list[str],
+                                                            args: list[str], message: str) -> None:
+    r = cli("bench", "latency", *[a for e in engines for a in ("--engine", e)], *args, "--out", tmp_path / "x")
+    assert r.code == 2 and r.err.startswith("error: ") and message in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 @pytest.mark.parametrize("args, message", [
     (["latency", "--repeats", "0"], "repeats"),
     (["latency", "--dtype", "fp16"], "fp16"),
