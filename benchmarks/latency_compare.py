@@ -25,7 +25,10 @@ def compare(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One report from per-engine latency reports (same cases, distinct engines; the first is the baseline).
 
     ``comparison``: a row per case of the first report, ``{resolution, batch, per_image_ms: {engine: ms},
-    ratio_to_first: {engine: ms / first engine's ms}}`` (None where an engine lacks the case or a median)."""
+    ratio_to_first: {engine: ms / first engine's ms}}`` (None where an engine lacks the case or a median).
+
+    Raises:
+        ValueError: an engine appears twice (the CLI refuses that as exit 2 before anything runs)."""
     engines = [r["engine"] for r in reports]
     if len(set(engines)) != len(engines):
         raise ValueError(f"each engine once, got {engines}")
@@ -50,6 +53,8 @@ def _ratio(v: float | None) -> str:
 
 
 def to_markdown(report: dict[str, Any], command: str) -> str:
+    """The comparison table (median ms per image per engine and each engine's ratio to the first), then each
+    engine's own ``bench latency`` report as a section; ``command`` is shown once, at the top."""
     engines, first = report["engines"], report["baseline"]
     s = report["reports"][first]["settings"]
     lines = [f"# Latency: {' vs '.join(engines)}", "", f"`{command}`", "",
