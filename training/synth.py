@@ -448,6 +448,27 @@ def _logo(layer: Image.Image, rng) -> None:
 _RENDER = {"text": _promo_text, "watermark": _watermark, "badge": _badge, "logo": _logo}
 
 
+def composite_layer(bg32: np.ndarray, layer: Image.Image, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """Alpha-composite an RGBA overlay ``layer`` (W x H) over ``bg32`` ((H, W, 3) int32 in 0..255).
+
+    Returns ``(source, core, mask, visible)``: source (H, W, 3) int32 in 0..255; core (H, W) bool, the pixels
+    with alpha > 8/255; mask = core dilated by a random 1-2 px ellipse (one draw from ``rng``); visible, the
+    number of pixels the overlay changed by more than 20 levels. None (no draw) when the layer is empty.
+    """
+    rgba = np.asarray(layer).astype(np.int32)
+    a = rgba[..., 3:4] * (rgba[..., 3:4] > 8)
+    core = a[..., 0] > 0
+    if not core.any():
+        return None
+    src = (bg32 * (255 - a) + rgba[..., :3] * a + 127) // 255
+    visible = int((np.abs(src - bg32).max(axis=2) > 20).sum())
+    r = int(rng.integers(1, 3))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    mask = cv2.dilate(core.astype(np.uint8), kernel) > 0
+    return src, core, mask, visible
+
+
 def add_overlay(background: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
     """Composite a random storefront overlay over ``background``: (source, mask, kind)."""
     bg = np.asarray(background)
@@ -462,16 +483,10 @@ def add_overlay(background: np.ndarray, rng: np.random.Generator) -> tuple[np.nd
         layer = Image.new("RGBA", (W, H), (0, 0, 0, 0))
         for p in sorted(parts, key=lambda q: q != 1):  # watermark underneath
             _RENDER[OVERLAY_KINDS[p]](layer, rng)
-        rgba = np.asarray(layer).astype(np.int32)
-        a = rgba[..., 3:4] * (rgba[..., 3:4] > 8)
-        core = a[..., 0] > 0
-        if not core.any():
+        composited = composite_layer(bg32, layer, rng)
+        if composited is None:
             continue
-        src = (bg32 * (255 - a) + rgba[..., :3] * a + 127) // 255
-        visible = (np.abs(src - bg32).max(axis=2) > 20).sum()
-        r = int(rng.integers(1, 3))
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-        mask = cv2.dilate(core.astype(np.uint8), kernel) > 0
+        src, core, mask, visible = composited
         if visible < 0.4 * core.sum() or mask.mean() > 0.6:
             continue
         return src.astype(np.uint8), mask, kind
