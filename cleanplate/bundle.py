@@ -8,6 +8,7 @@ Layout::
     lcm_lora/                       optional: pytorch_lora_weights.safetensors (diffusers/peft LoRA format)
     null_conditioning.safetensors   prompt_embeds (1,77,D) and pooled_prompt_embeds (1,P) of the empty prompt
     discriminator/                  optional quality gate (cleanplate.discriminator): config.json, model.safetensors
+    detector/                       optional overlay detector (cleanplate.detector): config.json, model.safetensors
 
 RORem (arXiv 2501.00740) always prompts with the empty string and guidance 1, so the text conditioning
 is a constant: it is computed once here (``from_rorem``) and the text encoders never load at serving time.
@@ -34,6 +35,7 @@ BUNDLE_JSON = "bundle.json"
 NULL_CONDITIONING = "null_conditioning.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 DISCRIMINATOR_DIR = "discriminator"
+DETECTOR_DIR = "detector"
 
 # LCMScheduler settings of SDXL (scaled-linear betas 0.00085..0.012 over 1000 steps), as in
 # diffusers' LCM-LoRA SDXL recipe; used when a base model gives no scheduler config.
@@ -99,6 +101,7 @@ class BundleConfig(BaseModel):
                                          "the learned correction (calibrated on held-out photos, like the gate's threshold)")
     lcm_lora: Literal["none", "separate", "fused"] = "none"
     discriminator: bool = False
+    detector: bool = Field(False, description="the bundle has detector/ (the overlay detector that makes masks)")
     provenance: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -170,6 +173,7 @@ class Bundle:
     vae: Any  # diffusers.AutoencoderKL
     conditioning: NullConditioning
     discriminator: Any = None  # cleanplate.discriminator.Discriminator when config.discriminator
+    detector: Any = None  # cleanplate.detector.Detector when config.detector
 
 
 def default_bundle_path() -> Path:
@@ -234,7 +238,12 @@ def load_bundle(bundle_dir: str | Path | None = None, *, fuse_lora: bool = True)
         from .discriminator import load_discriminator
 
         discriminator = load_discriminator(_require(root / DISCRIMINATOR_DIR, f"{DISCRIMINATOR_DIR}/"))
-    return Bundle(root, config, unet, vae, conditioning, discriminator)
+    detector = None
+    if config.detector:
+        from .detector import load_detector
+
+        detector = load_detector(_require(root / DETECTOR_DIR, f"{DETECTOR_DIR}/"))
+    return Bundle(root, config, unet, vae, conditioning, discriminator, detector)
 
 
 def attach_discriminator(bundle_dir: str | Path, discriminator: Any, calibration: dict[str, Any] | None = None) -> Path:
@@ -243,16 +252,27 @@ def attach_discriminator(bundle_dir: str | Path, discriminator: Any, calibration
     The directory is written beside the old one and swapped in; bundle.json is replaced atomically last,
     so an interrupted call leaves the bundle as it was or complete.
     """
+    return _attach(bundle_dir, DISCRIMINATOR_DIR, discriminator, calibration)
+
+
+def attach_detector(bundle_dir: str | Path, detector: Any, calibration: dict[str, Any] | None = None) -> Path:
+    """Write ``detector/`` (a :class:`cleanplate.detector.Detector`) into an existing bundle and set
+    ``detector: true`` in its bundle.json, the same atomic way as :func:`attach_discriminator`."""
+    return _attach(bundle_dir, DETECTOR_DIR, detector, calibration)
+
+
+def _attach(bundle_dir: str | Path, name: str, component: Any, calibration: dict[str, Any] | None) -> Path:
+    """``component.save`` into ``name/`` beside the old one, swapped in; bundle.json (flag ``name``) last."""
     root = Path(bundle_dir)
     config = read_config(root)
-    tmp = root / (DISCRIMINATOR_DIR + ".tmp")
+    tmp = root / (name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    discriminator.save(tmp, calibration=calibration)
-    final = root / DISCRIMINATOR_DIR
+    component.save(tmp, calibration=calibration)
+    final = root / name
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    config = config.model_copy(update={"discriminator": True})
+    config = config.model_copy(update={name: True})
     write_atomic(root / BUNDLE_JSON, (json.dumps(config.model_dump(), indent=2) + "\n").encode())
     return final
 

@@ -19,6 +19,7 @@ from .deploy import deploy_app
 from .engines import ENGINE_NAMES
 from .errors import CleanplateError, ErrorCode, InputError
 from .export.cli import export_app, triton_app
+from .training.detector_cli import train_detector_cmd
 from .training.flywheel_cli import flywheel_app, label_app
 from .training.rl_cli import data_dpo_pairs_cmd, train_dpo_cmd, train_grpo_cmd, train_rwd_cmd
 
@@ -288,6 +289,7 @@ def train_discriminator_cmd(
 
 for _name, _cmd in (("dpo", train_dpo_cmd), ("rwd", train_rwd_cmd), ("grpo", train_grpo_cmd)):
     train_app.command(_name)(_cmd)  # RL after SFT: training/rl_cli.py
+train_app.command("detector")(train_detector_cmd)  # the overlay detector: training/detector_cli.py
 data_app.command("dpo-pairs")(data_dpo_pairs_cmd)
 
 

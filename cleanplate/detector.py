@@ -1,0 +1,241 @@
+"""The overlay detector: which pixels of a product photo did a storefront add (promo text, watermarks,
+badges, logos)? Its mask is a removal mask (issue 17, "Auto-mask").
+
+Model: a small fully convolutional segmentation net (:class:`DetectorNet`, ~0.5 M parameters): a
+stride-2 encoder of five stages (1/2 .. 1/32), an FPN-style top-down decoder back to 1/2, and a
+full-resolution head that also sees the input pixels, so thin strokes keep their edges. It gives per
+pixel one logit "storefront overlay" and ``len(kinds)`` kind logits (text, watermark, badge, logo).
+
+Inference (:meth:`Detector.detect`): the photo is resized so its long side is ``working_size`` (area
+down, linear up), padded to a multiple of 32 by edge replication, run, cropped and resized back;
+``probability >= threshold`` gives the mask, connected components smaller than ``min_area`` (px at the
+working size) are dropped, and each kept component becomes a :class:`Detection` (box, kind, score).
+``threshold`` and ``min_area`` are calibrated on held-out photos (``cleanplate train detector``).
+
+Bundle layout: ``detector/config.json`` (:class:`DetectorConfig`) and ``detector/model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from .errors import BundleError, ErrorCode, InputError
+from .imaging import write_atomic
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+KINDS: tuple[str, ...] = ("text", "watermark", "badge", "logo")
+STRIDE = 32  # the encoder's total downsampling; inputs are padded to a multiple of it
+
+
+class DetectorConfig(BaseModel):
+    """Contents of ``detector/config.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    widths: tuple[int, ...] = Field((16, 32, 64, 96, 128), min_length=5, max_length=5,
+                                    description="channels of the encoder stages at 1/2, 1/4, 1/8, 1/16, 1/32")
+    decoder_channels: int = Field(32, ge=4, description="channels of the top-down decoder")
+    head_channels: int = Field(12, ge=4, description="channels of the head (at 1/2, then at full resolution)")
+    kinds: tuple[str, ...] = Field(KINDS, description="names of the kind logits, in order")
+    working_size: int = Field(512, ge=64, le=4096, description="long side in px the photo is resized to")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability at or above which a pixel is overlay")
+    min_area: int = Field(0, ge=0, description="components smaller than this (px at working_size) are dropped")
+    calibration: dict[str, Any] = Field(default_factory=dict, description="how threshold/min_area were picked")
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DetectorNet(nn.Module):
+    """(B,3,H,W) float in [0,1], H and W multiples of 32 -> (B,1+K,H,W) float logits: channel 0 is
+    "overlay", channels 1..K the kinds (meaningful on overlay pixels only)."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__()
+        w, d = config.widths, config.decoder_channels
+        self.stages = nn.ModuleList(
+            nn.Sequential(_conv(3 if i == 0 else w[i - 1], w[i], 2), _conv(w[i], w[i])) for i in range(len(w)))
+        self.lateral = nn.ModuleList(nn.Conv2d(c, d, 1) for c in w)
+        self.smooth = nn.ModuleList(_conv(d, d) for _ in w[1:-1])  # at 1/4 .. 1/16
+        h = config.head_channels
+        self.coarse = _conv(d, h)  # at 1/2
+        self.head = nn.Sequential(_conv(h + 3, h), nn.Conv2d(h, 1 + len(config.kinds), 1))  # full resolution
+        self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = (image - self.mean) / self.std
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        p = self.lateral[-1](feats[-1])
+        for i in range(len(feats) - 2, -1, -1):
+            p = F.interpolate(p, size=feats[i].shape[-2:], mode="nearest") + self.lateral[i](feats[i])
+            p = self.smooth[i - 1](p) if i > 0 else self.coarse(p)
+        p = F.interpolate(p, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(torch.cat([p, (image - self.mean) / self.std], dim=1))
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One connected component of the mask.
+
+    Attributes:
+        box: (x0, y0, x1, y1) in source px, x1/y1 exclusive.
+        kind: the kind with the largest mean probability over the component (one of the config's kinds).
+        score: mean overlay probability over the component, in [0, 1].
+        area: component area in source px.
+    """
+
+    box: tuple[int, int, int, int]
+    kind: str
+    score: float
+    area: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": list(self.box), "kind": self.kind, "score": round(self.score, 4), "area": self.area}
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    """mask: (H, W) uint8 in {0, 255} at the source size; detections: one per kept component."""
+
+    mask: np.ndarray
+    detections: list[Detection]
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
+        raise InputError(f"image must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}", code=ErrorCode.BAD_INPUT)
+    return arr
+
+
+class Detector(nn.Module):
+    """The overlay detector. Build with ``Detector(DetectorConfig(...))`` (training) or :meth:`from_dir`.
+
+    Attributes:
+        config: the :class:`DetectorConfig` (threshold, min_area, working size, kinds).
+        net: the :class:`DetectorNet`.
+    """
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or DetectorConfig()
+        self.net = DetectorNet(self.config)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) float in [0,1] (H, W multiples of 32) -> (B,1+K,H,W) float logits."""
+        return self.net(image)
+
+    # -- inference ---------------------------------------------------------------------------------
+    def working_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the photo is resized to: long side ``working_size``, aspect kept, each side >= 1."""
+        k = self.config.working_size / max(height, width)
+        return max(1, round(height * k)), max(1, round(width * k))
+
+    @torch.inference_mode()
+    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pixel probabilities at the working size for an (H, W, 3) uint8 RGB photo.
+
+        Returns ``(overlay, kinds)``: overlay (h, w) float32 in [0, 1] and kinds (K, h, w) float32 (softmax
+        over the kinds), (h, w) = :meth:`working_shape`. Raises InputError for a non-(H, W, 3) uint8 input.
+        """
+        import cv2
+
+        arr = _check_image(image)
+        h, w = self.working_shape(*arr.shape[:2])
+        interp = cv2.INTER_AREA if h < arr.shape[0] else cv2.INTER_LINEAR
+        small = arr if (h, w) == arr.shape[:2] else cv2.resize(arr, (w, h), interpolation=interp)
+        ph, pw = -h % STRIDE, -w % STRIDE
+        padded = np.pad(small, ((0, ph), (0, pw), (0, 0)), mode="edge")
+        x = torch.from_numpy(padded).permute(2, 0, 1)[None].float().div_(255)
+        param = next(self.parameters())
+        logits = self.net(x.to(param.device, param.dtype)).float()[0, :, :h, :w]
+        return torch.sigmoid(logits[0]).cpu().numpy(), torch.softmax(logits[1:], 0).cpu().numpy()
+
+    def detect(self, image: np.ndarray, *, threshold: float | None = None, min_area: int | None = None
+               ) -> DetectionResult:
+        """Mask and detections for an (H, W, 3) uint8 RGB photo.
+
+        ``threshold`` (probability in (0, 1)) and ``min_area`` (px at the working size) default to the
+        calibrated values in the config. The mask is (H, W) uint8 in {0, 255}; boxes are in source px.
+        Raises InputError for a non-(H, W, 3) uint8 input.
+        """
+        import cv2
+
+        arr = _check_image(image)
+        H, W = arr.shape[:2]
+        t = self.config.threshold if threshold is None else float(threshold)
+        amin = self.config.min_area if min_area is None else int(min_area)
+        overlay, kinds = self.probabilities(arr)
+        h, w = overlay.shape
+        n, labels, stats, _ = cv2.connectedComponentsWithStats((overlay >= t).astype(np.uint8), connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= amin
+        small = keep[labels].astype(np.uint8)
+        mask = small if (h, w) == (H, W) else cv2.resize(small, (W, H), interpolation=cv2.INTER_NEAREST)
+        sx, sy = W / w, H / h
+        detections = []
+        for i in np.flatnonzero(keep):
+            x, y, bw, bh, area = (int(v) for v in stats[i, :5])
+            comp = labels[y:y + bh, x:x + bw] == i
+            kind = int(kinds[:, y:y + bh, x:x + bw][:, comp].mean(axis=1).argmax())
+            box = (int(np.floor(x * sx)), int(np.floor(y * sy)), min(W, int(np.ceil((x + bw) * sx))),
+                   min(H, int(np.ceil((y + bh) * sy))))
+            detections.append(Detection(box, self.config.kinds[kind], float(overlay[y:y + bh, x:x + bw][comp].mean()),
+                                        int(round(area * sx * sy))))
+        detections.sort(key=lambda d: -d.area)
+        return DetectionResult((mask * 255).astype(np.uint8), detections)
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, *, calibration: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created; files replaced
+        atomically); ``calibration`` replaces the config's record when given. Returns the directory."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if calibration is not None:
+            self.config = self.config.model_copy(update={"calibration": calibration})
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        tmp = out / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, out / WEIGHTS_FILE)
+        write_atomic(out / CONFIG_FILE, (self.config.model_dump_json(indent=2) + "\n").encode())
+        return out
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> Detector:
+        """Load ``detector/`` (float32, CPU, eval mode). Raises BundleError naming a missing or bad file."""
+        from safetensors.torch import load_file
+
+        root = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (root / name).exists():
+                raise BundleError(f"detector is missing {name}: {root / name}")
+        try:
+            config = DetectorConfig.model_validate(json.loads((root / CONFIG_FILE).read_text()))
+            det = cls(config)
+            det.net.load_state_dict(load_file(str(root / WEIGHTS_FILE)), strict=True)
+        except (ValidationError, ValueError, RuntimeError, OSError) as exc:
+            raise BundleError(f"cannot load detector from {root}: {exc}") from exc
+        return det.eval().requires_grad_(False)
+
+
+def load_detector(directory: str | Path) -> Detector:
+    """:meth:`Detector.from_dir` (the bundle loader's name for it, like ``load_discriminator``)."""
+    return Detector.from_dir(directory)

@@ -1,0 +1,303 @@
+"""``cleanplate train detector``: train the overlay detector (:mod:`cleanplate.detector`) on synthetic data
+and calibrate its threshold on held-out photos.
+
+Data (made on first run, resumable, by :func:`training.detector_data.synth_detector_dataset`):
+
+* training: ``train_n`` items at ``train_size`` px on the training photos (``synth.TRAIN_PHOTOS``) and
+  procedural scenes, with in-scene marks and clean negatives;
+* calibration: ``cal_n`` items at ``cal_size`` px on the held-out photos (``synth.DEV_PHOTOS``, another
+  seed than any dev set: the convention of ``build_default_bundle.sh``), half of them negatives.
+
+Training: random crops of ``crop`` px after a random downscale in ``scale_range`` (never upscaled: an
+upscaled overlay looks blurred, which is what in-scene print looks like), flips; loss = BCE + soft Dice on
+the overlay logit + cross-entropy of the kind logits on overlay pixels. One torch thread is enough.
+Checkpoints (model, optimizer, step, RNG) go to ``work_dir/checkpoints/step_N``; a rerun resumes from
+the newest. Calibration (:func:`calibrate`) then picks ``threshold`` and ``min_area``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from cleanplate.detector import Detector, DetectorConfig
+from cleanplate.errors import ErrorCode, InputError
+
+from . import synth
+from .detector_data import DetectorSynthConfig, synth_detector_dataset
+
+log = logging.getLogger("cleanplate.training.detector")
+
+
+class DetectorTrainConfig(BaseModel):
+    """``cleanplate train detector`` config (JSON keys = fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="output detector/ directory (config.json, model.safetensors)")
+    work_dir: Path | None = Field(None, description="data, checkpoints and log; default: OUT + '.work'")
+    model: DetectorConfig = Field(default_factory=DetectorConfig, description="network and working size")
+    train_n: int = Field(1600, ge=1)
+    train_seed: int = Field(100, ge=0)
+    train_size: int = Field(512, ge=64)
+    photo_fraction: float = Field(0.6, ge=0, le=1)
+    clean_fraction: float = Field(0.2, ge=0, le=1)
+    scene_fraction: float = Field(0.45, ge=0, le=1)
+    cal_n: int = Field(120, ge=1)
+    cal_seed: int = Field(200, ge=0)
+    cal_size: int = Field(512, ge=64)
+    crop: int = Field(256, ge=32, description="training crop side in px (a multiple of 32)")
+    scale_range: tuple[float, float] = Field((0.5, 1.0), description="random downscale before cropping")
+    batch_size: int = Field(8, ge=1)
+    max_steps: int = Field(2000, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = 1e-4
+    warmup_steps: int = Field(50, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    kind_weight: float = Field(0.3, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(20, ge=1)
+    seed: int = 0
+    threads: int = Field(1, ge=1, description="torch intra-op threads")
+    max_fp_image_rate: float = Field(0.03, ge=0, le=1, description="calibration: share of held-out negatives "
+                                                                     "with any detection allowed")
+    max_fp_area: float = Field(0.003, ge=0, le=1, description="calibration: mean false-positive area allowed on "
+                                                               "held-out negatives (fraction of pixels)")
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.out.with_name(self.out.name + ".work")
+
+
+# ---------------------------------------------------------------- data
+def ensure_data(cfg: DetectorTrainConfig) -> tuple[Path, Path]:
+    """Make (or finish) the training and calibration sets under ``work_dir/data``; their meta.json paths."""
+    root = cfg.resolved_work_dir / "data"
+    train = synth_detector_dataset(
+        root / "train", cfg.train_n, seed=cfg.train_seed, progress=False,
+        cfg=DetectorSynthConfig(size=cfg.train_size, photo_fraction=cfg.photo_fraction, photos=synth.TRAIN_PHOTOS,
+                                clean_fraction=cfg.clean_fraction, scene_fraction=cfg.scene_fraction))
+    cal = synth_detector_dataset(
+        root / "cal", cfg.cal_n, seed=cfg.cal_seed, progress=False,
+        cfg=DetectorSynthConfig(size=cfg.cal_size, photo_fraction=1.0, photos=synth.DEV_PHOTOS,
+                                clean_fraction=0.5, scene_fraction=0.5))
+    return train, cal
+
+
+def read_items(meta: Path) -> list[dict[str, Any]]:
+    """The entries of a detector meta.json with paths made absolute. Raises InputError if unreadable."""
+    try:
+        entries = json.loads(Path(meta).read_text())
+        return [{**e, **{k: str(Path(meta).parent / e[k]) for k in ("source", "mask", "GT", "kind_map")}}
+                for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot read detector meta {meta}: {exc}", code=ErrorCode.BAD_OPTION) from exc
+
+
+def _load(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+class CropSampler:
+    """Random training crops: ``batch(n)`` -> images (n,3,c,c) float in [0,1], mask (n,1,c,c) float {0,1},
+    kinds (n,c,c) int64 (0 = none, 1..K) from items held in memory as uint8."""
+
+    def __init__(self, items: list[dict[str, Any]], crop: int, scale_range: tuple[float, float], seed: int) -> None:
+        self.items = [(_load(e["source"]), _load(e["kind_map"])) for e in items]
+        self.crop, self.scale_range = crop, scale_range
+        self.rng = np.random.default_rng(seed)
+
+    def one(self) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        src, kinds = self.items[int(self.rng.integers(len(self.items)))]
+        k = self.rng.uniform(*self.scale_range)
+        h, w = src.shape[:2]
+        nh, nw = max(self.crop, round(h * k)), max(self.crop, round(w * k))
+        if (nh, nw) != (h, w):
+            src = cv2.resize(src, (nw, nh), interpolation=cv2.INTER_AREA)
+            kinds = cv2.resize(kinds, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        y, x = int(self.rng.integers(nh - self.crop + 1)), int(self.rng.integers(nw - self.crop + 1))
+        src, kinds = src[y:y + self.crop, x:x + self.crop], kinds[y:y + self.crop, x:x + self.crop]
+        if self.rng.random() < 0.5:
+            src, kinds = src[:, ::-1], kinds[:, ::-1]
+        return src, kinds
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pairs = [self.one() for _ in range(n)]
+        images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float().div_(255)
+        kinds = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
+        return images, (kinds > 0).float()[:, None], kinds
+
+
+def detector_loss(logits: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor, *, dice_weight: float = 1.0,
+                  kind_weight: float = 0.3) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss for logits (B,1+K,H,W), mask (B,1,H,W) {0,1}, kinds (B,H,W) int64 in 0..K: BCE + dice_weight ·
+    soft Dice (over the batch) on channel 0 + kind_weight · cross-entropy of channels 1..K on mask pixels.
+    Returns (scalar loss, its parts as floats)."""
+    overlay = logits[:, :1]
+    bce = F.binary_cross_entropy_with_logits(overlay, mask)
+    p = torch.sigmoid(overlay)
+    dice = 1 - (2 * (p * mask).sum() + 1) / (p.sum() + mask.sum() + 1)
+    on = kinds > 0
+    ce = F.cross_entropy(logits[:, 1:].permute(0, 2, 3, 1)[on], kinds[on] - 1) if on.any() else logits.sum() * 0
+    loss = bce + dice_weight * dice + kind_weight * ce
+    return loss, {"bce": bce.item(), "dice": dice.item(), "kind_ce": ce.item()}
+
+
+# ---------------------------------------------------------------- checkpoints
+def _checkpoints(work: Path) -> list[Path]:
+    found = [p for p in (work / "checkpoints").glob("step_*") if (p / "done").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _save_checkpoint(work: Path, step: int, model: Detector, opt: torch.optim.Optimizer, sampler: CropSampler,
+                     keep: int) -> None:
+    path = work / "checkpoints" / f"step_{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                "rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, path / "state.pt")
+    (path / "done").write_text(str(step))
+    for old in _checkpoints(work)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _lr_factor(cfg: DetectorTrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ---------------------------------------------------------------- calibration
+def evaluate_items(detector: Detector, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Probability maps (working size) and GT masks resized to them, per item, for :func:`calibrate`."""
+    import cv2
+
+    out = []
+    for e in items:
+        src = _load(e["source"])
+        prob, _ = detector.probabilities(src)
+        gt = _load(e["mask"]) > 127
+        if gt.shape != prob.shape:
+            gt = cv2.resize(gt.astype(np.uint8), prob.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+        out.append({"prob": prob, "gt": gt, "negative": not gt.any()})
+    return out
+
+
+def _masks_at(prob: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
+    import cv2
+
+    on = (prob >= threshold).astype(np.uint8)
+    if min_area <= 0:
+        return on > 0
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(on, connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+    return keep[labels]
+
+
+def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_area: float,
+              thresholds: tuple[float, ...] = tuple(np.round(np.arange(0.3, 0.96, 0.05), 2)),
+              min_areas: tuple[int, ...] = (0, 16, 48, 96, 160, 256)) -> dict[str, Any]:
+    """Pick (threshold, min_area): among pairs whose held-out negatives have ≤ ``max_fp_image_rate`` images
+    with any detection and ≤ ``max_fp_area`` mean detected area, the one with the best pixel F1 on the
+    positives; when none meets both, the pair with the fewest negative images detected (then best F1).
+    Returns the record stored in the config's ``calibration``."""
+    pos = [e for e in evals if not e["negative"]]
+    neg = [e for e in evals if e["negative"]]
+    rows = []
+    for t in thresholds:
+        for a in min_areas:
+            tp = fp = fn = 0
+            for e in pos:
+                m = _masks_at(e["prob"], t, a)
+                tp += int((m & e["gt"]).sum())
+                fp += int((m & ~e["gt"]).sum())
+                fn += int((~m & e["gt"]).sum())
+            f1 = 2 * tp / max(1, 2 * tp + fp + fn)
+            neg_masks = [_masks_at(e["prob"], t, a) for e in neg]
+            rate = float(np.mean([m.any() for m in neg_masks])) if neg else 0.0
+            area = float(np.mean([m.mean() for m in neg_masks])) if neg else 0.0
+            rows.append({"threshold": float(t), "min_area": int(a), "f1": f1, "fp_image_rate": rate,
+                         "fp_area": area, "ok": rate <= max_fp_image_rate and area <= max_fp_area})
+    ok = [r for r in rows if r["ok"]]
+    best = max(ok, key=lambda r: r["f1"]) if ok else min(rows, key=lambda r: (r["fp_image_rate"], -r["f1"]))
+    return {**best, "rule": "best F1 within the false-positive limits" if ok else "fewest negatives detected",
+            "targets_met": bool(ok), "n_positive": len(pos), "n_negative": len(neg),
+            "max_fp_image_rate": max_fp_image_rate, "max_fp_area": max_fp_area}
+
+
+# ---------------------------------------------------------------- training
+def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
+    """Train, calibrate on the held-out split and write ``cfg.out``; returns {"calibration", "steps", "loss"}.
+
+    Resumes from the newest checkpoint in ``work_dir/checkpoints``. Raises InputError for a crop that is
+    not a multiple of 32.
+    """
+    if cfg.crop % 32:
+        raise InputError(f"crop must be a multiple of 32, got {cfg.crop}", code=ErrorCode.BAD_OPTION)
+    torch.set_num_threads(cfg.threads)
+    work = cfg.resolved_work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    train_meta, cal_meta = ensure_data(cfg)
+    log.info("data ready in %.0f s", time.time() - t0)
+    torch.manual_seed(cfg.seed)
+    model = Detector(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = CropSampler(read_items(train_meta), cfg.crop, cfg.scale_range, cfg.seed)
+    step = 0
+    found = _checkpoints(work)
+    if found:
+        state = torch.load(found[-1] / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sampler.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        log.info("resumed from %s (step %d)", found[-1], step)
+    model.train()
+    history: list[float] = []
+    with (work / "train_log.jsonl").open("a") as journal:
+        while step < cfg.max_steps:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(cfg, step)
+            images, mask, kinds = sampler.batch(cfg.batch_size)
+            loss, parts = detector_loss(model(images), mask, kinds, dice_weight=cfg.dice_weight,
+                                        kind_weight=cfg.kind_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            history.append(float(loss))
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                line = {"step": step, "loss": float(np.mean(history[-cfg.log_every:])), **parts,
+                        "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1)}
+                journal.write(json.dumps(line) + "\n")
+                journal.flush()
+                log.info("%s", line)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                _save_checkpoint(work, step, model, opt, sampler, cfg.keep_checkpoints)
+    model.eval()
+    cal = calibrate(evaluate_items(model, read_items(cal_meta)), max_fp_image_rate=cfg.max_fp_image_rate,
+                    max_fp_area=cfg.max_fp_area)
+    model.config = model.config.model_copy(update={"threshold": cal["threshold"], "min_area": cal["min_area"]})
+    provenance = {**cal, "train_steps": step, "train_items": cfg.train_n, "train_seed": cfg.train_seed,
+                  "cal_items": cfg.cal_n, "cal_seed": cfg.cal_seed, "cal_photos": list(synth.DEV_PHOTOS)}
+    model.save(cfg.out, calibration=provenance)
+    return {"calibration": cal, "steps": step, "loss": float(np.mean(history[-50:])) if history else None}
