@@ -329,6 +329,28 @@ def gate_cmd(
     _finish(report, out or Path("benchmarks/results/gate"), discriminator)
 
 
+@bench_app.command("detect")
+def detect_cmd(
+    work: Annotated[Path, typer.Option(help="where the dev and negative sets are made (reused by a rerun)")] = Path(
+        "runs/bench_detect"),
+    bundle: BundleOpt = None,
+    detector: Annotated[Optional[Path], typer.Option(help="a detector/ directory instead of the bundle's")] = None,
+    dev_n: Annotated[int, typer.Option(min=1, help="dev items with overlays")] = 240,
+    neg_n: Annotated[int, typer.Option(min=1, help="negatives: clean and in-scene-text photos")] = 120,
+    repeats: Annotated[int, typer.Option(min=1, help="timed detect runs at 512 px")] = 10,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 1,
+    out: OutOpt = None,
+) -> None:
+    """The overlay detector on held-out photos: pixel precision/recall/F1/IoU overall and per kind, false-positive
+    area and share of clean and in-scene-text photos with any detection, CPU latency at 512 px."""
+    from . import detect
+
+    out = out or Path("benchmarks/results/detect")
+    report = detect.run_detect(work, bundle=bundle, detector=detector, dev_n=dev_n, neg_n=neg_n, repeats=repeats,
+                               threads=threads, examples=out.with_name(out.name + "_examples.png"), say=say)
+    _finish(report, out, detect)
+
+
 @bench_app.command("batch", cls=MultiValueCommand)
 def batch_cmd(
     images: Annotated[int, typer.Option(min=1, help="catalog size: held-out dev photos with promo overlays")] = 32,
@@ -391,6 +413,7 @@ def report_cmd(
     from . import (
         ablation,
         batch_throughput,
+        detect,
         discriminator,
         flywheel_round,
         latency,
@@ -406,7 +429,8 @@ def report_cmd(
         report = json.loads(report_json.read_text())
         module = {"latency": latency, "load": load, "quality": quality, "reference": reference,
                   "ablation": ablation, "gate": discriminator, "memory": memory, "batch": batch_throughput,
-                  "flywheel": flywheel_round, latency_compare.HARNESS: latency_compare}[report["harness"]]
+                  "flywheel": flywheel_round, latency_compare.HARNESS: latency_compare,
+                  detect.HARNESS: detect}[report["harness"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{report_json} is not a `cleanplate bench` report: {exc}", code=ErrorCode.BAD_OPTION) from exc
     out = report_json.with_suffix("")

@@ -1,0 +1,248 @@
+"""``cleanplate bench detect``: how well the overlay detector's masks match the overlays, on photos it never
+trained on, and what it costs on a CPU.
+
+Data (made on first run under ``--work``, by :func:`cleanplate.training.detector_data.synth_detector_dataset`,
+at 512 px on ``synth.DEV_PHOTOS`` only, seeds apart from the calibration split's):
+
+* **dev** (``--dev-n``, default 240): every item has 1-2 overlays (text, watermark, badge, logo), 30% also
+  carry in-scene marks in the GT (which must stay out of the mask);
+* **negatives** (``--neg-n``, default 120): no overlay; half clean photo crops, half with in-scene text and
+  marks printed on the scene.
+
+Metrics (the detector's own :meth:`Detector.detect`, calibrated threshold and ``min_area``; masks compared at
+the source size):
+
+* pixel precision, recall, F1 and IoU summed over all dev pixels; per kind on the items whose overlays are
+  all of that kind, plus each kind's pixel recall over every item (from the kind map); the median per-item F1;
+* on negatives: mean false-positive area (share of pixels detected) and the share of images with any
+  detection, for clean and in-scene-text photos apart and together;
+* CPU latency of ``detect`` on a 512 x 512 photo (median, p95 over ``--repeats`` runs after 2 warm-ups;
+  torch threads as given, default 1), and of the network forward alone.
+
+The report: ``OUT.json``, ``OUT.md``, ``OUT.png`` (per-kind P/R/F1 bars, FP-area histogram); the run also
+writes ``OUT_examples.png`` (source | GT mask | predicted mask for a few dev and negative items).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import environment, pyplot, save_figure, summarize_ms, with_environment
+
+HARNESS = "detect"
+TARGETS = {"f1_min": 0.85, "fp_area_max": 0.005, "fp_image_rate_max": 0.05, "latency_512_ms_max": 1400.0}
+KINDS = ("text", "watermark", "badge", "logo")
+DEV_SEED, NEG_SEED = 300, 400
+Say = Callable[[str], None]
+
+
+def make_sets(work: Path, dev_n: int, neg_n: int, size: int = 512) -> tuple[Path, Path]:
+    """The dev and negative sets (made or finished under ``work``); their meta.json paths."""
+    from cleanplate.training.detector_data import DetectorSynthConfig, synth_detector_dataset
+    from cleanplate.training.synth import DEV_PHOTOS
+
+    dev = synth_detector_dataset(work / "dev", dev_n, seed=DEV_SEED, progress=False, cfg=DetectorSynthConfig(
+        size=size, photo_fraction=1.0, photos=DEV_PHOTOS, clean_fraction=0.0, scene_fraction=0.3))
+    neg = synth_detector_dataset(work / "negatives", neg_n, seed=NEG_SEED, progress=False, cfg=DetectorSynthConfig(
+        size=size, photo_fraction=1.0, photos=DEV_PHOTOS, clean_fraction=1.0, scene_fraction=0.5))
+    return dev, neg
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict[str, float | int]:
+    return {"precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn), "f1": 2 * tp / max(1, 2 * tp + fp + fn),
+            "iou": tp / max(1, tp + fp + fn), "tp": tp, "fp": fp, "fn": fn}
+
+
+def load_detector_from(bundle: str | Path | None, detector: str | Path | None) -> tuple[Any, str]:
+    """The detector of ``--detector DIR``, else of the bundle (default: the bundled one); (detector, where)."""
+    from cleanplate.bundle import DETECTOR_DIR, default_bundle_path, read_config
+    from cleanplate.detector import Detector
+    from cleanplate.errors import BundleError
+
+    if detector is not None:
+        return Detector.from_dir(detector), str(detector)
+    root = Path(bundle) if bundle is not None else default_bundle_path()
+    if not read_config(root).detector:
+        raise BundleError(f"bundle {root} has no detector/ (train one with `cleanplate train detector`)")
+    return Detector.from_dir(root / DETECTOR_DIR), str(root / DETECTOR_DIR)
+
+
+def run_detect(work: str | Path, *, bundle: str | Path | None = None, detector: str | Path | None = None,
+               dev_n: int = 240, neg_n: int = 120, repeats: int = 10, threads: int = 1, examples: Path | None = None,
+               say: Say = print) -> dict[str, Any]:
+    """Measure the detector (module docstring); returns the report dict."""
+    import torch
+
+    from cleanplate.training.detector import read_items
+
+    torch.set_num_threads(threads)
+    det, where = load_detector_from(bundle, detector)
+    work = Path(work)
+    dev_meta, neg_meta = make_sets(work, dev_n, neg_n)
+    say(f"sets ready: {dev_meta}, {neg_meta}")
+    totals = {"all": [0, 0, 0], **{k: [0, 0, 0] for k in KINDS}}
+    kind_recall = {k: [0, 0] for k in KINDS}
+    items, shown = [], []
+    for e in read_items(dev_meta):
+        src = _png(e["source"])
+        pred = det.detect(src).mask > 0
+        gt = _png(e["mask"]) > 127
+        kmap = _png(e["kind_map"])
+        tp, fp, fn = int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
+        groups = ["all"] + ([e["kinds"][0]] if len(set(e["kinds"])) == 1 else [])
+        for g in groups:
+            totals[g] = [a + b for a, b in zip(totals[g], (tp, fp, fn), strict=True)]
+        for i, k in enumerate(KINDS, start=1):
+            on = kmap == i
+            kind_recall[k][0] += int((pred & on).sum())
+            kind_recall[k][1] += int(on.sum())
+        items.append({"set": "dev", "kind": e["kind"], "scene_marks": e["scene_marks"],
+                      "f1": _prf(tp, fp, fn)["f1"], "gt_area": float(gt.mean()), "pred_area": float(pred.mean())})
+        if len(shown) < 6:
+            shown.append((src, gt, pred))
+    neg_rows = []
+    for e in read_items(neg_meta):
+        src = _png(e["source"])
+        pred = det.detect(src).mask > 0
+        group = "scene_text" if e["scene_marks"] else "clean"
+        neg_rows.append({"set": "negative", "group": group, "fp_area": float(pred.mean()), "any": bool(pred.any())})
+        if len(shown) < 9 and (group == "scene_text" or len(shown) < 7):
+            shown.append((src, _png(e["mask"]) > 127, pred))
+    negatives = {}
+    for group in ("clean", "scene_text", "all"):
+        rows = [r for r in neg_rows if group == "all" or r["group"] == group]
+        negatives[group] = {"n": len(rows), "fp_area_mean": float(np.mean([r["fp_area"] for r in rows])) if rows else None,
+                            "image_rate": float(np.mean([r["any"] for r in rows])) if rows else None}
+    latency = _latency(det, read_items(dev_meta)[0]["source"], repeats)
+    overall = _prf(*totals["all"])
+    per_kind = {k: {**_prf(*totals[k]), "n_items": sum(1 for r in items if r["kind"] == k),
+                    "recall_all_items": kind_recall[k][0] / max(1, kind_recall[k][1])} for k in KINDS}
+    targets = [
+        {"name": "pixel F1 over all overlays (dev)", "value": overall["f1"], "op": ">=", "target": TARGETS["f1_min"]},
+        {"name": "mean false-positive area (negatives)", "value": negatives["all"]["fp_area_mean"], "op": "<=",
+         "target": TARGETS["fp_area_max"]},
+        {"name": "images with any detection (negatives)", "value": negatives["all"]["image_rate"], "op": "<=",
+         "target": TARGETS["fp_image_rate_max"]},
+        {"name": "detect at 512 px, CPU median (ms)", "value": latency["detect_ms"]["median"], "op": "<=",
+         "target": TARGETS["latency_512_ms_max"]},
+    ]
+    for t in targets:
+        t["met"] = t["value"] >= t["target"] if t["op"] == ">=" else t["value"] <= t["target"]
+    report = {"harness": HARNESS, "detector": where, "config": det.config.model_dump(mode="json"),
+              "dev_meta": str(dev_meta), "neg_meta": str(neg_meta), "n_dev": len(items), "n_negative": len(neg_rows),
+              "overall": overall, "per_kind": per_kind, "median_item_f1": float(np.median([r["f1"] for r in items])),
+              "negatives": negatives, "latency": latency, "targets": targets, "items": items + neg_rows,
+              "environment": environment("cpu")}
+    if examples is not None:
+        _examples(shown, examples)
+    return report
+
+
+def _png(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _latency(det: Any, path: str, repeats: int) -> dict[str, Any]:
+    import cv2
+    import torch
+
+    img = _png(path)
+    if img.shape[:2] != (512, 512):
+        img = cv2.resize(img, (512, 512), interpolation=cv2.INTER_AREA)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255)
+    full, net = [], []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        det.detect(img)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            det(x)
+        t2 = time.perf_counter()
+        if i >= 2:
+            full.append((t1 - t0) * 1000)
+            net.append((t2 - t1) * 1000)
+    return {"size": [512, 512], "threads": torch.get_num_threads(), "detect_ms": summarize_ms(full),
+            "forward_ms": summarize_ms(net)}
+
+
+def _examples(shown: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path) -> Path:
+    from PIL import Image
+
+    def gray(m: np.ndarray) -> np.ndarray:
+        return np.repeat((m.astype(np.uint8) * 255)[..., None], 3, axis=2)
+
+    rows = [np.concatenate([s, gray(g), gray(p)], axis=1) for s, g, p in shown]
+    grid = np.concatenate(rows, axis=0)
+    img = Image.fromarray(grid)
+    img = img.resize((img.width // 2, img.height // 2), Image.Resampling.BOX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def to_markdown(report: dict[str, Any], command: str) -> str:
+    o, neg, lat = report["overall"], report["negatives"], report["latency"]
+    lines = [f"# Overlay detector on held-out photos (`{report['detector']}`)", "", f"`{command}`", "",
+             f"{report['n_dev']} dev items (1-2 overlays each on crops of photos never used in training) and "
+             f"{report['n_negative']} negatives (clean crops and crops with in-scene text); threshold "
+             f"{report['config']['threshold']:g}, min_area {report['config']['min_area']} px at "
+             f"{report['config']['working_size']} px.", "",
+             "| target | value | goal | met |", "|---|---:|---:|---|"]
+    for t in report["targets"]:
+        v = f"{t['value']:.0f}" if "ms" in t["name"] else (_pct(t["value"], 2) if t["op"] == "<=" else f"{t['value']:.3f}")
+        goal = f"{t['target']:.0f}" if "ms" in t["name"] else (_pct(t["target"]) if t["op"] == "<=" else f"{t['target']:g}")
+        lines.append(f"| {t['name']} | {v} | {t['op']} {goal} | {'yes' if t['met'] else '**no**'} |")
+    lines += ["", "| overlays | items | pixel precision | recall | F1 | IoU | recall over all items |",
+              "|---|---:|---:|---:|---:|---:|---:|",
+              f"| all | {report['n_dev']} | {o['precision']:.3f} | {o['recall']:.3f} | {o['f1']:.3f} | {o['iou']:.3f} | - |"]
+    for k, r in report["per_kind"].items():
+        lines.append(f"| {k} only | {r['n_items']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+                     f"{r['iou']:.3f} | {r['recall_all_items']:.3f} |")
+    lines += ["", f"Median per-item F1 {report['median_item_f1']:.3f}.", "",
+              "| negatives | images | mean false-positive area | images with any detection |", "|---|---:|---:|---:|"]
+    for g, r in neg.items():
+        lines.append(f"| {g.replace('_', '-')} | {r['n']} | {_pct(r['fp_area_mean'], 3)} | {_pct(r['image_rate'])} |")
+    d, f = lat["detect_ms"], lat["forward_ms"]
+    lines += ["", f"CPU latency at 512 x 512, {lat['threads']} torch thread(s): `detect` median {d['median']:.0f} ms "
+              f"(p95 {d['p95']:.0f}, n {d['n']}), network forward alone {f['median']:.0f} ms."]
+    return with_environment(lines, report["environment"])
+
+
+def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    """``out.png``: pixel precision / recall / F1 per kind (and all), and the false-positive area per negative."""
+    plt = pyplot()
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = ["all", *report["per_kind"]]
+    rows = [report["overall"], *report["per_kind"].values()]
+    x = np.arange(len(names))
+    for j, key in enumerate(("precision", "recall", "f1")):
+        ax.bar(x + (j - 1) * 0.27, [r[key] for r in rows], 0.27, label=key)
+    ax.axhline(TARGETS["f1_min"], color="k", ls="--", lw=1, label=f"F1 target {TARGETS['f1_min']}")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("pixel metric on dev")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"dev: {report['n_dev']} items")
+    neg = [r for r in report["items"] if r["set"] == "negative"]
+    for group in ("clean", "scene_text"):
+        vals = [100 * r["fp_area"] for r in neg if r["group"] == group]
+        hist.hist(vals, bins=20, alpha=0.6, label=f"{group} ({len(vals)})")
+    hist.axvline(100 * TARGETS["fp_area_max"], color="k", ls="--", lw=1, label="mean FP area target")
+    hist.set_xlabel("false-positive area (% of pixels)")
+    hist.set_ylabel("images")
+    hist.set_yscale("log")
+    hist.legend(fontsize=8)
+    hist.set_title("negatives")
+    return [save_figure(fig, Path(out).with_suffix(".png"))]
