@@ -190,6 +190,18 @@ def _labels_line(lab: dict[str, Any] | None) -> list[str]:
     return [made + ".", ""]
 
 
+def _calibration_lines(cal: dict[str, Any]) -> list[str]:
+    """The calibration stored in the bundle's ``discriminator/config.json``, as a paragraph; [] when absent."""
+    if cal.get("threshold") is None:
+        return []
+    where = ("" if cal.get("gt_pass_rate") is None else
+             f", GT pass {100 * cal['gt_pass_rate']:.1f}%, source pass {100 * cal['source_pass_rate']:.1f}%")
+    return ["", f"Calibration stored in the bundle: threshold {cal['threshold']:.4f} ({cal.get('rule', '?')}) on "
+            f"{cal.get('n_pos', '?')} good + {cal.get('n_neg', '?')} bad calibration candidates{where}, ROC AUC "
+            f"{_f(cal.get('roc_auc'))}; trained {cal.get('steps', '?')} steps on {cal.get('train_items', '?')} "
+            "labelled items."]
+
+
 def to_markdown(report: dict[str, Any], command: str) -> str:
     s, sp, cal = report["summary"], report["removal_spearman"], report.get("calibration") or {}
     lines = [f"# Quality gate on `{report['meta']}`", "", f"`{command}`", "",
@@ -210,23 +222,15 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
               f"accuracy {s['accuracy']:.3f}, pass rate {s['pass_rate']:.3f}; ROC AUC {s['roc_auc']:.3f}. Across "
               f"the bundle's {sp['n']} removals, Spearman's rho of the score with in-mask PSNR {_f(sp['psnr'])}, "
               f"with in-mask SSIM {_f(sp['ssim'])}."]
-    if cal.get("threshold") is not None:
-        where = ("" if cal.get("gt_pass_rate") is None else
-                 f", GT pass {100 * cal['gt_pass_rate']:.1f}%, source pass {100 * cal['source_pass_rate']:.1f}%")
-        lines += ["", f"Calibration stored in the bundle: threshold {cal['threshold']:.4f} ({cal.get('rule', '?')}) on "
-                  f"{cal.get('n_pos', '?')} good + {cal.get('n_neg', '?')} bad calibration candidates{where}, ROC AUC "
-                  f"{_f(cal.get('roc_auc'))}; trained {cal.get('steps', '?')} steps on {cal.get('train_items', '?')} "
-                  "labelled items."]
+    lines += _calibration_lines(cal)
     return with_environment(lines, report["environment"])
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
     """``out.png``: score vs in-mask PSNR per candidate coloured by kind (threshold line), and the ROC curve."""
-    plt = pyplot()
-    items = report["items"]
-    kinds = list(report["by_kind"])
+    items, kinds = report["items"], list(report["by_kind"])
     colors = {k: KIND_COLORS.get(k, "tab:brown") for k in kinds}
-    fig, (ax, roc) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax, roc) = pyplot().subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
     for kind in kinds:
         rows = [r for r in items if r["label_kind"] == kind and r["psnr_mask_db"] is not None]
         if not rows:
