@@ -16,6 +16,7 @@ is a constant: it is computed once here (``from_rorem``) and the text encoders n
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import BundleError, ErrorCode
+from .errors import BundleError, ErrorCode, missing_extra
 from .imaging import write_atomic
 from .masked_source import CLASSICAL_FILLS
 
@@ -215,9 +216,12 @@ def load_bundle(bundle_dir: str | Path | None = None, *, fuse_lora: bool = True)
     _require(root / "unet" / "config.json", "unet/config.json")
     _require(root / "vae" / "config.json", "vae/config.json")
     conditioning = NullConditioning.load(_require(root / NULL_CONDITIONING, NULL_CONDITIONING))
+    # accelerate (the train extra) only makes loading leaner; without it diffusers loads the same weights the
+    # plain way, and is told so rather than warning on every load of the base install.
+    lean = importlib.util.find_spec("accelerate") is not None
     try:
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=lean)
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=lean)
     except (OSError, ValueError) as exc:  # diffusers reports missing weight files as OSError
         raise BundleError(f"cannot load model weights from {root}: {exc}") from exc
     if unet.config.in_channels != 2 * vae.config.latent_channels + 1:
@@ -279,6 +283,8 @@ def _attach(bundle_dir: str | Path, name: str, component: Any, calibration: dict
 
 def load_lora_into_unet(unet: Any, lora_dir: str | Path, adapter_name: str = "lcm") -> None:
     """Attach a LoRA saved in diffusers, peft or kohya format (e.g. ``latent-consistency/lcm-lora-sdxl``)."""
+    if importlib.util.find_spec("peft") is None:  # diffusers' own error would only say "PEFT backend is required"
+        raise missing_extra(ModuleNotFoundError("no peft", name="peft"))
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
 

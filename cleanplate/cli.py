@@ -17,7 +17,7 @@ from .benchmarks.cli import bench_app
 from .cli_options import BatchOpt, ConfigOpt, LrOpt, MetaOpt, OutOpt, ResOpt, SeedOpt, StepsOpt, WorkOpt, say
 from .deploy import deploy_app
 from .engines import ENGINE_NAMES
-from .errors import CleanplateError, ErrorCode, InputError
+from .errors import CleanplateError, ErrorCode, InputError, missing_extra, require_extra
 from .export.cli import export_app, triton_app
 from .training.detector_cli import train_detector_cmd
 from .training.flywheel_cli import flywheel_app, label_app
@@ -41,6 +41,20 @@ app.add_typer(deploy_app, name="deploy")  # render/lint the Helm chart: cleanpla
 app.add_typer(bench_app, name="bench")  # latency, load, quality, reference: benchmarks/cli.py
 app.add_typer(flywheel_app, name="flywheel")  # RORem data flywheel: training/flywheel_cli.py
 app.add_typer(label_app, name="label")  # the labeling page and label export: training/flywheel_cli.py
+
+
+def _needs(extra: str, *modules: str) -> Any:
+    """A command group's callback: refuse (one line, exit 2) before any subcommand runs when ``extra`` is not
+    installed. Any other import of an extra's module fails in :func:`main` the same way."""
+    return lambda: require_extra(extra, *modules)
+
+
+for _group, _extra, _modules in ((export_app, "export", ("onnx", "onnxscript", "onnxruntime")),
+                                 (triton_app, "export", ("tritonclient",)),
+                                 (train_app, "train", ("accelerate", "peft", "transformers", "tensorboard")),
+                                 (bench_app, "bench", ("matplotlib", "skimage")),
+                                 (deploy_app, "deploy", ("helm_python", "kubernetes_validate"))):
+    _group.callback()(_needs(_extra, *_modules))
 
 
 class Device(str, Enum):
@@ -503,9 +517,16 @@ def batch_summarize(
 def main() -> None:
     """Entry point: run the app, turning a CleanplateError into one line on stderr and the exit code of its
     ``code`` (``ErrorCode.exit_code``: 2 for a caller's mistake, 1 for a failed export: the input was fine,
-    the result was not)."""
+    the result was not). A command whose optional packages are not installed (``cleanplate serve`` on the base
+    install) says which extra to install, the same way (exit 2)."""
     try:
-        app()
+        try:
+            app()
+        except ImportError as exc:
+            missing = missing_extra(exc)
+            if missing is None:
+                raise
+            raise missing from exc
     except CleanplateError as exc:
         say(f"error: {exc}")
         sys.exit(exc.code.exit_code)

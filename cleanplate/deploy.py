@@ -102,7 +102,7 @@ def _helm() -> Any:
     try:
         import helm_python
     except ImportError as exc:  # an install without the test extra
-        raise InputError("cleanplate deploy needs helm-python-sdk: pip install -e '.[test]'",
+        raise InputError("cleanplate deploy needs helm-python-sdk: pip install \"cleanplate[deploy]\"",
                          code=ErrorCode.MISSING_DEPENDENCY) from exc
     return helm_python
 
@@ -238,7 +238,7 @@ def schema_errors(objects: Iterable[Mapping[str, Any]], kube_version: str | None
         import kubernetes_validate
         from kubernetes_validate.utils import latest_version
     except ImportError as exc:
-        raise InputError("validation needs kubernetes-validate: pip install -e '.[test]'",
+        raise InputError("validation needs kubernetes-validate: pip install \"cleanplate[deploy]\"",
                          code=ErrorCode.MISSING_DEPENDENCY) from exc
     version = kube_version or latest_version()
     monitor = jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA)

@@ -168,7 +168,6 @@ class Discriminator(nn.Module):
 
 def load_discriminator(directory: str | Path) -> Discriminator:
     """Load ``discriminator/`` (float32, CPU, eval mode). Raises BundleError naming a missing or bad file."""
-    from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -179,7 +178,9 @@ def load_discriminator(directory: str | Path) -> Discriminator:
     try:
         config = json.loads((root / CONFIG_FILE).read_text())
         unet_config = {k: v for k, v in config["unet"].items() if not k.startswith("_")}
-        with init_empty_weights():  # the up blocks are never used: do not allocate them
+        # The up blocks are never used: build the UNet on the meta device so they are not allocated (torch alone,
+        # so the base install needs no accelerate); the encoder's tensors are assigned from the file below.
+        with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config)
         tensors = load_file(str(root / WEIGHTS_FILE))
         disc = Discriminator(
@@ -188,6 +189,9 @@ def load_discriminator(directory: str | Path) -> Discriminator:
             threshold=float(config["threshold"]),
         )
         disc.load_state_dict(tensors, strict=True, assign=True)
+        empty = [name for name, t in [*disc.named_parameters(), *disc.named_buffers()] if t.is_meta]
+        if empty:
+            raise ValueError(f"no weights in the file for {', '.join(empty[:3])}")
     except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
         raise BundleError(f"cannot load discriminator from {root}: {exc}") from exc
     return disc.eval().requires_grad_(False)

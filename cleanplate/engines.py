@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
-from .errors import CleanplateError, ErrorCode, InputError, QueueFull
+from .errors import EngineUnavailable, ErrorCode, InputError, QueueFull
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,12 +59,6 @@ class EngineOptions(BaseModel):
     onnx_dir: Path | None = Field(None, description="onnxruntime engine: a `cleanplate export onnx` directory of "
                                                     "the bundle")
     onnx_threads: int | None = Field(None, ge=1, description="onnxruntime engine: intra-op threads (default: its own)")
-
-
-class EngineUnavailable(CleanplateError):
-    """The engine is loading, stopped or unreachable (HTTP 503)."""
-
-    code = ErrorCode.ENGINE_UNAVAILABLE
 
 
 class Engine(Protocol):

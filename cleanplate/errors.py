@@ -153,3 +153,79 @@ class QueueFull(CleanplateError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class EngineUnavailable(CleanplateError):
+    """The engine is loading, stopped or unreachable (HTTP 503)."""
+
+    code = ErrorCode.ENGINE_UNAVAILABLE
+
+
+class BatchAborted(CleanplateError):
+    """A problem no item can get past (the gateway refuses the API key): the run stops after the items
+    in flight, and the CLI exits 2."""
+
+    code = ErrorCode.ABORTED
+
+
+class GatewayError(CleanplateError):
+    """The gateway answered an item with an error (its problem+json ``code``, or ``GATEWAY_ERROR`` when
+    that is no :class:`ErrorCode`, e.g. a proxy's non-JSON 502) or could not be reached."""
+
+    code = ErrorCode.GATEWAY_ERROR
+
+
+class TritonUnavailable(CleanplateError):
+    """The Triton environment is missing, or the server did not start (CLI exit 2)."""
+
+    code = ErrorCode.TRITON_UNAVAILABLE
+
+
+class TensorRTUnavailable(CleanplateError):
+    """No ``tensorrt`` package or no CUDA GPU here (CLI exit 2)."""
+
+    code = ErrorCode.TENSORRT_UNAVAILABLE
+
+
+# -- optional dependencies -------------------------------------------------------------------------------
+# The extra (pyproject.toml [project.optional-dependencies]) that installs each optional top-level module.
+# The base install is what `cleanplate remove` needs; every other command's imports are lazy, so a missing
+# module surfaces as a ModuleNotFoundError that :func:`missing_extra` turns into one line (CLI exit 2).
+EXTRA_OF_MODULE: dict[str, str] = {
+    "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
+    "prometheus_client": "serve", "httpx": "serve",
+    "onnx": "export", "onnxscript": "export", "onnxruntime": "export", "tritonclient": "export",
+    "accelerate": "train", "peft": "train", "tensorboard": "train", "transformers": "train",
+    "skimage": "train", "scipy": "train",
+    "matplotlib": "bench",
+    "helm_python": "deploy", "kubernetes_validate": "deploy", "jsonschema": "deploy",
+}
+
+
+class MissingDependency(CleanplateError):
+    """An optional package the command needs is not installed; the message names the extra to install."""
+
+    code = ErrorCode.MISSING_DEPENDENCY
+
+
+def missing_extra(exc: ImportError) -> MissingDependency | None:
+    """The :class:`MissingDependency` for an ImportError of a module an extra installs, else None (a module
+    of the base install that fails to import is a broken install, not a missing extra)."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(name)
+    if extra is None:
+        return None
+    return MissingDependency(f"this command needs {name}, which the base install leaves out: "
+                             f'pip install "cleanplate[{extra}]"')
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise :class:`MissingDependency` (naming ``extra``) unless every top-level module in ``modules`` is
+    installed: a command group checks before it starts, so the error is not wrapped in its own (an export that
+    fails)."""
+    from importlib.util import find_spec
+
+    missing = [name for name in modules if find_spec(name) is None]
+    if missing:
+        raise MissingDependency(f"this command needs {', '.join(missing)}, which the base install leaves out: "
+                                f'pip install "cleanplate[{extra}]"')

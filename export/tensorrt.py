@@ -16,19 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cleanplate.errors import CleanplateError, ErrorCode, InputError
+from cleanplate.errors import ErrorCode, InputError, TensorRTUnavailable
 from cleanplate.imaging import write_atomic
 
 from .onnx import GRAPHS, ExportError, TensorSpec, read_manifest
 
 PROFILES_JSON = "profiles.json"
 _PROFILE = re.compile(r"^(\d+):(\d+)-(\d+)-(\d+)$")
-
-
-class TensorRTUnavailable(CleanplateError):
-    """No ``tensorrt`` package or no CUDA GPU here (CLI exit 2)."""
-
-    code = ErrorCode.TENSORRT_UNAVAILABLE
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from cleanplate.errors import CleanplateError, ErrorCode
+from cleanplate.errors import TritonUnavailable
 
 # What the Triton side needs; numpy<2 for the python-backend stub (see the module docstring).
 # OpenCV runs the telea masked source inside cleanplate_remove; 4.12 and later require numpy>=2.
 TRITON_ENV_PACKAGES = ("nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime>=1.19,<2",
                        "opencv-python-headless>=4.10,<4.12")
 ENV_MARKER = "cleanplate-triton-env.txt"
-
-
-class TritonUnavailable(CleanplateError):
-    """The Triton environment is missing, or the server did not start (CLI exit 2)."""
-
-    code = ErrorCode.TRITON_UNAVAILABLE
 
 
 def default_env_path() -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import imaging
 from ..admission import removal_cost
-from ..errors import CleanplateError, ErrorCode, InputError, QueueFull
+from ..errors import BatchAborted, ErrorCode, GatewayError, InputError, QueueFull
 from .items import BatchItem, ItemOptions, MaskChannel
 
 log = logging.getLogger("cleanplate.batch")
@@ -24,20 +24,6 @@ log = logging.getLogger("cleanplate.batch")
 
 
 # -- backends ------------------------------------------------------------------------------------------
-class BatchAborted(CleanplateError):
-    """A problem no item can get past (the gateway refuses the API key): the run stops after the items
-    in flight, and the CLI exits 2."""
-
-    code = ErrorCode.ABORTED
-
-
-class GatewayError(CleanplateError):
-    """The gateway answered an item with an error (its problem+json ``code``, or ``GATEWAY_ERROR`` when
-    that is no :class:`ErrorCode`, e.g. a proxy's non-JSON 502) or could not be reached."""
-
-    code = ErrorCode.GATEWAY_ERROR
-
-
 @dataclass
 class Inferred:
     """What the engine made of one item: either native ``pixels`` ((H,W,C), the input's dtype) or already
