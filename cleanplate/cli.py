@@ -133,26 +133,24 @@ def remove(
 
 
 def _folder_pairs(folder: Path, masks: Path | None, output: Path) -> list[tuple[Path, Path | None, Path]]:
-    from .imaging import IMAGE_SUFFIXES, WRITABLE_SUFFIXES
+    from .batch.items import pair_folder
+    from .imaging import WRITABLE_SUFFIXES
 
     if masks is not None and not masks.is_dir():
         raise InputError(f"--mask must be a folder when IMAGE is a folder: {masks}", code=ErrorCode.BAD_OPTION)
     if output.exists() and not output.is_dir():
         raise InputError(f"-o must be a folder when IMAGE is a folder: {output}", code=ErrorCode.BAD_OPTION)
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
+    found = pair_folder(folder, masks, recursive=False)  # the batch job's pairing rule, this folder only
+    if not found:
         raise InputError(f"no images in {folder}", code=ErrorCode.BAD_OPTION)
     pairs = []
-    for img in images:
-        mask_path = None
-        if masks is not None:
-            found = [m for m in masks.glob(img.stem + ".*") if m.suffix.lower() in IMAGE_SUFFIXES]
-            if not found:
-                raise InputError(f"no mask named {img.stem}.* in {masks}", code=ErrorCode.MISSING_MASK)
-            mask_path = found[0]
+    for pair in found:
+        if masks is not None and pair.mask is None:
+            raise InputError(pair.missing_mask(masks), code=ErrorCode.MISSING_MASK)
+        img = pair.image
         # Outputs keep the input's name; a suffix we cannot write (e.g. .bmp) becomes .png.
         out_name = img.name if img.suffix.lower() in WRITABLE_SUFFIXES else img.stem + ".png"
-        pairs.append((img, mask_path, output / out_name))
+        pairs.append((img, pair.mask, output / out_name))
     output.mkdir(parents=True, exist_ok=True)
     return pairs
 

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from cleanplate import imaging
+from cleanplate.batch.items import pair_folder
 from cleanplate.errors import CleanplateError, ErrorCode, InputError
 from cleanplate.locks import exclusive
 
@@ -91,7 +92,8 @@ def load_pairs(source: str | os.PathLike, masks: str | os.PathLike | None = None
     Args:
         source: a ``.json`` file holding a list of ``{"source", "mask"[, "GT"]}`` (paths relative to the
             file; GT optional and kept only as a reference), or a folder of images.
-        masks: with a folder, the folder of masks with the same stems (``a.jpg`` -> ``masks/a.png``).
+        masks: with a folder, the folder of masks with the same stems (``a.jpg`` -> ``masks/a.png``), paired
+            as every folder is (:func:`cleanplate.batch.items.pair_folder`).
     Returns:
         Pairs in file order (sorted by name for a folder).
     Raises:
@@ -106,17 +108,11 @@ def load_pairs(source: str | os.PathLike, masks: str | os.PathLike | None = None
         mdir = Path(masks)
         if not mdir.is_dir():
             raise InputError(f"--masks must be a folder: {mdir}", code=ErrorCode.BAD_OPTION)
-        by_stem: dict[str, Path] = {}
-        for m in sorted(mdir.iterdir()):
-            if m.suffix.lower() in imaging.IMAGE_SUFFIXES and not m.name.startswith("."):
-                by_stem.setdefault(m.stem, m)
         pairs = []
-        for img in sorted(src.iterdir()):
-            if img.suffix.lower() not in imaging.IMAGE_SUFFIXES or img.name.startswith("."):
-                continue
-            if img.stem not in by_stem:
-                raise InputError(f"no mask named {img.stem}.* in {mdir}", code=ErrorCode.BAD_OPTION)
-            pairs.append(Pair(img, by_stem[img.stem]))
+        for pair in pair_folder(src, mdir, recursive=False):  # the batch job's pairing rule, this folder only
+            if pair.mask is None:
+                raise InputError(pair.missing_mask(mdir), code=ErrorCode.BAD_OPTION)
+            pairs.append(Pair(pair.image, pair.mask))
     elif not src.exists():
         raise InputError(f"no such file or folder: {src}", code=ErrorCode.BAD_OPTION)
     else:

@@ -148,33 +148,63 @@ def _output_key(name: str, fmt: str | None, *, explicit: bool) -> str:
     return key if writable else str(parts.with_suffix(".png"))
 
 
-def _folder_items(folder: Path, masks: Path | None, fmt: str | None, exclude: list[Path]) -> list[BatchItem]:
-    if masks is not None and not masks.is_dir():
-        raise InputError(f"--masks must be a folder: {masks}", code=ErrorCode.BAD_OPTION)
+@dataclass(frozen=True)
+class FolderPair:
+    """An image of a folder and its mask: ``rel`` is the image's path relative to the folder (POSIX), ``mask``
+    the mask file, or None (no mask folder, or no mask of that name: :meth:`missing_mask` says so)."""
+
+    image: Path
+    rel: str
+    mask: Path | None
+
+    def missing_mask(self, masks: Path) -> str:
+        return f"no mask named {PurePosixPath(self.rel).with_suffix('')}.* in {masks}"
+
+
+def pair_folder(folder: Path, masks: Path | None, *, recursive: bool = True,
+                exclude: Sequence[Path] = ()) -> list[FolderPair]:
+    """The one rule that pairs a folder of images with a folder of masks (``cleanplate remove DIR --mask
+    MASKS``, ``batch run DIR --masks MASKS``, ``flywheel generate DIR --masks MASKS``).
+
+    Images: files with an image suffix (:data:`imaging.IMAGE_SUFFIXES`), hidden files and folders skipped,
+    sorted by name; with ``recursive`` every subfolder too, except ``exclude`` and the mask folder. An image's
+    mask: the file in ``masks`` with the same relative name and any image suffix (``photos/a/b.jpg`` ->
+    ``masks/a/b.png``); a ``.png`` wins over other suffixes of that name, else the first by name. The caller
+    checks that ``masks`` is a folder (its messages name its own option).
+    """
     skip = {p.resolve() for p in [*exclude, *([masks] if masks is not None else [])]}
     mask_index: dict[str, Path] = {}
     if masks is not None:  # one listing of the mask folder, not one glob per image
-        for path in _walk_images(masks, set()):
+        for path in _walk_images(masks, set(), recursive):
             stem = str(path.relative_to(masks).with_suffix("").as_posix())
             old = mask_index.get(stem)
             if old is None or (path.suffix.lower() == ".png" and old.suffix.lower() != ".png"):
                 mask_index[stem] = path  # a .png wins over other suffixes of the same name
-    items = []
-    for path in _walk_images(folder, skip):
+    pairs = []
+    for path in _walk_images(folder, skip, recursive):
         rel = path.relative_to(folder).as_posix()
-        problem = mask = None
-        if masks is not None:
-            mask = mask_index.get(str(PurePosixPath(rel).with_suffix("")))
-            if mask is None:
-                problem = (ErrorCode.MISSING_MASK, f"no mask named {PurePosixPath(rel).with_suffix('')}.* in {masks}")
-        items.append(BatchItem(_output_key(rel, fmt, explicit=False), path, mask, origin=rel, problem=problem))
+        pairs.append(FolderPair(path, rel, mask_index.get(str(PurePosixPath(rel).with_suffix("")))))
+    return pairs
+
+
+def _folder_items(folder: Path, masks: Path | None, fmt: str | None, exclude: list[Path]) -> list[BatchItem]:
+    if masks is not None and not masks.is_dir():
+        raise InputError(f"--masks must be a folder: {masks}", code=ErrorCode.BAD_OPTION)
+    items = []
+    for pair in pair_folder(folder, masks, exclude=exclude):
+        problem = None
+        if masks is not None and pair.mask is None:
+            problem = (ErrorCode.MISSING_MASK, pair.missing_mask(masks))
+        items.append(BatchItem(_output_key(pair.rel, fmt, explicit=False), pair.image, pair.mask, origin=pair.rel,
+                               problem=problem))
     return items
 
 
-def _walk_images(root: Path, skip: set[Path]) -> Iterable[Path]:
+def _walk_images(root: Path, skip: set[Path], recursive: bool = True) -> Iterable[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip)
+        dirnames[:] = sorted(d for d in dirnames if recursive and not d.startswith(".")
+                             and (here / d).resolve() not in skip)
         for name in sorted(filenames):
             if not name.startswith(".") and Path(name).suffix.lower() in imaging.IMAGE_SUFFIXES:
                 yield here / name
