@@ -19,6 +19,8 @@ from .deploy import deploy_app
 from .engines import ENGINE_NAMES
 from .errors import CleanplateError, ErrorCode, InputError, missing_extra, require_extra
 from .export.cli import export_app, triton_app
+from .imaging import ImageFormat
+from .options import option_help
 from .training.detector_cli import train_detector_cmd
 from .training.flywheel_cli import flywheel_app, label_app
 from .training.rl_cli import data_dpo_pairs_cmd, train_dpo_cmd, train_grpo_cmd, train_rwd_cmd
@@ -90,9 +92,9 @@ def remove(
     mask: Annotated[Optional[Path], typer.Option(help="mask file (white = remove), or a folder of same-named "
                                                       "masks; omit to use the image's transparent pixels")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="bundle directory (default: the bundled model)")] = None,
-    dilate_px: Annotated[Optional[int], typer.Option(help="mask dilation radius in px (default: bundle's)")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="LCM steps, 1..50 (default: the bundle's)")] = None,
-    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    dilate_px: Annotated[Optional[int], typer.Option(help=option_help("dilate_px"))] = None,
+    steps: Annotated[Optional[int], typer.Option(help=option_help("steps"))] = None,
+    seed: Annotated[int, typer.Option(help=option_help("seed"))] = 0,
     device: Annotated[Device, typer.Option(help="where the model runs")] = Device.cpu,
     dtype: Annotated[DType, typer.Option(help="model precision")] = DType.fp32,
 ) -> None:
@@ -404,13 +406,6 @@ class MaskChannel(str, Enum):
     alpha = "alpha"
 
 
-class OutFormat(str, Enum):
-    png = "png"
-    jpeg = "jpeg"
-    webp = "webp"
-    tiff = "tiff"
-
-
 class ProgressMode(str, Enum):
     auto = "auto"
     bar = "bar"
@@ -428,7 +423,7 @@ def batch_run(
                                                        "image suffix); omit to use each image's transparency")] = None,
     mask_channel: Annotated[MaskChannel, typer.Option(help="how mask files mark what to remove: luma (white) or "
                                                            "alpha (opaque)")] = MaskChannel.luma,
-    fmt: Annotated[Optional[OutFormat], typer.Option("--format", help="output format (default: the input's)")] = None,
+    fmt: Annotated[Optional[ImageFormat], typer.Option("--format", help="output format (default: the input's)")] = None,
     report: Annotated[Optional[Path], typer.Option(help="report file (default OUTPUT/report.jsonl)")] = None,
     review: Annotated[Optional[Path], typer.Option(help="review folder (default OUTPUT/review)")] = None,
     concurrency: Annotated[int, typer.Option(help="items in the engine at once")] = 4,
@@ -447,15 +442,15 @@ def batch_run(
                                                           "directory of the bundle")] = None,
     triton_url: Annotated[Optional[str], typer.Option(help="use the triton engine: host:port of a Triton server")] = None,
     triton_protocol: Annotated[Optional[str], typer.Option(help="triton engine: grpc or http")] = None,
-    seed: Annotated[int, typer.Option(help="noise seed (items may set their own)")] = 0,
-    steps: Annotated[Optional[int], typer.Option(help="LCM steps (default: the bundle's)")] = None,
-    dilate_px: Annotated[Optional[int], typer.Option(help="mask dilation in px (default: the bundle's)")] = None,
+    # Ranges and meanings: cleanplate.options.RemovalOptions (validated through ItemOptions below).
+    seed: Annotated[int, typer.Option(help=option_help("seed") + " (items may set their own)")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help=option_help("steps"))] = None,
+    dilate_px: Annotated[Optional[int], typer.Option(help=option_help("dilate_px"))] = None,
     quality_gate: Annotated[Optional[bool], typer.Option("--quality-gate/--no-quality-gate",
-                                                         help="score results, retry, send failures to review "
-                                                              "(default: on when the engine has a "
-                                                              "discriminator)")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="gate threshold (default: the calibrated one)")] = None,
-    max_attempts: Annotated[int, typer.Option(help="gate attempts per item, seed+1 each")] = 3,
+                                                         help=option_help("quality_gate") + " (default: on when the "
+                                                              "engine has a discriminator)")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help=option_help("threshold"))] = None,
+    max_attempts: Annotated[int, typer.Option(help=option_help("max_attempts"))] = 3,
     retry_failed: Annotated[bool, typer.Option(help="also redo items whose last report line is an error")] = False,
     progress: Annotated[ProgressMode, typer.Option(help="bar on a terminal, log lines otherwise")] = ProgressMode.auto,
 ) -> None:

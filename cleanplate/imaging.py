@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal
 
 import cv2
@@ -30,8 +31,31 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", "
 WRITABLE_SUFFIXES = IMAGE_SUFFIXES - {".bmp"}  # what outputs can be (see format_for_path)
 
 _ORIENTATION = 0x0112
-_WRITABLE = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "tiff": "image/tiff"}  # of _WRITABLE
+
+
+class ImageFormat(str, Enum):
+    """The formats cleanplate writes, the one list: ``cleanplate batch run --format``, the gateway's
+    ``output_format`` (less TIFF), :func:`encode_image`, :func:`format_for_path`. A member is its slug
+    (``ImageFormat.jpeg == "jpeg"``)."""
+
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+    tiff = "tiff"
+
+    @property
+    def media_type(self) -> str:
+        return f"image/{self.value}"
+
+    @property
+    def suffix(self) -> str:
+        """The file suffix an output of this format gets when none is given (``.jpg``, ``.tif``)."""
+        return {"jpeg": ".jpg", "tiff": ".tif"}.get(self.value, f".{self.value}")
+
+
+_WRITABLE = {f.value: f.value.upper() for f in ImageFormat}  # slug -> Pillow's format name
+MEDIA_TYPES = {f.value: f.media_type for f in ImageFormat}
+# Other names of the writable formats: file suffixes and Pillow's names of what it decoded (MPO is a JPEG).
 _ALIASES = {"jpg": "jpeg", "jpe": "jpeg", "mpo": "jpeg", "tif": "tiff"}
 # Exceptions Pillow/OpenCV raise on corrupt input (Pillow is not consistent about which).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,
@@ -345,6 +369,12 @@ def _norm_format(fmt: str) -> str | None:
     return f if f in _WRITABLE else None
 
 
+def output_format(like: DecodedImage) -> str:
+    """The format a result of ``like`` is written in when none is asked for: the input's, or PNG when
+    cleanplate cannot write that (BMP, GIF, ...)."""
+    return _norm_format(like.format or "") or "png"
+
+
 def encode_image(pixels: np.ndarray, like: DecodedImage, *, fmt: str | None = None,
                  alpha: np.ndarray | None | Literal["keep"] = "keep", quality: int = 95) -> bytes:
     """Encode ``(H, W[, C])`` uint8/uint16 pixels (C in {1, 3}, RGB) with ``like``'s metadata.
@@ -363,7 +393,7 @@ def encode_image(pixels: np.ndarray, like: DecodedImage, *, fmt: str | None = No
     Raises:
         InputError: "bad_option" for an unknown format or quality out of range.
     """
-    f = (_norm_format(like.format or "") or "png") if fmt is None else _norm_format(fmt)
+    f = output_format(like) if fmt is None else _norm_format(fmt)
     if f is None:
         raise InputError(f"cannot write format {fmt!r} (png, jpeg, webp, tiff)", code=ErrorCode.BAD_OPTION)
     if not 1 <= quality <= 100:

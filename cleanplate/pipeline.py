@@ -20,13 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import options
 from .bundle import Bundle, BundleConfig, NullConditioning, load_bundle
 from .errors import ErrorCode, InputError
 from .masked_source import masked_source
 from .sampling import LCMStep, lcm_schedule, lcm_step, sampling_noise
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MAX_STEPS = 50
+MAX_STEPS = options.MAX_STEPS  # declared with the other removal options (cleanplate/options.py)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

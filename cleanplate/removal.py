@@ -19,19 +19,18 @@ from . import imaging
 from .engines import Engine
 from .errors import ErrorCode, InputError
 from .imaging import DecodedImage
+from .options import RemovalOptions, resolved_field
 from .remover import RemovalRequest, composite, prepare, score_crops
 
 
-@dataclass
-class RemoveOptions:
-    """Per-request options; None = the engine's (bundle's) default. ``threshold`` in [0,1]."""
+class RemoveOptions(RemovalOptions):
+    """:func:`run_removal`'s options: :class:`~cleanplate.options.RemovalOptions` with the seed, the gate and
+    its attempts resolved; None = the engine's (bundle's) default. No upper bound on ``max_attempts`` here: the
+    gateway's is its ``max_attempts_limit`` setting."""
 
-    dilate_px: int | None = None
-    steps: int | None = None
-    seed: int = 0
-    quality_gate: bool = False
-    threshold: float | None = None
-    max_attempts: int = 1
+    seed: int = resolved_field("seed", 0)
+    quality_gate: bool = resolved_field("quality_gate", False)
+    max_attempts: int = resolved_field("max_attempts", 1, upper=False)
 
 
 @dataclass

@@ -23,7 +23,8 @@ from .pipeline import RemovalPipeline
 
 @dataclass
 class RemovalRequest:
-    """One image to clean.
+    """One image to clean; ``dilate_px``, ``seed`` and ``steps`` mean what :class:`cleanplate.options.RemovalOptions`
+    declares (a positional dataclass: its callers build many at once).
 
     Attributes:
         image: the decoded source.

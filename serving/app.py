@@ -31,6 +31,7 @@ from cleanplate import __version__, imaging
 from cleanplate.admission import MemoryBudget, release_free_memory_soon, removal_cost
 from cleanplate.engines import Engine, EngineUnavailable, make_engine
 from cleanplate.errors import CleanplateError, ErrorCode, InputError, QueueFull
+from cleanplate.options import form_bounds
 from cleanplate.removal import RemoveOptions, run_removal, run_score
 
 from .metrics import Metrics
@@ -41,10 +42,10 @@ PROBLEM = "application/problem+json"
 ENDPOINTS = ("/v1/remove", "/v1/score", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
-class OutputFormat(str, Enum):
-    png = "png"
-    jpeg = "jpeg"
-    webp = "webp"
+# The gateway's output_format: imaging.ImageFormat less TIFF (browsers do not show it; a TIFF input still
+# gets a TIFF back by default).
+OutputFormat = Enum("OutputFormat", {f.name: f.value for f in imaging.ImageFormat if f is not imaging.ImageFormat.tiff},
+                    type=str)
 
 
 class Problem(BaseModel):
@@ -255,10 +256,7 @@ def _authorized(scope: dict, settings: Settings) -> bool:
 
 
 def _output_format(requested: OutputFormat | None, decoded: imaging.DecodedImage) -> str:
-    if requested is not None:
-        return requested.value
-    fmt = {"jpg": "jpeg", "mpo": "jpeg", "tif": "tiff"}.get((decoded.format or "").lower(), (decoded.format or "").lower())
-    return fmt if fmt in imaging.MEDIA_TYPES else "png"
+    return requested.value if requested is not None else imaging.output_format(decoded)
 
 
 def _server_timing(timings: dict[str, float]) -> str:
@@ -384,17 +382,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         mask: Annotated[UploadFile | None, File(description="mask, white = remove; omit to use the image's "
                                                              "transparent pixels",
                                                 json_schema_extra=_omittable_file)] = None,
-        dilate_px: Annotated[int | None, Form(ge=0, le=512, description="mask dilation in px",
-                                              json_schema_extra=_omittable)] = None,
-        steps: Annotated[int | None, Form(ge=1, le=50, description="LCM steps (default: the bundle's)",
-                                          json_schema_extra=_omittable)] = None,
-        seed: Annotated[int, Form(ge=0, le=2**31 - 1, description="noise seed of the first attempt")] = 0,
-        quality_gate: Annotated[bool | None, Form(description="score with the discriminator and retry",
-                                                  json_schema_extra=_omittable)] = None,
-        threshold: Annotated[float | None, Form(ge=0, le=1, description="gate threshold (default: "
-                                                                        "calibrated)",
-                                                json_schema_extra=_omittable)] = None,
-        max_attempts: Annotated[int | None, Form(ge=1, description="gate attempts, new seed each",
+        # Ranges and descriptions: cleanplate.options.RemovalOptions. max_attempts' upper bound is the
+        # max_attempts_limit setting (checked below).
+        dilate_px: Annotated[int | None, Form(**form_bounds("dilate_px"), json_schema_extra=_omittable)] = None,
+        steps: Annotated[int | None, Form(**form_bounds("steps"), json_schema_extra=_omittable)] = None,
+        seed: Annotated[int, Form(**form_bounds("seed"))] = 0,
+        quality_gate: Annotated[bool | None, Form(**form_bounds("quality_gate"), json_schema_extra=_omittable)] = None,
+        threshold: Annotated[float | None, Form(**form_bounds("threshold"), json_schema_extra=_omittable)] = None,
+        max_attempts: Annotated[int | None, Form(**form_bounds("max_attempts", upper=False),
                                                  json_schema_extra=_omittable)] = None,
         output_format: Annotated[OutputFormat | None, Form(description="default: the input's format",
                                                            json_schema_extra=_omittable)] = None,
@@ -415,8 +410,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                 mask_array = await to_thread.run_sync(imaging.binarize_mask, await decode(mask_upload))
             del image_upload, mask_upload  # the encoded bytes are not needed past decode
             timings["decode"] = (time.perf_counter() - t0) * 1000
-            opts = RemoveOptions(dilate_px, steps, seed,
-                                 settings.quality_gate if quality_gate is None else quality_gate, threshold, attempts)
+            opts = RemoveOptions(dilate_px=dilate_px, steps=steps, seed=seed, threshold=threshold, max_attempts=attempts,
+                                 quality_gate=settings.quality_gate if quality_gate is None else quality_gate)
             outcome = await run_removal(engine, decoded, mask_array, opts)
             del mask_array
             timings.update(outcome.timings_ms)
@@ -457,10 +452,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                                            json_schema_extra=_FILE_PART)],
         mask: Annotated[UploadFile, File(description="the removal's mask, white = removed",
                                          json_schema_extra=_FILE_PART)],
-        dilate_px: Annotated[int | None, Form(ge=0, le=512, description="mask dilation in px",
-                                              json_schema_extra=_omittable)] = None,
-        threshold: Annotated[float | None, Form(ge=0, le=1, description="pass threshold (default: "
-                                                                        "calibrated)",
+        dilate_px: Annotated[int | None, Form(**form_bounds("dilate_px"), json_schema_extra=_omittable)] = None,
+        threshold: Annotated[float | None, Form(**{**form_bounds("threshold"),
+                                                   "description": "pass threshold (default: calibrated)"},
                                                 json_schema_extra=_omittable)] = None,
     ) -> ScoreResult:
         check_ready()

@@ -12,37 +12,25 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from .. import imaging
 from ..errors import ErrorCode, InputError
+from ..options import OPTION_FIELDS, RemovalOptions
 
 log = logging.getLogger("cleanplate.batch")
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".json")
-_FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tif"}
 MaskChannel = Literal["luma", "alpha"]
 
 
-class ItemOptions(BaseModel):
-    """Per-item removal options; None = the run's option (``cleanplate batch run --seed ...``), then the
-    engine's default. Same ranges as the gateway's form fields."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="noise seed of the first attempt")
-    steps: int | None = Field(None, ge=1, le=50, description="LCM steps")
-    dilate_px: int | None = Field(None, ge=0, le=512, description="mask dilation radius in px")
-    quality_gate: bool | None = Field(None, description="score with the discriminator, retry, review")
-    threshold: float | None = Field(None, ge=0, le=1, description="gate threshold (default: calibrated)")
-    max_attempts: int | None = Field(None, ge=1, le=16, description="gate attempts, seed+1 each")
+class ItemOptions(RemovalOptions):
+    """Per-item removal options (:class:`~cleanplate.options.RemovalOptions`, declared once); None = the run's
+    option (``cleanplate batch run --seed ...``), then the engine's default."""
 
     def over(self, base: ItemOptions) -> ItemOptions:
         """These options with the unset ones taken from ``base``."""
         return base.model_copy(update=self.model_dump(exclude_none=True))
-
-
-OPTION_FIELDS = tuple(ItemOptions.model_fields)
 
 
 @dataclass(frozen=True)
@@ -144,7 +132,7 @@ def _output_key(name: str, fmt: str | None, *, explicit: bool) -> str:
         return key
     writable = suffix in imaging.WRITABLE_SUFFIXES
     if fmt is not None:  # keep a suffix that already names the format (.jpeg stays .jpeg)
-        return key if writable and imaging.format_for_path(key) == fmt else str(parts.with_suffix(_FORMAT_SUFFIX[fmt]))
+        return key if writable and imaging.format_for_path(key) == fmt else str(parts.with_suffix(imaging.ImageFormat(fmt).suffix))
     return key if writable else str(parts.with_suffix(".png"))
 
 
