@@ -50,21 +50,21 @@ def make_catalog(folder: Path, n: int, *, size: int = 512, seed: int = 2024) -> 
 def measure(report: Path) -> dict[str, Any]:
     """Counts, throughput (images/s over the span of the ok items) and item / model time percentiles (ms,
     None without ok items) of one run, from its ``report.jsonl`` (each line: end time and total ms)."""
-    from cleanplate.batch import read_report
+    from cleanplate.batch import read_records
 
-    records, _ = read_report(report)
-    ok = [r for r in records if r["status"] == "ok"]
+    records, _ = read_records(report)
+    ok = [r for r in records if r.ok]
     if not ok:
         return {"images": len(records), "ok": 0, "errors": len(records), "span_s": None, "images_per_s": 0.0,
                 "item_ms": {"p50": None, "p95": None}, "model_ms_p50": None, "passed": 0}
-    ends = np.array([datetime.fromisoformat(r["time"]).timestamp() for r in ok])
-    totals = np.array([r["timings_ms"]["total"] for r in ok])
+    ends = np.array([datetime.fromisoformat(r.time).timestamp() for r in ok])
+    totals = np.array([r.timings_ms["total"] for r in ok])
     span = float(ends.max() - (ends - totals / 1000).min())
-    model = [r["timings_ms"].get("model", r["timings_ms"].get("server_model", 0.0)) for r in ok]
+    model = [r.timings_ms.get("model", r.timings_ms.get("server_model", 0.0)) for r in ok]
     return {"images": len(records), "ok": len(ok), "errors": len(records) - len(ok), "span_s": span,
             "images_per_s": len(ok) / span,
             "item_ms": {"p50": float(np.percentile(totals, 50)), "p95": float(np.percentile(totals, 95))},
-            "model_ms_p50": float(np.percentile(model, 50)), "passed": sum(1 for r in ok if r["passed"])}
+            "model_ms_p50": float(np.percentile(model, 50)), "passed": sum(1 for r in ok if r.passed)}
 
 
 async def _one_run(items: list, backend: Any, out: Path, concurrency: int, max_attempts: int) -> dict[str, Any]:

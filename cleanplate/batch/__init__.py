@@ -26,15 +26,26 @@ REPORT FIELDS (one JSON object per line): ``key``, ``status`` ("ok" | "error"), 
 the gate, null without), ``score``, ``threshold``, ``attempts``, ``seed``, ``output``, ``bytes`` (output
 size), ``review`` (the item's review folder or null), ``width``, ``height``, ``image``, ``mask``,
 ``engine``, ``timings_ms`` (per stage and ``total``, in ms), ``error`` (null or ``{"code", "message"}``),
-``run`` (run id), ``time`` (UTC, ISO 8601).
+``run`` (run id), ``time`` (UTC, ISO 8601); declared once, :class:`.report.ReportRecord`, through which every
+line is written and read.
 """
 
 from .backends import Backend, BatchAborted, GatewayBackend, GatewayError, Inferred, InProcessBackend
 from .items import BatchItem, ItemOptions, MaskChannel, load_items
 from .progress import Progress
-from .report import ReportWriter, format_summary, last_records, read_report, summarize
+from .report import (
+    ReportError,
+    ReportRecord,
+    ReportWriter,
+    format_summary,
+    last_records,
+    read_records,
+    read_report,
+    summarize,
+)
 from .runner import REPORT_NAME, REVIEW_NAME, BatchResult, plan, run_batch
 
 __all__ = ["REPORT_NAME", "REVIEW_NAME", "Backend", "BatchAborted", "BatchItem", "BatchResult", "GatewayBackend",
-           "GatewayError", "InProcessBackend", "Inferred", "ItemOptions", "MaskChannel", "Progress", "ReportWriter",
-           "format_summary", "last_records", "load_items", "plan", "read_report", "run_batch", "summarize"]
+           "GatewayError", "InProcessBackend", "Inferred", "ItemOptions", "MaskChannel", "Progress", "ReportError",
+           "ReportRecord", "ReportWriter", "format_summary", "last_records", "load_items", "plan", "read_records",
+           "read_report", "run_batch", "summarize"]

@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any, Literal
 
+from .report import ReportRecord
+
 log = logging.getLogger("cleanplate.batch")
 
 
@@ -48,17 +50,20 @@ class Progress:
         rate = f"pass {100 * self.passed / self.gated:.0f}%" if self.gated else "pass -"
         return f"{rate}, errors {self.errors}"
 
-    def update(self, record: dict[str, Any]) -> None:
+    def update(self, record: ReportRecord | dict[str, Any]) -> None:
+        """Count one finished item (a dict is read through :class:`ReportRecord`)."""
+        if not isinstance(record, ReportRecord):
+            record = ReportRecord.model_validate(record)
         self.done += 1
-        if record["status"] == "ok":
+        if record.ok:
             self.ok += 1
-            if record.get("passed") is not None:
+            if record.passed is not None:
                 self.gated += 1
-                self.passed += bool(record["passed"])
+                self.passed += bool(record.passed)
         else:
             self.errors += 1
-            err = record.get("error") or {}
-            self.say(f"failed {record['key']}: {err.get('code')}: {err.get('message')}")
+            err = record.error
+            self.say(f"failed {record.key}: {err and err.code}: {err and err.message}")
         if self._bar is not None:
             self._bar.set_postfix_str(self._rates(), refresh=False)
             self._bar.update(1)

@@ -12,22 +12,76 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ErrorCode, InputError
 
 log = logging.getLogger("cleanplate.batch")
 
 
+# -- the record ----------------------------------------------------------------------------------------
+class ReportError(BaseModel):
+    """A failed item's error: its :class:`~cleanplate.errors.ErrorCode` slug and message."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str = ""
+
+
+class ReportRecord(BaseModel):
+    """One line of ``report.jsonl``: what happened to one item in one run. Every line is written and read
+    through this model (fields in this order); fields a newer cleanplate adds are kept (``extra="allow"``).
+
+    Attributes:
+        key: the item's output name (its identity for resume); status: "ok" or "error".
+        passed, score, threshold: the gate's verdict (None without the gate); attempts: model runs made;
+        seed: the returned attempt's seed. output, bytes: the written file and its size (resume checks it);
+        review: the review folder of a gate failure. width, height: the image's. image, mask: the inputs;
+        engine: the backend's name. timings_ms: per stage and ``total``; error: a failure's code and message.
+        run: the run's id; time: when the line was written (UTC, ISO 8601).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    key: str
+    status: str = "error"
+    passed: bool | None = None
+    score: float | None = None
+    threshold: float | None = None
+    attempts: int = 0
+    seed: int | None = None
+    output: str | None = None
+    bytes: int | None = None
+    review: str | None = None
+    width: int | None = None
+    height: int | None = None
+    image: str | None = None
+    mask: str | None = None
+    engine: str | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    error: ReportError | None = None
+    run: str | None = None
+    time: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        """The line's JSON object."""
+        return self.model_dump(mode="json")
+
 
 # -- report --------------------------------------------------------------------------------------------
-def read_report(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
-    """All complete lines of a report, in order, and the number of lines skipped because they do not
-    parse (a line cut short by a kill). A missing report is empty.
+def read_records(path: str | os.PathLike) -> tuple[list[ReportRecord], int]:
+    """All complete lines of a report as :class:`ReportRecord`, in order, and the number of lines skipped
+    because they do not parse (a line cut short by a kill) or are no record. A missing report is empty.
 
     Returns:
         ``(records, bad_lines)``.
     """
-    records: list[dict[str, Any]] = []
+    records: list[ReportRecord] = []
     bad = 0
     if not os.path.exists(path):
         return records, 0
@@ -36,20 +90,21 @@ def read_report(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                bad += 1
-                continue
-            if isinstance(record, dict) and isinstance(record.get("key"), str):
-                records.append(record)
-            else:
+                records.append(ReportRecord.model_validate_json(raw))
+            except ValidationError:  # not JSON, not an object, no key, a field of the wrong type
                 bad += 1
     return records, bad
 
 
-def last_records(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def read_report(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
+    """:func:`read_records` as JSON objects (each line as the model reads it), for scripts and tests."""
+    records, bad = read_records(path)
+    return [r.to_json() for r in records], bad
+
+
+def last_records(records: Iterable[ReportRecord]) -> dict[str, ReportRecord]:
     """key -> the last line about it (a later run's line replaces an earlier one)."""
-    return {r["key"]: r for r in records}
+    return {r.key: r for r in records}
 
 
 class ReportWriter:
@@ -71,8 +126,11 @@ class ReportWriter:
                 if r.read(1) != b"\n":
                     self._f.write(b"\n")
 
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    def append(self, record: ReportRecord | dict[str, Any]) -> None:
+        """Write one line; a dict is read through :class:`ReportRecord` first (missing fields get defaults)."""
+        if not isinstance(record, ReportRecord):
+            record = ReportRecord.model_validate(record)
+        line = json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False).encode() + b"\n"
         with self._lock:
             self._f.write(line)
             self._f.flush()
@@ -99,20 +157,20 @@ def summarize(report_path: str | os.PathLike) -> dict[str, Any]:
     path = Path(report_path)
     if not path.is_file():
         raise InputError(f"no report at {path}", code=ErrorCode.BAD_OPTION)
-    records, bad = read_report(path)
+    records, bad = read_records(path)
     last = last_records(records)
-    ok = [r for r in last.values() if r.get("status") == "ok"]
-    errs = [r for r in last.values() if r.get("status") != "ok"]
+    ok = [r for r in last.values() if r.ok]
+    errs = [r for r in last.values() if not r.ok]
     by_code: dict[str, int] = {}
     for r in errs:
-        code = (r.get("error") or {}).get("code", "?")
+        code = r.error.code if r.error is not None else "?"
         by_code[code] = by_code.get(code, 0) + 1
-    gated = [r for r in ok if r.get("passed") is not None]
-    passed = sum(1 for r in gated if r["passed"])
-    totals = [float(r["timings_ms"]["total"]) for r in ok if "total" in (r.get("timings_ms") or {})]
+    gated = [r for r in ok if r.passed is not None]
+    passed = sum(1 for r in gated if r.passed)
+    totals = [float(r.timings_ms["total"]) for r in ok if "total" in r.timings_ms]
     stages: dict[str, list[float]] = {}
     for r in ok:
-        for stage, ms in (r.get("timings_ms") or {}).items():
+        for stage, ms in r.timings_ms.items():
             if stage != "total":
                 stages.setdefault(stage, []).append(float(ms))
 
@@ -124,11 +182,11 @@ def summarize(report_path: str | os.PathLike) -> dict[str, Any]:
                 "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99)), "max": float(a.max()),
                 "mean": float(a.mean())}
 
-    return {"report": str(path), "lines": len(records), "bad_lines": bad, "runs": len({r.get("run") for r in records}),
+    return {"report": str(path), "lines": len(records), "bad_lines": bad, "runs": len({r.run for r in records}),
             "items": len(last), "ok": len(ok), "errors": len(errs), "errors_by_code": dict(sorted(by_code.items())),
             "gated": len(gated), "passed": passed, "rejected": len(gated) - passed,
             "pass_rate": passed / len(gated) if gated else None,
-            "attempts_mean": float(np.mean([r.get("attempts") or 0 for r in ok])) if ok else None,
+            "attempts_mean": float(np.mean([r.attempts or 0 for r in ok])) if ok else None,
             "latency_ms": pct(totals),
             "stage_ms_p50": {k: float(np.percentile(v, 50)) for k, v in sorted(stages.items())}}
 

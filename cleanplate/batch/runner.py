@@ -27,7 +27,7 @@ from ..locks import exclusive
 from .backends import Backend, BatchAborted, Inferred
 from .items import BatchItem, ItemOptions, MaskChannel
 from .progress import Progress
-from .report import ReportWriter, last_records, read_report
+from .report import ReportError, ReportRecord, ReportWriter, last_records, read_records
 
 log = logging.getLogger("cleanplate.batch")
 
@@ -74,21 +74,21 @@ class BatchResult:
         return "; ".join(parts) + f"; {self.elapsed_s:.1f} s, {rate:.2f} img/s; report {self.report}"
 
 
-def plan(items: Sequence[BatchItem], report: dict[str, dict[str, Any]], out_dir: Path, *,
+def plan(items: Sequence[BatchItem], report: dict[str, ReportRecord], out_dir: Path, *,
          retry_failed: bool) -> tuple[list[BatchItem], int, int]:
     """Which items to run: ``(todo, done_before, failed_before)``. Done = last line ok and the output on
     disk with the recorded size; failed = last line error (run again only with ``retry_failed``)."""
     todo, done, failed = [], 0, 0
     for item in items:
         last = report.get(item.key)
-        if last is not None and last.get("status") == "ok":
+        if last is not None and last.status == "ok":
             try:
-                if (out_dir / item.key).stat().st_size == last.get("bytes"):
+                if (out_dir / item.key).stat().st_size == last.bytes:
                     done += 1
                     continue
             except OSError:
                 pass
-        elif last is not None and last.get("status") == "error" and not retry_failed:
+        elif last is not None and last.status == "error" and not retry_failed:
             failed += 1
             continue
         todo.append(item)
@@ -162,7 +162,7 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
     t_start = time.monotonic()
     with exclusive(out, LOCK_NAME, f"another cleanplate batch is running on {out}"), run.signals(handle_signals):
         _remove_stale_temp_files(out, *([review] if review_rel is None else []))
-        records, _ = read_report(report_file)
+        records, _ = read_records(report_file)
         todo, result.done_before, result.failed_before = plan(items, last_records(records), out,
                                                              retry_failed=retry_failed)
         del records
@@ -295,11 +295,8 @@ class _Run:
     async def _one(self, item: BatchItem) -> None:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        record: dict[str, Any] = {"key": item.key, "status": "error", "passed": None, "score": None,
-                                  "threshold": None, "attempts": 0, "seed": None, "output": None, "bytes": None,
-                                  "review": None, "width": None, "height": None, "image": str(item.image),
-                                  "mask": None if item.mask is None else str(item.mask),
-                                  "engine": self.backend.name, "timings_ms": timings, "error": None}
+        record = ReportRecord(key=item.key, image=str(item.image), mask=None if item.mask is None else str(item.mask),
+                              engine=self.backend.name)
 
         def lap(stage: str, since: float) -> float:
             now = time.perf_counter()
@@ -330,9 +327,10 @@ class _Run:
                 t = lap("encode", t)
             review = await self._thread(self._save, item, data, inferred)
             lap("write", t)
-            record.update(status="ok", passed=inferred.passed, score=inferred.score, threshold=inferred.threshold,
-                          attempts=inferred.attempts, seed=inferred.seed, output=str(self.out / item.key),
-                          bytes=len(data), review=review, width=inferred.width, height=inferred.height)
+            record = record.model_copy(update=dict(
+                status="ok", passed=inferred.passed, score=inferred.score, threshold=inferred.threshold,
+                attempts=inferred.attempts, seed=inferred.seed, output=str(self.out / item.key), bytes=len(data),
+                review=review, width=inferred.width, height=inferred.height))
         except BatchAborted as exc:
             if self.aborted is None:
                 self.aborted = exc
@@ -340,19 +338,20 @@ class _Run:
             self.result.not_started += 1  # not the item's fault: no report line
             return
         except CleanplateError as exc:
-            record["error"] = {"code": exc.code.value, "message": str(exc)}
+            record.error = ReportError(code=exc.code.value, message=str(exc))
         except Exception as exc:  # one bad item must not end an overnight run
             log.exception("item %s failed", item.key)
-            record["error"] = {"code": ErrorCode.INTERNAL.value, "message": f"{type(exc).__name__}: {exc}"}
+            record.error = ReportError(code=ErrorCode.INTERNAL.value, message=f"{type(exc).__name__}: {exc}")
         timings["total"] = round((time.perf_counter() - t0) * 1000, 2)
-        record.update(run=self.run_id, time=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
-        if record["status"] == "ok" and record["review"] is not None:
+        record.timings_ms = timings
+        record.run, record.time = self.run_id, datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        if record.ok and record.review is not None:
             await self._thread(self._write_review_record, record)
         await self._thread(self.writer.append, record)
-        if record["status"] == "ok":
+        if record.ok:
             self.result.ok += 1
-            self.result.passed += record["passed"] is True
-            self.result.rejected += record["passed"] is False
+            self.result.passed += record.passed is True
+            self.result.rejected += record.passed is False
         else:
             self.result.errors += 1
         self.progress.update(record)
@@ -371,5 +370,7 @@ class _Run:
         imaging.write_atomic(folder / f"result{PurePosixPath(item.key).suffix.lower()}", data)
         return str(folder)
 
-    def _write_review_record(self, record: dict[str, Any]) -> None:
-        imaging.write_atomic(Path(record["review"]) / "item.json", json.dumps(record, indent=1).encode() + b"\n")
+    def _write_review_record(self, record: ReportRecord) -> None:
+        assert record.review is not None
+        imaging.write_atomic(Path(record.review) / "item.json",
+                             json.dumps(record.to_json(), indent=1).encode() + b"\n")
