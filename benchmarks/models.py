@@ -30,6 +30,7 @@ import torch
 
 from cleanplate.bundle import SDXL_INPAINT_UNET_CONFIG, SDXL_LCM_SCHEDULER, BundleConfig, NullConditioning
 from cleanplate.errors import ErrorCode, InputError
+from cleanplate.training.common import load_model_config
 
 ARCHS = ("bundle", "tiny", "sdxl")
 
@@ -47,19 +48,9 @@ CLIP_L_TEXT: dict[str, Any] = {"hidden_size": 768, "intermediate_size": 3072, "n
 CLIP_BIGG_TEXT: dict[str, Any] = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
                                   "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu",
                                   "vocab_size": 49408, "max_position_embeddings": 77}
-# SDXL-inpainting layout at toy width (as the tests' TINY_UNET / TINY_VAE).
-TINY_UNET: dict[str, Any] = dict(
-    sample_size=16, in_channels=9, out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-    attention_head_dim=(2, 4), transformer_layers_per_block=1, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
-)
-TINY_VAE: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-    latent_channels=4, norm_num_groups=8, sample_size=64,
-)
+# SDXL-inpainting layout at toy width: the tests' toy models, one home (training/configs/toy_*.json).
+TINY_UNET: dict[str, Any] = load_model_config("toy_unet")
+TINY_VAE: dict[str, Any] = load_model_config("toy_vae")
 
 
 @dataclass

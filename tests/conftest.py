@@ -13,25 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from cleanplate.training.common import load_model_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models: one intra-op thread is faster than two, and far faster beside any other CPU work.
 torch.set_num_threads(1)
 
-# SDXL-inpainting UNet layout at toy width: same block types, text_time added embedding, 9 input channels.
-TINY_UNET = dict(
-    sample_size=16, in_channels=9, out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-    cross_attention_dim=16, attention_head_dim=(2, 4), transformer_layers_per_block=1,
-    use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
-)
-TINY_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-    latent_channels=4, norm_num_groups=8, sample_size=64,
-)
+# SDXL-inpainting UNet layout at toy width and its VAE: one home, training/configs/toy_unet.json and
+# toy_vae.json, which the benchmarks' --arch tiny builds too.
+TINY_UNET = load_model_config("toy_unet")
+TINY_VAE = load_model_config("toy_vae")
 
 
 def make_tiny_bundle(out: Path, resolution: int = 64, seed: int = 0) -> Path:
