@@ -49,16 +49,16 @@ class ReportRecord(BaseModel):
     passed: bool | None = None
     score: float | None = None
     threshold: float | None = None
-    attempts: int = 0
+    attempts: int = Field(0, description="model runs made")
     seed: int | None = None
     output: str | None = None
-    bytes: int | None = None
+    bytes: int | None = Field(None, description="the output's size; resume compares it with the file's")
     review: str | None = None
     width: int | None = None
     height: int | None = None
     image: str | None = None
     mask: str | None = None
-    engine: str | None = None
+    engine: str | None = Field(None, description="the backend's name")
     timings_ms: dict[str, float] = Field(default_factory=dict)
     error: ReportError | None = None
     run: str | None = None
