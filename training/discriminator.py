@@ -40,7 +40,7 @@ from pydantic import Field
 
 from cleanplate import compositing, imaging
 from cleanplate.bundle import attach_discriminator, load_bundle
-from cleanplate.discriminator import Discriminator
+from cleanplate.discriminator import Discriminator, StatsHead
 from cleanplate.errors import ErrorCode, InputError
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.remover import crops_to_tensors, masks_to_tensor, score_crops
@@ -79,6 +79,14 @@ class DiscriminatorConfig(TrainConfig):
                                                                  "removed) that may pass")
     lr: float = 1e-4
     batch_size: int = 16
+    max_steps: int = Field(1000, ge=0, description="conv training steps; 0 (with init_discriminator) keeps its "
+                                                  "encoder and conv head and only fits the statistics head")
+    init_discriminator: Path | None = Field(None, description="a bundle whose discriminator/ to start from instead "
+                                                              "of the remover UNet")
+    stats_hidden: int | None = Field(None, ge=0, description="fit a statistics head (cleanplate.discriminator."
+                                                            "StatsHead) with this hidden width (0 = logistic "
+                                                            "regression) on the training candidates; None: none")
+    stats_l2: float = Field(1e-3, ge=0, description="L2 penalty on the statistics head's weights")
 
 
 class DiscriminatorDataset(torch.utils.data.Dataset):
@@ -289,37 +297,9 @@ def _cache_path(cfg: DiscriminatorConfig, resolution: int, meta: Sequence[Path],
     return (cfg.cache_dir or cfg.resolved_work_dir) / f"{name}.safetensors"
 
 
-def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
-    """Train, calibrate on ``val_meta`` (or report uncalibrated at 0.5 without one) and write the bundle.
-
-    ``cfg.out`` receives a copy of ``cfg.bundle`` with ``discriminator/`` added (it may be ``cfg.bundle``
-    itself). Returns {"losses": [...], "calibration": {...}}.
-    """
-    from peft import LoraConfig, LoraModel
-
-    bundle = load_bundle(cfg.bundle)
-    accelerator = make_accelerator(cfg, "discriminator")
-    pipe = RemovalPipeline.from_bundle(bundle, device=accelerator.device)
-    resolution = bundle.config.resolution
-    torch.manual_seed(cfg.seed)
-    if cfg.gradient_checkpointing:  # set on the UNet's blocks, which the encoder takes over
-        bundle.unet.enable_gradient_checkpointing()
-    disc = Discriminator.from_unet(bundle.unet, bundle.conditioning, vae_scale_factor=pipe.vae_scale_factor,
-                                   head_channels=cfg.head_channels)
-    disc.encoder.requires_grad_(not cfg.lora_rank)  # the bundle's UNet comes frozen
-    if cfg.lora_rank:
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
-                          init_lora_weights="gaussian")
-        disc.encoder = LoraModel(disc.encoder, lora, "default")
-    disc.train()
-    items = read_meta(cfg.meta)
-    dataset: torch.utils.data.Dataset = DiscriminatorDataset(items, resolution, cfg.dilate_range, flip=True)
-    if cfg.latent_cache:
-        path = _cache_path(cfg, resolution, cfg.meta, cfg.dilate_range, cfg.cache_variants)
-        dataset = CachedLatents(cached_tensors(path, lambda: encode_candidates(pipe, dataset, cfg.cache_variants,
-                                                                               cfg.seed)))
-    n_pos = sum(1 for item in items if item.score > 0.5)
-    pos_weight = torch.tensor((len(items) - n_pos) / max(1, n_pos))
+def _train_conv(accelerator: Any, cfg: DiscriminatorConfig, pipe: RemovalPipeline, disc: Discriminator,
+                dataset: torch.utils.data.Dataset, pos_weight: torch.Tensor) -> tuple[Discriminator, list[float], int, Any]:
+    """RORem's training of the encoder (LoRA or whole) and conv head: (model, losses, steps, final loss)."""
     run = start_training(accelerator, cfg, disc, dataset, "discriminator")
     while run.step < cfg.max_steps:
         batch = next(run.batches)
@@ -337,13 +317,113 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             accelerator.log({"discriminator/accuracy": accuracy}, step=run.step + 1)
         run.update(loss)
     run.bar.close()
+    return accelerator.unwrap_model(run.model), run.losses, run.step, run.final_loss
+
+
+def fit_stats_head(disc: Discriminator, latents: dict[str, torch.Tensor], hidden: int, *, l2: float = 1e-3,
+                   max_iter: int = 500, seed: int = 0, device: Any = "cpu", batch_size: int = 64) -> dict[str, Any]:
+    """Fit ``disc``'s statistics head on labelled candidates and attach it (``disc.stats_head``, frozen).
+
+    Args:
+        disc: a discriminator in eval mode; its encoder and conv head stay as they are.
+        latents: :func:`encode_candidates`' tensors (``result``, ``source``, ``mask``, ``score`` labels in {0,1}).
+        hidden: the head's hidden width, 0 for logistic regression.
+        l2: penalty on the weights (not the biases); max_iter: L-BFGS iterations (full batch).
+    Returns:
+        {"n", "positives", "train_roc_auc", "final_loss", "hidden", "l2"}.
+    Raises:
+        InputError: the candidates carry only one label.
+    Loss: binary cross-entropy with the positive class weighted n_neg / n_pos, as the conv head's training.
+    """
+    inputs = []
+    with torch.no_grad():
+        for start in range(0, len(latents["score"]), batch_size):
+            z = {k: latents[k][start:start + batch_size].to(device).float() for k in ("result", "mask", "source")}
+            logit = disc.conv_logit(z["result"], z["mask"], z["source"])
+            inputs.append(disc.stats_inputs(z["result"], z["mask"], z["source"], logit).float().cpu())
+    x, y = torch.cat(inputs), latents["score"].float()
+    n_pos = int((y > 0.5).sum())
+    if n_pos in (0, len(y)):
+        raise InputError(f"the statistics head needs both labels; got {n_pos} of {len(y)} positive",
+                         code=ErrorCode.BAD_OPTION)
+    torch.manual_seed(seed)
+    head = StatsHead(x.shape[1], hidden)
+    head.mean.copy_(x.mean(0))
+    head.std.copy_(x.std(0).clamp_min(1e-6))
+    pos_weight = torch.tensor((len(y) - n_pos) / n_pos)
+    weights = [p for name, p in head.named_parameters() if name.endswith("weight")]
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(head(x), y, pos_weight=pos_weight)
+        loss = loss + l2 * sum(w.square().sum() for w in weights)
+        loss.backward()
+        return loss
+
+    final_loss = float(optimizer.step(closure).detach())
+    with torch.no_grad():
+        train_auc = roc_auc(head(x).numpy(), y.numpy())
+    disc.stats_head = head.to(device).eval().requires_grad_(False)
+    return {"n": len(y), "positives": n_pos, "train_roc_auc": train_auc, "final_loss": final_loss, "hidden": hidden,
+            "l2": l2}
+
+
+def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
+    """Train, calibrate on ``val_meta`` (or report uncalibrated at 0.5 without one) and write the bundle.
+
+    ``cfg.out`` receives a copy of ``cfg.bundle`` with ``discriminator/`` added (it may be ``cfg.bundle``
+    itself). Returns {"losses": [...], "calibration": {...}}.
+    """
+    from peft import LoraConfig, LoraModel
+
+    bundle = load_bundle(cfg.bundle)
+    accelerator = make_accelerator(cfg, "discriminator")
+    pipe = RemovalPipeline.from_bundle(bundle, device=accelerator.device)
+    resolution = bundle.config.resolution
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:  # set on the UNet's blocks, which the encoder takes over
+        bundle.unet.enable_gradient_checkpointing()
+    if cfg.init_discriminator is not None:
+        disc = load_bundle(cfg.init_discriminator).discriminator
+        if disc is None:
+            raise InputError(f"init_discriminator {cfg.init_discriminator} has no discriminator/", code=ErrorCode.BAD_OPTION)
+        disc.requires_grad_(False).stats_head = None
+        disc.head.requires_grad_(True)
+    else:
+        disc = Discriminator.from_unet(bundle.unet, bundle.conditioning, vae_scale_factor=pipe.vae_scale_factor,
+                                       head_channels=cfg.head_channels)
+    disc.encoder.requires_grad_(not cfg.lora_rank)  # the bundle's UNet comes frozen
+    if cfg.lora_rank and cfg.max_steps:
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
+                          init_lora_weights="gaussian")
+        disc.encoder = LoraModel(disc.encoder, lora, "default")
+    disc.to(pipe.device).train()
+    items = read_meta(cfg.meta)
+    dataset: torch.utils.data.Dataset = DiscriminatorDataset(items, resolution, cfg.dilate_range, flip=True)
+    train_latents: dict[str, torch.Tensor] | None = None
+    if cfg.latent_cache:
+        path = _cache_path(cfg, resolution, cfg.meta, cfg.dilate_range, cfg.cache_variants)
+        train_latents = cached_tensors(path, lambda: encode_candidates(pipe, dataset, cfg.cache_variants, cfg.seed))
+        dataset = CachedLatents(train_latents)
+    n_pos = sum(1 for item in items if item.score > 0.5)
+    pos_weight = torch.tensor((len(items) - n_pos) / max(1, n_pos))
+    losses: list[float] = []
+    steps, final_loss, final = 0, None, disc
+    if cfg.max_steps:
+        final, losses, steps, final_loss = _train_conv(accelerator, cfg, pipe, disc, dataset, pos_weight)
 
     calibration: dict[str, Any] = {}
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(run.model)
-        if cfg.lora_rank:
+        if cfg.lora_rank and cfg.max_steps:
             final.encoder = final.encoder.merge_and_unload()
         final.eval().requires_grad_(False)
+        if cfg.stats_hidden is not None:
+            if train_latents is None:
+                train_latents = encode_candidates(pipe, DiscriminatorDataset(items, resolution, cfg.dilate_range,
+                                                                             flip=False), dtype=torch.float32)
+            stats_fit = fit_stats_head(final, train_latents, cfg.stats_hidden, l2=cfg.stats_l2, seed=cfg.seed,
+                                       device=pipe.device)
         if cfg.val_meta:
             d = bundle.config.dilate_px
             val = DiscriminatorDataset(read_meta(cfg.val_meta), resolution, (d, d), flip=False)
@@ -365,8 +445,10 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             if removals:  # does the gate rank the bundle's own removals as their agreement with GT does?
                 calibration["removal_spearman_psnr"] = spearman(*zip(*removals, strict=False))
                 calibration["removal_n"] = len(removals)
-        calibration.update({"train_items": len(items), "train_positives": n_pos, "steps": run.step,
-                            "final_loss": run.final_loss,
+        if cfg.stats_hidden is not None:
+            calibration["stats_head_fit"] = stats_fit
+        calibration.update({"train_items": len(items), "train_positives": n_pos, "steps": steps,
+                            "final_loss": final_loss,
                             "config": cfg.model_dump(mode="json")})
         out = Path(cfg.out)
         if out.resolve() != Path(cfg.bundle).resolve():
@@ -378,4 +460,4 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             tmp.rename(out)
         attach_discriminator(out, final.to("cpu"), calibration)
     accelerator.end_training()
-    return {"losses": run.losses, "calibration": calibration}
+    return {"losses": losses, "calibration": calibration}
