@@ -415,17 +415,18 @@ class ProgressMode(str, Enum):
 
 @batch_app.command("run")
 def batch_run(
-    source: Annotated[Path, typer.Argument(help="a folder of images, or a manifest: .jsonl, .csv or a RORem "
-                                                "meta.json")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="output folder (cleaned images, report.jsonl, "
-                                                                "review/)")],
-    masks: Annotated[Optional[Path], typer.Option(help="folder of masks with the images' relative names (any "
+    # Paths or fsspec URLs (s3://bucket/photos, memory://..., file://...): str, as Path would fold "//".
+    source: Annotated[str, typer.Argument(help="a folder of images, or a manifest: .jsonl, .csv or a RORem "
+                                               "meta.json (a local path or a URL: s3://bucket/photos)")],
+    output: Annotated[str, typer.Option("-o", "--output", help="output folder or URL (cleaned images, "
+                                                               "report.jsonl, review/)")],
+    masks: Annotated[Optional[str], typer.Option(help="folder of masks with the images' relative names (any "
                                                        "image suffix); omit to use each image's transparency")] = None,
     mask_channel: Annotated[MaskChannel, typer.Option(help="how mask files mark what to remove: luma (white) or "
                                                            "alpha (opaque)")] = MaskChannel.luma,
     fmt: Annotated[Optional[ImageFormat], typer.Option("--format", help="output format (default: the input's)")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="report file (default OUTPUT/report.jsonl)")] = None,
-    review: Annotated[Optional[Path], typer.Option(help="review folder (default OUTPUT/review)")] = None,
+    report: Annotated[Optional[str], typer.Option(help="report file (default OUTPUT/report.jsonl)")] = None,
+    review: Annotated[Optional[str], typer.Option(help="review folder (default OUTPUT/review)")] = None,
     concurrency: Annotated[int, typer.Option(help="items in the engine at once")] = 4,
     memory_budget_mib: Annotated[int, typer.Option(min=16, help="working memory of the items in flight; items "
                                                                 "wait for it (a 40 MP photo needs ~440 MiB)")] = 1024,
@@ -495,7 +496,7 @@ def batch_run(
 
 @batch_app.command("summarize")
 def batch_summarize(
-    report: Annotated[Path, typer.Argument(help="a batch report (report.jsonl)")],
+    report: Annotated[str, typer.Argument(help="a batch report (report.jsonl; a path or a URL)")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Counts, gate pass rate and latency percentiles of a batch report (each item's last line)."""

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .. import imaging
+from .. import imaging, storage
 from ..admission import removal_cost
 from ..errors import BatchAborted, ErrorCode, GatewayError, InputError, QueueFull
 from .items import BatchItem, ItemOptions, MaskChannel
@@ -58,28 +58,59 @@ class Backend(Protocol):
     def finish(self, item: BatchItem, loaded: Any, inferred: Inferred) -> bytes: ...
 
 
+_HEAD_BYTES = 1 << 20  # enough of a URL's object for its image header (EXIF and ICC included)
+
+
+def _readable(loc: storage.Loc) -> Path | bytes:
+    """What :mod:`cleanplate.imaging` decodes: a local path itself (its messages name the file), or the
+    bytes of a URL's object.
+
+    Raises:
+        InputError: "unreadable_image" when the object cannot be read.
+    """
+    if isinstance(loc, Path):
+        return loc
+    try:
+        return storage.read_bytes(loc)
+    except OSError as exc:
+        raise InputError(f"cannot read {loc!r}: {type(exc).__name__}: {exc}", code=ErrorCode.UNREADABLE_IMAGE) from exc
+
+
+def _header(loc: storage.Loc) -> imaging.ImageHeader:
+    """An image's header: a local file's own, a URL's from its first MiB (the whole object if that is short)."""
+    if isinstance(loc, Path):
+        return imaging.read_header(loc)
+    try:
+        head = storage.read_head(loc, _HEAD_BYTES)
+    except OSError as exc:
+        raise InputError(f"cannot read {loc!r}: {type(exc).__name__}: {exc}", code=ErrorCode.UNREADABLE_IMAGE) from exc
+    try:
+        return imaging.read_header(head)
+    except InputError:
+        if len(head) < _HEAD_BYTES:
+            raise
+        return imaging.read_header(_readable(loc))
+
+
 def _mask_array(item: BatchItem, image: imaging.DecodedImage, channel: MaskChannel) -> np.ndarray:
     """(H,W) bool mask of an item: the image's transparency, the mask file's luma, or its alpha."""
     if item.mask is None:
         return imaging.mask_from_alpha(image)
     if channel == "luma":
-        return imaging.decode_mask(item.mask)
+        return imaging.decode_mask(_readable(item.mask))
     return _alpha_mask(item.mask)
 
 
-def _alpha_mask(path: Path) -> np.ndarray:
+def _alpha_mask(path: storage.Loc) -> np.ndarray:
     """(H,W) bool, True where a mask file's alpha is >= 50% (``--mask-channel alpha``)."""
-    decoded = imaging.decode_image(path)
+    decoded = imaging.decode_image(_readable(path))
     if decoded.alpha is None:
         raise InputError(f"mask {path} has no alpha channel (--mask-channel alpha)", code=ErrorCode.NO_ALPHA)
     return decoded.alpha >= (int(np.iinfo(decoded.alpha.dtype).max) + 1) // 2
 
 
-def _file_size(path: Path | None) -> int:
-    try:
-        return 0 if path is None else path.stat().st_size
-    except OSError:
-        return 0  # unreadable: load() reports it
+def _file_size(path: storage.Loc | None) -> int:
+    return 0 if path is None else (storage.size(path) or 0)  # unreadable: load() reports it
 
 
 @dataclass
@@ -107,12 +138,12 @@ class InProcessBackend:
 
     def cost(self, item: BatchItem, mask_channel: MaskChannel) -> int:
         """The removal's :func:`~cleanplate.admission.removal_cost` from the image's and the mask's headers."""
-        masks = () if item.mask is None else (imaging.read_header(item.mask),)
-        return removal_cost(imaging.read_header(item.image), extra_images=masks,
+        masks = () if item.mask is None else (_header(item.mask),)
+        return removal_cost(_header(item.image), extra_images=masks,
                             encoded_bytes=_file_size(item.image) + _file_size(item.mask))
 
     def load(self, item: BatchItem, mask_channel: MaskChannel) -> _Loaded:
-        image = imaging.decode_image(item.image)
+        image = imaging.decode_image(_readable(item.image))
         return _Loaded(image, _mask_array(item, image, mask_channel))
 
     async def infer(self, item: BatchItem, loaded: _Loaded, opts: ItemOptions) -> Inferred:
@@ -216,12 +247,12 @@ class GatewayBackend:
         """The files and the response held here; the gateway decodes (under its own budget). An alpha
         mask is decoded here to be sent as luma."""
         alpha_mask = item.mask is not None and mask_channel == "alpha"
-        decoded = removal_cost(imaging.read_header(item.mask)) if alpha_mask else 0
+        decoded = removal_cost(_header(item.mask)) if alpha_mask else 0
         return 2 * (_file_size(item.image) + _file_size(item.mask)) + decoded
 
     def load(self, item: BatchItem, mask_channel: MaskChannel) -> _Upload:
         try:
-            raw = item.image.read_bytes()
+            raw = storage.read_bytes(item.image)
         except OSError as exc:
             raise InputError(f"cannot read image {str(item.image)!r}: {exc.strerror or exc}",
                              code=ErrorCode.UNREADABLE_IMAGE) from exc
@@ -236,7 +267,7 @@ class GatewayBackend:
                 mask = buf.getvalue()
             else:
                 try:
-                    mask = item.mask.read_bytes()
+                    mask = storage.read_bytes(item.mask)
                 except OSError as exc:
                     raise InputError(f"cannot read mask {str(item.mask)!r}: {exc.strerror or exc}",
                                      code=ErrorCode.UNREADABLE_IMAGE) from exc
@@ -258,7 +289,7 @@ class GatewayBackend:
             data["max_attempts"] = str(opts.max_attempts)
         if loaded.fmt_field:
             data["output_format"] = loaded.fmt_field
-        files = {"image": (item.image.name, loaded.image)}
+        files = {"image": (storage.name(item.image), loaded.image)}
         if loaded.mask is not None:
             files["mask"] = ("mask.png", loaded.mask)
         t0 = time.monotonic()

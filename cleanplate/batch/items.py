@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .. import imaging
+from .. import imaging, storage
 from ..errors import ErrorCode, InputError
 from ..options import OPTION_FIELDS, RemovalOptions
 
@@ -40,8 +41,8 @@ class BatchItem:
     Attributes:
         key: the output name, relative to the output folder, POSIX separators ("shoes/123.jpg"); unique
             in a run and the item's identity in the report (resume matches on it).
-        image: the source image file.
-        mask: the mask file, or None when the image's transparent pixels are the mask.
+        image: the source image file: a local Path or a URL (:data:`cleanplate.storage.Loc`).
+        mask: the mask file (Path or URL), or None when the image's transparent pixels are the mask.
         options: per-item options (manifest columns).
         origin: where the item came from, for messages ("photos/a.jpg", "list.jsonl:12").
         problem: ``(code, message)`` when the listing already knows the item cannot run (no mask found);
@@ -49,8 +50,8 @@ class BatchItem:
     """
 
     key: str
-    image: Path
-    mask: Path | None
+    image: storage.Loc
+    mask: storage.Loc | None
     options: ItemOptions = field(default_factory=ItemOptions)
     origin: str = ""
     problem: tuple[ErrorCode, str] | None = None
@@ -67,12 +68,13 @@ def load_items(source: str | os.PathLike, *, masks: str | os.PathLike | None = N
     """The items of a folder or a manifest.
 
     Args:
-        source: a folder of images (searched recursively; hidden files skipped), or a manifest:
+        source: a local path or an fsspec URL (``s3://bucket/photos``, :mod:`cleanplate.storage`) of a
+            folder of images (searched recursively; hidden files skipped), or of a manifest:
             ``.jsonl`` (one object per line), ``.csv`` (a header row) or a RORem ``meta.json`` (a list of
             {"source", "mask", ...}; other keys such as "GT" are ignored). Manifest fields: ``image``
             (or ``source``), ``mask`` (optional: absent/empty = the image's transparency), ``output``
             (optional output name), and the :class:`ItemOptions` fields. Relative paths are relative to
-            the manifest's folder.
+            the manifest's folder; absolute paths and URLs are taken as they are.
         masks: with a folder, a folder of masks with the same relative names and any image suffix
             (``photos/a/b.jpg`` -> ``masks/a/b.png``); None = each image's transparency is its mask.
         fmt: output format for every item whose output name is not given ("png", "jpeg", "webp", "tiff");
@@ -87,21 +89,22 @@ def load_items(source: str | os.PathLike, *, masks: str | os.PathLike | None = N
             "bad_manifest" for a manifest line that does not parse, an unknown field, an option out of
             range, an unsafe or unwritable output name, or two items with one output name.
     """
-    src = Path(source)
+    src = storage.as_loc(source)
     if fmt is not None:
         fmt = imaging.format_for_path("x." + fmt)
-    if src.is_dir():
-        items = _folder_items(src, None if masks is None else Path(masks), fmt, [Path(p) for p in exclude])
-    elif not src.exists():
+    if storage.isdir(src):
+        items = _folder_items(src, None if masks is None else storage.as_loc(masks), fmt,
+                              [storage.as_loc(p) for p in exclude])
+    elif not storage.exists(src):
         raise InputError(f"no such file or folder: {src}", code=ErrorCode.BAD_OPTION)
     elif masks is not None:
         raise InputError("--masks goes with a folder of images; a manifest names each item's mask",
                          code=ErrorCode.BAD_OPTION)
-    elif src.suffix.lower() == ".jsonl":
+    elif storage.suffix(src) == ".jsonl":
         items = _jsonl_items(src, fmt)
-    elif src.suffix.lower() == ".csv":
+    elif storage.suffix(src) == ".csv":
         items = _csv_items(src, fmt)
-    elif src.suffix.lower() == ".json":
+    elif storage.suffix(src) == ".json":
         items = _meta_items(src, fmt)
     else:
         raise InputError(f"{src}: give a folder or a manifest ({', '.join(MANIFEST_SUFFIXES)})",
@@ -139,18 +142,19 @@ def _output_key(name: str, fmt: str | None, *, explicit: bool) -> str:
 @dataclass(frozen=True)
 class FolderPair:
     """An image of a folder and its mask: ``rel`` is the image's path relative to the folder (POSIX), ``mask``
-    the mask file, or None (no mask folder, or no mask of that name: :meth:`missing_mask` says so)."""
+    the mask file, or None (no mask folder, or no mask of that name: :meth:`missing_mask` says so). Locations
+    are Paths for a local folder, URLs for a URL's (:data:`cleanplate.storage.Loc`)."""
 
-    image: Path
+    image: storage.Loc
     rel: str
-    mask: Path | None
+    mask: storage.Loc | None
 
-    def missing_mask(self, masks: Path) -> str:
+    def missing_mask(self, masks: storage.Loc) -> str:
         return f"no mask named {PurePosixPath(self.rel).with_suffix('')}.* in {masks}"
 
 
-def pair_folder(folder: Path, masks: Path | None, *, recursive: bool = True,
-                exclude: Sequence[Path] = ()) -> list[FolderPair]:
+def pair_folder(folder: storage.Loc, masks: storage.Loc | None, *, recursive: bool = True,
+                exclude: Sequence[storage.Loc] = ()) -> list[FolderPair]:
     """The one rule that pairs a folder of images with a folder of masks (``cleanplate remove DIR --mask
     MASKS``, ``batch run DIR --masks MASKS``, ``flywheel generate DIR --masks MASKS``).
 
@@ -158,25 +162,26 @@ def pair_folder(folder: Path, masks: Path | None, *, recursive: bool = True,
     sorted by name; with ``recursive`` every subfolder too, except ``exclude`` and the mask folder. An image's
     mask: the file in ``masks`` with the same relative name and any image suffix (``photos/a/b.jpg`` ->
     ``masks/a/b.png``); a ``.png`` wins over other suffixes of that name, else the first by name. The caller
-    checks that ``masks`` is a folder (its messages name its own option).
+    checks that ``masks`` is a folder (its messages name its own option). ``folder`` and ``masks`` may be
+    local Paths or fsspec URLs (:func:`cleanplate.storage.walk_files`: one listing each, the same order).
     """
-    skip = {p.resolve() for p in [*exclude, *([masks] if masks is not None else [])]}
-    mask_index: dict[str, Path] = {}
+    skip = [*exclude, *([masks] if masks is not None else [])]
+    mask_index: dict[str, storage.Loc] = {}
     if masks is not None:  # one listing of the mask folder, not one glob per image
-        for path in _walk_images(masks, set(), recursive):
-            stem = str(path.relative_to(masks).with_suffix("").as_posix())
+        for path, rel in _walk_images(masks, (), recursive):
+            stem = str(PurePosixPath(rel).with_suffix(""))
             old = mask_index.get(stem)
-            if old is None or (path.suffix.lower() == ".png" and old.suffix.lower() != ".png"):
+            if old is None or (storage.suffix(path) == ".png" and storage.suffix(old) != ".png"):
                 mask_index[stem] = path  # a .png wins over other suffixes of the same name
     pairs = []
-    for path in _walk_images(folder, skip, recursive):
-        rel = path.relative_to(folder).as_posix()
+    for path, rel in _walk_images(folder, skip, recursive):
         pairs.append(FolderPair(path, rel, mask_index.get(str(PurePosixPath(rel).with_suffix("")))))
     return pairs
 
 
-def _folder_items(folder: Path, masks: Path | None, fmt: str | None, exclude: list[Path]) -> list[BatchItem]:
-    if masks is not None and not masks.is_dir():
+def _folder_items(folder: storage.Loc, masks: storage.Loc | None, fmt: str | None,
+                  exclude: list[storage.Loc]) -> list[BatchItem]:
+    if masks is not None and not storage.isdir(masks):
         raise InputError(f"--masks must be a folder: {masks}", code=ErrorCode.BAD_OPTION)
     items = []
     for pair in pair_folder(folder, masks, exclude=exclude):
@@ -188,17 +193,13 @@ def _folder_items(folder: Path, masks: Path | None, fmt: str | None, exclude: li
     return items
 
 
-def _walk_images(root: Path, skip: set[Path], recursive: bool = True) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if recursive and not d.startswith(".")
-                             and (here / d).resolve() not in skip)
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in imaging.IMAGE_SUFFIXES:
-                yield here / name
+def _walk_images(root: storage.Loc, skip: Sequence[storage.Loc],
+                 recursive: bool = True) -> Iterator[tuple[storage.Loc, str]]:
+    return ((p, rel) for p, rel in storage.walk_files(root, recursive=recursive, skip=skip)
+            if storage.suffix(p) in imaging.IMAGE_SUFFIXES)
 
 
-def _manifest_item(fields: dict[str, Any], root: Path, where: str, fmt: str | None) -> BatchItem:
+def _manifest_item(fields: dict[str, Any], root: storage.Loc, where: str, fmt: str | None) -> BatchItem:
     fields = dict(fields)
     image = fields.pop("image", None)
     source = fields.pop("source", None)
@@ -221,62 +222,67 @@ def _manifest_item(fields: dict[str, Any], root: Path, where: str, fmt: str | No
         name = ".".join(map(str, err["loc"]))
         hint = f" (fields: image, mask, output, {', '.join(OPTION_FIELDS)})" if err["type"] == "extra_forbidden" else ""
         raise InputError(f"{where}: {name}: {err['msg']}{hint}", code=ErrorCode.BAD_MANIFEST) from exc
-    image_path = root / image
+    image_path = storage.join(root, image)
     if output:
         key = _output_key(output, fmt, explicit=True)
-    else:
-        try:  # the image's path relative to the manifest, or its file name when it lies elsewhere
-            default = image_path.resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            default = image_path.name
+    else:  # the image's path relative to the manifest, or its file name when it lies elsewhere
+        default = storage.relative_inside(image_path, root) or storage.name(image_path)
         key = _output_key(default, fmt, explicit=False)
-    return BatchItem(key, image_path, root / mask if mask else None, options, where)
+    return BatchItem(key, image_path, storage.join(root, mask) if mask else None, options, where)
 
 
-def _jsonl_items(path: Path, fmt: str | None) -> list[BatchItem]:
+def _manifest_text(path: storage.Loc) -> str:
+    try:
+        return storage.read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{storage.name(path)}: not UTF-8 text", code=ErrorCode.BAD_MANIFEST) from exc
+
+
+def _jsonl_items(path: storage.Loc, fmt: str | None) -> list[BatchItem]:
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:{n}"
-            try:
-                fields = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not JSON: {exc.msg}", code=ErrorCode.BAD_MANIFEST) from exc
-            if not isinstance(fields, dict):
-                raise InputError(f"{where}: each line must be a JSON object", code=ErrorCode.BAD_MANIFEST)
-            items.append(_manifest_item(fields, path.parent, where, fmt))
+    root = storage.parent(path)
+    for n, line in enumerate(io.StringIO(_manifest_text(path), newline=None), 1):
+        if not line.strip():
+            continue
+        where = f"{storage.name(path)}:{n}"
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not JSON: {exc.msg}", code=ErrorCode.BAD_MANIFEST) from exc
+        if not isinstance(fields, dict):
+            raise InputError(f"{where}: each line must be a JSON object", code=ErrorCode.BAD_MANIFEST)
+        items.append(_manifest_item(fields, root, where, fmt))
     return items
 
 
-def _csv_items(path: Path, fmt: str | None) -> list[BatchItem]:
+def _csv_items(path: storage.Loc, fmt: str | None) -> list[BatchItem]:
     items = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_manifest_text(path).removeprefix("\ufeff"), newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
-            where = f"{path.name}:{reader.line_num}"
+            where = f"{storage.name(path)}:{reader.line_num}"
             if None in row:
                 raise InputError(f"{where}: more cells than header columns", code=ErrorCode.BAD_MANIFEST)
             fields = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
             items.append(_manifest_item({k: v for k, v in fields.items() if v not in ("", None)},
-                                        path.parent, where, fmt))
+                                        storage.parent(path), where, fmt))
     return items
 
 
-def _meta_items(path: Path, fmt: str | None) -> list[BatchItem]:
+def _meta_items(path: storage.Loc, fmt: str | None) -> list[BatchItem]:
+    label = storage.name(path)
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(_manifest_text(path))
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path.name}: not JSON: {exc.msg} (line {exc.lineno})", code=ErrorCode.BAD_MANIFEST) from exc
+        raise InputError(f"{label}: not JSON: {exc.msg} (line {exc.lineno})", code=ErrorCode.BAD_MANIFEST) from exc
     if not isinstance(entries, list):
-        raise InputError(f"{path.name}: a RORem meta.json is a JSON list of {{source, mask, ...}}",
+        raise InputError(f"{label}: a RORem meta.json is a JSON list of {{source, mask, ...}}",
                          code=ErrorCode.BAD_MANIFEST)
     items = []
     for i, entry in enumerate(entries):
-        where = f"{path.name}[{i}]"
+        where = f"{label}[{i}]"
         if not isinstance(entry, dict):
             raise InputError(f"{where}: must be an object", code=ErrorCode.BAD_MANIFEST)
         keep = {"image", "source", "mask", "output", *OPTION_FIELDS}  # RORem's GT, score, ... are not ours
-        items.append(_manifest_item({k: v for k, v in entry.items() if k in keep}, path.parent, where, fmt))
+        items.append(_manifest_item({k: v for k, v in entry.items() if k in keep}, storage.parent(path), where, fmt))
     return items

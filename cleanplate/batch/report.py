@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import storage
 from ..errors import ErrorCode, InputError
 
 log = logging.getLogger("cleanplate.batch")
@@ -74,26 +76,58 @@ class ReportRecord(BaseModel):
 
 
 # -- report --------------------------------------------------------------------------------------------
+PARTS_SUFFIX = ".parts"  # an object-store report's fragments: <report>.parts/<run>-<seq>.jsonl
+
+
 def read_records(path: str | os.PathLike) -> tuple[list[ReportRecord], int]:
     """All complete lines of a report as :class:`ReportRecord`, in order, and the number of lines skipped
     because they do not parse (a line cut short by a kill) or are no record. A missing report is empty.
+    ``path`` is a local path or a URL (:mod:`cleanplate.storage`); a URL's report is its object followed by
+    the fragments a run has not merged yet (:class:`ObjectReportWriter`).
 
     Returns:
         ``(records, bad_lines)``.
     """
     records: list[ReportRecord] = []
     bad = 0
-    if not os.path.exists(path):
-        return records, 0
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                records.append(ReportRecord.model_validate_json(raw))
-            except ValidationError:  # not JSON, not an object, no key, a field of the wrong type
-                bad += 1
+    loc = storage.as_loc(path)
+    if isinstance(loc, Path):
+        if not os.path.exists(loc):
+            return records, 0
+        with open(loc, "rb") as f:
+            chunks: Iterable[bytes] = list(f)
+    else:
+        chunks = [line for blob in _object_report_blobs(loc) for line in blob.splitlines()]
+    for raw in chunks:
+        if not raw.strip():
+            continue
+        try:
+            records.append(ReportRecord.model_validate_json(raw))
+        except ValidationError:  # not JSON, not an object, no key, a field of the wrong type
+            bad += 1
     return records, bad
+
+
+def _fragments(url: str) -> list[str]:
+    """The unmerged fragments of a URL's report, in name order (= run, then sequence)."""
+    return [str(loc) for loc, rel in storage.walk_files(url + PARTS_SUFFIX, recursive=False) if rel.endswith(".jsonl")]
+
+
+def _object_report_blobs(url: str) -> list[bytes]:
+    blobs = []
+    try:
+        blobs.append(storage.read_bytes(url))
+    except FileNotFoundError:
+        pass
+    return blobs + [storage.read_bytes(f) for f in _fragments(url)]
+
+
+def report_exists(path: str | os.PathLike) -> bool:
+    """A local report file, or a URL's report object or unmerged fragments."""
+    loc = storage.as_loc(path)
+    if isinstance(loc, Path):
+        return loc.is_file()
+    return storage.exists(loc) or bool(_fragments(loc))
 
 
 def read_report(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
@@ -142,6 +176,74 @@ class ReportWriter:
             self._f.close()
 
 
+class ObjectReportWriter:
+    """:class:`ReportWriter` for a report on an object store, where nothing can be appended to.
+
+    Lines are buffered and written as whole fragment objects, ``<report>.parts/<run>-<seq>.jsonl``, every
+    ``flush_lines`` lines or ``flush_every_s`` seconds (checked on append) and at :meth:`close`; close then
+    merges: the report object is rewritten whole as itself plus every fragment in name order (an earlier,
+    killed run's too), and the fragments are deleted. :func:`read_records` reads the report and any
+    fragments left, so a killed run loses at most its unflushed lines (those items are done again). A
+    kill between the merge's write and the deletes leaves lines twice; each item's last line still wins.
+    """
+
+    def __init__(self, url: str, run_id: str, *, flush_lines: int = 256, flush_every_s: float = 2.0) -> None:
+        self.url, self.run_id = url, run_id
+        self.flush_lines, self.flush_every_s = flush_lines, flush_every_s
+        self._lock = threading.Lock()
+        self._buf: list[bytes] = []
+        self._seq = 0
+        self._last = time.monotonic()
+
+    def append(self, record: ReportRecord | dict[str, Any]) -> None:
+        """Buffer one line (a dict is read through :class:`ReportRecord`); write a fragment when due."""
+        if not isinstance(record, ReportRecord):
+            record = ReportRecord.model_validate(record)
+        line = json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        with self._lock:
+            self._buf.append(line)
+            if len(self._buf) >= self.flush_lines or time.monotonic() - self._last >= self.flush_every_s:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            storage.write_bytes(f"{self.url}{PARTS_SUFFIX}/{self.run_id}-{self._seq:08d}.jsonl", b"".join(self._buf))
+            self._seq += 1
+            self._buf = []
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        """Write the last fragment, then merge the fragments into the report object."""
+        with self._lock:
+            self._flush()
+            merge_fragments(self.url)
+
+
+def merge_fragments(url: str) -> None:
+    """Rewrite a URL's report object as itself plus its fragments (name order), then delete the fragments."""
+    fragments = _fragments(url)
+    if not fragments:
+        return
+    try:
+        base = storage.read_bytes(url)
+    except FileNotFoundError:
+        base = b""
+    parts = [base] if base else []
+    for f in fragments:
+        blob = storage.read_bytes(f)
+        parts.append(blob)
+    data = b"".join(p if p.endswith(b"\n") else p + b"\n" for p in parts)
+    storage.write_bytes(url, data)
+    for f in fragments:
+        storage.remove(f)
+
+
+def open_report_writer(path: storage.Loc, run_id: str) -> ReportWriter | ObjectReportWriter:
+    """The report's writer: :class:`ReportWriter` (append + fsync) for a local file, :class:`ObjectReportWriter`
+    for a URL."""
+    return ReportWriter(path) if isinstance(path, Path) else ObjectReportWriter(path, run_id)
+
+
 # -- summary -------------------------------------------------------------------------------------------
 def summarize(report_path: str | os.PathLike) -> dict[str, Any]:
     """Counts, pass rate and latency percentiles of a report (each item's last line counts).
@@ -154,8 +256,8 @@ def summarize(report_path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         InputError: "bad_option" when the report does not exist.
     """
-    path = Path(report_path)
-    if not path.is_file():
+    path = storage.as_loc(report_path)
+    if not report_exists(path):
         raise InputError(f"no report at {path}", code=ErrorCode.BAD_OPTION)
     records, bad = read_records(path)
     last = last_records(records)

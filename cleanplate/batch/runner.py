@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -20,14 +19,22 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .. import imaging
+from .. import storage
 from ..admission import MemoryBudget, MiB, release_free_memory_soon
 from ..errors import CleanplateError, ErrorCode, InputError
 from ..locks import exclusive
-from .backends import Backend, BatchAborted, Inferred
+from .backends import Backend, BatchAborted
 from .items import BatchItem, ItemOptions, MaskChannel
 from .progress import Progress
-from .report import ReportError, ReportRecord, ReportWriter, last_records, read_records
+from .report import (
+    ObjectReportWriter,
+    ReportError,
+    ReportRecord,
+    ReportWriter,
+    last_records,
+    open_report_writer,
+    read_records,
+)
 
 log = logging.getLogger("cleanplate.batch")
 
@@ -54,7 +61,7 @@ class BatchResult:
     not_started: int = 0
     stopped_by: str | None = None
     elapsed_s: float = 0.0
-    report: Path | None = None
+    report: storage.Loc | None = None
 
     @property
     def exit_code(self) -> int:
@@ -74,20 +81,24 @@ class BatchResult:
         return "; ".join(parts) + f"; {self.elapsed_s:.1f} s, {rate:.2f} img/s; report {self.report}"
 
 
-def plan(items: Sequence[BatchItem], report: dict[str, ReportRecord], out_dir: Path, *,
+def plan(items: Sequence[BatchItem], report: dict[str, ReportRecord], out_dir: storage.Loc, *,
          retry_failed: bool) -> tuple[list[BatchItem], int, int]:
     """Which items to run: ``(todo, done_before, failed_before)``. Done = last line ok and the output on
-    disk with the recorded size; failed = last line error (run again only with ``retry_failed``)."""
+    disk with the recorded size; failed = last line error (run again only with ``retry_failed``).
+    ``out_dir``: a local folder (one stat per finished item) or a URL (one listing of it)."""
     todo, done, failed = [], 0, 0
+    listed: dict[str, int] | None = None
     for item in items:
         last = report.get(item.key)
         if last is not None and last.status == "ok":
-            try:
-                if (out_dir / item.key).stat().st_size == last.bytes:
-                    done += 1
-                    continue
-            except OSError:
-                pass
+            if isinstance(out_dir, Path):
+                size = storage.size(out_dir / item.key)
+            else:
+                listed = storage.sizes_under(out_dir) if listed is None else listed
+                size = listed.get(item.key)
+            if size is not None and size == last.bytes:
+                done += 1
+                continue
         elif last is not None and last.status == "error" and not retry_failed:
             failed += 1
             continue
@@ -95,9 +106,11 @@ def plan(items: Sequence[BatchItem], report: dict[str, ReportRecord], out_dir: P
     return todo, done, failed
 
 
-def _remove_stale_temp_files(*folders: Path) -> int:
+def _remove_stale_temp_files(*folders: storage.Loc) -> int:
     removed = 0
     for folder in folders:
+        if not isinstance(folder, Path):  # object stores never hold a partial object
+            continue
         for dirpath, _, filenames in os.walk(folder):
             for name in filenames:
                 if _TEMP_FILE.match(name):
@@ -107,12 +120,51 @@ def _remove_stale_temp_files(*folders: Path) -> int:
     return removed
 
 
-def _relative_inside(path: Path, folder: Path) -> str | None:
-    """``path`` relative to ``folder`` (POSIX) when it lies inside it, else None."""
-    try:
-        return path.resolve().relative_to(folder.resolve()).as_posix()
-    except ValueError:
+def check_layout(items: Sequence[BatchItem], out: storage.Loc, report_file: storage.Loc,
+                 review: storage.Loc) -> None:
+    """Refuse an output name that would land on the report or in the review folder.
+
+    Raises:
+        InputError: "bad_option", naming the item.
+    """
+    review_rel, report_rel = storage.relative_inside(review, out), storage.relative_inside(report_file, out)
+    for item in items:
+        if item.key == report_rel or (review_rel is not None and (item.key + "/").startswith(review_rel + "/")):
+            raise InputError(f"{item.origin}: output {item.key!r} would land on the report or in the review "
+                             f"folder; rename it or use --report/--review elsewhere", code=ErrorCode.BAD_OPTION)
+
+
+def out_lock(out: storage.Loc) -> Any:
+    """The one-writer lock of a local output folder (:func:`cleanplate.locks.exclusive`); an object store
+    has none (one run per output prefix is the operator's to keep)."""
+    if isinstance(out, Path):
+        return exclusive(out, LOCK_NAME, f"another cleanplate batch is running on {out}")
+    return contextlib.nullcontext()
+
+
+def save_outputs(out: storage.Loc, review_root: storage.Loc, item: BatchItem, data: bytes,
+                 passed: bool | None) -> str | None:
+    """Write an item's output whole (:func:`cleanplate.storage.write_bytes`); for a gate failure
+    (``passed`` False) also its review copies (``source``, ``mask``, ``result``). Returns the review folder
+    (as a string) or None; a passing item's stale review folder from an earlier attempt is removed."""
+    storage.write_bytes(storage.join(out, item.key), data)
+    folder = storage.join(review_root, item.key)
+    if passed is not False:
+        if storage.isdir(folder):  # an earlier attempt of this item went to review; this one passed
+            storage.remove_tree(folder)
         return None
+    storage.write_bytes(storage.join(folder, f"source{storage.suffix(item.image)}"), storage.read_bytes(item.image))
+    if item.mask is not None:
+        storage.write_bytes(storage.join(folder, f"mask{storage.suffix(item.mask)}"), storage.read_bytes(item.mask))
+    storage.write_bytes(storage.join(folder, f"result{PurePosixPath(item.key).suffix.lower()}"), data)
+    return str(folder)
+
+
+def write_review_record(record: ReportRecord) -> None:
+    """The item's report line as ``item.json`` in its review folder."""
+    assert record.review is not None
+    storage.write_bytes(storage.join(storage.as_loc(record.review), "item.json"),
+                        json.dumps(record.to_json(), indent=1).encode() + b"\n")
 
 
 async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str | os.PathLike, *,
@@ -124,6 +176,9 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
     """Clean ``items`` into ``out_dir``; see the module docstring for the layout, report and resume rules.
 
     Args:
+        out_dir, report_path, review_dir: local paths or fsspec URLs (:mod:`cleanplate.storage`); on an
+            object store outputs are written whole and the report as fragments merged at the end
+            (:class:`~.report.ObjectReportWriter`), and there is no one-writer lock.
         defaults: options for items that do not set their own; ``quality_gate=None`` means on when the
             backend has a discriminator. Unset seed = 0, unset max_attempts = 1.
         concurrency: items in the engine at once (>= 1). Up to ``concurrency + io_workers`` items are in
@@ -147,20 +202,17 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
     """
     if concurrency < 1:
         raise InputError(f"--concurrency must be >= 1, got {concurrency}", code=ErrorCode.BAD_OPTION)
-    out = Path(out_dir)
-    report_file = Path(report_path) if report_path is not None else out / REPORT_NAME
-    review = Path(review_dir) if review_dir is not None else out / REVIEW_NAME
-    review_rel, report_rel = _relative_inside(review, out), _relative_inside(report_file, out)
-    for item in items:
-        if item.key == report_rel or (review_rel is not None and (item.key + "/").startswith(review_rel + "/")):
-            raise InputError(f"{item.origin}: output {item.key!r} would land on the report or in the review "
-                             f"folder; rename it or use --report/--review elsewhere", code=ErrorCode.BAD_OPTION)
+    out = storage.as_loc(out_dir)
+    report_file = storage.as_loc(report_path) if report_path is not None else storage.join(out, REPORT_NAME)
+    review = storage.as_loc(review_dir) if review_dir is not None else storage.join(out, REVIEW_NAME)
+    check_layout(items, out, report_file, review)
+    review_rel = storage.relative_inside(review, out)
     result = BatchResult(total=len(items), report=report_file)
     run = _Run(backend, out, review, defaults or ItemOptions(), concurrency, mask_channel,
                progress or Progress("off"), io_workers or min(8, concurrency + 1), stop or asyncio.Event(), result,
                memory_budget_bytes)
     t_start = time.monotonic()
-    with exclusive(out, LOCK_NAME, f"another cleanplate batch is running on {out}"), run.signals(handle_signals):
+    with out_lock(out), run.signals(handle_signals):
         _remove_stale_temp_files(out, *([review] if review_rel is None else []))
         records, _ = read_records(report_file)
         todo, result.done_before, result.failed_before = plan(items, last_records(records), out,
@@ -173,7 +225,7 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
                     result.not_started = 0
                     if run.defaults.quality_gate is None:
                         run.defaults = run.defaults.model_copy(update={"quality_gate": backend.has_gate})
-                    with contextlib.closing(ReportWriter(report_file)) as writer:
+                    with contextlib.closing(open_report_writer(report_file, run.run_id)) as writer:
                         await run.go(todo, writer)
             finally:
                 await backend.close()
@@ -186,7 +238,7 @@ async def run_batch(items: Sequence[BatchItem], backend: Backend, out_dir: str |
 class _Run:
     """One run's pipeline: load (thread) -> engine (bounded) -> encode + write (thread) -> report line."""
 
-    def __init__(self, backend: Backend, out: Path, review: Path, defaults: ItemOptions, concurrency: int,
+    def __init__(self, backend: Backend, out: storage.Loc, review: storage.Loc, defaults: ItemOptions, concurrency: int,
                  mask_channel: MaskChannel, progress: Progress, io_workers: int, stop: asyncio.Event,
                  result: BatchResult, memory_budget_bytes: int) -> None:
         self.backend, self.out, self.review = backend, out, review
@@ -221,7 +273,7 @@ class _Run:
                              code=ErrorCode.ENGINE_UNAVAILABLE) from exc
         return True
 
-    async def go(self, todo: list[BatchItem], writer: ReportWriter) -> None:
+    async def go(self, todo: list[BatchItem], writer: ReportWriter | ObjectReportWriter) -> None:
         loop = asyncio.get_running_loop()
         self.writer = writer
         self.pool = concurrent.futures.ThreadPoolExecutor(self.io_workers, thread_name_prefix="cleanplate-batch-io")
@@ -325,11 +377,11 @@ class _Run:
                 del loaded  # the budget is released below: free the pixels first
                 inferred.pixels = None
                 t = lap("encode", t)
-            review = await self._thread(self._save, item, data, inferred)
+            review = await self._thread(save_outputs, self.out, self.review, item, data, inferred.passed)
             lap("write", t)
             record = record.model_copy(update=dict(
                 status="ok", passed=inferred.passed, score=inferred.score, threshold=inferred.threshold,
-                attempts=inferred.attempts, seed=inferred.seed, output=str(self.out / item.key), bytes=len(data),
+                attempts=inferred.attempts, seed=inferred.seed, output=str(storage.join(self.out, item.key)), bytes=len(data),
                 review=review, width=inferred.width, height=inferred.height))
         except BatchAborted as exc:
             if self.aborted is None:
@@ -346,7 +398,7 @@ class _Run:
         record.timings_ms = timings
         record.run, record.time = self.run_id, datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         if record.ok and record.review is not None:
-            await self._thread(self._write_review_record, record)
+            await self._thread(write_review_record, record)
         await self._thread(self.writer.append, record)
         if record.ok:
             self.result.ok += 1
@@ -355,22 +407,3 @@ class _Run:
         else:
             self.result.errors += 1
         self.progress.update(record)
-
-    def _save(self, item: BatchItem, data: bytes, inferred: Inferred) -> str | None:
-        """Write the output; for a gate failure also the review copies. Returns the review folder or None."""
-        imaging.write_atomic(self.out / item.key, data)
-        folder = self.review / item.key
-        if inferred.passed is not False:
-            if folder.is_dir():  # an earlier attempt of this item went to review; this one passed
-                shutil.rmtree(folder, ignore_errors=True)
-            return None
-        imaging.write_atomic(folder / f"source{item.image.suffix.lower()}", item.image.read_bytes())
-        if item.mask is not None:
-            imaging.write_atomic(folder / f"mask{item.mask.suffix.lower()}", item.mask.read_bytes())
-        imaging.write_atomic(folder / f"result{PurePosixPath(item.key).suffix.lower()}", data)
-        return str(folder)
-
-    def _write_review_record(self, record: ReportRecord) -> None:
-        assert record.review is not None
-        imaging.write_atomic(Path(record.review) / "item.json",
-                             json.dumps(record.to_json(), indent=1).encode() + b"\n")
