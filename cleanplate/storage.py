@@ -160,6 +160,7 @@ def isdir(loc: Loc) -> bool:
     if isinstance(loc, Path):
         return loc.is_dir()
     fs, path = fs_of(loc)
+    fs.invalidate_cache(path)
     return bool(fs.isdir(path))
 
 
@@ -189,6 +190,7 @@ def sizes_under(folder: Loc) -> dict[str, int]:
         return out
     fs, root = fs_of(folder)
     root = root.rstrip("/")
+    fs.invalidate_cache(root)  # other processes (workers, an earlier run) write here: list afresh
     try:
         found = fs.find(root, detail=True)
     except FileNotFoundError:
@@ -215,6 +217,7 @@ def walk_files(root: Loc, *, recursive: bool = True, skip: Iterable[Loc] = ()) -
     skip_rel = [r for r in (relative_inside(s, root) for s in skip if isinstance(s, str)) if r]
     fs, base = fs_of(root)
     base = base.rstrip("/")
+    fs.invalidate_cache(base)
     try:
         found = fs.find(base, maxdepth=None if recursive else 1)
     except FileNotFoundError:
