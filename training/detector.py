@@ -284,7 +284,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            history.append(float(loss))
+            history.append(loss.item())
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 line = {"step": step, "loss": float(np.mean(history[-cfg.log_every:])), **parts,
                         "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1)}
