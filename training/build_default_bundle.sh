@@ -39,4 +39,9 @@ cleanplate data disc-labels --meta runs/data/dev_cal/meta.json --out runs/data/d
 cleanplate train discriminator --config training/configs/default_discriminator.json  # sft bundle + discriminator/
 rm -rf cleanplate/default_bundle
 cp -r runs/default/disc cleanplate/default_bundle
+# The overlay detector (auto-mask): its own synthetic data (training photos and procedural scenes, overlays per
+# kind, in-scene marks and clean negatives), calibrated on held-out dev photos (other seeds than bench detect's).
+cleanplate train detector --config training/configs/default_detector.json
+python -c "from cleanplate.bundle import attach_detector; from cleanplate.detector import Detector; \
+attach_detector('cleanplate/default_bundle', Detector.from_dir('runs/det/detector'))"
 echo "default bundle: $(du -sh cleanplate/default_bundle | cut -f1)"
