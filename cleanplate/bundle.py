@@ -309,11 +309,14 @@ def save_bundle(
     conditioning: NullConditioning,
     lora_dir: str | Path | None = None,
     discriminator: Any = None,
+    detector: Any = None,
 ) -> Path:
     """Write a bundle directory; replaces ``out_dir`` atomically (written beside it, then renamed).
 
     ``unet`` must not carry LoRA layers (save those with ``lora_dir``, a directory holding
-    ``pytorch_lora_weights.safetensors``); ``config.lcm_lora`` is set from what is written.
+    ``pytorch_lora_weights.safetensors``); ``config.lcm_lora`` is set from what is written, and so are
+    ``config.discriminator`` and ``config.detector`` (a config copied from a bundle with a detector does not
+    claim one unless ``detector`` is given).
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -331,7 +334,9 @@ def save_bundle(
         config = config.model_copy(update={"lcm_lora": "none"})
     if discriminator is not None:
         discriminator.save(tmp / DISCRIMINATOR_DIR)
-    config = config.model_copy(update={"discriminator": discriminator is not None})
+    if detector is not None:
+        detector.save(tmp / DETECTOR_DIR)
+    config = config.model_copy(update={"discriminator": discriminator is not None, "detector": detector is not None})
     (tmp / BUNDLE_JSON).write_text(json.dumps(config.model_dump(), indent=2) + "\n")
     if out.exists():
         old = out.with_name(out.name + ".old")

@@ -218,4 +218,4 @@ def save_lcm_bundle(cfg: LCMConfig, raw: Any, config: BundleConfig) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
         save_bundle(cfg.out, config=config, unet=base.unet, vae=base.vae, conditioning=base.conditioning,
-                    lora_dir=Path(tmp))
+                    lora_dir=Path(tmp), detector=base.detector)

@@ -92,7 +92,7 @@ def save_policy_bundle(cfg: RLConfig, raw_unet: Any, config: BundleConfig) -> Pa
     base.unet.unload_lora()
     lcm = "fused" if base.config.lcm_lora != "none" else "none"
     out = save_bundle(cfg.out, config=config.model_copy(update={"lcm_lora": lcm}), unet=base.unet, vae=base.vae,
-                      conditioning=base.conditioning)
+                      conditioning=base.conditioning, detector=base.detector)
     if base.discriminator is not None:
         disc_config = json.loads((Path(cfg.bundle) / DISCRIMINATOR_DIR / "config.json").read_text())
         attach_discriminator(out, base.discriminator, disc_config.get("calibration") or {})
