@@ -5,6 +5,7 @@ Errors a user can cause (bad file, bad option, bad bundle) print one line ``erro
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from enum import Enum
@@ -454,6 +455,13 @@ def batch_run(
     max_attempts: Annotated[int, typer.Option(help=option_help("max_attempts"))] = 3,
     retry_failed: Annotated[bool, typer.Option(help="also redo items whose last report line is an error")] = False,
     progress: Annotated[ProgressMode, typer.Option(help="bar on a terminal, log lines otherwise")] = ProgressMode.auto,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="[ADDRESS]",
+                                               help="run as a Ray Data pipeline: --ray alone starts a local "
+                                                    "cluster, --ray auto joins this machine's, or an address "
+                                                    "(needs cleanplate[ray])")] = None,
+    workers: Annotated[int, typer.Option(help="--ray: model actors, one engine each")] = 1,
+    batch_size: Annotated[int, typer.Option(help="--ray: items per actor call")] = 4,
+    num_gpus_per_worker: Annotated[float, typer.Option(help="--ray: GPUs each actor reserves")] = 0.0,
 ) -> None:
     """Clean a catalog: resumable (a rerun skips finished items), one report line per item, gate failures
     copied to OUTPUT/review. Exit 0 all ok, 1 some items errored, 2 bad command, 130/143 stopped by a signal."""
@@ -464,6 +472,9 @@ def batch_run(
 
     if url and triton_url:
         raise InputError("give --url or --triton-url, not both", code=ErrorCode.BAD_OPTION)
+    if ray is not None and url:
+        raise InputError("--ray runs the engine on Ray actors; --url sends to a gateway: give one",
+                         code=ErrorCode.BAD_OPTION)
     wants_triton = bool(triton_url) or (engine is not None and engine.value == "triton")
     if (url or triton_url) and ((engine is not None and engine.value != "triton") or bundle or torch_threads
                                 or max_batch):
@@ -472,6 +483,7 @@ def batch_run(
     defaults = _from_options(ItemOptions, seed=seed, steps=steps, dilate_px=dilate_px, quality_gate=quality_gate,
                              threshold=threshold, max_attempts=max_attempts)
     items = load_items(source, masks=masks, fmt=fmt.value if fmt else None, exclude=[output, *([review] if review else [])])
+    backend: Any = None
     if url:
         backend = GatewayBackend(url, api_key=api_key, concurrency=concurrency)
     else:
@@ -484,8 +496,23 @@ def batch_run(
             given = dict(engine=(engine or Engine.torch).value, bundle=bundle, device=device.value,
                          dtype=dtype.value, torch_threads=torch_threads, max_batch=max_batch, onnx_dir=onnx_dir,
                          max_queue=max(64, 2 * concurrency))
-        backend = InProcessBackend(make_engine(_from_options(EngineOptions, **given)))
+        engine_options = _from_options(EngineOptions, **given)
+        if ray is None:
+            backend = InProcessBackend(make_engine(engine_options))
     tune_allocator()
+    if ray is not None:  # --url with --ray was refused above, so engine_options is set
+        from .batch.ray_runner import run_batch_ray
+
+        opts = engine_options.model_dump(exclude_unset=True)
+        for name in ("bundle", "onnx_dir"):  # the actors' working folder may differ
+            if opts.get(name) is not None:
+                opts[name] = Path(opts[name]).absolute()
+        result = run_batch_ray(items, opts, output, address=ray, workers=workers, batch_size=batch_size,
+                               num_gpus_per_worker=num_gpus_per_worker, defaults=defaults, report_path=report,
+                               review_dir=review, retry_failed=retry_failed, mask_channel=mask_channel.value,
+                               progress=Progress(progress.value))
+        say(result.line())
+        raise typer.Exit(result.exit_code)
     result = asyncio.run(run_batch(items, backend, output, defaults=defaults, concurrency=concurrency,
                                    report_path=report, review_dir=review, retry_failed=retry_failed,
                                    mask_channel=mask_channel.value, progress=Progress(progress.value),
@@ -508,11 +535,26 @@ def batch_summarize(
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+_RAY_ADDRESS = re.compile(r"^(auto|local|ray://.+|[A-Za-z0-9.-]+:\d+)$")
+
+
+def _ray_flag(argv: list[str]) -> list[str]:
+    """``batch run ... --ray`` with no address: ``--ray local`` (typer has no optional option values). The
+    token after ``--ray`` is its address only when it looks like one (auto, local, host:port, ray://...)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--ray" and (i + 1 == len(out) or not _RAY_ADDRESS.match(out[i + 1])):
+            out.insert(i + 1, "local")
+            break
+    return out
+
+
 def main() -> None:
     """Entry point: run the app, turning a CleanplateError into one line on stderr and the exit code of its
     ``code`` (``ErrorCode.exit_code``: 2 for a caller's mistake, 1 for a failed export: the input was fine,
     the result was not). A command whose optional packages are not installed (``cleanplate serve`` on the base
     install) says which extra to install, the same way (exit 2)."""
+    sys.argv = _ray_flag(sys.argv)
     try:
         try:
             app()

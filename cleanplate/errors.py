@@ -199,7 +199,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "skimage": "train", "scipy": "train",
     "matplotlib": "bench",
     "helm_python": "deploy", "kubernetes_validate": "deploy", "jsonschema": "deploy",
-    "s3fs": "storage",
+    "s3fs": "storage", "ray": "ray",
 }
 
 

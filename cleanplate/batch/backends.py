@@ -143,8 +143,7 @@ class InProcessBackend:
                             encoded_bytes=_file_size(item.image) + _file_size(item.mask))
 
     def load(self, item: BatchItem, mask_channel: MaskChannel) -> _Loaded:
-        image = imaging.decode_image(_readable(item.image))
-        return _Loaded(image, _mask_array(item, image, mask_channel))
+        return load_item(item, mask_channel)
 
     async def infer(self, item: BatchItem, loaded: _Loaded, opts: ItemOptions) -> Inferred:
         from ..removal import RemoveOptions, run_removal
@@ -162,10 +161,27 @@ class InProcessBackend:
                         loaded.image.width, loaded.image.height, dict(out.timings_ms))
 
     def finish(self, item: BatchItem, loaded: _Loaded, inferred: Inferred) -> bytes:
-        assert inferred.pixels is not None
-        # A mask given as transparency is filled in, so the result is opaque (as `cleanplate remove`).
-        return imaging.encode_image(inferred.pixels, loaded.image, fmt=item.fmt,
-                                    alpha=None if item.mask is None else "keep")
+        return encode_item(item, loaded, inferred)
+
+
+def load_item(item: BatchItem, mask_channel: MaskChannel) -> _Loaded:
+    """Decode an item's image and its (H,W) bool mask (an in-process engine's input; the Ray runner's
+    decode stage).
+
+    Raises:
+        InputError: as :func:`cleanplate.imaging.decode_image` ("unreadable_image", ...), "no_alpha".
+    """
+    image = imaging.decode_image(_readable(item.image))
+    return _Loaded(image, _mask_array(item, image, mask_channel))
+
+
+def encode_item(item: BatchItem, loaded: _Loaded, inferred: Inferred) -> bytes:
+    """The output file's bytes: the engine's pixels in the item's format, with the input's metadata
+    (:func:`cleanplate.imaging.encode_image`)."""
+    assert inferred.pixels is not None
+    # A mask given as transparency is filled in, so the result is opaque (as `cleanplate remove`).
+    return imaging.encode_image(inferred.pixels, loaded.image, fmt=item.fmt,
+                                alpha=None if item.mask is None else "keep")
 
 
 
