@@ -14,8 +14,9 @@ fill compares with the ring of context around it (gradient energy, spread and co
 hole, the seam, the hole's area, how much changed from the source), and a small MLP (:class:`StatsHead`) maps
 those statistics plus the conv head's logit to the final logit. Why: judged on held-out photos, the conv
 head alone did not rank the bundle's own fills (Spearman with in-mask PSNR -0.11), while the texture around
-the hole predicts how well a fill worked (benchmarks/results/gate_features_probe.md). All of it is in the
-graph, so ONNX export, Triton and ONNX Runtime score with it unchanged.
+the hole predicts how well a fill worked (benchmarks/results/gate_features_probe.md). A result whose hole did
+not change (nothing removed) fails outright (:data:`UNCHANGED_CHANGE`). All of it is in the graph, so ONNX
+export, Triton and ONNX Runtime score with it unchanged.
 
 Bundle layout: ``discriminator/config.json`` (the UNet config, head width, VAE factor) and
 ``discriminator/model.safetensors`` (the encoder with its LoRA merged, the head, and the empty-prompt
@@ -106,6 +107,11 @@ STAT_NAMES = ("ring_texture", "fill_texture", "texture_gap", "abs_texture_gap", 
               "change_x_ring_texture", "source_fill_texture", "colour_gap", "fill_spread", "ring_spread",
               "spread_gap", "seam", "seam_gap", "source_gap")
 RING_CELLS = 2  # the context ring's width in latent cells (8 px at the default bundle's factor 4)
+# With a statistics head, a hole whose latents changed less than this (gate_statistics' ``change``, log(1 + mean
+# L1 distance)) scores sigmoid(UNCHANGED_LOGIT) ~ 0: an untouched source is exactly 0, every GT and removal on
+# the calibration photos at least 0.28.
+UNCHANGED_CHANGE = 0.05
+UNCHANGED_LOGIT = -30.0
 _SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 
 
@@ -220,7 +226,12 @@ class Discriminator(nn.Module):
         logit = self.conv_logit(result_latent, mask_latent, source_latent)
         if self.stats_head is None:
             return logit
-        return self.stats_head(self.stats_inputs(result_latent, mask_latent, source_latent, logit)).float()
+        inputs = self.stats_inputs(result_latent, mask_latent, source_latent, logit)
+        # Nothing removed fails, whatever the head makes of the rest: an MLP need not be monotone in the
+        # change, and on held-out photos it passed two untouched overlays.
+        unchanged = inputs[:, STAT_NAMES.index("change")] < UNCHANGED_CHANGE
+        scored = self.stats_head(inputs)
+        return torch.where(unchanged, torch.full_like(scored, UNCHANGED_LOGIT), scored).float()
 
     def stats_inputs(self, result_latent: torch.Tensor, mask_latent: torch.Tensor, source_latent: torch.Tensor,
                      conv_logit: torch.Tensor) -> torch.Tensor:

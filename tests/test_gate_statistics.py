@@ -12,7 +12,7 @@ from conftest import make_tiny_bundle, make_tiny_gated_bundle
 from test_discriminator import _labelled_set
 
 from cleanplate.bundle import attach_discriminator, load_bundle
-from cleanplate.discriminator import STAT_NAMES, Discriminator, StatsHead, gate_statistics
+from cleanplate.discriminator import STAT_NAMES, UNCHANGED_LOGIT, Discriminator, StatsHead, gate_statistics
 from cleanplate.errors import BundleError
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.training.discriminator import DiscriminatorConfig, train_discriminator
@@ -53,6 +53,9 @@ def test_statistics_head_round_trip_and_refuses_other_statistics(tmp_path: Path)
         expected = disc.eval()(z, m, z.flip(0))
         torch.testing.assert_close(loaded(z, m, z.flip(0)), expected)
         assert not torch.allclose(expected, disc.conv_logit(z, m, z.flip(0)))  # the head is in the score
+        assert (expected > UNCHANGED_LOGIT).all()
+        # nothing removed (result = source) fails, whatever the head says
+        assert (torch.sigmoid(loaded(z, m, z)) < 1e-9).all()
     config_path = path / "discriminator" / "config.json"
     config = json.loads(config_path.read_text())
     assert config["stats_head"] == {"hidden": 4, "statistics": [*STAT_NAMES, "conv_logit"]}

@@ -22,6 +22,11 @@ untouched overlay is the worse error: a failed GT goes to review, a passed sourc
 lowest score whose precision reaches ``target_precision``, else the F1-best. Precision, recall, F1 and
 accuracy at the threshold are reported in every case; the threshold and the report are stored with the
 discriminator in the bundle.
+
+Statistics head (:class:`cleanplate.discriminator.StatsHead`, ``stats_hidden``): after the conv training (or
+instead of it: ``init_discriminator`` + ``max_steps: 0`` keeps a trained discriminator as it is), a small MLP
+over :func:`cleanplate.discriminator.gate_statistics` and the conv logit is fitted full-batch with L-BFGS
+(:func:`fit_stats_head`) on the training candidates; the threshold is then calibrated with it in the score.
 """
 
 from __future__ import annotations
@@ -320,28 +325,34 @@ def _train_conv(accelerator: Any, cfg: DiscriminatorConfig, pipe: RemovalPipelin
     return accelerator.unwrap_model(run.model), run.losses, run.step, run.final_loss
 
 
-def fit_stats_head(disc: Discriminator, latents: dict[str, torch.Tensor], hidden: int, *, l2: float = 1e-3,
-                   max_iter: int = 500, seed: int = 0, device: Any = "cpu", batch_size: int = 64) -> dict[str, Any]:
-    """Fit ``disc``'s statistics head on labelled candidates and attach it (``disc.stats_head``, frozen).
+@torch.no_grad()
+def stats_inputs_of(disc: Discriminator, latents: dict[str, torch.Tensor], device: Any = "cpu",
+                    batch_size: int = 64) -> torch.Tensor:
+    """(N, len(STAT_NAMES) + 1) float32 on the CPU: :meth:`Discriminator.stats_inputs` of every candidate in
+    :func:`encode_candidates`' tensors, in order (what the statistics head is fitted on)."""
+    inputs = []
+    for start in range(0, len(latents["score"]), batch_size):
+        z = {k: latents[k][start:start + batch_size].to(device).float() for k in ("result", "mask", "source")}
+        logit = disc.conv_logit(z["result"], z["mask"], z["source"])
+        inputs.append(disc.stats_inputs(z["result"], z["mask"], z["source"], logit).float().cpu())
+    return torch.cat(inputs)
+
+
+def fit_stats_head(inputs: torch.Tensor, labels: torch.Tensor, hidden: int, *, l2: float = 1e-3,
+                   max_iter: int = 500, seed: int = 0) -> tuple[StatsHead, dict[str, Any]]:
+    """Fit a statistics head on labelled candidates.
 
     Args:
-        disc: a discriminator in eval mode; its encoder and conv head stay as they are.
-        latents: :func:`encode_candidates`' tensors (``result``, ``source``, ``mask``, ``score`` labels in {0,1}).
+        inputs: (N, K) float32 (:func:`stats_inputs_of`); labels: (N,) {0,1}, 1 = good.
         hidden: the head's hidden width, 0 for logistic regression.
         l2: penalty on the weights (not the biases); max_iter: L-BFGS iterations (full batch).
     Returns:
-        {"n", "positives", "train_roc_auc", "final_loss", "hidden", "l2"}.
+        The head (eval mode, frozen, CPU) and {"n", "positives", "train_roc_auc", "final_loss", "hidden", "l2"}.
     Raises:
         InputError: the candidates carry only one label.
     Loss: binary cross-entropy with the positive class weighted n_neg / n_pos, as the conv head's training.
     """
-    inputs = []
-    with torch.no_grad():
-        for start in range(0, len(latents["score"]), batch_size):
-            z = {k: latents[k][start:start + batch_size].to(device).float() for k in ("result", "mask", "source")}
-            logit = disc.conv_logit(z["result"], z["mask"], z["source"])
-            inputs.append(disc.stats_inputs(z["result"], z["mask"], z["source"], logit).float().cpu())
-    x, y = torch.cat(inputs), latents["score"].float()
+    x, y = inputs.float(), labels.float()
     n_pos = int((y > 0.5).sum())
     if n_pos in (0, len(y)):
         raise InputError(f"the statistics head needs both labels; got {n_pos} of {len(y)} positive",
@@ -362,11 +373,11 @@ def fit_stats_head(disc: Discriminator, latents: dict[str, torch.Tensor], hidden
         return loss
 
     final_loss = float(optimizer.step(closure).detach())
+    head.eval().requires_grad_(False)
     with torch.no_grad():
         train_auc = roc_auc(head(x).numpy(), y.numpy())
-    disc.stats_head = head.to(device).eval().requires_grad_(False)
-    return {"n": len(y), "positives": n_pos, "train_roc_auc": train_auc, "final_loss": final_loss, "hidden": hidden,
-            "l2": l2}
+    return head, {"n": len(y), "positives": n_pos, "train_roc_auc": train_auc, "final_loss": final_loss,
+                  "hidden": hidden, "l2": l2}
 
 
 def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
@@ -422,8 +433,9 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             if train_latents is None:
                 train_latents = encode_candidates(pipe, DiscriminatorDataset(items, resolution, cfg.dilate_range,
                                                                              flip=False), dtype=torch.float32)
-            stats_fit = fit_stats_head(final, train_latents, cfg.stats_hidden, l2=cfg.stats_l2, seed=cfg.seed,
-                                       device=pipe.device)
+            head, stats_fit = fit_stats_head(stats_inputs_of(final, train_latents, pipe.device),
+                                             train_latents["score"], cfg.stats_hidden, l2=cfg.stats_l2, seed=cfg.seed)
+            final.stats_head = head.to(pipe.device)
         if cfg.val_meta:
             d = bundle.config.dilate_px
             val = DiscriminatorDataset(read_meta(cfg.val_meta), resolution, (d, d), flip=False)
