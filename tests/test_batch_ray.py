@@ -2,17 +2,20 @@
 127.0.0.1, no dashboard) over real photos with the tiny gated bundle: the same outputs pixel for pixel and
 byte for byte, the same report fields and review queue as the local runner; a rerun skips done items; a bad
 manifest stops the command before any work (exit 2); a model actor killed mid-run is restarted by Ray and
-every item is done exactly once.
+every item is done exactly once; a driver killed with SIGKILL leaves only whole outputs and the rerun does
+each remaining item once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_batch
 import test_batch_s3
 from test_storage import _photo_set, _upload
 
@@ -167,8 +170,8 @@ def test_ray_bad_manifest_exits_2_before_work(cli, cluster, catalog, tmp_path, c
     assert "Traceback" not in r.err and not (tmp_path / "out").exists()
 
 
-def _model_actor_pids() -> list[int]:
-    """PIDs of this cluster's model actors (process title ``ray::MapWorker(MapBatches(ModelStage))``)."""
+def _pids(*needles: bytes) -> list[int]:
+    """PIDs whose command line holds one of ``needles``."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -176,15 +179,22 @@ def _model_actor_pids() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"MapBatches(ModelStage)" in cmdline:
+            if any(n in cmdline for n in needles):
                 pids.append(int(entry.name))
     return pids
+
+
+def _model_actor_pids() -> list[int]:
+    """PIDs of the model actors (process title ``ray::MapWorker(MapBatches(ModelStage))``)."""
+    return _pids(b"MapBatches(ModelStage)")
+
+
+RAY_PROCESSES = (b"ray::", b"gcs_server", b"raylet", b"ray/dashboard", b"ray/_private")
 
 
 def test_ray_model_worker_killed_mid_run_every_item_done_once(cluster, gated_bundle, photos, tmp_path):
     """SIGKILL the model actor after a few items: Ray restarts it and retries its batch; after a rerun every
     item has exactly one report line (ok) and its output, and nothing is left half-written."""
-    import signal
     import threading
     import time
 
@@ -249,3 +259,54 @@ def test_ray_flag_takes_an_optional_address():
     assert _ray_flag([*base, "--ray", "10.0.0.5:6379"]) == [*base, "--ray", "10.0.0.5:6379"]
     assert _ray_flag([*base, "--ray", "ray://head:10001"]) == [*base, "--ray", "ray://head:10001"]
     assert _ray_flag(["cleanplate", "batch", "run", "--ray", "photos", "-o", "o"])[3:6] == ["--ray", "local", "photos"]
+
+
+kill_catalog = test_batch.kill_catalog  # 40 real-photo crops with masks
+
+
+def _orphans(pids: set[int]) -> set[int]:
+    """Those of ``pids`` whose parent is gone (re-parented to init): a dead cluster's leftovers."""
+    out = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == "1":
+                out.add(pid)
+        except (OSError, IndexError):
+            pass
+    return out
+
+
+def test_ray_driver_sigkilled_then_rerun_does_each_item_once(cluster, gated_bundle, kill_catalog, tmp_path):
+    """SIGKILL the driver of `batch run --ray` (its own local cluster dies with it) midway: what is on disk is
+    whole, and the rerun finishes the rest with each item done exactly once."""
+    import time
+
+    images, masks = kill_catalog
+    out = tmp_path / "out"
+    args = ["batch", "run", images, "--masks", masks, "-o", out, "--bundle", gated_bundle, "--ray", "--batch-size", 2]
+    before = set(_pids(*RAY_PROCESSES))
+    try:
+        proc = test_batch._start(args, tmp_path)
+        test_batch._wait_lines(proc, out / "report.jsonl", 4, timeout_s=240)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+        first = test_batch.lines_by_key(out / "report.jsonl")
+        assert 4 <= len(first) < test_batch.N_KILL, "the kill did not land midway"
+        for p in out.glob("*.png"):  # whatever is on disk is a whole image, never a truncated one
+            assert decode_image(p).size == (test_batch.W, test_batch.H)
+        proc = test_batch._start(args, tmp_path)
+        assert proc.wait(400) == 0, test_batch._stderr(proc)
+        assert f"{len(first)} done before" in test_batch._stderr(proc)
+        by_key = test_batch._check_complete(images, out)
+        for key, recs in first.items():  # items finished before the kill were not touched again
+            assert by_key[key] == recs
+    finally:
+        # The killed driver's node agents (DashboardAgent, RuntimeEnvAgent) outlive it for a while: end them.
+        deadline = time.monotonic() + 30
+        while (left := _orphans(set(_pids(*RAY_PROCESSES)) - before)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
