@@ -37,8 +37,13 @@ cleanplate bundle tune runs/default/sft --meta runs/data/dev_cal/meta.json --lim
 cleanplate data disc-labels --meta runs/data/train/meta.json --out runs/data/disc_train --bundle runs/default/sft --removals-per-item 2 --per-item 2 --seed 0 --limit 400
 cleanplate data disc-labels --meta runs/data/dev_cal/meta.json --out runs/data/disc_cal --bundle runs/default/sft --removals-per-item 4 --per-item 4 --no-balance --seed 2000
 cleanplate train discriminator --config training/configs/default_discriminator.json  # sft bundle + discriminator/
+# Its statistics head (no-reference texture/colour/seam statistics of fill vs ring + the conv logit, a 32-wide
+# MLP), fitted on the tuned bundle's own removals of 120 training items, then recalibrated on the held-out
+# calibration photos with the head in the score. Width and L2 were picked on the calibration split.
+cleanplate data disc-labels --meta runs/data/train/meta.json --out runs/data/disc_train_ns --bundle runs/default/disc --removals-per-item 4 --per-item 2 --no-balance --seed 3000 --limit 120
+cleanplate train discriminator --config training/configs/default_gate_stats.json  # runs/default/disc + head -> runs/default/gate
 rm -rf cleanplate/default_bundle
-cp -r runs/default/disc cleanplate/default_bundle
+cp -r runs/default/gate cleanplate/default_bundle
 # The overlay detector (auto-mask): its own synthetic data (training photos and procedural scenes, overlays per
 # kind, in-scene marks and clean negatives), calibrated on held-out dev photos (other seeds than bench detect's).
 cleanplate train detector --config training/configs/default_detector.json
