@@ -20,15 +20,17 @@ from test_storage import _photo_set, _upload
 from cleanplate import storage
 from cleanplate.batch import read_report
 
-BUCKET = "catalog"
 ARGS = ["--dilate-px", 2, "--threshold", 0.5, "--max-attempts", 1, "--progress", "off"]
 
 
 @pytest.fixture(scope="module")
 def s3():
-    """An S3 endpoint on 127.0.0.1 with an empty bucket; yields ``s3://catalog``."""
+    """An S3 endpoint on 127.0.0.1 with an empty bucket; yields ``s3://catalog-<random>``. moto keeps its
+    buckets in process-wide state, so each use gets its own bucket and the state is reset at the end."""
     pytest.importorskip("s3fs")
     import logging
+    import urllib.request
+    import uuid
 
     from moto.server import ThreadedMotoServer
 
@@ -43,10 +45,13 @@ def s3():
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"catalog-{uuid.uuid4().hex[:8]}"
     try:
-        s3fs.S3FileSystem().mkdir(BUCKET)
-        yield f"s3://{BUCKET}"
+        s3fs.S3FileSystem().mkdir(bucket)
+        yield f"s3://{bucket}"
     finally:
+        urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"),
+                               timeout=10).close()
         s3fs.S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:

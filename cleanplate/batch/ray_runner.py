@@ -97,6 +97,7 @@ def _lap(row: dict[str, Any], stage: str, since: float) -> float:
 def decode_stage(row: dict[str, Any], *, mask_channel: MaskChannel, cwd: str) -> dict[str, Any]:
     """Read and decode one item (a Ray task). Errors become the row's ``error``."""
     t = time.perf_counter()
+    row["t0"] = time.time()  # the item's start, as the local runner's: its total excludes waiting to start
     try:
         item = _row_item(row, cwd)
         if item.problem is not None:
