@@ -141,6 +141,14 @@ def last_records(records: Iterable[ReportRecord]) -> dict[str, ReportRecord]:
     return {r.key: r for r in records}
 
 
+def encode_line(record: ReportRecord | dict[str, Any]) -> bytes:
+    """One report line: compact JSON of the record and a newline (a dict is read through :class:`ReportRecord`
+    first, so missing fields get defaults). Raises pydantic.ValidationError for a dict that is no record."""
+    if not isinstance(record, ReportRecord):
+        record = ReportRecord.model_validate(record)
+    return json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
 class ReportWriter:
     """Appends one JSON line per call, flushed and fsynced before :meth:`append` returns; thread-safe.
 
@@ -162,9 +170,7 @@ class ReportWriter:
 
     def append(self, record: ReportRecord | dict[str, Any]) -> None:
         """Write one line; a dict is read through :class:`ReportRecord` first (missing fields get defaults)."""
-        if not isinstance(record, ReportRecord):
-            record = ReportRecord.model_validate(record)
-        line = json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        line = encode_line(record)
         with self._lock:
             self._f.write(line)
             self._f.flush()
@@ -197,9 +203,7 @@ class ObjectReportWriter:
 
     def append(self, record: ReportRecord | dict[str, Any]) -> None:
         """Buffer one line (a dict is read through :class:`ReportRecord`); write a fragment when due."""
-        if not isinstance(record, ReportRecord):
-            record = ReportRecord.model_validate(record)
-        line = json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        line = encode_line(record)
         with self._lock:
             self._buf.append(line)
             if len(self._buf) >= self.flush_lines or time.monotonic() - self._last >= self.flush_every_s:
