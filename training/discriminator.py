@@ -86,7 +86,8 @@ class DiscriminatorConfig(TrainConfig):
     batch_size: int = 16
     max_steps: int = Field(1000, ge=0, description="conv training steps; 0 (with init_discriminator) keeps its "
                                                   "encoder and conv head and only fits the statistics head")
-    init_discriminator: Path | None = Field(None, description="a bundle whose discriminator/ to start from instead "
+    init_discriminator: Path | None = Field(None, description="a bundle whose discriminator/ (encoder and conv head; "
+                                                              "a statistics head is dropped) to start from instead "
                                                               "of the remover UNet")
     stats_hidden: int | None = Field(None, ge=0, description="fit a statistics head (cleanplate.discriminator."
                                                             "StatsHead) with this hidden width (0 = logistic "
