@@ -210,13 +210,6 @@ def make_detector_item(seed: int, index: int, cfg: DetectorSynthConfig = Detecto
     return src32.astype(np.uint8), mask, gt, kind_map, info
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    """Atomic PNG at zlib level 1: four files per item, and level 6 made saving cost more than drawing."""
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
-
-
 def synth_detector_dataset(out_dir: str | os.PathLike, n: int, *, seed: int = 0,
                            cfg: DetectorSynthConfig = DetectorSynthConfig(), progress: bool = True) -> Path:
     """Write ``n`` detector items and ``meta.json`` under ``out_dir``; return the meta.json path.
@@ -254,9 +247,7 @@ def synth_detector_dataset(out_dir: str | os.PathLike, n: int, *, seed: int = 0,
             src, mask, gt, kind_map, info = make_detector_item(seed, i, cfg)
             for key, arr in (("source", src), ("mask", mask.astype(np.uint8) * 255), ("GT", gt),
                              ("kind_map", kind_map)):
-                _save_png(arr, out / rel[key])
+                # zlib level 1: four files per item, and level 6 made saving cost more than drawing
+                synth.save_png(arr, out / rel[key], compress_level=1)
         entries.append({**rel, **info})
-    tmp = meta_path.with_name("meta.json.tmp")
-    tmp.write_text(json.dumps(entries, indent=1) + "\n")
-    os.replace(tmp, meta_path)
-    return meta_path
+    return synth.write_meta(meta_path, entries)

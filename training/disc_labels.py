@@ -124,7 +124,7 @@ from cleanplate.locks import exclusive
 from cleanplate.metrics import psnr, ssim, telea
 
 from .common import Triplet, read_meta
-from .synth import font_paths, load_font
+from .synth import font_paths, load_font, save_png, write_meta
 
 log = logging.getLogger("cleanplate.training")
 
@@ -347,12 +347,6 @@ def _load(item: Triplet, index: int) -> tuple[Rgb, Mask, Rgb]:
         raise InputError(f"item {index} ({item.source}): source {src.shape[:2]}, GT {gt.shape[:2]} and mask "
                          f"{mask.shape} sizes differ", code=ErrorCode.SIZE_MISMATCH)
     return src, mask, gt
-
-
-def _save_png(arr: Rgb, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def summarize_labels(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -581,7 +575,7 @@ def make_disc_labels(meta: Sequence[str | Path], out_dir: str | Path, *, per_ite
             for cand, kind, score, extra in cands:
                 name = f"result/{number:06d}.png"
                 number += 1
-                _save_png(cand, out / name)
+                save_png(cand, out / name)
                 item_entries.append({**rel, "GT": name, "score": score, "label_kind": kind, "item": i, **extra})
             _append_line(journal, {"item": i, "entries": item_entries, **({"skipped": reason} if reason else {})})
             entries.extend(item_entries)
@@ -592,7 +586,4 @@ def make_disc_labels(meta: Sequence[str | Path], out_dir: str | Path, *, per_ite
     if not entries:
         raise InputError("no input item has a usable (non-empty) mask", code=ErrorCode.BAD_OPTION)
     meta_path = out / "meta.json"
-    tmp = meta_path.with_name("meta.json.tmp")
-    tmp.write_text(json.dumps(entries, indent=1) + "\n")
-    os.replace(tmp, meta_path)
-    return meta_path
+    return write_meta(meta_path, entries)

@@ -20,6 +20,7 @@ other fonts, or other Pillow / FreeType / OpenCV builds, produces other pixels.
 from __future__ import annotations
 
 import colorsys
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from cleanplate import imaging
 from cleanplate.errors import ErrorCode, InputError
 
 TRAIN_PHOTOS: tuple[str, ...] = (
@@ -504,10 +506,18 @@ def make_triplet(seed: int, index: int, cfg: SynthConfig = SynthConfig()
     return src, mask, gt, {"kind": kind, "background": btype}
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+def save_png(arr: np.ndarray, path: Path, compress_level: int = 6) -> None:
+    """Write (H,W) or (H,W,3) uint8 ``arr`` as a PNG, atomically (:func:`cleanplate.imaging.write_atomic`); the
+    data-set generators' one image writer. ``compress_level``: zlib level 0-9 (PIL's; 6 is its default)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    imaging.write_atomic(path, buf.getvalue())
+
+
+def write_meta(meta_path: Path, entries: list[dict]) -> Path:
+    """Write a data set's ``meta.json`` (a JSON list, one entry per item) atomically; return its path."""
+    imaging.write_atomic(meta_path, (json.dumps(entries, indent=1) + "\n").encode())
+    return meta_path
 
 
 def synth_dataset(out_dir: str | os.PathLike, n: int, *, seed: int = 0, cfg: SynthConfig = SynthConfig(),
@@ -544,11 +554,8 @@ def synth_dataset(out_dir: str | os.PathLike, n: int, *, seed: int = 0, cfg: Syn
         else:
             src, mask, gt, info = make_triplet(seed, i, cfg)
             if not done:
-                _save_png(src, out / rel["source"])
-                _save_png(mask.astype(np.uint8) * 255, out / rel["mask"])
-                _save_png(gt, out / rel["GT"])
+                save_png(src, out / rel["source"])
+                save_png(mask.astype(np.uint8) * 255, out / rel["mask"])
+                save_png(gt, out / rel["GT"])
         entries.append({**rel, **info})
-    tmp = meta_path.with_name("meta.json.tmp")
-    tmp.write_text(json.dumps(entries, indent=1) + "\n")
-    os.replace(tmp, meta_path)
-    return meta_path
+    return write_meta(meta_path, entries)
