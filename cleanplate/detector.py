@@ -117,6 +117,16 @@ class DetectionResult:
     detections: list[Detection]
 
 
+def probabilities_of(logits: np.ndarray, working: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(overlay (h, w), kinds (K, h, w)) float32 probabilities from one image's (1+K, h', w') logits, cropped
+    to the working size (h, w): sigmoid of channel 0, softmax over the kind channels."""
+    h, w = working
+    z = np.asarray(logits, dtype=np.float32)[:, :h, :w]
+    overlay = 1.0 / (1.0 + np.exp(-z[0]))
+    k = np.exp(z[1:] - z[1:].max(axis=0, keepdims=True))
+    return overlay.astype(np.float32), (k / k.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
 def _check_image(image: np.ndarray) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
@@ -147,25 +157,34 @@ class Detector(nn.Module):
         k = self.config.working_size / max(height, width)
         return max(1, round(height * k)), max(1, round(width * k))
 
-    @torch.inference_mode()
-    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-pixel probabilities at the working size for an (H, W, 3) uint8 RGB photo.
-
-        Returns ``(overlay, kinds)``: overlay (h, w) float32 in [0, 1] and kinds (K, h, w) float32 (softmax
-        over the kinds), (h, w) = :meth:`working_shape`. Raises InputError for a non-(H, W, 3) uint8 input.
-        """
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """The network input for an (H, W, 3) uint8 RGB photo: (1, 3, h', w') float32 in [0, 1], the photo
+        resized to :meth:`working_shape` (h, w) and edge-padded to multiples of 32; also returns (h, w).
+        Every engine (torch, ONNX Runtime, Triton) feeds exactly this. Raises InputError for a bad image."""
         import cv2
 
         arr = _check_image(image)
         h, w = self.working_shape(*arr.shape[:2])
         interp = cv2.INTER_AREA if h < arr.shape[0] else cv2.INTER_LINEAR
         small = arr if (h, w) == arr.shape[:2] else cv2.resize(arr, (w, h), interpolation=interp)
-        ph, pw = -h % STRIDE, -w % STRIDE
-        padded = np.pad(small, ((0, ph), (0, pw), (0, 0)), mode="edge")
-        x = torch.from_numpy(padded).permute(2, 0, 1)[None].float().div_(255)
+        padded = np.pad(small, ((0, -h % STRIDE), (0, -w % STRIDE), (0, 0)), mode="edge")
+        return np.ascontiguousarray(padded.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0, (h, w)
+
+    @torch.inference_mode()
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The torch network on :meth:`preprocess`'s output: (B, 3, h', w') float32 -> (B, 1+K, h', w') float32
+        logits (the same function the exported ONNX model computes)."""
         param = next(self.parameters())
-        logits = self.net(x.to(param.device, param.dtype)).float()[0, :, :h, :w]
-        return torch.sigmoid(logits[0]).cpu().numpy(), torch.softmax(logits[1:], 0).cpu().numpy()
+        return self.net(torch.from_numpy(x).to(param.device, param.dtype)).float().cpu().numpy()
+
+    def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pixel probabilities at the working size for an (H, W, 3) uint8 RGB photo.
+
+        Returns ``(overlay, kinds)``: overlay (h, w) float32 in [0, 1] and kinds (K, h, w) float32 (softmax
+        over the kinds), (h, w) = :meth:`working_shape`. Raises InputError for a non-(H, W, 3) uint8 input.
+        """
+        x, (h, w) = self.preprocess(image)
+        return probabilities_of(self.logits(x)[0], (h, w))
 
     def detect(self, image: np.ndarray, *, threshold: float | None = None, min_area: int | None = None
                ) -> DetectionResult:
@@ -175,13 +194,21 @@ class Detector(nn.Module):
         calibrated values in the config. The mask is (H, W) uint8 in {0, 255}; boxes are in source px.
         Raises InputError for a non-(H, W, 3) uint8 input.
         """
+        arr = _check_image(image)
+        x, (h, w) = self.preprocess(arr)
+        return self.postprocess(self.logits(x)[0], (h, w), arr.shape[:2], threshold=threshold, min_area=min_area)
+
+    def postprocess(self, logits: np.ndarray, working: tuple[int, int], source: tuple[int, int], *,
+                    threshold: float | None = None, min_area: int | None = None) -> DetectionResult:
+        """:class:`DetectionResult` from one image's network output: ``logits`` (1+K, h', w') float32 as
+        :meth:`logits` (or the ONNX/Triton model) returns them, ``working`` the (h, w) of :meth:`preprocess`,
+        ``source`` the photo's (H, W). Threshold and min_area as in :meth:`detect`."""
         import cv2
 
-        arr = _check_image(image)
-        H, W = arr.shape[:2]
+        H, W = source
         t = self.config.threshold if threshold is None else float(threshold)
         amin = self.config.min_area if min_area is None else int(min_area)
-        overlay, kinds = self.probabilities(arr)
+        overlay, kinds = probabilities_of(logits, working)
         h, w = overlay.shape
         n, labels, stats, _ = cv2.connectedComponentsWithStats((overlay >= t).astype(np.uint8), connectivity=8)
         keep = np.zeros(n, bool)

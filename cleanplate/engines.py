@@ -23,13 +23,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
 from .errors import EngineUnavailable, ErrorCode, InputError, QueueFull
+
+if TYPE_CHECKING:
+    from .detector import DetectionResult
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -77,6 +80,11 @@ class Engine(Protocol):
     def queue_depth(self) -> int: ...
     async def inpaint(self, crop: np.ndarray, mask: np.ndarray, *, seed: int, steps: int) -> np.ndarray: ...
     async def score(self, source: np.ndarray, result: np.ndarray, mask: np.ndarray) -> float: ...
+    # The overlay detector (cleanplate.detector, issue 17): image (H,W,3) uint8 RGB -> DetectionResult (mask (H,W)
+    # uint8 {0,255} at the source size, detections). Every engine runs Detector.preprocess / .postprocess around
+    # its own network call, so all give the same mask. Raises InputError(code=NO_DETECTOR) without a detector.
+    has_detector: bool
+    async def detect(self, image: np.ndarray) -> DetectionResult: ...
 
 
 @dataclass

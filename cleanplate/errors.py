@@ -36,6 +36,7 @@ class ErrorCode(str, Enum):
     NO_ALPHA = "no_alpha"  # the mask is to come from an alpha channel the image lacks
     MISSING_MASK = "missing_mask"  # a folder listing found no mask for an image
     NO_DISCRIMINATOR = "no_discriminator"  # scoring or gating asked of a model without a discriminator
+    NO_DETECTOR = "no_detector"  # an automatic mask asked of a model without an overlay detector
     INVALID_FIELD = "invalid_field"  # a request form field fails validation (gateway)
     BUSY = "busy"  # another process holds the folder's lock
     MISSING_DEPENDENCY = "missing_dependency"  # an optional package the command needs is not installed
