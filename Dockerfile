@@ -26,7 +26,9 @@ COPY benchmarks ./benchmarks
 # Not editable: the image must not depend on /src. pip compiles the .pyc files here, so a read-only
 # root filesystem costs nothing at run time. The last command fails the build if the bundle is missing.
 # Extras: serve (the gateway) and export (the onnxruntime and triton engines); no trainers, plots or Helm.
-RUN /opt/cleanplate/bin/pip install --no-cache-dir ".[serve,export]" \
+# The image of the chart's RayJob (a Ray cluster's nodes) adds kuberay: --build-arg EXTRAS=serve,export,kuberay
+ARG EXTRAS=serve,export
+RUN /opt/cleanplate/bin/pip install --no-cache-dir ".[${EXTRAS}]" \
  && /opt/cleanplate/bin/cleanplate bundle info > /dev/null
 
 # ---- gateway: no compiler, no pip cache, no sources; a non-root user ---------------------------------

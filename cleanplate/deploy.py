@@ -3,7 +3,8 @@
 Helm itself does the rendering: the ``helm-python-sdk`` wheel binds Helm v4's Go SDK (no ``helm``
 binary needed), so what is rendered here is what ``helm install`` would send. Every rendered object is
 then checked against the Kubernetes OpenAPI schemas of ``kubernetes-validate`` (strict: unknown fields
-fail), ServiceMonitors against the subset of the prometheus-operator v1 CRD the chart uses, and the
+fail), ServiceMonitors and RayJobs against the subsets of the prometheus-operator v1 and KubeRay v1 CRDs
+the chart uses (a RayJob's pod templates against the Kubernetes PodTemplate schema), and the
 objects against each other (selectors that select, ports that exist, HPAs that target a Deployment).
 
 Both wheels are in the ``test`` extra; ``cleanplate deploy`` says so when they are missing.
@@ -94,6 +95,80 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+
+_RAY_START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
+# A pod template inside a RayJob: a mapping here; its content is checked as a Kubernetes PodTemplate
+# (kubernetes-validate, strict), see :func:`schema_errors`.
+_POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"metadata": {"type": "object"},
+                                                                         "spec": {"type": "object"}}}
+# The part of KubeRay's RayJob CRD (ray.io/v1, KubeRay >= 1.1) this chart may render, written from its API
+# reference; unknown fields fail, as the API server's pruning would drop them.
+RAY_JOB_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayJob"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["entrypoint", "rayClusterSpec"],
+            "properties": {
+                "entrypoint": {"type": "string", "minLength": 1},
+                "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+                "backoffLimit": {"type": "integer", "minimum": 0},
+                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                "shutdownAfterJobFinishes": {"type": "boolean"},
+                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+                "runtimeEnvYAML": {"type": "string"},
+                "suspend": {"type": "boolean"},
+                "rayClusterSpec": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["headGroupSpec"],
+                    "properties": {
+                        "rayVersion": {"type": "string"},
+                        "enableInTreeAutoscaling": {"type": "boolean"},
+                        "headGroupSpec": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["template"],
+                            "properties": {"rayStartParams": _RAY_START_PARAMS, "template": _POD_TEMPLATE,
+                                           "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}},
+                        },
+                        "workerGroupSpecs": {"type": "array", "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["groupName", "template"],
+                            "properties": {
+                                "groupName": {"type": "string", "minLength": 1},
+                                "replicas": {"type": "integer", "minimum": 0},
+                                "minReplicas": {"type": "integer", "minimum": 0},
+                                "maxReplicas": {"type": "integer", "minimum": 0},
+                                "rayStartParams": _RAY_START_PARAMS,
+                                "template": _POD_TEMPLATE,
+                            },
+                        }},
+                    },
+                },
+            },
+        },
+    },
+}
+# Hand-typed CRD schemas by (apiVersion, kind).
+CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA,
+               ("ray.io/v1", "RayJob"): RAY_JOB_SCHEMA}
+
+
+def ray_pod_templates(job: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """A RayJob's pod templates as (group, template): the head's ("head"), then each worker group's."""
+    cluster = job.get("spec", {}).get("rayClusterSpec", {})
+    groups = [("head", cluster.get("headGroupSpec", {}))]
+    groups += [(g.get("groupName", "?"), g) for g in cluster.get("workerGroupSpecs", [])]
+    return [(name, g["template"]) for name, g in groups if isinstance(g.get("template"), Mapping)]
 
 
 # -- values -------------------------------------------------------------------------------------------
@@ -231,8 +306,9 @@ def _ref(obj: Mapping[str, Any]) -> str:
 
 def schema_errors(objects: Iterable[Mapping[str, Any]], kube_version: str | None = None) -> list[str]:
     """Each object against the Kubernetes OpenAPI schema of ``kube_version`` (default: the newest that
-    kubernetes-validate ships), strict: unknown fields are errors. ServiceMonitors are checked against
-    :data:`SERVICE_MONITOR_SCHEMA`; any other kind without a schema is an error, not a skip."""
+    kubernetes-validate ships), strict: unknown fields are errors. ServiceMonitors and RayJobs are checked
+    against :data:`CRD_SCHEMAS`, a RayJob's pod templates as Kubernetes PodTemplates; any other kind without a
+    schema is an error, not a skip."""
     try:
         import jsonschema
         import kubernetes_validate
@@ -241,21 +317,30 @@ def schema_errors(objects: Iterable[Mapping[str, Any]], kube_version: str | None
         raise InputError("validation needs kubernetes-validate: pip install \"cleanplate[deploy]\"",
                          code=ErrorCode.MISSING_DEPENDENCY) from exc
     version = kube_version or latest_version()
-    monitor = jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA)
-    errors = []
-    for obj in objects:
-        if obj.get("apiVersion") == "monitoring.coreos.com/v1" and obj.get("kind") == "ServiceMonitor":
-            errors += [f"{_ref(obj)}: {'/'.join(map(str, e.absolute_path))}: {e.message}"
-                       for e in monitor.iter_errors(obj)]
-            continue
+    crds = {key: jsonschema.Draft202012Validator(schema) for key, schema in CRD_SCHEMAS.items()}
+
+    def kube(obj: Mapping[str, Any], where: str) -> list[str]:
         try:
             kubernetes_validate.validate(dict(obj), version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{_ref(obj)}: {'/'.join(map(str, exc.absolute_path))}: {exc.message}")
+            return [f"{where}: {'/'.join(map(str, exc.absolute_path))}: {exc.message}"]
         except kubernetes_validate.SchemaNotFoundError as exc:
-            errors.append(f"{_ref(obj)}: {exc.message}")
+            return [f"{where}: {exc.message}"]
         except kubernetes_validate.VersionNotSupportedError as exc:
             raise InputError(exc.message, code=ErrorCode.BAD_OPTION) from exc
+        return []
+
+    errors = []
+    for obj in objects:
+        crd = crds.get((obj.get("apiVersion"), obj.get("kind")))
+        if crd is None:
+            errors += kube(obj, _ref(obj))
+            continue
+        errors += [f"{_ref(obj)}: {'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd.iter_errors(obj)]
+        if obj.get("kind") == "RayJob":
+            for group, template in ray_pod_templates(obj):
+                pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}
+                errors += kube(pod, f"{_ref(obj)}: {group} pod template")
     return errors
 
 
@@ -348,6 +433,8 @@ def reference_errors(objects: list[Mapping[str, Any]]) -> list[str]:
         low, high = hpa["spec"].get("minReplicas", 1), hpa["spec"]["maxReplicas"]
         if isinstance(low, int) and isinstance(high, int) and low > high:
             errors.append(f"{_ref(hpa)}: minReplicas > maxReplicas")
+    for job in by_kind.get("RayJob", []):
+        errors += _ray_job_errors(job)
     for monitor in by_kind.get("ServiceMonitor", []):
         services = [s for s in by_kind.get("Service", [])
                     if _selects(monitor["spec"]["selector"], s["metadata"].get("labels", {}))]
@@ -358,6 +445,40 @@ def reference_errors(objects: list[Mapping[str, Any]]) -> list[str]:
             if services and not all(ep.get("port") in ports for ports in named):
                 errors.append(f"{_ref(monitor)}: port {ep.get('port')!r} is not a port of the selected "
                               "Services")
+    return errors
+
+
+def _ray_job_errors(job: Mapping[str, Any]) -> list[str]:
+    """What KubeRay or the job would trip on although each field is valid: a worker group whose replicas lie
+    outside min..max, an extended resource (a GPU) requested without the same limit, a ttl on a cluster that
+    is kept, and an entrypoint that asks for more GPU actors than the worker groups have GPUs (Ray Data would
+    wait for them forever)."""
+    spec, errors = job["spec"], []
+    if not spec.get("shutdownAfterJobFinishes", False) and spec.get("ttlSecondsAfterFinished", 0) > 0:
+        errors.append(f"{_ref(job)}: ttlSecondsAfterFinished without shutdownAfterJobFinishes (KubeRay refuses it)")
+    gpus = 0.0
+    for group in spec["rayClusterSpec"].get("workerGroupSpecs", []):
+        low, n, high = (group.get(k) for k in ("minReplicas", "replicas", "maxReplicas"))
+        if None not in (low, n, high) and not low <= n <= high:
+            errors.append(f"{_ref(job)}: worker group {group['groupName']}: replicas {n} outside {low}..{high}")
+        for c in group["template"]["spec"].get("containers", []):
+            limits = (c.get("resources") or {}).get("limits") or {}
+            gpus += (n or 0) * sum(float(v) for k, v in limits.items() if k.endswith("/gpu"))
+    for _, template in ray_pod_templates(job):
+        for c in template["spec"].get("containers", []):
+            res = c.get("resources") or {}
+            for name, amount in (res.get("requests") or {}).items():
+                if "/" in name and (res.get("limits") or {}).get(name) != amount:
+                    errors.append(f"{_ref(job)}: container {c['name']} requests {name} without the same limit")
+    words = spec["entrypoint"].split()
+    if "--ray" in words and "--num-gpus-per-worker" in words:
+        def value(flag: str, default: str) -> float:
+            return float(words[words.index(flag) + 1]) if flag in words else float(default)
+
+        wanted = value("--workers", "1") * value("--num-gpus-per-worker", "0")
+        if wanted > gpus:
+            errors.append(f"{_ref(job)}: the entrypoint's actors need {wanted:g} GPUs, the worker groups have "
+                          f"{gpus:g}")
     return errors
 
 

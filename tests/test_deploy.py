@@ -369,10 +369,137 @@ def test_notes_tell_how_to_call_the_service() -> None:
     ("default", {"gateway": {"memoryReserveMiB": 128}}, "/gateway/memoryReserveMiB"),
     ("default", {"gateway": {"config": {"memory_budget_mib": 900}}},
      "gateway.config.memory_budget_mib is set by"),
+    # The RayJob (issue 18).
+    ("default", {"rayJob": {"enabled": True, "output": "s3://catalog/cleaned"}}, "rayJob.source is required"),
+    ("gpu", {"rayJob": {"enabled": True, "source": "s3://catalog/photos"}}, "rayJob.output is required"),
+    ("default", {"rayJob": {"workers": {"gpus": 0}}}, "/rayJob/workers/gpus"),
+    ("default", {"rayJob": {"source": "s3://catalog/it's"}}, "/rayJob/source"),
+    ("default", {"rayJob": {"extraArgs": ["--format", "jpeg'; rm -rf /"]}}, "/rayJob/extraArgs/1"),
+    ("default", {"rayJob": {"shutdownAfterJobFinishes": "yes"}}, "/rayJob/shutdownAfterJobFinishes"),
+    ("default", {"rayJob": {"engine": {"dtype": "fp8"}}}, "/rayJob/engine/dtype"),
+    ("default", {"rayJob": {"workerz": {"replicas": 4}}}, "additional properties 'workerz' not allowed"),
+    ("default", {"rayJob": {"enabled": True, "source": "s3://c/p", "output": "s3://c/o",
+                            "objectStorage": {"accessKeyId": "AKIA0000"}}},
+     "give accessKeyId and secretAccessKey together"),
 ])
 def test_missing_or_wrong_value_fails(profile: str, values: dict, message: str) -> None:
     with pytest.raises(InputError, match=re.escape(message)):
         deploy.render(deploy.merge_values(deploy.load_values(profile), values))
+
+
+# -- the RayJob (issue 18) ---------------------------------------------------------------------------------
+
+RAY_JOB = {"enabled": True, "source": "s3://catalog/photos", "masks": "s3://catalog/masks",
+           "output": "s3://catalog/cleaned", "extraArgs": ["--format", "jpeg"],
+           "workers": {"replicas": 3, "gpus": 2}}
+
+
+def ray_containers(job: dict) -> dict[str, dict]:
+    """Group name -> the Ray container of its pod template."""
+    return {group: template["spec"]["containers"][0] for group, template in deploy.ray_pod_templates(job)}
+
+
+def batch_run_params(entrypoint: str) -> dict:
+    """The entrypoint parsed by the real `cleanplate batch run` command (options and types checked, not run)."""
+    import click
+    from typer.main import get_command
+
+    from cleanplate.cli import app
+
+    words = shlex.split(entrypoint)
+    assert words[:3] == ["cleanplate", "batch", "run"]
+    group = get_command(app)
+    root = click.Context(group, info_name="cleanplate")
+    batch = group.get_command(root, "batch")
+    run = batch.get_command(click.Context(batch, parent=root, info_name="batch"), "run")
+    return run.make_context("run", words[3:], parent=root).params
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_rayjob_is_off_by_default(profile: str) -> None:
+    objects = render(profile)
+    assert not [o for o in objects if o["kind"] == "RayJob" or o["metadata"]["labels"][
+        "app.kubernetes.io/component"] == "batch"]
+
+
+@pytest.mark.parametrize("kube_version", [deploy.MIN_KUBE_VERSION, None], ids=["kube-min", "kube-latest"])
+def test_rayjob_runs_the_catalog_on_gpu_workers_with_keys_from_a_secret(kube_version: str | None) -> None:
+    keys = {"accessKeyId": "AKIA0000", "secretAccessKey": "s3cr3t", "endpointUrl": "https://minio.shop:9000"}
+    objects = render("gpu", rayJob={**RAY_JOB, "objectStorage": keys})
+    assert deploy.validate(objects, kube_version) == []
+    job, secret = one(objects, "RayJob", "batch"), one(objects, "Secret", "batch")
+    spec = job["spec"]
+    assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"], spec["backoffLimit"]) == (True, 600, 2)
+    # The command `cleanplate batch run` accepts: the catalog, one actor per GPU (3 pods x 2), joining the cluster.
+    params = batch_run_params(spec["entrypoint"])
+    assert (params["source"], params["masks"], params["output"]) == tuple(RAY_JOB[k] for k in ("source", "masks",
+                                                                                               "output"))
+    assert (params["ray"], params["workers"], params["num_gpus_per_worker"], params["batch_size"]) == ("auto", 6, 1, 4)
+    assert (params["device"].value, params["fmt"].value, params["progress"].value) == ("cuda", "jpeg", "log")
+    # GPU workers, the chart's image on every node, the keys from the Secret the chart wrote.
+    (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
+    containers = ray_containers(job)
+    assert set(containers) == {"head", "gpu"}
+    assert containers["gpu"]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert "nvidia.com/gpu" not in json.dumps(containers["head"]["resources"])
+    assert {c["image"] for c in containers.values()} == {"cleanplate/batch:0.1.0"}
+    stored = secret["stringData"]
+    assert stored == {"AWS_ACCESS_KEY_ID": "AKIA0000", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+                      "AWS_ENDPOINT_URL": "https://minio.shop:9000"}
+    for c in containers.values():
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+        assert {r["name"] for r in refs.values()} == {secret["metadata"]["name"]}
+        assert all(r["key"] == name for name, r in refs.items())
+        assert {n for n, r in refs.items() if not r.get("optional")} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert set(refs) - set(stored) == {"AWS_REGION"}  # optional, not given
+
+
+def test_rayjob_with_an_existing_secret_or_none() -> None:
+    objects = render("default", rayJob={**RAY_JOB, "objectStorage": {"existingSecret": "catalog-s3"},
+                                        "shutdownAfterJobFinishes": False, "activeDeadlineSeconds": 86400})
+    assert deploy.validate(objects) == []
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    job = one(objects, "RayJob", "batch")
+    assert "ttlSecondsAfterFinished" not in job["spec"] and job["spec"]["activeDeadlineSeconds"] == 86400
+    for c in ray_containers(job).values():
+        assert {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"]} == {"catalog-s3"}
+    # No keys at all (node role, workload identity): no environment, a service account if given.
+    objects = render("default", rayJob={**RAY_JOB, "serviceAccountName": "catalog-reader"})
+    assert deploy.validate(objects) == []
+    job = one(objects, "RayJob", "batch")
+    assert all("env" not in c for c in ray_containers(job).values())
+    assert {t["spec"]["serviceAccountName"] for _, t in deploy.ray_pod_templates(job)} == {"catalog-reader"}
+
+
+def test_rayjob_validation_catches_typos_and_impossible_jobs() -> None:
+    """The hand-typed RayJob schema is not vacuous: a misspelt field of the job, of its cluster or of a pod
+    template fails, and so do a job whose actors want more GPUs than the workers have, a GPU request without
+    its limit, and a ttl on a cluster that is kept."""
+    def job_of() -> tuple[list[dict], dict]:
+        objects = render("default", rayJob=RAY_JOB)
+        return objects, one(objects, "RayJob", "batch")
+
+    for mutate, message in [
+        (lambda j: j["spec"].update(shutdownAfterJobFinish=True), "'shutdownAfterJobFinish' was unexpected"),
+        (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replica=2), "'replica' was unexpected"),
+        (lambda j: j["spec"].update(submissionMode="K8sJob"), "spec/submissionMode"),
+        (lambda j: ray_containers(j)["gpu"].update(imagePullPolcy="Always"), "gpu pod template"),
+        (lambda j: ray_containers(j)["head"].update(resources={"limits": "8Gi"}), "head pod template"),
+    ]:
+        objects, job = job_of()
+        mutate(job)
+        errors = deploy.schema_errors(objects)
+        assert any(message in e and "RayJob/shop-cleanplate-batch" in e for e in errors), (message, errors)
+    objects, job = job_of()
+    assert deploy.reference_errors(objects) == []
+    job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace("--workers 6", "--workers 7")
+    job["spec"].update(shutdownAfterJobFinishes=False)
+    ray_containers(job)["gpu"]["resources"]["limits"].pop("nvidia.com/gpu")
+    errors = deploy.reference_errors(objects)
+    assert any("actors need 7 GPUs, the worker groups have 0" in e for e in errors)
+    assert any("requests nvidia.com/gpu without the same limit" in e for e in errors)
+    assert any("ttlSecondsAfterFinished without shutdownAfterJobFinishes" in e for e in errors)
 
 
 # -- the command line --------------------------------------------------------------------------------------

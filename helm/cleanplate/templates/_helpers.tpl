@@ -143,3 +143,96 @@ app.kubernetes.io/part-of: cleanplate
       {{- include "cleanplate.selectorLabels" . | nindent 6 }}
 {{- end }}
 {{- end }}
+
+{{- define "cleanplate.rayjob.fullname" -}}
+{{- printf "%s-batch" (include "cleanplate.fullname" .) }}
+{{- end }}
+
+{{/* The Secret holding the object-store keys of the RayJob, or "" when none is given (node role, workload identity). */}}
+{{- define "cleanplate.rayjob.storageSecret" -}}
+{{- $s := .Values.rayJob.objectStorage }}
+{{- if $s.existingSecret }}
+{{- $s.existingSecret }}
+{{- else if or $s.accessKeyId $s.secretAccessKey $s.endpointUrl $s.region }}
+{{- printf "%s-object-storage" (include "cleanplate.rayjob.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* A Ray node container of the RayJob: (dict "root" $ "name" "ray-head" "resources" {...}). */}}
+{{- define "cleanplate.rayjob.container" -}}
+{{- $r := .root.Values.rayJob }}
+{{- $secret := include "cleanplate.rayjob.storageSecret" .root -}}
+- name: {{ .name }}
+  image: {{ include "cleanplate.image" (dict "image" $r.image "root" .root "component" "rayJob") | quote }}
+  imagePullPolicy: {{ $r.image.pullPolicy }}
+  {{- if .ports }}
+  ports:
+    - name: gcs-server
+      containerPort: 6379
+    - name: dashboard
+      containerPort: 8265
+    - name: client
+      containerPort: 10001
+  {{- end }}
+  {{- if $secret }}
+  # s3fs (botocore) reads the keys, the endpoint and the region from the environment.
+  env:
+    {{- range $env, $optional := dict "AWS_ACCESS_KEY_ID" false "AWS_SECRET_ACCESS_KEY" false "AWS_ENDPOINT_URL" true "AWS_REGION" true }}
+    - name: {{ $env }}
+      valueFrom:
+        secretKeyRef:
+          name: {{ $secret }}
+          key: {{ $env }}
+          {{- if $optional }}
+          optional: true
+          {{- end }}
+    {{- end }}
+  {{- end }}
+  resources:
+    {{- toYaml .resources | nindent 4 }}
+  securityContext:
+    allowPrivilegeEscalation: false
+    capabilities:
+      drop: ["ALL"]
+  volumeMounts:
+    - name: dshm
+      mountPath: /dev/shm
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+
+{{/* The Ray node pod spec around one container: (dict "root" $ "container" "..." "nodeSelector" {...} "tolerations" [...]). */}}
+{{- define "cleanplate.rayjob.podSpec" -}}
+{{- $r := .root.Values.rayJob -}}
+{{- with $r.serviceAccountName }}
+serviceAccountName: {{ . }}
+{{- end }}
+{{- with $r.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  fsGroup: 10001
+  seccompProfile:
+    type: RuntimeDefault
+containers:
+  {{- .container | nindent 2 }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  - name: dshm
+    emptyDir:
+      medium: Memory
+      sizeLimit: {{ $r.shmSizeLimit }}
+  - name: tmp
+    emptyDir: {}
+{{- end }}
