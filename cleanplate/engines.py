@@ -7,7 +7,8 @@ at its ``resolution``. :data:`ENGINES` names every engine; :func:`make_engine` b
 
 * ``torch``: the bundle in-process; requests that arrive within ``batch_window_ms`` of each other run as
   one batch of up to ``max_batch`` (:class:`MicroBatcher`), on one model thread.
-* ``opencv``: Telea inpainting (Telea 2004, ``cv2.inpaint``), no model and no discriminator; a baseline.
+* ``opencv``: Telea inpainting (Telea 2004, ``cv2.inpaint``), no model and no discriminator; a baseline. Its
+  automatic masks come from the bundle's (default: the shipped bundle's) overlay detector.
 * ``onnxruntime``: the ``cleanplate export onnx`` graphs in-process through ONNX Runtime
   (:class:`cleanplate.onnxruntime_engine.OnnxRuntimeEngine`), the same numpy removal as Triton's BLS model.
 * ``triton``: a Triton Inference Server with the ``cleanplate export triton`` repository
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -289,7 +291,8 @@ class BatchedEngine:
 
 class TorchEngine(BatchedEngine):
     """The bundle in-process (:class:`cleanplate.pipeline.RemovalPipeline`) with micro-batching; one model
-    thread runs every batch (torch already uses all cores inside an op)."""
+    thread runs every batch (torch already uses all cores inside an op), and the bundle's overlay detector
+    (:meth:`detect`, float32 on the engine's device) when it has one."""
 
     name = "torch"
 
@@ -302,6 +305,8 @@ class TorchEngine(BatchedEngine):
         config = read_config(bundle or default_bundle_path())  # fail fast on a bad path, before any load
         self.resolution, self.default_dilate_px, self.default_steps = config.resolution, config.dilate_px, config.steps
         self.paste_prefill = config.paste_prefill
+        self.has_detector = config.detector
+        self.detector: Any = None  # cleanplate.detector.Detector, loaded with the model when the bundle has one
         super().__init__(max_batch=max_batch, window_ms=window_ms, max_queue=max_queue, on_batch=on_batch)
 
     @property
@@ -312,12 +317,26 @@ class TorchEngine(BatchedEngine):
     def _load(self) -> tuple[Any, float | None]:
         import torch
 
+        from .bundle import load_bundle
         from .pipeline import RemovalPipeline
 
         if self._threads:
             torch.set_num_threads(self._threads)
-        pipe = RemovalPipeline.from_bundle(self._bundle, device=self._device, dtype=self._dtype)
+        bundle = load_bundle(self._bundle)
+        pipe = RemovalPipeline.from_bundle(bundle, device=self._device, dtype=self._dtype)
+        # float32 whatever the engine's dtype: the mask must not depend on it (threshold 0.95 sits on a slope)
+        self.detector = None if bundle.detector is None else bundle.detector.to(pipe.device)
         return pipe, pipe.threshold
+
+    async def detect(self, image: np.ndarray) -> DetectionResult:
+        """The bundle's overlay detector on an (H, W, 3) uint8 RGB photo, on the model thread (between batches,
+        so it never runs beside a removal). Raises InputError "no_detector" without one, "bad_input" for a
+        bad array; EngineUnavailable while loading."""
+        if not self.has_detector:
+            raise InputError(f"the {self.name} engine's bundle has no overlay detector", code=ErrorCode.NO_DETECTOR)
+        if self.model is None:
+            raise EngineUnavailable("the model is still loading")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.detector.detect, image)
 
     def _remove(self, crops: np.ndarray, masks: np.ndarray, seeds: np.ndarray, steps: int) -> np.ndarray:
         from .remover import crops_to_tensors, masks_to_tensor, to_uint8_crops
@@ -335,15 +354,24 @@ class TorchEngine(BatchedEngine):
 class OpenCVEngine:
     """Telea inpainting (``cv2.inpaint(..., cv2.INPAINT_TELEA)``) on the crop; no model, no discriminator.
 
-    Runs on a small thread pool (OpenCV releases the GIL); there is no queue to fill, so no 429.
+    Runs on a small thread pool (OpenCV releases the GIL); there is no queue to fill, so no 429. Automatic
+    masks come from the overlay detector of ``bundle`` (None = the default bundle, which ships one), loaded
+    on the first :meth:`detect`: the Telea baseline with ``--auto-mask`` removes what the torch engine would.
     """
 
     name = "opencv"
 
-    def __init__(self, *, radius: int = 5, resolution: int = 512, dilate_px: int = 8, workers: int = 2) -> None:
+    def __init__(self, *, radius: int = 5, resolution: int = 512, dilate_px: int = 8, workers: int = 2,
+                 bundle: str | Path | None = None) -> None:
+        from .bundle import default_bundle_path, read_config
+
         self.radius, self.resolution, self.default_dilate_px, self.default_steps = radius, resolution, dilate_px, 1
         self.threshold: float | None = None
         self.paste_prefill: str | None = None
+        self._bundle = Path(bundle) if bundle is not None else default_bundle_path()
+        self.has_detector = read_config(self._bundle).detector
+        self._detector: Any = None
+        self._detector_lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cleanplate-cv")
         self._running = 0
 
@@ -375,6 +403,26 @@ class OpenCVEngine:
         raise InputError("the opencv engine has no discriminator, so the quality gate and scoring are unavailable",
                          code=ErrorCode.NO_DISCRIMINATOR)
 
+    def _detect(self, image: np.ndarray) -> DetectionResult:
+        with self._detector_lock:  # one load, and one forward at a time (torch threads are shared anyway)
+            if self._detector is None:
+                from .masks import bundle_detector
+
+                self._detector = bundle_detector(self._bundle)
+            return self._detector.detect(image)
+
+    async def detect(self, image: np.ndarray) -> DetectionResult:
+        """The bundle's overlay detector on an (H, W, 3) uint8 RGB photo, on the engine's thread pool. Raises
+        InputError "no_detector" when the bundle has none, "bad_input" for a bad array."""
+        if not self.has_detector:
+            raise InputError(f"the opencv engine's bundle {self._bundle} has no overlay detector",
+                             code=ErrorCode.NO_DETECTOR)
+        self._running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._detect, image)
+        finally:
+            self._running -= 1
+
 
 def make_engine(options: EngineOptions, on_batch: Callable[[str, int, float], None] | None = None) -> Engine:
     """The engine ``options.engine`` names (one of :data:`ENGINE_NAMES`), not started yet.
@@ -402,7 +450,8 @@ def make_engine(options: EngineOptions, on_batch: Callable[[str, int, float], No
             from .bundle import read_config
 
             dilate = read_config(options.bundle).dilate_px
-        return OpenCVEngine(radius=options.opencv_radius, resolution=options.opencv_resolution, dilate_px=dilate)
+        return OpenCVEngine(radius=options.opencv_radius, resolution=options.opencv_resolution, dilate_px=dilate,
+                            bundle=options.bundle)
     return TorchEngine(options.bundle, device=options.device, dtype=options.dtype, max_batch=options.max_batch,
                        window_ms=options.batch_window_ms, max_queue=options.max_queue,
                        torch_threads=options.torch_threads, on_batch=on_batch)

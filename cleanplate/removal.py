@@ -46,6 +46,12 @@ class Outcome:
     seed: int
     timings_ms: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def unchanged(cls, image: DecodedImage, seed: int = 0) -> Outcome:
+        """The image as it is, no model run (``attempts`` 0): what an auto mask that found nothing gives
+        (:mod:`cleanplate.masks`)."""
+        return cls(image.pixels, None, None, 0, None, seed, {})
+
 
 def _add(timings: dict[str, float], stage: str, t0: float) -> float:
     now = time.perf_counter()
