@@ -1,4 +1,5 @@
-"""The REST gateway (FastAPI): ``POST /v1/remove``, ``POST /v1/score``, health, readiness and metrics.
+"""The REST gateway (FastAPI): ``POST /v1/remove``, ``POST /v1/detect``, ``POST /v1/score``, health, readiness
+and metrics.
 
 Every error a client can cause is a 4xx ``application/problem+json`` body (RFC 9457) with a stable
 ``code``; limits are enforced before work is done: body size (413) and upload time (408) while the body
@@ -20,6 +21,7 @@ from enum import Enum
 from http import HTTPStatus
 from typing import Annotated, Any
 
+import numpy as np
 from anyio import to_thread
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -31,15 +33,16 @@ from cleanplate import __version__, imaging
 from cleanplate.admission import MemoryBudget, release_free_memory_soon, removal_cost
 from cleanplate.engines import Engine, EngineUnavailable, make_engine
 from cleanplate.errors import CleanplateError, ErrorCode, InputError, QueueFull
+from cleanplate.masks import MaskSource, detect, detections_json, encode_mask, resolve_mask
 from cleanplate.options import form_bounds
-from cleanplate.removal import RemoveOptions, run_removal, run_score
+from cleanplate.removal import Outcome, RemoveOptions, run_removal, run_score
 
 from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("cleanplate.serving")
 PROBLEM = "application/problem+json"
-ENDPOINTS = ("/v1/remove", "/v1/score", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+ENDPOINTS = ("/v1/remove", "/v1/detect", "/v1/score", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
 # The gateway's output_format: imaging.ImageFormat less TIFF (browsers do not show it; a TIFF input still
@@ -60,6 +63,25 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = None
 
 
+class Detection(BaseModel):
+    """One overlay the detector found (a connected component of its mask)."""
+
+    box: list[int] = Field(description="[x0, y0, x1, y1] in source px, x1/y1 exclusive", examples=[[40, 12, 220, 64]])
+    kind: str = Field(description="text, watermark, badge or logo", examples=["text"])
+    score: float = Field(description="mean overlay probability over the component, in [0, 1]")
+    area: int = Field(description="component area in source px")
+
+
+class DetectResult(BaseModel):
+    """``POST /v1/detect`` with ``Accept: application/json``."""
+
+    width: int
+    height: int
+    detections: list[Detection] = Field(description="largest first; [] for a clean photo")
+    mask_pixels: int = Field(description="pixels in the mask (the union of the detections)")
+    timings_ms: dict[str, float]
+
+
 class RemoveResult(BaseModel):
     """``POST /v1/remove`` with ``Accept: application/json``."""
 
@@ -73,6 +95,11 @@ class RemoveResult(BaseModel):
     attempts: int = Field(description="model runs made (> 1 when the gate retried)")
     seed: int = Field(description="seed of the returned attempt")
     timings_ms: dict[str, float]
+    mask_source: MaskSource = Field(description="where the mask came from: file (the mask part), alpha (the "
+                                                "image's transparent pixels) or auto (the overlay detector)")
+    mask: str | None = Field(None, description="with return_mask: the mask used, base64 PNG (white = removed)")
+    detections: list[Detection] | None = Field(None, description="auto mask: what the detector found; [] means "
+                                                                 "nothing, and the image is returned unchanged")
 
 
 class ScoreResult(BaseModel):
@@ -123,8 +150,15 @@ _RESULT_HEADERS = {
                            "schema": {"type": "number"}},
     "X-Cleanplate-Passed": {"description": "true/false (gate on)", "schema": {"type": "string"}},
     "X-Cleanplate-Attempts": {"description": "model runs made", "schema": {"type": "integer"}},
-    "Server-Timing": {"description": "per-stage time in ms (decode, prepare, model, composite, gate, encode)",
+    "X-Cleanplate-Mask-Source": {"description": "file, alpha or auto (see mask_source)", "schema": {"type": "string"}},
+    "X-Cleanplate-Detections": {"description": "auto mask: overlays the detector found (0: image returned unchanged)",
+                                "schema": {"type": "integer"}},
+    "Server-Timing": {"description": "per-stage time in ms (decode, detect, prepare, model, composite, gate, encode)",
                       "schema": {"type": "string"}},
+}
+_DETECT_HEADERS = {
+    "X-Cleanplate-Detections": {"description": "overlays found", "schema": {"type": "integer"}},
+    "Server-Timing": {"description": "per-stage time in ms (decode, detect, encode)", "schema": {"type": "string"}},
 }
 
 
@@ -380,7 +414,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         image: Annotated[UploadFile, File(description="the photo (PNG, JPEG, WEBP, TIFF, ...)",
                                           json_schema_extra=_FILE_PART)],
         mask: Annotated[UploadFile | None, File(description="mask, white = remove; omit to use the image's "
-                                                             "transparent pixels",
+                                                             "transparent pixels, or (without any) the overlay "
+                                                             "detector's mask (auto_mask)",
                                                 json_schema_extra=_omittable_file)] = None,
         # Ranges and descriptions: cleanplate.options.RemovalOptions. max_attempts' upper bound is the
         # max_attempts_limit setting (checked below).
@@ -393,6 +428,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                                                  json_schema_extra=_omittable)] = None,
         output_format: Annotated[OutputFormat | None, Form(description="default: the input's format",
                                                            json_schema_extra=_omittable)] = None,
+        auto_mask: Annotated[bool, Form(description="with no mask part and no transparent pixels, remove what the "
+                                                    "overlay detector finds (promo text, watermarks, badges, logos; "
+                                                    "nothing found: the image comes back unchanged); false: 422 "
+                                                    "no_alpha instead")] = True,
+        return_mask: Annotated[bool, Form(description="answer with the JSON body (as Accept: application/json) "
+                                                      "carrying the mask used as a base64 PNG")] = False,
     ) -> Response:
         check_ready()
         attempts = settings.max_attempts if max_attempts is None else max_attempts
@@ -403,23 +444,30 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         image_upload, mask_upload = await read(image, "image"), await read(mask, "mask")
         async with admitted(image_upload, mask_upload):
             decoded = await decode(image_upload)
-            from_alpha = mask_upload is None
-            if from_alpha:
-                mask_array = imaging.mask_from_alpha(decoded)
-            else:
-                mask_array = await to_thread.run_sync(imaging.binarize_mask, await decode(mask_upload))
+            given = None
+            if mask_upload is not None:
+                given = await to_thread.run_sync(imaging.binarize_mask, await decode(mask_upload))
             del image_upload, mask_upload  # the encoded bytes are not needed past decode
             timings["decode"] = (time.perf_counter() - t0) * 1000
+            t1 = time.perf_counter()
+            used = await resolve_mask(engine, decoded, given, auto=auto_mask)  # the rule: cleanplate.masks
+            del given
+            if used.source is MaskSource.auto:
+                timings["detect"] = (time.perf_counter() - t1) * 1000
             opts = RemoveOptions(dilate_px=dilate_px, steps=steps, seed=seed, threshold=threshold, max_attempts=attempts,
                                  quality_gate=settings.quality_gate if quality_gate is None else quality_gate)
-            outcome = await run_removal(engine, decoded, mask_array, opts)
-            del mask_array
+            if used.nothing_found:
+                outcome = Outcome.unchanged(decoded, seed)
+            else:
+                outcome = await run_removal(engine, decoded, used.mask, opts)
             timings.update(outcome.timings_ms)
             fmt = _output_format(output_format, decoded)
             t1 = time.perf_counter()
             # A mask given as transparency is filled in, so the result is opaque.
-            data = await to_thread.run_sync(functools.partial(imaging.encode_image, outcome.pixels, decoded, fmt=fmt,
-                                                              alpha=None if from_alpha else "keep"))
+            data = await to_thread.run_sync(functools.partial(
+                imaging.encode_image, outcome.pixels, decoded, fmt=fmt,
+                alpha=None if used.source is MaskSource.alpha else "keep"))
+            mask_png = await to_thread.run_sync(encode_mask, used.mask) if return_mask else None
             width, height = decoded.width, decoded.height
             del decoded, outcome.pixels
         timings["encode"] = (time.perf_counter() - t1) * 1000
@@ -430,19 +478,66 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         if outcome.passed is not None:
             metrics.observe_gate(outcome.passed, outcome.attempts)
         metrics.queue_depth.set(engine.queue_depth())
-        headers = {"X-Cleanplate-Attempts": str(outcome.attempts), "Server-Timing": _server_timing(timings)}
+        headers = {"X-Cleanplate-Attempts": str(outcome.attempts), "Server-Timing": _server_timing(timings),
+                   "X-Cleanplate-Mask-Source": used.source.value}
+        if used.detections is not None:
+            headers["X-Cleanplate-Detections"] = str(len(used.detections))
         if outcome.score is not None:
             headers.update({"X-Cleanplate-Score": f"{outcome.score:.6f}",
                             "X-Cleanplate-Passed": str(outcome.passed).lower(),
                             "X-Cleanplate-Threshold": f"{outcome.threshold:.6f}"})
-        if "application/json" in request.headers.get("accept", ""):
+        if return_mask or "application/json" in request.headers.get("accept", ""):
             body = RemoveResult(image=base64.b64encode(data).decode(), media_type=imaging.MEDIA_TYPES[fmt],
                                 width=width, height=height, score=outcome.score,
                                 passed=outcome.passed, threshold=outcome.threshold, attempts=outcome.attempts,
                                 seed=outcome.seed,
-                                timings_ms={k: round(v, 2) for k, v in timings.items()})
-            return JSONResponse(body.model_dump(), headers=headers)
+                                timings_ms={k: round(v, 2) for k, v in timings.items()}, mask_source=used.source,
+                                mask=None if mask_png is None else base64.b64encode(mask_png).decode(),
+                                detections=None if used.detections is None else detections_json(used.detections))
+            return JSONResponse(body.model_dump(mode="json"), headers=headers)
         return Response(data, media_type=imaging.MEDIA_TYPES[fmt], headers=headers)
+
+    @app.post(
+        "/v1/detect", response_model=None, summary="Find the overlays a storefront added (auto-mask)",
+        responses={200: {"model": DetectResult, "headers": _DETECT_HEADERS,
+                         "description": "the removal mask as a PNG (same size as the photo, white = overlay) or, "
+                                        "with Accept: application/json, the detections",
+                         "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                   **_problem_responses(400, 401, 408, 413, 415, 422, 429, 503, 504)},
+    )
+    async def detect_overlays(
+        request: Request,
+        image: Annotated[UploadFile, File(description="the photo (PNG, JPEG, WEBP, TIFF, ...)",
+                                          json_schema_extra=_FILE_PART)],
+    ) -> Response:
+        check_ready()
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        upload = await read(image, "image")
+        async with admitted(upload):
+            decoded = await decode(upload)
+            del upload
+            timings["decode"] = (time.perf_counter() - t0) * 1000
+            t1 = time.perf_counter()
+            found = await detect(engine, decoded)
+            timings["detect"] = (time.perf_counter() - t1) * 1000
+            width, height = decoded.width, decoded.height
+            del decoded
+            as_json = "application/json" in request.headers.get("accept", "")
+            t1 = time.perf_counter()
+            data = None if as_json else await to_thread.run_sync(encode_mask, found.mask)
+            timings["encode"] = (time.perf_counter() - t1) * 1000
+            mask_pixels = int(np.count_nonzero(found.mask))
+        timings["total"] = (time.perf_counter() - t0) * 1000
+        for stage, ms in timings.items():
+            if stage != "total":
+                metrics.stage.labels(stage).observe(ms / 1000)
+        headers = {"X-Cleanplate-Detections": str(len(found.detections)), "Server-Timing": _server_timing(timings)}
+        if as_json:
+            body = DetectResult(width=width, height=height, detections=detections_json(found.detections),
+                                mask_pixels=mask_pixels, timings_ms={k: round(v, 2) for k, v in timings.items()})
+            return JSONResponse(body.model_dump(), headers=headers)
+        return Response(data, media_type="image/png", headers=headers)
 
     @app.post("/v1/score", response_model=ScoreResult, summary="Score a finished removal with the discriminator",
               responses=_problem_responses(400, 401, 408, 413, 415, 422, 429, 503, 504))
@@ -476,7 +571,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         check_ready()
         metrics.ready.set(1)
         return {"status": "ready", "engine": engine.name, "resolution": engine.resolution,
-                "quality_gate": engine.threshold is not None, "threshold": engine.threshold}
+                "quality_gate": engine.threshold is not None, "threshold": engine.threshold,
+                "detector": bool(getattr(engine, "has_detector", False))}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {"text/plain; version=0.0.4": {}}}})
