@@ -92,6 +92,11 @@ def remove(
     output: Annotated[Path, typer.Option("-o", "--output", help="output file (format from its suffix) or folder")],
     mask: Annotated[Optional[Path], typer.Option(help="mask file (white = remove), or a folder of same-named "
                                                       "masks; omit to use the image's transparent pixels")] = None,
+    auto_mask: Annotated[bool, typer.Option("--auto-mask", help="without a mask file or transparent pixels, remove "
+                                                                "what the bundle's overlay detector finds (promo "
+                                                                "text, watermarks, badges, logos)")] = False,
+    save_mask: Annotated[Optional[Path], typer.Option(help="write the mask used as a PNG (white = removed) here; a "
+                                                           "folder when IMAGE is one")] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="bundle directory (default: the bundled model)")] = None,
     dilate_px: Annotated[Optional[int], typer.Option(help=option_help("dilate_px"))] = None,
     steps: Annotated[Optional[int], typer.Option(help=option_help("steps"))] = None,
@@ -99,32 +104,50 @@ def remove(
     device: Annotated[Device, typer.Option(help="where the model runs")] = Device.cpu,
     dtype: Annotated[DType, typer.Option(help="model precision")] = DType.fp32,
 ) -> None:
-    """Remove the masked region from one image, or from every image of a folder."""
+    """Remove the masked region from one image, or from every image of a folder. The mask: the --mask file,
+    else the image's transparent pixels, else (--auto-mask) the overlay detector's; an auto mask that finds
+    nothing writes the image unchanged."""
     from . import imaging
+    from .bundle import load_bundle
+    from .masks import MaskSource, encode_mask, resolve_mask_with
     from .pipeline import RemovalPipeline
     from .remover import remove as run_removal
 
     if image.is_dir():
-        pairs = _folder_pairs(image, mask, output)
+        pairs = _folder_pairs(image, mask, output, auto_mask=auto_mask)
+        if save_mask is not None:
+            if save_mask.exists() and not save_mask.is_dir():
+                raise InputError(f"--save-mask must be a folder when IMAGE is a folder: {save_mask}",
+                                 code=ErrorCode.BAD_OPTION)
+            save_mask.mkdir(parents=True, exist_ok=True)
     else:
         if output.is_dir():
             output = output / image.name
         imaging.format_for_path(output)  # refuse an unknown suffix before loading the model
         pairs = [(image, mask, output)]
-    pipe = RemovalPipeline.from_bundle(bundle, device=device.value, dtype=dtype.value)
+    loaded = load_bundle(bundle)
+    pipe = RemovalPipeline.from_bundle(loaded, device=device.value, dtype=dtype.value)
+    detector, whose = loaded.detector, f"the bundle {loaded.path}"
     failures = 0
     for src_path, mask_path, out_path in pairs:
         try:
             t0 = time.perf_counter()
             decoded = imaging.decode_image(src_path)
-            from_alpha = mask_path is None
-            mask_array = imaging.mask_from_alpha(decoded) if from_alpha else imaging.decode_mask(mask_path)
-            result = run_removal(pipe, decoded, mask_array, dilate_px=dilate_px, seed=seed, steps=steps)
+            given = None if mask_path is None else imaging.decode_mask(mask_path)
+            used = resolve_mask_with(detector, decoded, given, auto=auto_mask, what=whose)  # cleanplate.masks
+            if save_mask is not None:
+                mask_out = save_mask / (src_path.stem + ".png") if image.is_dir() else save_mask
+                imaging.write_atomic(mask_out, encode_mask(used.mask))
+            if used.nothing_found:
+                pixels, note = decoded.pixels, ", the detector found nothing: unchanged"
+            else:
+                pixels = run_removal(pipe, decoded, used.mask, dilate_px=dilate_px, seed=seed, steps=steps).pixels
+                note = "" if used.detections is None else f", {len(used.detections)} overlays detected"
             # A mask given as transparency is filled in, so the result is opaque.
-            data = imaging.encode_image(result.pixels, decoded, fmt=imaging.format_for_path(out_path),
-                                        alpha=None if from_alpha else "keep")
+            data = imaging.encode_image(pixels, decoded, fmt=imaging.format_for_path(out_path),
+                                        alpha=None if used.source is MaskSource.alpha else "keep")
             imaging.write_atomic(out_path, data)
-            say(f"{out_path}: {decoded.width}x{decoded.height}, {(time.perf_counter() - t0) * 1000:.0f} ms")
+            say(f"{out_path}: {decoded.width}x{decoded.height}{note}, {(time.perf_counter() - t0) * 1000:.0f} ms")
         except CleanplateError as exc:
             if len(pairs) == 1:
                 raise
@@ -135,7 +158,44 @@ def remove(
         raise typer.Exit(2)
 
 
-def _folder_pairs(folder: Path, masks: Path | None, output: Path) -> list[tuple[Path, Path | None, Path]]:
+@app.command()
+def detect(
+    image: Annotated[Path, typer.Argument(help="an image file")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="mask PNG to write (same size as the "
+                                                                          "image, white = overlay)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the detections as JSON on stdout: box [x0, y0, "
+                                                         "x1, y1], kind, score, area")] = False,
+    bundle: Annotated[Optional[Path], typer.Option(help="bundle with a detector/ (default: the bundled model)")] = None,
+) -> None:
+    """Find the overlays a storefront added (promo text, watermarks, badges, logos): the mask `remove
+    --auto-mask` would use."""
+    import json
+
+    from . import imaging
+    from .masks import bundle_detector, detections_json, encode_mask
+
+    if output is None and not as_json:
+        raise InputError("give -o MASK.png, --json, or both", code=ErrorCode.BAD_OPTION)
+    if output is not None and imaging.format_for_path(output) != "png":
+        raise InputError(f"-o: the mask is written as PNG; use a .png name, not {output.name}",
+                         code=ErrorCode.BAD_OPTION)
+    detector = bundle_detector(bundle)
+    t0 = time.perf_counter()
+    decoded = imaging.decode_image(image)
+    found = detector.detect(decoded.rgb)
+    if output is not None:
+        imaging.write_atomic(output, encode_mask(found.mask))
+    say(f"{output or image}: {decoded.width}x{decoded.height}, {len(found.detections)} overlays, "
+        f"{(time.perf_counter() - t0) * 1000:.0f} ms")
+    if as_json:
+        typer.echo(json.dumps({"image": str(image), "width": decoded.width, "height": decoded.height,
+                               "mask": None if output is None else str(output),
+                               "mask_pixels": int((found.mask > 0).sum()),
+                               "detections": detections_json(found.detections)}, indent=2))
+
+
+def _folder_pairs(folder: Path, masks: Path | None, output: Path, *,
+                  auto_mask: bool = False) -> list[tuple[Path, Path | None, Path]]:
     from .batch.items import pair_folder
     from .imaging import WRITABLE_SUFFIXES
 
@@ -148,7 +208,7 @@ def _folder_pairs(folder: Path, masks: Path | None, output: Path) -> list[tuple[
         raise InputError(f"no images in {folder}", code=ErrorCode.BAD_OPTION)
     pairs = []
     for pair in found:
-        if masks is not None and pair.mask is None:
+        if masks is not None and pair.mask is None and not auto_mask:  # --auto-mask: the rule decides
             raise InputError(pair.missing_mask(masks), code=ErrorCode.MISSING_MASK)
         img = pair.image
         # Outputs keep the input's name; a suffix we cannot write (e.g. .bmp) becomes .png.
@@ -392,7 +452,7 @@ def serve(
                                                           "directory of the bundle")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
-    """Serve the REST gateway (POST /v1/remove, /v1/score; /healthz, /readyz, /metrics, /docs)."""
+    """Serve the REST gateway (POST /v1/remove, /v1/detect, /v1/score; /healthz, /readyz, /metrics, /docs)."""
     from .serving.server import serve as run_server
     from .serving.settings import load_settings
 
@@ -425,6 +485,10 @@ def batch_run(
                                                        "image suffix); omit to use each image's transparency")] = None,
     mask_channel: Annotated[MaskChannel, typer.Option(help="how mask files mark what to remove: luma (white) or "
                                                            "alpha (opaque)")] = MaskChannel.luma,
+    auto_mask: Annotated[bool, typer.Option("--auto-mask", help="items without a mask file (or without one in "
+                                                                "--masks) and without transparent pixels: remove "
+                                                                "what the overlay detector finds; the mask used is "
+                                                                "kept in the review folder")] = False,
     fmt: Annotated[Optional[ImageFormat], typer.Option("--format", help="output format (default: the input's)")] = None,
     report: Annotated[Optional[str], typer.Option(help="report file (default OUTPUT/report.jsonl)")] = None,
     review: Annotated[Optional[str], typer.Option(help="review folder (default OUTPUT/review)")] = None,
@@ -482,7 +546,8 @@ def batch_run(
                          "server at --url/--triton-url has its own", code=ErrorCode.BAD_OPTION)
     defaults = _from_options(ItemOptions, seed=seed, steps=steps, dilate_px=dilate_px, quality_gate=quality_gate,
                              threshold=threshold, max_attempts=max_attempts)
-    items = load_items(source, masks=masks, fmt=fmt.value if fmt else None, exclude=[output, *([review] if review else [])])
+    items = load_items(source, masks=masks, fmt=fmt.value if fmt else None, exclude=[output, *([review] if review else [])],
+                       auto_mask=auto_mask)
     backend: Any = None
     if url:
         backend = GatewayBackend(url, api_key=api_key, concurrency=concurrency)
