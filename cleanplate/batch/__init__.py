@@ -12,7 +12,8 @@ The package: :mod:`.items` (options, listing), :mod:`.backends`, :mod:`.runner`,
     OUT/<key>                       the cleaned image; <key> = the item's output name (may hold folders)
     OUT/report.jsonl                one line per item and run, appended and fsynced (see REPORT FIELDS)
     OUT/review/<key>/source<ext>    the input image, as it was
-    OUT/review/<key>/mask<ext>      the mask file (absent when the mask was the image's transparency)
+    OUT/review/<key>/mask<ext>      the mask file, or mask.png: the detector's (--auto-mask); absent when the
+                                    mask was the image's transparency
     OUT/review/<key>/result<ext>    the cleaned image that failed the gate (also at OUT/<key>)
     OUT/review/<key>/item.json      the item's report line
 
@@ -25,7 +26,8 @@ did not make it to disk is simply done again. A truncated last report line (SIGK
 REPORT FIELDS (one JSON object per line): ``key``, ``status`` ("ok" | "error"), ``passed`` (true/false with
 the gate, null without), ``score``, ``threshold``, ``attempts``, ``seed``, ``output``, ``bytes`` (output
 size), ``review`` (the item's review folder or null), ``width``, ``height``, ``image``, ``mask``,
-``engine``, ``timings_ms`` (per stage and ``total``, in ms), ``error`` (null or ``{"code", "message"}``),
+``mask_source`` ("file", "alpha" or "auto": :mod:`cleanplate.masks`), ``detections`` (auto: overlays found;
+0 = nothing to remove, the output is the input unchanged), ``engine``, ``timings_ms`` (per stage and ``total``, in ms), ``error`` (null or ``{"code", "message"}``),
 ``run`` (run id), ``time`` (UTC, ISO 8601); declared once, :class:`.report.ReportRecord`, through which every
 line is written and read.
 """

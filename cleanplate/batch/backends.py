@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import random
 import time
@@ -14,9 +13,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .. import imaging, storage
+from .. import imaging, masks, storage
 from ..admission import removal_cost
 from ..errors import BatchAborted, ErrorCode, GatewayError, InputError, QueueFull
+from ..masks import MaskSource
 from .items import BatchItem, ItemOptions, MaskChannel
 
 log = logging.getLogger("cleanplate.batch")
@@ -40,6 +40,9 @@ class Inferred:
     width: int
     height: int
     timings_ms: dict[str, float]
+    mask_source: str | None = None  # file, alpha or auto (cleanplate.masks.MaskSource)
+    detections: int | None = None  # auto mask: overlays found (0: the output is the input, unchanged)
+    mask_png: bytes | None = None  # auto mask: the mask used, PNG, for the review folder
 
 
 class Backend(Protocol):
@@ -92,10 +95,10 @@ def _header(loc: storage.Loc) -> imaging.ImageHeader:
         return imaging.read_header(_readable(loc))
 
 
-def _mask_array(item: BatchItem, image: imaging.DecodedImage, channel: MaskChannel) -> np.ndarray:
-    """(H,W) bool mask of an item: the image's transparency, the mask file's luma, or its alpha."""
+def _mask_file(item: BatchItem, channel: MaskChannel) -> np.ndarray | None:
+    """(H,W) bool mask of an item's mask file (its luma, or its alpha), or None without one."""
     if item.mask is None:
-        return imaging.mask_from_alpha(image)
+        return None
     if channel == "luma":
         return imaging.decode_mask(_readable(item.mask))
     return _alpha_mask(item.mask)
@@ -116,7 +119,8 @@ def _file_size(path: storage.Loc | None) -> int:
 @dataclass
 class _Loaded:
     image: imaging.DecodedImage
-    mask: np.ndarray
+    mask: np.ndarray | None  # None: the engine's detector makes it (MaskSource.auto)
+    source: MaskSource
 
 
 class InProcessBackend:
@@ -146,33 +150,49 @@ class InProcessBackend:
         return load_item(item, mask_channel)
 
     async def infer(self, item: BatchItem, loaded: _Loaded, opts: ItemOptions) -> Inferred:
-        from ..removal import RemoveOptions, run_removal
+        from ..removal import Outcome, RemoveOptions, run_removal
 
         ropts = RemoveOptions(dilate_px=opts.dilate_px, steps=opts.steps, seed=opts.seed or 0,
                               quality_gate=bool(opts.quality_gate), threshold=opts.threshold,
                               max_attempts=opts.max_attempts or 1)
+        mask, detections, mask_png, t0 = loaded.mask, None, None, time.perf_counter()
+        if mask is None:
+            found = await self._retrying(lambda: masks.detect(self.engine, loaded.image))
+            mask, detections = masks.auto_mask_of(found), len(found.detections)
+            mask_png = await asyncio.to_thread(masks.encode_mask, mask)
+        t_detect = (time.perf_counter() - t0) * 1000
+        if detections == 0:
+            out = Outcome.unchanged(loaded.image, ropts.seed)
+        else:
+            out = await self._retrying(lambda: run_removal(self.engine, loaded.image, mask, ropts))
+        timings = dict(out.timings_ms)
+        if loaded.source is MaskSource.auto:
+            timings = {"detect": t_detect, **timings}
+        return Inferred(out.pixels, None, None, out.score, out.passed, out.threshold, out.attempts, out.seed,
+                        loaded.image.width, loaded.image.height, timings, loaded.source.value, detections, mask_png)
+
+    async def _retrying(self, call: Any) -> Any:
         while True:
             try:
-                out = await run_removal(self.engine, loaded.image, loaded.mask, ropts)
-                break
+                return await call()
             except QueueFull as exc:  # only if the engine's queue is smaller than the concurrency
                 await asyncio.sleep(min(exc.retry_after_s, 5))
-        return Inferred(out.pixels, None, None, out.score, out.passed, out.threshold, out.attempts, out.seed,
-                        loaded.image.width, loaded.image.height, dict(out.timings_ms))
 
     def finish(self, item: BatchItem, loaded: _Loaded, inferred: Inferred) -> bytes:
         return encode_item(item, loaded, inferred)
 
 
 def load_item(item: BatchItem, mask_channel: MaskChannel) -> _Loaded:
-    """Decode an item's image and its (H,W) bool mask (an in-process engine's input; the Ray runner's
-    decode stage).
+    """Decode an item's image and its (H,W) bool mask, chosen by :func:`cleanplate.masks.choose_mask` (an
+    in-process engine's input; the Ray runner's decode stage). An auto mask is left to :meth:`InProcessBackend.infer`
+    (the engine's detector).
 
     Raises:
         InputError: as :func:`cleanplate.imaging.decode_image` ("unreadable_image", ...), "no_alpha".
     """
     image = imaging.decode_image(_readable(item.image))
-    return _Loaded(image, _mask_array(item, image, mask_channel))
+    choice = masks.choose_mask(image, _mask_file(item, mask_channel), auto=item.auto_mask)
+    return _Loaded(image, choice.mask, choice.source)
 
 
 def encode_item(item: BatchItem, loaded: _Loaded, inferred: Inferred) -> bytes:
@@ -181,7 +201,7 @@ def encode_item(item: BatchItem, loaded: _Loaded, inferred: Inferred) -> bytes:
     assert inferred.pixels is not None
     # A mask given as transparency is filled in, so the result is opaque (as `cleanplate remove`).
     return imaging.encode_image(inferred.pixels, loaded.image, fmt=item.fmt,
-                                alpha=None if item.mask is None else "keep")
+                                alpha=None if loaded.source is MaskSource.alpha else "keep")
 
 
 
@@ -275,12 +295,7 @@ class GatewayBackend:
         mask = None
         if item.mask is not None:
             if mask_channel == "alpha":  # the gateway reads luma; send the alpha as a white-on-black PNG
-                m = _alpha_mask(item.mask)
-                buf = io.BytesIO()
-                from PIL import Image
-
-                Image.fromarray(m.astype(np.uint8) * 255).save(buf, "PNG")
-                mask = buf.getvalue()
+                mask = masks.encode_mask(_alpha_mask(item.mask))
             else:
                 try:
                     mask = storage.read_bytes(item.mask)
@@ -297,7 +312,10 @@ class GatewayBackend:
 
         import httpx
 
-        data: dict[str, str] = {"seed": str(opts.seed or 0), "quality_gate": str(bool(opts.quality_gate)).lower()}
+        data: dict[str, str] = {"seed": str(opts.seed or 0), "quality_gate": str(bool(opts.quality_gate)).lower(),
+                                "auto_mask": str(item.auto_mask).lower()}
+        if item.auto_mask and loaded.mask is None:  # the review folder keeps an auto mask
+            data["return_mask"] = "true"
         for name in ("steps", "dilate_px", "threshold"):
             if getattr(opts, name) is not None:
                 data[name] = str(getattr(opts, name))
@@ -338,9 +356,13 @@ class GatewayBackend:
         body = r.json()
         timings = {"request": (time.monotonic() - t0) * 1000}
         timings.update({f"server_{k}": float(v) for k, v in (body.get("timings_ms") or {}).items()})
+        source, detections = body.get("mask_source"), body.get("detections")
+        auto = source == MaskSource.auto.value and body.get("mask")
         return Inferred(None, base64.b64decode(body["image"]), body.get("media_type"), body.get("score"),
                         body.get("passed"), body.get("threshold"), int(body.get("attempts", 1)),
-                        int(body.get("seed", opts.seed or 0)), int(body["width"]), int(body["height"]), timings)
+                        int(body.get("seed", opts.seed or 0)), int(body["width"]), int(body["height"]), timings,
+                        source, None if detections is None else len(detections),
+                        base64.b64decode(body["mask"]) if auto else None)
 
     def finish(self, item: BatchItem, loaded: _Upload, inferred: Inferred) -> bytes:
         assert inferred.encoded is not None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -42,7 +43,8 @@ class BatchItem:
         key: the output name, relative to the output folder, POSIX separators ("shoes/123.jpg"); unique
             in a run and the item's identity in the report (resume matches on it).
         image: the source image file: a local Path or a URL (:data:`cleanplate.storage.Loc`).
-        mask: the mask file (Path or URL), or None when the image's transparent pixels are the mask.
+        mask: the mask file (Path or URL), or None: the image's transparent pixels, else (``auto_mask``) the
+            overlay detector's mask (the rule: :mod:`cleanplate.masks`).
         options: per-item options (manifest columns).
         origin: where the item came from, for messages ("photos/a.jpg", "list.jsonl:12").
         problem: ``(code, message)`` when the listing already knows the item cannot run (no mask found);
@@ -55,6 +57,7 @@ class BatchItem:
     options: ItemOptions = field(default_factory=ItemOptions)
     origin: str = ""
     problem: tuple[ErrorCode, str] | None = None
+    auto_mask: bool = False  # ``batch run --auto-mask``: without a mask file or transparency, detect overlays
 
     @property
     def fmt(self) -> str:
@@ -64,7 +67,7 @@ class BatchItem:
 
 # -- listing -------------------------------------------------------------------------------------------
 def load_items(source: str | os.PathLike, *, masks: str | os.PathLike | None = None, fmt: str | None = None,
-               exclude: Sequence[str | os.PathLike] = ()) -> list[BatchItem]:
+               exclude: Sequence[str | os.PathLike] = (), auto_mask: bool = False) -> list[BatchItem]:
     """The items of a folder or a manifest.
 
     Args:
@@ -80,6 +83,8 @@ def load_items(source: str | os.PathLike, *, masks: str | os.PathLike | None = N
         fmt: output format for every item whose output name is not given ("png", "jpeg", "webp", "tiff");
             None = the input's (inputs we cannot write, such as BMP, become PNG).
         exclude: folders to leave out of a folder walk (the output folder when it lies inside).
+        auto_mask: items without a mask file (none named, or none found in ``masks``) and without transparent
+            pixels get the overlay detector's mask (:mod:`cleanplate.masks`) instead of an error.
 
     Returns:
         Items in listing order (sorted for folders, file order for manifests), keys unique.
@@ -111,6 +116,11 @@ def load_items(source: str | os.PathLike, *, masks: str | os.PathLike | None = N
                          code=ErrorCode.BAD_OPTION)
     if not items:
         raise InputError(f"no images in {src}", code=ErrorCode.BAD_OPTION)
+    if auto_mask:
+        items = [dataclasses.replace(item, auto_mask=True,
+                                     problem=None if item.problem and item.problem[0] is ErrorCode.MISSING_MASK
+                                     else item.problem)
+                 for item in items]
     seen: dict[str, str] = {}
     for item in items:
         if item.key in seen:

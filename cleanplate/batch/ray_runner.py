@@ -56,6 +56,7 @@ def _item_row(i: int, item: BatchItem) -> dict[str, Any]:
     return {"i": i, "key": item.key, "image": str(item.image), "mask": "" if item.mask is None else str(item.mask),
             "options": item.options.model_dump_json(exclude_none=True), "origin": item.origin,
             "problem": "" if item.problem is None else json.dumps([item.problem[0].value, item.problem[1]]),
+            "auto_mask": item.auto_mask,
             "t0": time.time(), "timings": "{}", "error": "", "loaded": b"", "inferred": b"", "engine": ""}
 
 
@@ -71,7 +72,7 @@ def _row_item(row: dict[str, Any], cwd: str) -> BatchItem:
         problem = (ErrorCode(code), message)
     mask = _absolute(storage.as_loc(row["mask"]), cwd) if row["mask"] else None
     return BatchItem(row["key"], _absolute(storage.as_loc(row["image"]), cwd), mask,
-                     ItemOptions.model_validate_json(row["options"]), row["origin"], problem)
+                     ItemOptions.model_validate_json(row["options"]), row["origin"], problem, bool(row["auto_mask"]))
 
 
 def _fail(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
@@ -181,13 +182,15 @@ def write_stage(row: dict[str, Any], *, out: str, review: str, cwd: str, run_id:
         t = time.perf_counter()
         data = encode_item(item, loaded, inferred)
         t = _lap(row, "encode", t)
-        folder = save_outputs(_absolute(out_loc, cwd), _absolute(review_loc, cwd), item, data, inferred.passed)
+        folder = save_outputs(_absolute(out_loc, cwd), _absolute(review_loc, cwd), item, data, inferred.passed,
+                              inferred.mask_png)
         _lap(row, "write", t)
         record = record.model_copy(update=dict(
             status="ok", passed=inferred.passed, score=inferred.score, threshold=inferred.threshold,
             attempts=inferred.attempts, seed=inferred.seed, output=str(storage.join(out_loc, item.key)),
             bytes=len(data), review=None if folder is None else str(storage.join(review_loc, item.key)),
-            width=inferred.width, height=inferred.height))
+            width=inferred.width, height=inferred.height, mask_source=inferred.mask_source,
+            detections=inferred.detections))
     except _ItemError as exc:
         record.error = ReportError(code=exc.code_slug, message=exc.message)
     except Exception as exc:

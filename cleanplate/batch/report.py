@@ -40,7 +40,8 @@ class ReportRecord(BaseModel):
         passed, score, threshold: the gate's verdict (None without the gate); attempts: model runs made;
         seed: the returned attempt's seed. output, bytes: the written file and its size (resume checks it);
         review: the review folder of a gate failure. width, height: the image's. image, mask: the inputs;
-        engine: the backend's name. timings_ms: per stage and ``total``; error: a failure's code and message.
+        mask_source: where the mask came from (file, alpha, auto: :mod:`cleanplate.masks`); detections: an
+        auto mask's overlay count (0: nothing found, the output is the input). engine: the backend's name. timings_ms: per stage and ``total``; error: a failure's code and message.
         run: the run's id; time: when the line was written (UTC, ISO 8601).
     """
 
@@ -60,6 +61,8 @@ class ReportRecord(BaseModel):
     height: int | None = None
     image: str | None = None
     mask: str | None = None
+    mask_source: str | None = Field(None, description="file, alpha or auto (cleanplate.masks.MaskSource)")
+    detections: int | None = Field(None, description="auto mask: overlays the detector found")
     engine: str | None = Field(None, description="the backend's name")
     timings_ms: dict[str, float] = Field(default_factory=dict)
     error: ReportError | None = None

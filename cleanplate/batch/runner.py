@@ -143,10 +143,11 @@ def out_lock(out: storage.Loc) -> Any:
 
 
 def save_outputs(out: storage.Loc, review_root: storage.Loc, item: BatchItem, data: bytes,
-                 passed: bool | None) -> str | None:
+                 passed: bool | None, mask_png: bytes | None = None) -> str | None:
     """Write an item's output whole (:func:`cleanplate.storage.write_bytes`); for a gate failure
-    (``passed`` False) also its review copies (``source``, ``mask``, ``result``). Returns the review folder
-    (as a string) or None; a passing item's stale review folder from an earlier attempt is removed."""
+    (``passed`` False) also its review copies (``source``, ``mask``, ``result``; the mask is the item's mask
+    file, else ``mask_png``, the detector's mask of an auto-masked item, as ``mask.png``). Returns the review
+    folder (as a string) or None; a passing item's stale review folder from an earlier attempt is removed."""
     storage.write_bytes(storage.join(out, item.key), data)
     folder = storage.join(review_root, item.key)
     if passed is not False:
@@ -156,6 +157,8 @@ def save_outputs(out: storage.Loc, review_root: storage.Loc, item: BatchItem, da
     storage.write_bytes(storage.join(folder, f"source{storage.suffix(item.image)}"), storage.read_bytes(item.image))
     if item.mask is not None:
         storage.write_bytes(storage.join(folder, f"mask{storage.suffix(item.mask)}"), storage.read_bytes(item.mask))
+    elif mask_png is not None:
+        storage.write_bytes(storage.join(folder, "mask.png"), mask_png)
     storage.write_bytes(storage.join(folder, f"result{PurePosixPath(item.key).suffix.lower()}"), data)
     return str(folder)
 
@@ -377,12 +380,14 @@ class _Run:
                 del loaded  # the budget is released below: free the pixels first
                 inferred.pixels = None
                 t = lap("encode", t)
-            review = await self._thread(save_outputs, self.out, self.review, item, data, inferred.passed)
+            review = await self._thread(save_outputs, self.out, self.review, item, data, inferred.passed,
+                                        inferred.mask_png)
             lap("write", t)
             record = record.model_copy(update=dict(
                 status="ok", passed=inferred.passed, score=inferred.score, threshold=inferred.threshold,
                 attempts=inferred.attempts, seed=inferred.seed, output=str(storage.join(self.out, item.key)), bytes=len(data),
-                review=review, width=inferred.width, height=inferred.height))
+                review=review, width=inferred.width, height=inferred.height, mask_source=inferred.mask_source,
+                detections=inferred.detections))
         except BatchAborted as exc:
             if self.aborted is None:
                 self.aborted = exc
