@@ -30,7 +30,7 @@ bench_app = typer.Typer(help="Benchmarks: per-stage latency, HTTP load, memory, 
 # Options that take several values after one flag, and which tokens belong to them.
 _MULTI: dict[str, Callable[[str], bool]] = {
     "--resolution": str.isdigit, "--batch": str.isdigit, "--concurrency": str.isdigit,
-    "--engine": lambda t: t in ENGINE_NAMES, "--mode": lambda t: t in BATCH_MODES,
+    "--engine": lambda t: t in ENGINE_NAMES, "--mode": lambda t: t in BATCH_MODES, "--ray-workers": str.isdigit,
 }
 
 
@@ -355,20 +355,26 @@ def detect_cmd(
 def batch_cmd(
     images: Annotated[int, typer.Option(min=1, help="catalog size: held-out dev photos with promo overlays")] = 32,
     concurrency: Annotated[Optional[list[int]], typer.Option(help="items in flight per level (default: 1 2 4 8)")] = None,
-    mode: Annotated[Optional[list[BatchMode]], typer.Option(help="in-process (torch engine here) and/or gateway (a "
-                                                                 "local `cleanplate serve`); default: both")] = None,
+    mode: Annotated[Optional[list[BatchMode]], typer.Option(help="in-process (torch engine here), gateway (a local "
+                                                                 "`cleanplate serve`) and/or ray (`batch run --ray` "
+                                                                 "on a local cluster); default: in-process gateway")
+                    ] = None,
+    ray_workers: Annotated[Optional[list[int]], typer.Option(help="ray: model actors per run, each level being their "
+                                                                  "batch size (default: 1)")] = None,
     bundle: BundleOpt = None,
     threads: Annotated[int, typer.Option(min=1, help="torch threads of the engine")] = 1,
     max_attempts: Annotated[int, typer.Option(min=1, help="quality-gate attempts per image")] = 1,
     size: Annotated[int, typer.Option(min=64, max=4096, help="side of the catalog photos in px")] = 512,
     out: OutOpt = None,
 ) -> None:
-    """`cleanplate batch run` throughput: images/s and item time per concurrency level, in process and through a
-    local gateway, gate on. Exits 1 (after writing the report) when any item was not cleaned."""
+    """`cleanplate batch run` throughput: images/s and item time per concurrency level, in process, through a
+    local gateway and on a local Ray cluster (vs the in-process runner at one worker, with a scaling estimate),
+    gate on. Exits 1 (after writing the report) when any item was not cleaned."""
     from . import batch_throughput
 
     report = batch_throughput.run_batch_throughput(
-        images=images, concurrency=concurrency or [1, 2, 4, 8], modes=[m.value for m in mode or BatchMode],
+        images=images, concurrency=concurrency or [1, 2, 4, 8],
+        modes=[m.value for m in mode] if mode else ["in-process", "gateway"], ray_workers=ray_workers or [1],
         bundle=str(bundle) if bundle else None, threads=threads, max_attempts=max_attempts, size=size, say=say)
     _finish(report, out or Path("benchmarks/results/batch_throughput"), batch_throughput)
     if batch_throughput.failed(report):

@@ -403,11 +403,41 @@ def test_cli_batch_cleans_the_catalog_in_each_mode(cli, gated_bundle: Path, tmp_
         assert 0 < run["item_ms"]["p50"] <= run["item_ms"]["p95"]
         assert run["span_s"] <= run["wall_s_with_startup"]
     md = out.with_suffix(".md").read_text()
-    assert md in r.out and "| gateway | 2 |" in md and out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    assert md in r.out and "| gateway | 1 | 2 |" in md and out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
     out.with_suffix(".md").unlink()
     r = cli("bench", "report", out.with_suffix(".json"))
     assert r.code == 0, r.err
     assert out.with_suffix(".md").read_text() == md
+
+
+def test_steady_rate_is_the_slope_of_completions() -> None:
+    """Bursts of 4 items every 2 s are 2 images/s wherever the first quarter ends; a start-up gap before the
+    first burst does not count."""
+    from cleanplate.benchmarks.batch_throughput import steady_rate
+
+    ends = np.repeat(30.0 + 2.0 * np.arange(10), 4) + np.tile([0, 0.01, 0.02, 0.03], 10)
+    assert steady_rate(ends) == pytest.approx(2.0, rel=0.05)
+    assert steady_rate(np.array([1.0, 2.0, 3.0])) is None
+
+
+@pytest.mark.slow
+def test_cli_batch_ray_mode_compares_with_the_local_runner(cli, gated_bundle: Path, tmp_path: Path) -> None:
+    """`bench batch --mode in-process ray` at toy size: the Ray runner cleans the whole catalog at each worker
+    count on one local cluster, and the report has the Ray / local ratio and the scaling estimate."""
+    pytest.importorskip("ray")
+    out = tmp_path / "res" / "batch_ray"
+    r = cli("bench", "batch", "--images", 4, "--concurrency", 2, "--size", 64, "--bundle", gated_bundle,
+            "--mode", "in-process", "ray", "--ray-workers", 1, 2, "--out", out)
+    assert r.code == 0, r.err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [(x["mode"], x["workers"], x["concurrency"]) for x in report["runs"]] == [
+        ("in-process", 1, 2), ("ray", 1, 2), ("ray", 2, 2)]
+    assert all((run["ok"], run["errors"]) == (4, 0) for run in report["runs"])
+    ray_run = report["runs"][1]
+    assert {"load", "model", "encode", "write", "total"} <= set(ray_run["stages_ms_p50"])
+    assert ray_run["driver_ms_per_record"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "## Ray runner vs local runner" in md and "## Scaling estimate for N GPU workers" in md
 
 
 # -- a flywheel round -------------------------------------------------------------------------------------------
