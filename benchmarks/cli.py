@@ -339,15 +339,21 @@ def detect_cmd(
     neg_n: Annotated[int, typer.Option(min=1, help="negatives: clean and in-scene-text photos")] = 120,
     repeats: Annotated[int, typer.Option(min=1, help="timed detect runs at 512 px")] = 10,
     threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 1,
+    e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="end to end: remove every dev item with the GT mask "
+                                                             "and with the auto mask (the bundle's torch engine, "
+                                                             "~2 removals per item) and compare in-mask PSNR")] = True,
+    seed: Annotated[int, typer.Option(min=0, help="end to end: the removals' noise seed")] = 0,
     out: OutOpt = None,
 ) -> None:
     """The overlay detector on held-out photos: pixel precision/recall/F1/IoU overall and per kind, false-positive
-    area and share of clean and in-scene-text photos with any detection, CPU latency at 512 px."""
+    area and share of clean and in-scene-text photos with any detection, CPU latency at 512 px, and end to end the
+    in-mask PSNR of removals with the auto mask against those with the GT mask."""
     from . import detect
 
     out = out or Path("benchmarks/results/detect")
     report = detect.run_detect(work, bundle=bundle, detector=detector, dev_n=dev_n, neg_n=neg_n, repeats=repeats,
-                               threads=threads, examples=out.with_name(out.name + "_examples.png"), say=say)
+                               threads=threads, examples=out.with_name(out.name + "_examples.png"), e2e=e2e,
+                               seed=seed, say=say)
     _finish(report, out, detect)
 
 

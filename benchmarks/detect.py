@@ -17,14 +17,23 @@ the source size):
 * on negatives: mean false-positive area (share of pixels detected) and the share of images with any
   detection, for clean and in-scene-text photos apart and together;
 * CPU latency of ``detect`` on a 512 x 512 photo (median, p95 over ``--repeats`` runs after 2 warm-ups;
-  torch threads as given, default 1), and of the network forward alone.
+  torch threads as given, default 1), and of the network forward alone;
+* **end to end** (on by default, ``--no-e2e`` skips it): every dev item removed twice by the bundle's torch
+  engine through the gateway's path (:func:`cleanplate.removal.run_removal`, seed ``--seed``): once with the
+  GT mask, once with the detector's mask (a mask that finds nothing leaves the photo unchanged, as the
+  product does); PSNR against the GT photo inside the GT mask (:func:`cleanplate.metrics.psnr`) for both and
+  for leaving the photo as it is, the gap (GT mask - auto mask, target <= 1 dB), the share of items where the
+  detector found nothing, and whole-image PSNR (which also charges what an auto mask removed outside the GT
+  mask). With ``--detector DIR`` the auto masks are that detector's; the removals are always the bundle's.
 
-The report: ``OUT.json``, ``OUT.md``, ``OUT.png`` (per-kind P/R/F1 bars, FP-area histogram); the run also
+The report: ``OUT.json``, ``OUT.md``, ``OUT.png`` (per-kind P/R/F1 bars, FP-area histogram, and per item the
+in-mask PSNR with the auto mask against that with the GT mask); the run also
 writes ``OUT_examples.png`` (source | GT mask | predicted mask for a few dev and negative items).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +44,8 @@ import numpy as np
 from .common import environment, pyplot, save_figure, summarize_ms, with_environment
 
 HARNESS = "detect"
-TARGETS = {"f1_min": 0.85, "fp_area_max": 0.005, "fp_image_rate_max": 0.05, "latency_512_ms_max": 1400.0}
+TARGETS = {"f1_min": 0.85, "fp_area_max": 0.005, "fp_image_rate_max": 0.05, "latency_512_ms_max": 1400.0,
+           "e2e_gap_db_max": 1.0}
 KINDS = ("text", "watermark", "badge", "logo")
 DEV_SEED, NEG_SEED = 300, 400
 Say = Callable[[str], None]
@@ -74,8 +84,8 @@ def load_detector_from(bundle: str | Path | None, detector: str | Path | None) -
 
 def run_detect(work: str | Path, *, bundle: str | Path | None = None, detector: str | Path | None = None,
                dev_n: int = 240, neg_n: int = 120, repeats: int = 10, threads: int = 1, examples: Path | None = None,
-               say: Say = print) -> dict[str, Any]:
-    """Measure the detector (module docstring); returns the report dict."""
+               e2e: bool = True, seed: int = 0, say: Say = print) -> dict[str, Any]:
+    """Measure the detector (module docstring); returns the report dict (``e2e``: the end-to-end section)."""
     import torch
 
     from cleanplate.training.detector import read_items
@@ -87,10 +97,11 @@ def run_detect(work: str | Path, *, bundle: str | Path | None = None, detector: 
     say(f"sets ready: {dev_meta}, {neg_meta}")
     totals = {"all": [0, 0, 0], **{k: [0, 0, 0] for k in KINDS}}
     kind_recall = {k: [0, 0] for k in KINDS}
-    items, shown = [], []
+    items, shown, dev_preds = [], [], []
     for e in read_items(dev_meta):
         src = _png(e["source"])
         pred = det.detect(src).mask > 0
+        dev_preds.append((e, pred))
         gt = _png(e["mask"]) > 127
         kmap = _png(e["kind_map"])
         tp, fp, fn = int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
@@ -131,16 +142,98 @@ def run_detect(work: str | Path, *, bundle: str | Path | None = None, detector: 
         {"name": "detect at 512 px, CPU median (ms)", "value": latency["detect_ms"]["median"], "op": "<=",
          "target": TARGETS["latency_512_ms_max"]},
     ]
+    e2e_report = None
+    if e2e:
+        e2e_report, e2e_rows = end_to_end(dev_preds, bundle=bundle, threads=threads, seed=seed, say=say)
+        for row, extra in zip(items, e2e_rows, strict=True):
+            row["e2e"] = extra
+        targets.append({"name": "end to end: in-mask PSNR, GT mask - auto mask (dB, dev)",
+                        "value": e2e_report["gap_db"], "op": "<=", "target": TARGETS["e2e_gap_db_max"]})
     for t in targets:
         t["met"] = t["value"] >= t["target"] if t["op"] == ">=" else t["value"] <= t["target"]
     report = {"harness": HARNESS, "detector": where, "config": det.config.model_dump(mode="json"),
               "dev_meta": str(dev_meta), "neg_meta": str(neg_meta), "n_dev": len(items), "n_negative": len(neg_rows),
               "overall": overall, "per_kind": per_kind, "median_item_f1": float(np.median([r["f1"] for r in items])),
-              "negatives": negatives, "latency": latency, "targets": targets, "items": items + neg_rows,
+              "negatives": negatives, "latency": latency, "e2e": e2e_report, "targets": targets,
+              "items": items + neg_rows,
               "environment": environment("cpu")}
     if examples is not None:
         _examples(shown, examples)
     return report
+
+
+def end_to_end(dev: list[tuple[dict[str, Any], np.ndarray]], *, bundle: str | Path | None = None, threads: int = 1,
+               seed: int = 0, say: Say = print) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Remove each dev item with its GT mask and with its auto mask, and score both against the GT photo.
+
+    Args:
+        dev: (detector meta entry with absolute ``source``/``mask``/``GT`` paths, the detector's (H, W) bool
+            mask of that source) per item.
+        bundle: the bundle whose torch engine removes (None: the default bundle), on the CPU in float32.
+        threads: the engine's torch threads. seed: the removals' noise seed.
+    Returns:
+        (summary, one row per item). Summary: ``n``; for ``gt_mask``, ``auto_mask`` and ``identity`` (leave as
+        is) the mean and median PSNR (dB) inside the GT mask and the mean whole-image PSNR; ``gap_db`` (mean
+        in-mask PSNR with the GT mask minus with the auto mask); ``gap_db_when_found`` (the same over the items
+        where the detector found something); ``nothing_found_rate``; ``per_kind`` (the item's ``kind``: the
+        overlay kind, or "mixed"); ``removal_ms`` (the GT-mask removals' wall times, one at a time).
+        Rows: ``psnr_mask_db`` and ``psnr_db`` per mask, ``auto_empty``, ``auto_area``.
+    """
+    return asyncio.run(_end_to_end(dev, bundle, threads, seed, say))
+
+
+async def _end_to_end(dev: list[tuple[dict[str, Any], np.ndarray]], bundle: str | Path | None, threads: int,
+                      seed: int, say: Say) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    import statistics
+
+    from cleanplate import imaging
+    from cleanplate.metrics import psnr
+    from cleanplate.removal import RemoveOptions, run_removal
+
+    from .quality import _engine
+
+    engine = _engine("torch", bundle, "cpu", "fp32", threads, None, None)
+    await asyncio.wait_for(engine.start(), 600)
+    opts = RemoveOptions(seed=seed)
+    rows, removal_ms = [], []
+    try:
+        for i, (e, auto) in enumerate(dev):
+            src = imaging.decode_image(e["source"])
+            gt, gt_mask = imaging.decode_image(e["GT"]).rgb, imaging.decode_mask(e["mask"])
+            t0 = time.perf_counter()
+            with_gt = imaging.to_rgb8((await run_removal(engine, src, gt_mask, opts)).pixels)
+            removal_ms.append((time.perf_counter() - t0) * 1000)
+            # nothing found: the photo comes back unchanged (cleanplate.masks), so it scores as left as is
+            with_auto = src.rgb if not auto.any() else imaging.to_rgb8((await run_removal(engine, src, auto, opts)).pixels)
+            results = {"gt_mask": with_gt, "auto_mask": with_auto, "identity": src.rgb}
+            rows.append({"kind": e["kind"], "auto_empty": not bool(auto.any()), "auto_area": float(auto.mean()),
+                         "psnr_mask_db": {k: psnr(r, gt, gt_mask) for k, r in results.items()},
+                         "psnr_db": {k: psnr(r, gt) for k, r in results.items()}})
+            if (i + 1) % 20 == 0 or i + 1 == len(dev):
+                say(f"end to end: {i + 1}/{len(dev)}")
+    finally:
+        await engine.close()
+
+    def means(group: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": len(group)}
+        for k in ("gt_mask", "auto_mask", "identity"):
+            vals = [r["psnr_mask_db"][k] for r in group]
+            out[k] = {"psnr_mask_db_mean": statistics.fmean(vals), "psnr_mask_db_median": statistics.median(vals),
+                      "psnr_db_mean": statistics.fmean(r["psnr_db"][k] for r in group)}
+        out["gap_db"] = out["gt_mask"]["psnr_mask_db_mean"] - out["auto_mask"]["psnr_mask_db_mean"]
+        out["nothing_found_rate"] = sum(r["auto_empty"] for r in group) / len(group)
+        return out
+
+    summary = means(rows)
+    found = [r for r in rows if not r["auto_empty"]]
+    summary["gap_db_when_found"] = means(found)["gap_db"] if found else None
+    summary["n_found"] = len(found)
+    summary["per_kind"] = {k: means([r for r in rows if r["kind"] == k])
+                           for k in sorted({r["kind"] for r in rows})}
+    summary["removal_ms"] = summarize_ms(removal_ms)
+    summary["settings"] = {"engine": "torch", "bundle": str(bundle) if bundle else "default", "seed": seed,
+                           "threads": threads, "device": "cpu", "dtype": "fp32"}
+    return summary, rows
 
 
 def _png(path: str) -> np.ndarray:
@@ -217,13 +310,49 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     d, f = lat["detect_ms"], lat["forward_ms"]
     lines += ["", f"CPU latency at 512 x 512, {lat['threads']} torch thread(s): `detect` median {d['median']:.0f} ms "
               f"(p95 {d['p95']:.0f}, n {d['n']}), network forward alone {f['median']:.0f} ms."]
+    if report.get("e2e"):
+        lines += ["", *_e2e_markdown(report["e2e"])]
     return with_environment(lines, report["environment"])
 
 
+E2E_LABELS = {"gt_mask": "removal with the GT mask", "auto_mask": "removal with the auto mask (detector)",
+              "identity": "leave as is"}
+
+
+def _e2e_markdown(e: dict[str, Any]) -> list[str]:
+    st, r = e["settings"], e["removal_ms"]
+    when_found = "-" if e["gap_db_when_found"] is None else f"{e['gap_db_when_found']:.2f} dB"
+    lines = ["## End to end: removal with the auto mask vs with the GT mask", "",
+             f"Every dev item removed by the {st['engine']} engine of bundle `{st['bundle']}` (CPU, {st['dtype']}, "
+             f"seed {st['seed']}, the gateway's removal path) with its GT mask and with the detector's mask; PSNR "
+             "against the GT photo inside the GT mask. An auto mask that finds nothing leaves the photo unchanged, "
+             "so those items score as *leave as is*.", "",
+             "| mask | items | PSNR in GT mask, mean (dB) | median (dB) | PSNR whole image, mean (dB) |",
+             "|---|---:|---:|---:|---:|"]
+    for k, label in E2E_LABELS.items():
+        v = e[k]
+        lines.append(f"| {label} | {e['n']} | {v['psnr_mask_db_mean']:.2f} | {v['psnr_mask_db_median']:.2f} | "
+                     f"{v['psnr_db_mean']:.2f} |")
+    lines += ["", f"Gap (GT mask - auto mask): **{e['gap_db']:.2f} dB** (target <= {TARGETS['e2e_gap_db_max']:g} dB); "
+              f"the detector found nothing on {_pct(e['nothing_found_rate'])} of the items; over the "
+              f"{e['n_found']} items where it found something the gap is {when_found}. One removal with the GT mask: "
+              f"median {r['median']:.0f} ms (p95 {r['p95']:.0f}) on {st['threads']} torch thread(s).", "",
+              "| item kind | items | GT mask (dB) | auto mask (dB) | leave as is (dB) | gap (dB) | nothing found |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for k, v in e["per_kind"].items():
+        lines.append(f"| {k} | {v['n']} | {v['gt_mask']['psnr_mask_db_mean']:.2f} | "
+                     f"{v['auto_mask']['psnr_mask_db_mean']:.2f} | {v['identity']['psnr_mask_db_mean']:.2f} | "
+                     f"{v['gap_db']:.2f} | {_pct(v['nothing_found_rate'])} |")
+    return lines
+
+
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
-    """``out.png``: pixel precision / recall / F1 per kind (and all), and the false-positive area per negative."""
+    """``out.png``: pixel precision / recall / F1 per kind (and all), the false-positive area per negative, and
+    (with the end-to-end section) each dev item's in-mask PSNR with the auto mask against that with the GT mask."""
     plt = pyplot()
-    fig, (ax, hist) = plt.subplots(1, 2, figsize=(12, 4.5))
+    e2e = [r["e2e"] for r in report["items"] if r.get("e2e")]
+    fig, axes = plt.subplots(1, 3 if e2e else 2, figsize=(18 if e2e else 12, 4.8))
+    ax, hist = axes[0], axes[1]
     names = ["all", *report["per_kind"]]
     rows = [report["overall"], *report["per_kind"].values()]
     x = np.arange(len(names))
@@ -245,4 +374,22 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     hist.set_yscale("log")
     hist.legend(fontsize=8)
     hist.set_title("negatives")
+    if e2e:
+        sc = axes[2]
+        for empty, label, color in ((False, "auto mask found something", "tab:blue"),
+                                    (True, "found nothing (left as is)", "tab:red")):
+            pts = [(r["psnr_mask_db"]["gt_mask"], r["psnr_mask_db"]["auto_mask"]) for r in e2e if r["auto_empty"] == empty]
+            if pts:
+                sc.scatter(*zip(*pts, strict=True), s=10, alpha=0.6, color=color, label=f"{label} ({len(pts)})")
+        lo = min(min(r["psnr_mask_db"].values()) for r in e2e)
+        hi = max(r["psnr_mask_db"]["gt_mask"] for r in e2e)
+        sc.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="equal")
+        sc.plot([lo, hi], [lo - TARGETS["e2e_gap_db_max"], hi - TARGETS["e2e_gap_db_max"]], "k--", lw=0.8,
+                label="1 dB below")
+        s = report["e2e"]
+        sc.set_title(f"end to end: mean {s['gt_mask']['psnr_mask_db_mean']:.2f} (GT mask) vs "
+                     f"{s['auto_mask']['psnr_mask_db_mean']:.2f} dB (auto), gap {s['gap_db']:.2f} dB")
+        sc.set_xlabel("PSNR in GT mask, removal with the GT mask (dB)")
+        sc.set_ylabel("... with the auto mask (dB)")
+        sc.legend(fontsize=8, loc="upper left")
     return [save_figure(fig, Path(out).with_suffix(".png"))]
