@@ -6,20 +6,29 @@ gateway's micro-batching (:class:`cleanplate.engines.MicroBatcher`) on one model
 the graphs do not hold: the LCM schedule (with its prediction type), the empty-prompt conditioning, the
 masked-source fill, the residual decode and the gate's threshold; the ONNX directory must be exported from
 that bundle (``export.json`` names it; resolution and latent sizes are checked at start).
+
+The overlay detector (:meth:`OnnxRuntimeEngine.detect`) is the export's ``detector.onnx`` between
+:meth:`cleanplate.detector.Detector.preprocess` and :meth:`~cleanplate.detector.Detector.postprocess`, with
+the :class:`~cleanplate.detector.DetectorConfig` recorded in ``export.json`` (the calibration that goes with
+those weights), so its mask is the torch engine's.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .engines import BatchedEngine
-from .errors import BundleError
+from .errors import BundleError, EngineUnavailable, ErrorCode, InputError
 
-GRAPHS = ("vae_encoder", "unet", "vae_decoder", "discriminator")
+if TYPE_CHECKING:
+    from .detector import DetectionResult
+
+GRAPHS = ("vae_encoder", "unet", "vae_decoder", "discriminator", "detector")
 
 
 class OnnxRuntimeEngine(BatchedEngine):
@@ -32,6 +41,9 @@ class OnnxRuntimeEngine(BatchedEngine):
         max_batch, window_ms, max_queue, on_batch: micro-batching, as :class:`cleanplate.engines.TorchEngine`.
     Raises:
         InputError ("bad_export"): ``onnx_dir`` is not an export; BundleError: a bad bundle path.
+
+    ``has_detector`` is whether the export holds ``detector.onnx`` (``cleanplate export onnx`` of a bundle with
+    the overlay detector).
     """
 
     name = "onnxruntime"
@@ -51,6 +63,8 @@ class OnnxRuntimeEngine(BatchedEngine):
         self.resolution, self.default_dilate_px = self.config.resolution, self.config.dilate_px
         self.default_steps, self.paste_prefill = self.config.steps, self.config.paste_prefill
         self._threads = threads
+        self.has_detector = "detector" in self.manifest["graphs"]
+        self._detector: Any = None  # (Detector for its pre/postprocess, the detector.onnx session), set by _load
         super().__init__(max_batch=max_batch, window_ms=window_ms, max_queue=max_queue, on_batch=on_batch)
 
     def _load(self) -> tuple[Any, float | None]:
@@ -68,6 +82,12 @@ class OnnxRuntimeEngine(BatchedEngine):
         sessions = {g: ort.InferenceSession(str(self.onnx_dir / f"{g}.onnx"), options, providers=providers)
                     for g in GRAPHS if g in self.manifest["graphs"]}
         ranks = {g: {i.name: len(i.shape) for i in s.get_inputs()} for g, s in sessions.items()}
+        if "detector" in sessions:
+            from .detector import Detector, DetectorConfig
+
+            # the torch net stays unused (random init): only the exported config's preprocess/postprocess run here
+            config = DetectorConfig.model_validate(self.manifest["detector"]["config"])
+            self._detector = (Detector(config), sessions["detector"])
 
         def infer(graph: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
             # GraphRemoval passes rank-1 inputs (timestep) as (B, 1), the Triton convention
@@ -83,6 +103,26 @@ class OnnxRuntimeEngine(BatchedEngine):
                                pooled_prompt_embeds=cond.pooled_prompt_embeds.float().numpy())
         threshold = self.manifest.get("threshold") if "discriminator" in sessions else None
         return removal, threshold
+
+    async def detect(self, image: np.ndarray) -> DetectionResult:
+        """The export's overlay detector on an (H, W, 3) uint8 RGB photo: (H, W) uint8 {0, 255} mask and
+        detections, as :meth:`cleanplate.detector.Detector.detect`. Runs on the model thread, between batches.
+
+        Raises InputError "no_detector" when the export has no ``detector.onnx``, "bad_input" for a bad array;
+        EngineUnavailable while loading.
+        """
+        if not self.has_detector:
+            raise InputError(f"the onnxruntime engine's export {self.onnx_dir} has no detector.onnx (export a bundle "
+                             "with an overlay detector)", code=ErrorCode.NO_DETECTOR)
+        if self.model is None:
+            raise EngineUnavailable("the model is still loading")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._detect, image)
+
+    def _detect(self, image: np.ndarray) -> DetectionResult:
+        detector, session = self._detector
+        x, working = detector.preprocess(image)
+        logits = session.run(["logits"], {"image": x})[0]
+        return detector.postprocess(logits[0], working, np.shape(image)[:2])
 
     def _remove(self, crops: np.ndarray, masks: np.ndarray, seeds: np.ndarray, steps: int) -> np.ndarray:
         return self.model.remove(crops, masks, seeds, steps)

@@ -39,13 +39,13 @@ def export_onnx_cmd(
                                                                  "bundle's)")] = None,
     max_batch: Annotated[int, typer.Option(help="upper bound of the dynamic batch axis")] = 8,
     graph: Annotated[Optional[list[str]], typer.Option(help="only these graphs (repeat): unet, vae_encoder, "
-                                                            "vae_decoder, discriminator")] = None,
+                                                            "vae_decoder, discriminator, detector")] = None,
     atol: Annotated[float, typer.Option(help="parity tolerance: absolute part")] = 1e-3,
     rtol: Annotated[float, typer.Option(help="parity tolerance: part relative to max |PyTorch output|")] = 1e-3,
     seed: Annotated[Optional[int], typer.Option(help="seed of the random parity inputs (default: fresh)")] = None,
 ) -> None:
-    """Export unet (LCM-LoRA fused), vae_encoder, vae_decoder and discriminator as ONNX, with a parity
-    report (parity.json, parity.md) against PyTorch through onnxruntime."""
+    """Export unet (LCM-LoRA fused), vae_encoder, vae_decoder, discriminator and the overlay detector (those the
+    bundle has) as ONNX, with a parity report (parity.json, parity.md) against PyTorch through onnxruntime."""
     from .onnx import export_onnx
 
     report = export_onnx(bundle, out, buckets=resolution, max_batch=max_batch, graphs=graph, atol=atol, rtol=rtol,

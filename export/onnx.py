@@ -1,6 +1,6 @@
 """ONNX export of a bundle's graphs, with a parity check against PyTorch through onnxruntime.
 
-Four graphs, each with a dynamic batch axis and dynamic latent/image sides (every resolution bucket
+Five graphs, each with a dynamic batch axis and dynamic latent/image sides (every resolution bucket
 runs through the same file):
 
 =================  =====================================================  ==========================
@@ -12,6 +12,7 @@ graph              inputs                                                 output
 ``vae_decoder``    latent (B,C,h,w), scaled                               image (B,3,H,W) in [-1,1]
 ``discriminator``  result_latent (B,C,h,w), mask_latent (B,1,h,w),        score (B,) in [0,1]
                    source_latent (B,C,h,w)
+``detector``       image (B,3,H,W) in [0,1], H and W multiples of 32      logits (B,1+K,H,W)
 =================  =====================================================  ==========================
 
 All float32; H = h·f with f the VAE scale factor. The UNet has the LCM-LoRA fused in (``load_bundle``),
@@ -20,8 +21,16 @@ discriminator graph ends in the sigmoid, so a consumer needs no bundle config to
 facts that ``export.json`` records: ``prediction_type``, what ``noise_pred`` is (the name is kept for
 compatibility): ε for "epsilon", x0 for "sample", v for "v_prediction" (:mod:`cleanplate.sampling`);
 and ``masked_source``, how the hole of the image whose latent conditions the UNet is filled: "zero",
-"telea" or "ns" (:mod:`cleanplate.masked_source`). The exporter is torch's ``torch.export``-based ONNX exporter
-(``torch.onnx.export(dynamo=True)``).
+"telea" or "ns" (:mod:`cleanplate.masked_source`).
+
+The ``detector`` graph (when the bundle has the overlay detector, :mod:`cleanplate.detector`) is
+:meth:`Detector.logits`: its H and W are independent of the resolution buckets (any multiples of 32; a
+photo is resized to the detector's working size and padded, :meth:`Detector.preprocess`), and
+``export.json`` carries its :class:`~cleanplate.detector.DetectorConfig` (``detector.config``: threshold,
+min_area, kinds, working size), so a consumer turns the logits into the same mask with
+:meth:`Detector.postprocess`. Its parity check runs at the padded working size.
+
+The exporter is torch's ``torch.export``-based ONNX exporter (``torch.onnx.export(dynamo=True)``).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from cleanplate.bundle import Bundle, NullConditioning, load_bundle
 from cleanplate.errors import ErrorCode, ExportError, InputError
 from cleanplate.imaging import write_atomic
 
-GRAPHS = ("unet", "vae_encoder", "vae_decoder", "discriminator")
+GRAPHS = ("unet", "vae_encoder", "vae_decoder", "discriminator", "detector")
 MANIFEST = "export.json"
 PARITY_JSON, PARITY_MD = "parity.json", "parity.md"
 OPSET = 18
@@ -51,7 +60,8 @@ EXTERNAL_DATA_BYTES = 1 << 30  # above this, weights go to ``<graph>.onnx.data``
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output. ``dims`` uses symbols: B batch, H/W image side, h/w latent side."""
+    """One graph input or output. ``dims`` uses symbols: B batch, H/W image side, h/w latent side (for the
+    detector, H/W is its input side, unrelated to the buckets)."""
 
     name: str
     dims: tuple[int | str, ...]
@@ -71,8 +81,9 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
 
 
-def graph_specs(latent_channels: int, text_dim: int, pooled_dim: int, text_len: int = 77) -> dict[str, GraphSpec]:
-    """The I/O of every graph for a bundle with C latent channels and text sizes (D, P)."""
+def graph_specs(latent_channels: int, text_dim: int, pooled_dim: int, text_len: int = 77,
+                detector_kinds: int = 4) -> dict[str, GraphSpec]:
+    """The I/O of every graph for a bundle with C latent channels, text sizes (D, P) and a detector with K kinds."""
     c = latent_channels
     return {
         "unet": GraphSpec("unet", (
@@ -86,6 +97,8 @@ def graph_specs(latent_channels: int, text_dim: int, pooled_dim: int, text_len: 
         "discriminator": GraphSpec("discriminator", (
             TensorSpec("result_latent", ("B", c, "h", "w")), TensorSpec("mask_latent", ("B", 1, "h", "w")),
             TensorSpec("source_latent", ("B", c, "h", "w"))), (TensorSpec("score", ("B",)),)),
+        "detector": GraphSpec("detector", (TensorSpec("image", ("B", 3, "H", "W")),),
+                              (TensorSpec("logits", ("B", 1 + detector_kinds, "H", "W")),)),
     }
 
 
@@ -147,13 +160,27 @@ class DiscriminatorGraph(nn.Module):
         return torch.sigmoid(self.discriminator(result_latent, mask_latent, source_latent))
 
 
+class DetectorGraph(nn.Module):
+    """The overlay detector's network: image (B,3,H,W) in [0,1], H and W multiples of 32 -> logits (B,1+K,H,W),
+    as :meth:`cleanplate.detector.Detector.logits` (mask and boxes come from :meth:`Detector.postprocess`)."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.net = detector.net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)
+
+
 def graph_modules(bundle: Bundle) -> dict[str, nn.Module]:
-    """The bundle's graphs as eval-mode float32 CPU modules (no discriminator entry without one)."""
+    """The bundle's graphs as eval-mode float32 CPU modules (no discriminator or detector entry without one)."""
     modules: dict[str, nn.Module] = {
         "unet": UNetGraph(bundle.unet), "vae_encoder": VAEEncoderGraph(bundle.vae),
         "vae_decoder": VAEDecoderGraph(bundle.vae)}
     if bundle.discriminator is not None:
         modules["discriminator"] = DiscriminatorGraph(bundle.discriminator)
+    if bundle.detector is not None:
+        modules["detector"] = DetectorGraph(bundle.detector)
     return {k: m.eval().float().requires_grad_(False) for k, m in modules.items()}
 
 
@@ -198,7 +225,8 @@ def _random_inputs(spec: GraphSpec, batch: int, resolution: int, f: int, gen: to
         if t.name == "timestep":
             x = torch.randint(0, 1000, shape, generator=gen).float()
         elif t.name == "image":
-            x = torch.rand(shape, generator=gen) * 2 - 1
+            x = torch.rand(shape, generator=gen)
+            x = x if spec.name == "detector" else x * 2 - 1  # the detector takes [0,1], the VAE [-1,1]
         elif t.name == "mask_latent":
             x = (torch.rand(shape, generator=gen) > 0.5).float()
         elif t.name == "time_ids":
@@ -303,7 +331,9 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
         buckets: square resolutions R in px the graphs must serve (default: the bundle's resolution);
             each a multiple of f·2^(UNet down blocks - 1) (64 for SDXL). Parity runs at each.
         max_batch: upper bound of the dynamic batch axis (parity checks batch 1 and min(3, max_batch)).
-        graphs: a subset of :data:`GRAPHS` (default: all the bundle has).
+        graphs: a subset of :data:`GRAPHS` (default: all the bundle has). The detector's parity runs at its
+            padded working size, not at the buckets; ``export.json`` then also holds ``detector``: its
+            ``config`` (:class:`~cleanplate.detector.DetectorConfig`), ``stride`` (32) and ``side`` (that size).
         atol, rtol: parity tolerance on max |ONNX - PyTorch| per output.
         seed: seed of the random parity inputs (default: fresh from the OS; recorded in the report).
     Returns:
@@ -332,26 +362,37 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
                          code=ErrorCode.BAD_OPTION)
     cond = b.conditioning
     specs = graph_specs(int(vae_cfg.latent_channels), int(cond.prompt_embeds.shape[-1]),
-                        int(cond.pooled_prompt_embeds.shape[-1]), int(cond.prompt_embeds.shape[1]))
+                        int(cond.pooled_prompt_embeds.shape[-1]), int(cond.prompt_embeds.shape[1]),
+                        len(b.detector.config.kinds) if b.detector is not None else 4)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = ExportReport(out, {})
     max_latent = max(max(buckets) // f, 16)
+    detector = None
+    if "detector" in wanted:
+        from cleanplate.detector import STRIDE
+
+        side = -(-b.detector.config.working_size // STRIDE) * STRIDE  # the largest input preprocess makes
+        detector = {"config": b.detector.config.model_dump(mode="json"), "stride": STRIDE, "side": side}
     for name in wanted:
         t0 = time.perf_counter()
         say(f"exporting {name}")
-        example = _random_inputs(specs[name], min(2, max_batch), buckets[0], f, torch.Generator().manual_seed(0), cond)
+        # the detector's sides are multiples of its stride up to its padded working size, not latent sides
+        g_f, g_buckets, g_max = (detector["stride"], [detector["side"]], detector["side"] // detector["stride"]) \
+            if name == "detector" else (f, buckets, max_latent)
+        example = _random_inputs(specs[name], min(2, max_batch), g_buckets[0], g_f, torch.Generator().manual_seed(0),
+                                 cond)
         try:
             report.files[name] = _export_graph(modules[name], specs[name], example, out / f"{name}.onnx",
-                                               max_batch=max_batch, max_latent=max_latent, f=f, opset=opset)
+                                               max_batch=max_batch, max_latent=g_max, f=g_f, opset=opset)
         except ExportError:
             raise
         except Exception as exc:  # the exporter raises many types; the user needs the graph and the cause
             raise ExportError(f"exporting {name} failed: {type(exc).__name__}: {exc}") from exc
         say(f"checking {name} against PyTorch")
         report.parity += check_parity(modules[name], specs[name], out / f"{name}.onnx",
-                                      batches=sorted({1, min(3, max_batch)}), buckets=buckets, f=f,
+                                      batches=sorted({1, min(3, max_batch)}), buckets=g_buckets, f=g_f,
                                       conditioning=cond, seed=seed, atol=atol, rtol=rtol)
         report.seconds[name] = round(time.perf_counter() - t0, 2)
 
@@ -368,6 +409,7 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
         "residual_scale": b.config.residual_scale,
         "graphs": {name: {"files": report.files[name], "inputs": [asdict(t) for t in specs[name].inputs],
                           "outputs": [asdict(t) for t in specs[name].outputs]} for name in wanted},
+        **({"detector": detector} if detector else {}),
         "versions": {"torch": torch.__version__, "onnx_opset": opset},
     }
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode())

@@ -4,7 +4,9 @@ bucket and batch range (TensorRT 10 Python API: ``Builder``, ``OnnxParser``, ``I
 The profile plan (:func:`plan_profiles`) is pure Python and testable anywhere; :func:`build_engines`
 needs the ``tensorrt`` package and a CUDA GPU and raises :class:`TensorRTUnavailable` (CLI exit 2)
 without them. A plan's profile *i* serves bucket *i*; Triton's config lists every profile for each
-instance (``instance_group.profile``), and TensorRT picks the one the request's shape fits.
+instance (``instance_group.profile``), and TensorRT picks the one the request's shape fits. The overlay
+detector's input is not a bucket (any multiples of 32 up to its padded working size, non-square), so it
+gets one profile of its own over that whole range (:func:`detector_profile`).
 """
 
 from __future__ import annotations
@@ -81,13 +83,24 @@ def profiles_for_graph(graph: str, inputs: Sequence[TensorSpec], ranges: Sequenc
     return out
 
 
+def detector_profile(inputs: Sequence[TensorSpec], side: int, stride: int, max_batch: int) -> Profile:
+    """The detector's one profile: sides from ``stride`` to ``side`` (its padded working size, optimized for
+    side x side, what a photo's long side becomes), batch 1..max_batch optimized for max(1, max_batch // 2).
+    ``resolution`` records ``side``."""
+    opt = max(1, max_batch // 2)
+    shapes = {t.name: (t.shape(1, stride, stride), t.shape(opt, side, stride), t.shape(max_batch, side, stride))
+              for t in inputs}
+    return Profile("detector", side, shapes)
+
+
 def plan_profiles(onnx_dir: str | Path, profiles: Sequence[str] | None = None, *,
                   graphs: Sequence[str] | None = None) -> dict[str, list[Profile]]:
     """The optimization profiles to build for each graph of an ONNX export.
 
     Args:
         onnx_dir: a ``cleanplate export onnx`` directory (its ``export.json``).
-        profiles: ``RES:MIN-OPT-MAX`` strings (default: :func:`default_ranges` over the export's buckets).
+        profiles: ``RES:MIN-OPT-MAX`` strings (default: :func:`default_ranges` over the export's buckets);
+            they do not apply to the detector, which always gets :func:`detector_profile`.
         graphs: a subset of the exported graphs (default: all).
     Raises:
         InputError: a bad profile string, a profile resolution outside the export's buckets, or an
@@ -106,8 +119,15 @@ def plan_profiles(onnx_dir: str | Path, profiles: Sequence[str] | None = None, *
     if unknown:
         raise InputError(f"graphs {unknown} are not in {onnx_dir} (it has {sorted(manifest['graphs'])})",
                          code=ErrorCode.BAD_OPTION)
-    return {g: profiles_for_graph(g, [TensorSpec(t["name"], tuple(t["dims"]), t["dtype"])
-                                      for t in manifest["graphs"][g]["inputs"]], ranges, f) for g in wanted}
+    plan = {}
+    for g in wanted:
+        inputs = [TensorSpec(t["name"], tuple(t["dims"]), t["dtype"]) for t in manifest["graphs"][g]["inputs"]]
+        if g == "detector":
+            det = manifest["detector"]
+            plan[g] = [detector_profile(inputs, int(det["side"]), int(det["stride"]), max_batch)]
+        else:
+            plan[g] = profiles_for_graph(g, inputs, ranges, f)
+    return plan
 
 
 def _require_tensorrt() -> Any:
@@ -172,4 +192,4 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, plan: dict[str, lis
 
 
 __all__ = ["GRAPHS", "BatchRange", "Profile", "TensorRTUnavailable", "build_engines", "default_ranges",
-           "parse_profile", "plan_profiles", "profiles_for_graph"]
+           "detector_profile", "parse_profile", "plan_profiles", "profiles_for_graph"]

@@ -61,6 +61,17 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synth_dataset(tmp_path_factory.mktemp("synth"), 12, seed=5, cfg=SynthConfig(size=64), progress=False)
 
 
+def overlaid_photos(photos: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """For the detector's engines: real photos (one non-square) with a storefront overlay drawn by data synth
+    (names ending in "+overlay"), and a clean one; the shipped detector finds the overlays and leaves the
+    clean photo clean."""
+    from cleanplate.training.synth import add_overlay
+
+    return {"coffee+overlay": add_overlay(photos["coffee"], np.random.default_rng([99, 1]))[0],
+            "astronaut+overlay": add_overlay(photos["astronaut"], np.random.default_rng([99, 2]))[0],
+            "chelsea": photos["chelsea"]}
+
+
 def make_tiny_gated_bundle(out: Path, resolution: int = 64) -> Path:
     """:func:`make_tiny_bundle` plus a random-init discriminator (threshold 0.5) in ``discriminator/``."""
     from cleanplate.bundle import attach_discriminator, load_bundle

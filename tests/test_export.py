@@ -3,6 +3,7 @@ real Triton runs in tests/test_triton.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import bundle_variant, make_tiny_gated_bundle
+from conftest import bundle_variant, make_tiny_gated_bundle, overlaid_photos
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -85,6 +86,76 @@ def test_onnx_bad_options_exit_2(tiny_bundle: Path, gated_bundle: Path, tmp_path
     assert run.code == 2 and "unknown graphs" in run.err
     run = cli("export", "onnx", tmp_path / "nope", "--out", tmp_path)
     assert run.code == 2 and run.err.startswith("error: ")
+
+
+# -- the overlay detector -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def detector_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default bundle's trained detector alone (``--graph detector``), batch <= 2, parity seed 5."""
+    out = tmp_path_factory.mktemp("detector_onnx")
+    export_onnx(None, out, graphs=["detector"], max_batch=2, seed=5)
+    return out
+
+
+def test_detector_onnx_equals_torch(detector_onnx: Path) -> None:
+    """detector.onnx is Detector.logits at any batch and any sides that are multiples of 32 (non-square, one
+    stride, above the working size), and the manifest carries the config that turns its logits into the mask."""
+    from cleanplate.bundle import load_bundle
+    from cleanplate.export.tensorrt import plan_profiles
+
+    detector = load_bundle().detector
+    manifest = json.loads((detector_onnx / "export.json").read_text())
+    assert list(manifest["graphs"]) == ["detector"] and manifest["graphs"]["detector"]["files"] == ["detector.onnx"]
+    assert manifest["detector"]["config"] == detector.config.model_dump(mode="json")
+    assert (manifest["detector"]["stride"], manifest["detector"]["side"]) == (32, 512)
+    assert manifest["graphs"]["detector"]["outputs"] == [{"name": "logits", "dims": ["B", 5, "H", "W"], "dtype": "FP32"}]
+    parity = json.loads((detector_onnx / "parity.json").read_text())
+    assert parity["ok"] and {(r["graph"], r["output"], r["batch"], r["resolution"]) for r in parity["results"]} == {
+        ("detector", "logits", 1, 512), ("detector", "logits", 2, 512)}
+    session = _session(detector_onnx / "detector.onnx")
+    rng = np.random.default_rng(0)
+    for shape in ((2, 3, 352, 512), (1, 3, 32, 128), (1, 3, 576, 608)):
+        x = rng.random(shape, dtype=np.float32)
+        ours, ref = session.run(["logits"], {"image": x})[0], detector.logits(x)
+        assert ours.shape == ref.shape == (shape[0], 5, *shape[2:])
+        assert np.abs(ours - ref).max() <= 1e-3 + 1e-3 * np.abs(ref).max(), shape  # the export's own tolerance
+    # TensorRT gets one profile over every side preprocess makes, whatever the buckets
+    (profile,) = plan_profiles(detector_onnx)["detector"]
+    assert profile.shapes["image"] == ((1, 3, 32, 32), (1, 3, 512, 512), (2, 3, 512, 512))
+
+
+def test_onnxruntime_engine_detects_as_torch(detector_onnx: Path, gated_bundle: Path, gated_onnx: Path,
+                                             photos) -> None:
+    """The onnxruntime engine's mask and detections equal Detector.detect's on real photos with drawn overlays
+    (found) and on a clean one (left clean); an export without detector.onnx says so (no_detector)."""
+    from cleanplate.bundle import load_bundle
+    from cleanplate.onnxruntime_engine import OnnxRuntimeEngine
+
+    detector = load_bundle().detector
+
+    async def run() -> None:
+        engine = OnnxRuntimeEngine(detector_onnx, threads=1)
+        assert engine.has_detector
+        await engine.start()
+        try:
+            for name, image in overlaid_photos(photos).items():
+                ours, ref = await engine.detect(image), detector.detect(image)
+                assert ours.mask.shape == image.shape[:2] and ours.mask.dtype == np.uint8
+                assert np.array_equal(ours.mask, ref.mask), name
+                assert [d.to_dict() for d in ours.detections] == [d.to_dict() for d in ref.detections], name
+                assert (ours.mask > 0).mean() > 0.002 if "overlay" in name else not ours.mask.any(), name
+            with pytest.raises(InputError) as bad:
+                await engine.detect(np.zeros((8, 8), np.uint8))
+            assert bad.value.code == "bad_input"
+        finally:
+            await engine.close()
+        without = OnnxRuntimeEngine(gated_onnx, gated_bundle)
+        assert not without.has_detector
+        with pytest.raises(InputError) as none:
+            await without.detect(photos["chelsea"])
+        assert none.value.code == "no_detector"
+
+    asyncio.run(run())
 
 
 # -- TensorRT profile plan --------------------------------------------------------------------------------
