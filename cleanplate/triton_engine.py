@@ -12,6 +12,12 @@ queue full or this engine's ``max_inflight`` reached -> :class:`QueueFull` (429)
 ``timeout_s`` -> :class:`EngineUnavailable`. Readiness (``/readyz``) follows a health check every
 ``health_interval_s``; when Triton comes back after an outage its parameters are read again
 (a rolled-out repository may have a new resolution or threshold).
+
+The overlay detector (:meth:`TritonEngine.detect`, when the repository has the ``detector`` model): the
+gateway runs :meth:`cleanplate.detector.Detector.preprocess` and :meth:`~cleanplate.detector.Detector.postprocess`
+with the ``detector_config`` parameter of that model, and Triton the network, so the mask is the torch engine's.
+A maskless removal is therefore two calls (detect, then remove): ``cleanplate_remove`` takes the model crop the
+gateway cuts around the mask.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -27,8 +33,12 @@ from .engines import EngineUnavailable
 from .errors import ErrorCode, InputError, QueueFull
 from .masked_source import CLASSICAL_FILLS
 
+if TYPE_CHECKING:
+    from .detector import DetectionResult
+
 log = logging.getLogger("cleanplate.triton")
-REMOVE_MODEL, SCORE_MODEL = "cleanplate_remove", "cleanplate_score"  # as cleanplate.export.triton
+# as cleanplate.export.triton
+REMOVE_MODEL, SCORE_MODEL, DETECTOR_MODEL = "cleanplate_remove", "cleanplate_score", "detector"
 
 
 class TritonEngine:
@@ -41,23 +51,28 @@ class TritonEngine:
         retries: extra attempts on transient errors (0 = none).
         max_inflight: calls this gateway keeps open at once before answering 429.
         health_interval_s: seconds between readiness checks.
+
+    ``has_detector`` is whether the repository's ``detector_model`` was ready when the parameters were read.
     """
 
     name = "triton"
 
     def __init__(self, url: str = "127.0.0.1:8001", *, protocol: Literal["grpc", "http"] = "grpc",
-                 remove_model: str = REMOVE_MODEL, score_model: str = SCORE_MODEL, timeout_s: float = 30.0,
+                 remove_model: str = REMOVE_MODEL, score_model: str = SCORE_MODEL,
+                 detector_model: str = DETECTOR_MODEL, timeout_s: float = 30.0,
                  retries: int = 2, max_inflight: int = 64, health_interval_s: float = 2.0) -> None:
         if protocol not in ("grpc", "http"):
             raise InputError(f"triton protocol must be grpc or http, got {protocol!r}", code=ErrorCode.BAD_OPTION)
         self.url, self.protocol = url, protocol
-        self.remove_model, self.score_model = remove_model, score_model
+        self.remove_model, self.score_model, self.detector_model = remove_model, score_model, detector_model
         self.timeout_s, self.retries, self.max_inflight = timeout_s, retries, max_inflight
         self.health_interval_s = health_interval_s
         self.resolution, self.default_dilate_px, self.default_steps = 0, 0, 4
         self.threshold: float | None = None
         self.paste_prefill: str | None = None
         self.buckets: list[int] = []
+        self.has_detector = False
+        self._detector: Any = None  # cleanplate.detector.Detector for its preprocess/postprocess (net unused)
         self._client: Any = None
         self._mod: Any = None
         self._configured = False
@@ -100,7 +115,22 @@ class TritonEngine:
         self.threshold = None
         if "threshold" in params and await self._client.is_model_ready(self.score_model):
             self.threshold = float(params["threshold"])
+        self._detector = await self._detector_of_repository()
+        self.has_detector = self._detector is not None
         self._configured = True
+
+    async def _detector_of_repository(self) -> Any:
+        """A Detector built from the detector model's ``detector_config`` (its torch net stays unused), or None
+        when the repository has no ready detector model."""
+        from .detector import Detector, DetectorConfig
+
+        try:
+            if not await self._client.is_model_ready(self.detector_model):
+                return None
+        except Exception:  # noqa: BLE001 - Triton answers a model it does not know with an error, not False
+            return None
+        params = await self._parameters(self.detector_model)
+        return Detector(DetectorConfig.model_validate_json(params["detector_config"]))
 
     async def _parameters(self, model: str) -> dict[str, str]:
         config = await self._client.get_model_config(model, as_json=True) if self.protocol == "grpc" \
@@ -216,6 +246,25 @@ class TritonEngine:
         inputs = [self._input("source", source[None], "UINT8"), self._input("result", result[None], "UINT8"),
                   self._input("mask", mask[None].astype(np.uint8), "UINT8")]
         return float((await self._infer(self.score_model, inputs, "score")).reshape(-1)[0])
+
+
+    async def detect(self, image: np.ndarray) -> DetectionResult:
+        """The repository's overlay detector on an (H, W, 3) uint8 RGB photo: (H, W) uint8 {0, 255} mask and
+        detections, as :meth:`cleanplate.detector.Detector.detect`. Pre- and postprocessing run here on a worker
+        thread; the ``detector`` model gets (1, 3, h', w') FP32 ``image`` and answers (1, 1+K, h', w') ``logits``.
+
+        Raises InputError "no_detector" when the repository has no detector model, "bad_input" for a bad array;
+        EngineUnavailable / QueueFull as every call.
+        """
+        if not self._configured:
+            raise EngineUnavailable("Triton is not connected yet")
+        if self._detector is None:
+            raise InputError(f"the Triton repository at {self.url} has no {self.detector_model} model (export a "
+                             "bundle with an overlay detector)", code=ErrorCode.NO_DETECTOR)
+        detector, loop = self._detector, asyncio.get_running_loop()
+        x, working = await loop.run_in_executor(None, detector.preprocess, image)
+        logits = await self._infer(self.detector_model, [self._input("image", x, "FP32")], "logits")
+        return await loop.run_in_executor(None, detector.postprocess, logits[0], working, np.shape(image)[:2])
 
 
 def _message(exc: Exception) -> str:

@@ -6,6 +6,8 @@ Layout (``cleanplate export triton BUNDLE --out REPO --backend B``)::
     REPO/unet/           the LCM-LoRA-fused UNet, same three forms
     REPO/vae_decoder/
     REPO/discriminator/  when the bundle has one
+    REPO/detector/       the overlay detector's network, when the bundle has one: image (B,3,H,W) FP32 in [0,1]
+                         -> logits (B,1+K,H,W); parameter ``detector_config`` is its DetectorConfig as JSON
     REPO/cleanplate_remove/  BLS python model: the whole N-step removal inside Triton
                              (1/model.py, 1/sampling.py, 1/masked_source.py, 1/graph_removal.py, 1/schedules.json,
                              1/null_conditioning.npz)
@@ -19,6 +21,11 @@ that are (B,) in the graph (timestep, score) are (B,1) to clients via ``reshape`
 gateway's triton engine needs no bundle, and what the removal needs from the bundle: ``masked_source``
 (the conditioning fill, zero or telea) and, for reference, ``prediction_type`` (the sampler reads it
 from ``schedules.json``, which the bundle's scheduler config produced).
+
+The ``detector`` model is called by the triton engine itself (:meth:`cleanplate.triton_engine.TritonEngine.detect`,
+which runs :meth:`Detector.preprocess` / :meth:`Detector.postprocess` around it with ``detector_config``), not by
+a BLS model: ``cleanplate_remove`` takes model crops, cut by the gateway around the mask, so the mask has to exist
+before the removal request is made.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from .onnx import GRAPHS, ExportError, export_onnx, read_manifest
 
 Backend = Literal["tensorrt", "onnxruntime", "python"]
 BACKENDS: tuple[str, ...] = ("tensorrt", "onnxruntime", "python")
-REMOVE_MODEL, SCORE_MODEL = "cleanplate_remove", "cleanplate_score"
+REMOVE_MODEL, SCORE_MODEL, DETECTOR_MODEL = "cleanplate_remove", "cleanplate_score", "detector"
 MODELS_DIR = Path(__file__).parent / "triton_models"
 
 
@@ -253,7 +260,10 @@ def export_triton(bundle: str | Path | None, out_repo: str | Path, opts: Reposit
                         shutil.copy2(Path(onnx_dir) / extra, version / extra)
                 if opts.backend == "python":
                     shutil.copy2(MODELS_DIR / "onnx_runner.py", version / "model.py")
-            write_config(model_dir, graph_config(name, graph, opts, len(plan_profiles.get(name, [None]))))
+            config = graph_config(name, graph, opts, len(plan_profiles.get(name, [None])))
+            if name == "detector":  # the triton engine's preprocess/postprocess need the calibrated config
+                config.parameters["detector_config"].string_value = json.dumps(manifest["detector"]["config"])
+            write_config(model_dir, config)
             say(f"wrote {model_dir}")
 
         names = {g: g for g in graphs}
@@ -362,5 +372,5 @@ def validate_repository(repo: str | Path) -> list[str]:
     return sorted(configs)
 
 
-__all__ = ["BACKENDS", "GRAPHS", "REMOVE_MODEL", "SCORE_MODEL", "RepositoryOptions", "bls_config", "export_triton",
+__all__ = ["BACKENDS", "DETECTOR_MODEL", "GRAPHS", "REMOVE_MODEL", "SCORE_MODEL", "RepositoryOptions", "bls_config", "export_triton",
            "graph_config", "validate_repository"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import bundle_variant, serve_in_thread
+from conftest import bundle_variant, overlaid_photos, serve_in_thread
 from PIL import Image
 
 from cleanplate.bundle import default_bundle_path, read_config
@@ -126,6 +126,38 @@ def test_triton_engine_equals_torch_engine_on_real_photos(triton: TritonServer, 
     asyncio.run(run())
 
 
+def test_triton_engine_detects_as_torch(triton: TritonServer, default_repo: Path, photos) -> None:
+    """The repository's detector model, between Detector.preprocess / postprocess in the engine with the model's
+    detector_config, gives the shipped detector's mask and detections on real photos with drawn overlays (found)
+    and on a clean one (left clean), over gRPC and HTTP."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from cleanplate.bundle import DETECTOR_DIR
+    from cleanplate.detector import Detector, DetectorConfig
+
+    detector = Detector.from_dir(default_bundle_path() / DETECTOR_DIR)
+    config = text_format.Parse((default_repo / "detector/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert DetectorConfig.model_validate_json(config.parameters["detector_config"].string_value) == detector.config
+    images = overlaid_photos(photos)
+
+    async def run(url: str, protocol: str) -> None:
+        engine = TritonEngine(url, protocol=protocol)
+        await asyncio.wait_for(engine.start(), 30)
+        try:
+            assert engine.has_detector
+            for name, image in images.items():
+                ours, ref = await engine.detect(image), detector.detect(image)
+                assert ours.mask.shape == image.shape[:2] and np.array_equal(ours.mask, ref.mask), (protocol, name)
+                assert [d.to_dict() for d in ours.detections] == [d.to_dict() for d in ref.detections], (protocol, name)
+                assert (ours.mask > 0).mean() > 0.002 if "overlay" in name else not ours.mask.any(), (protocol, name)
+        finally:
+            await engine.close()
+
+    asyncio.run(run(triton.grpc_url, "grpc"))
+    asyncio.run(run(triton.http_url, "http"))
+
+
 # Bundles that predict each kind of output and fill the masked source with Telea (one with zero fill, one with
 # Navier-Stokes): (prediction_type, masked_source, decode_residual with this residual_scale, or None).
 VARIANTS = (("epsilon", "telea", None), ("v_prediction", "telea", None), ("sample", "telea", None),
@@ -189,6 +221,10 @@ def test_triton_engine_follows_prediction_type_and_masked_source(variants, photo
             assert engines[variant].resolution == torch_engine.resolution == 64
             expected_prefill = variant[1] if variant[2] is not None and variant[1] != "zero" else None
             assert engines[variant].paste_prefill == torch_engine.paste_prefill == expected_prefill
+            assert not engines[variant].has_detector  # the tiny bundle has no detector, so neither has its repository
+            with pytest.raises(InputError) as no_detector:
+                await engines[variant].detect(photos["chelsea"])
+            assert no_detector.value.code == "no_detector"
             for i, (name, crop, mask) in enumerate(_crops(photos, 64)):
                 steps = (4, 2, 1)[i]
                 ours, ref = await _both(engines[variant], torch_engine, crop, mask, seed=20 + i, steps=steps)
