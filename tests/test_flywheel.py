@@ -122,6 +122,67 @@ def test_generate_from_a_folder_cli_and_bad_input(cli, tmp_path, gated_bundle, p
     assert r.code == 2 and "entry 0" in r.err
 
 
+def _held_out(name: str, size: int = 256) -> np.ndarray:
+    import cv2
+
+    from cleanplate.training import synth
+
+    return cv2.resize(synth.load_photo(name), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def test_generate_on_a_plain_folder_with_auto_mask(cli, tmp_path, gated_bundle, photos):
+    """A folder of photos without masks: a held-out photo (never trained on) with promo text drawn by data
+    synth gets the shipped detector's mask, a transparent cut-out its alpha hole, a photo with a mask file in
+    --masks that file (the rule file > alpha > auto), and a clean photo is skipped and counted."""
+    import shutil
+
+    from cleanplate.bundle import DETECTOR_DIR, attach_detector, default_bundle_path
+    from cleanplate.detector import Detector
+    from cleanplate.masks import bundle_detector
+    from cleanplate.training import synth
+
+    bundle = tmp_path / "bundle"  # the tiny remover with the shipped detector: real masks, fast removals
+    shutil.copytree(gated_bundle, bundle)
+    attach_detector(bundle, Detector.from_dir(default_bundle_path() / DETECTOR_DIR))
+    promo, gt, kind = synth.add_overlay(_held_out("rocket"), np.random.default_rng([99, 2]))
+    assert kind == "text"
+    cutout = np.dstack([photos["coffee"][:96, :128], np.full((96, 128), 255, np.uint8)])
+    cutout[30:60, 40:90, 3] = 0
+    imgs, masks = tmp_path / "photos", tmp_path / "masks"
+    _png(imgs / "promo.png", promo)
+    _png(imgs / "clean.png", _held_out("astronaut"))
+    _png(imgs / "cutout.png", cutout)
+    _png(imgs / "drawn.png", photos["chelsea"][:80, :120])
+    drawn = np.zeros((80, 120), np.uint8)
+    drawn[10:30, 20:70] = 255
+    _png(masks / "drawn.png", drawn)
+
+    r = cli("flywheel", "generate", imgs, "--auto-mask", "--masks", masks, "-o", tmp_path / "fw", "--bundle", bundle)
+    assert r.code == 0, r.err
+    assert "generated 3, already there 0, failed 0; auto masks on 2 photos, 1 skipped (nothing detected)" in r.err
+    cands = {Path(c.pair_source).stem: c for c in read_candidates(tmp_path / "fw")}
+    assert sorted(cands) == ["cutout", "drawn", "promo"]
+    fw = tmp_path / "fw"
+    auto, expected = cands["promo"], bundle_detector(bundle).detect(promo).mask > 0
+    assert (auto.mask_source, auto.pair_mask) == ("auto", None) and auto.detections >= 1
+    stored = np.asarray(Image.open(fw / auto.mask)) > 127
+    np.testing.assert_array_equal(stored, expected)
+    assert (stored & gt).sum() > 0.4 * gt.sum() and (stored & ~gt).sum() < 0.05 * stored.sum()  # it is the text
+    far = ~dilate_mask(stored, auto.dilate_px)
+    np.testing.assert_array_equal(np.asarray(Image.open(fw / auto.result))[far], promo[far])
+    assert cands["cutout"].mask_source == "alpha" and cands["cutout"].detections is None
+    np.testing.assert_array_equal(np.asarray(Image.open(fw / cands["cutout"].mask)) > 127, cutout[..., 3] == 0)
+    assert cands["drawn"].mask_source == "file" and Path(cands["drawn"].pair_mask) == (masks / "drawn.png").resolve()
+
+    again = cli("flywheel", "generate", imgs, "--auto-mask", "--masks", masks, "-o", fw, "--bundle", bundle)
+    assert again.code == 0 and "generated 0, already there 3, failed 0" in again.err, again.err
+
+    no_detector = cli("flywheel", "generate", imgs, "--auto-mask", "-o", tmp_path / "x", "--bundle", gated_bundle)
+    assert no_detector.code == 2 and "no overlay detector" in no_detector.err, no_detector.err
+    plain = cli("flywheel", "generate", imgs, "-o", tmp_path / "x", "--bundle", bundle)
+    assert plain.code == 2 and "--auto-mask" in plain.err, plain.err
+
+
 # --------------------------------------------------------------------------------------------- label store
 def _store_with_items(root: Path, n: int) -> tuple[LabelStore, list[str]]:
     """A flywheel directory holding ``n`` hand-made candidates (64 px) of round 1 in candidates.jsonl."""

@@ -6,7 +6,9 @@ the discriminator on those judgements, lets the discriminator accept further res
 
 * :func:`generate` (``cleanplate flywheel generate``): the current bundle over (source, mask) pairs; each
   result is a *candidate* stored under ``DIR`` (layout below), with the bundle's discriminator score when
-  it has one.
+  it has one. With ``--auto-mask`` a plain folder of photos is enough: a photo without a mask file gets
+  the mask ``cleanplate remove --auto-mask`` would use (:mod:`cleanplate.masks`: transparent pixels, else
+  the bundle's overlay detector), and a photo where the detector finds nothing is skipped (counted).
 * :mod:`cleanplate.training.label_store` / :mod:`cleanplate.training.label_server` (``cleanplate label
   serve`` / ``export``): people say yes/no/skip; the export is a discriminator ``meta.json`` (``score``).
 * ``cleanplate train discriminator`` on that export (unchanged).
@@ -28,11 +30,14 @@ CANDIDATE FIELDS: ``id`` (``r<round>-<stem>-<hash of the pair's paths>-s<seed>``
 ``result`` (relative to DIR), ``gt`` (the pair's reference GT relative to DIR, or null: never used by the
 loop, only by scripted stand-in labelers), ``pair_source``/``pair_mask`` (the input files), ``seed``,
 ``round``, ``bundle`` (its name), ``bundle_path``, ``score``/``threshold`` (the generating bundle's
-discriminator, or null), ``dilate_px``, ``steps``, ``width``, ``height``, ``time`` (UTC).
+discriminator, or null), ``dilate_px``, ``steps``, ``width``, ``height``, ``time`` (UTC), ``mask_source``
+(``file``, ``alpha`` or ``auto``: :class:`cleanplate.masks.MaskSource`; ``pair_mask`` is null unless
+``file``) and ``detections`` (overlays the detector found, auto masks only).
 
 Resume: a candidate is done when its line is in ``candidates.jsonl``; its PNGs are written (atomically)
 before the line, so a killed run redoes at most the candidates whose line had not been written. A truncated
-last line is dropped. One ``generate`` at a time per directory (a lock file).
+last line is dropped. A photo skipped because the detector found nothing leaves no line, so a rerun detects
+on it again (and skips it again: the detector is deterministic). One ``generate`` at a time per directory (a lock file).
 """
 
 from __future__ import annotations
@@ -73,20 +78,23 @@ def utc_now() -> str:
 # ------------------------------------------------------------------------------------------ pairs
 @dataclass(frozen=True)
 class Pair:
-    """One unlabeled input: a source image and its mask (white = remove), optionally a reference GT."""
+    """One unlabeled input: a source image and its mask (white = remove; None: the mask rule of
+    :mod:`cleanplate.masks` makes it, from transparent pixels or the overlay detector), optionally a reference GT."""
 
     source: Path
-    mask: Path
+    mask: Path | None
     gt: Path | None = None
 
     def key(self) -> str:
-        """``<stem>-<8 hex of sha1(resolved source, resolved mask)>``: stable across runs and cwd."""
-        digest = hashlib.sha1(f"{self.source.resolve()}\0{self.mask.resolve()}".encode()).hexdigest()[:8]
+        """``<stem>-<8 hex of sha1(resolved source, resolved mask or "auto")>``: stable across runs and cwd."""
+        mask = "auto" if self.mask is None else self.mask.resolve()
+        digest = hashlib.sha1(f"{self.source.resolve()}\0{mask}".encode()).hexdigest()[:8]
         stem = _STEM.sub("_", self.source.stem)[:40] or "img"
         return f"{stem}-{digest}"
 
 
-def load_pairs(source: str | os.PathLike, masks: str | os.PathLike | None = None) -> list[Pair]:
+def load_pairs(source: str | os.PathLike, masks: str | os.PathLike | None = None, *,
+               auto_mask: bool = False) -> list[Pair]:
     """Unlabeled (image, mask) pairs from a RORem ``meta.json`` or a folder.
 
     Args:
@@ -94,23 +102,27 @@ def load_pairs(source: str | os.PathLike, masks: str | os.PathLike | None = None
             file; GT optional and kept only as a reference), or a folder of images.
         masks: with a folder, the folder of masks with the same stems (``a.jpg`` -> ``masks/a.png``), paired
             as every folder is (:func:`cleanplate.batch.items.pair_folder`).
+        auto_mask: an image without a mask file (a folder without ``masks``, an image missing from ``masks``,
+            an entry without "mask") is kept with ``mask`` None, for :func:`generate` to mask by the rule of
+            :mod:`cleanplate.masks`; without it, that is an error.
     Returns:
         Pairs in file order (sorted by name for a folder).
     Raises:
-        InputError ("bad_option"): missing file or folder, unreadable JSON, an entry without source/mask, a
-            folder without ``masks``, an image without a mask, nothing found.
+        InputError ("bad_option"): missing file or folder, unreadable JSON, an entry without source (or,
+            without ``auto_mask``, mask), a folder without ``masks`` or ``auto_mask``, an image without a mask
+            (without ``auto_mask``), nothing found.
     """
     src = Path(source)
     if src.is_dir():
-        if masks is None:
-            raise InputError("a folder of images needs --masks (a folder of same-named masks)",
-                             code=ErrorCode.BAD_OPTION)
-        mdir = Path(masks)
-        if not mdir.is_dir():
+        if masks is None and not auto_mask:
+            raise InputError("a folder of images needs --masks (a folder of same-named masks), or --auto-mask to "
+                             "let the overlay detector make them", code=ErrorCode.BAD_OPTION)
+        mdir = None if masks is None else Path(masks)
+        if mdir is not None and not mdir.is_dir():
             raise InputError(f"--masks must be a folder: {mdir}", code=ErrorCode.BAD_OPTION)
         pairs = []
         for pair in pair_folder(src, mdir, recursive=False):  # the batch job's pairing rule, this folder only
-            if pair.mask is None:
+            if pair.mask is None and not auto_mask:
                 raise InputError(pair.missing_mask(mdir), code=ErrorCode.BAD_OPTION)
             pairs.append(Pair(pair.image, pair.mask))
     elif not src.exists():
@@ -127,10 +139,13 @@ def load_pairs(source: str | os.PathLike, masks: str | os.PathLike | None = None
             raise InputError(f"{src}: a RORem meta.json is a JSON list", code=ErrorCode.BAD_OPTION)
         pairs = []
         for i, e in enumerate(entries):
-            if not isinstance(e, dict) or not isinstance(e.get("source"), str) or not isinstance(e.get("mask"), str):
-                raise InputError(f"{src} entry {i}: needs \"source\" and \"mask\" paths", code=ErrorCode.BAD_OPTION)
+            mask = e.get("mask") if isinstance(e, dict) else None
+            if (not isinstance(e, dict) or not isinstance(e.get("source"), str)
+                    or not (isinstance(mask, str) or (auto_mask and mask is None))):
+                raise InputError(f"{src} entry {i}: needs \"source\" and \"mask\" paths"
+                                 + ("" if auto_mask else " (or --auto-mask)"), code=ErrorCode.BAD_OPTION)
             gt = e.get("GT")
-            pairs.append(Pair(src.parent / e["source"], src.parent / e["mask"],
+            pairs.append(Pair(src.parent / e["source"], None if mask is None else src.parent / mask,
                               src.parent / gt if isinstance(gt, str) else None))
     if not pairs:
         raise InputError(f"no (image, mask) pairs in {src}", code=ErrorCode.BAD_OPTION)
@@ -160,6 +175,8 @@ class Candidate:
     width: int | None = None
     height: int | None = None
     time: str | None = None
+    mask_source: str | None = None
+    detections: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -238,31 +255,41 @@ def _png(pixels: np.ndarray) -> bytes:
 
 @dataclass
 class GenerateResult:
-    """What :func:`generate` did: counts and the per-pair errors (``(pair source, message)``)."""
+    """What :func:`generate` did: candidate counts, the photos whose mask the detector made (``auto_masked``)
+    and those of them it found nothing on (``nothing_found``, skipped: no candidate), and the per-pair errors
+    (``(pair source, message)``)."""
 
     generated: int = 0
     already: int = 0
     failed: int = 0
+    auto_masked: int = 0
+    nothing_found: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
     candidates_file: Path | None = None
 
     def line(self) -> str:
-        return (f"generated {self.generated}, already there {self.already}, failed {self.failed} -> "
+        auto = (f"; auto masks on {self.auto_masked} photos, {self.nothing_found} skipped (nothing detected)"
+                if self.auto_masked else "")
+        return (f"generated {self.generated}, already there {self.already}, failed {self.failed}{auto} -> "
                 f"{self.candidates_file}")
 
 
 def generate(pairs: Sequence[Pair], out_dir: str | os.PathLike, *, bundle: str | os.PathLike | None = None,
-             pipe: Any = None, per_pair: int = 1, seed: int = 0, round: int = 1, dilate_px: int | None = None,
-             steps: int | None = None, batch_size: int = 4, score: bool = True, device: str = "cpu",
-             progress: Callable[[int, int], None] | None = None) -> GenerateResult:
+             pipe: Any = None, detector: Any = None, per_pair: int = 1, seed: int = 0, round: int = 1,
+             dilate_px: int | None = None, steps: int | None = None, batch_size: int = 4, score: bool = True,
+             device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> GenerateResult:
     """Run the remover over ``pairs`` and store each result as a candidate under ``out_dir`` (resumable).
 
     Args:
         pairs: from :func:`load_pairs`; images of any mode (stored and judged as 8-bit RGB), masks white =
-            remove, same size as their image.
+            remove, same size as their image. A pair without a mask gets one by the rule of
+            :mod:`cleanplate.masks` (the image's transparent pixels, else the detector's mask); when the
+            detector finds nothing the photo is skipped (``nothing_found``), its candidates not made.
         out_dir: the flywheel directory (created).
         bundle / pipe: the bundle directory (None: the default bundle), or an already loaded
             :class:`cleanplate.pipeline.RemovalPipeline`.
+        detector: the :class:`cleanplate.detector.Detector` for pairs without a mask (None: the bundle's,
+            float32 on the pipeline's device, as the torch engine runs it).
         per_pair: candidates per pair (>= 1), seeds ``seed .. seed + per_pair - 1``.
         round: flywheel round (>= 1) recorded with each candidate and part of its id, so a new round of the
             same pairs makes new candidates and a rerun of a round makes none twice.
@@ -275,8 +302,10 @@ def generate(pairs: Sequence[Pair], out_dir: str | os.PathLike, *, bundle: str |
         is counted in ``failed`` with its message and the others go on.
     Raises:
         InputError: "bad_option" for per_pair/round/batch_size/seed out of range, "busy" when another
-            generate holds the directory.
+            generate holds the directory, "no_detector" when a pair needs the detector and the bundle has none.
     """
+    from cleanplate.bundle import load_bundle, read_config
+    from cleanplate.masks import MaskSource, bundle_detector, resolve_mask_with
     from cleanplate.pipeline import RemovalPipeline
     from cleanplate.remover import RemovalRequest, ScoreRequest, remove_batch, score_batch
 
@@ -300,43 +329,67 @@ def generate(pairs: Sequence[Pair], out_dir: str | os.PathLike, *, bundle: str |
         if not todo:
             return result
         if pipe is None:
-            pipe = RemovalPipeline.from_bundle(bundle, device=device)
+            loaded_bundle = load_bundle(bundle)
+            pipe = RemovalPipeline.from_bundle(loaded_bundle, device=device)
+            if detector is None and loaded_bundle.detector is not None:
+                detector = loaded_bundle.detector.to(pipe.device)  # float32 whatever the dtype, as the engine
+        elif detector is None and any(pair.mask is None for _, pair, _ in todo) and read_config(
+                pipe_bundle_path(pipe, bundle)).detector:  # a pipeline given without its detector: the bundle's
+            detector = bundle_detector(pipe_bundle_path(pipe, bundle))
         bundle_path = str(pipe_bundle_path(pipe, bundle))
         do_score = score and pipe.discriminator is not None
-        loaded: dict[Pair, tuple[imaging.DecodedImage, np.ndarray] | str] = {}
+        loaded: dict[Pair, tuple[imaging.DecodedImage, np.ndarray, Any] | str | None] = {}
+        skipped: set[Pair] = set()
+        skipped_candidates = 0
 
-        def load(pair: Pair) -> tuple[imaging.DecodedImage, np.ndarray] | str:
+        def load(pair: Pair) -> tuple[imaging.DecodedImage, np.ndarray, Any] | str | None:
+            """(RGB image, mask, the rule's ResolvedMask), an error message, or None: nothing detected."""
             if pair not in loaded:
                 try:
-                    img = _rgb_image(np.ascontiguousarray(imaging.decode_image(pair.source).rgb))
-                    mask = imaging.decode_mask(pair.mask)
-                    imaging.validate_mask(mask, img.size)
+                    decoded = imaging.decode_image(pair.source)
+                    given = None if pair.mask is None else imaging.decode_mask(pair.mask)
+                    used = resolve_mask_with(detector, decoded, given, auto=True,  # cleanplate.masks' rule
+                                             what=f"the bundle {bundle_path}")
+                    result.auto_masked += used.source is MaskSource.auto
+                    got: tuple[imaging.DecodedImage, np.ndarray, Any] | None = None
+                    if used.nothing_found:
+                        result.nothing_found += 1
+                    else:
+                        img = _rgb_image(np.ascontiguousarray(decoded.rgb))
+                        imaging.validate_mask(used.mask, img.size)
+                        got = (img, used.mask, used)
                     loaded.clear()  # keep one pair's pixels at a time (per_pair candidates share them)
-                    loaded[pair] = (img, mask)
+                    loaded[pair] = got
                 except CleanplateError as exc:
+                    if exc.code is ErrorCode.NO_DETECTOR:
+                        raise  # every photo without a mask would fail the same way
                     return f"{exc}"
             return loaded[pair]
 
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            ready: list[tuple[str, Pair, int, imaging.DecodedImage, np.ndarray]] = []
+            ready: list[tuple[str, Pair, int, imaging.DecodedImage, np.ndarray, Any]] = []
             for cid, pair, s in chunk:
-                got = load(pair)
+                got = load(pair) if pair not in skipped else None
                 if isinstance(got, str):
                     result.failed += 1
                     result.errors.append((str(pair.source), got))
                     continue
+                if got is None:  # the detector found nothing on this photo: no candidate
+                    skipped.add(pair)
+                    skipped_candidates += 1
+                    continue
                 ready.append((cid, pair, s, *got))
             outputs: list[tuple[Any, float | None]] = []
             for group in _runnable(pipe, ready, dilate_px, steps, result):
-                reqs = [RemovalRequest(img, mask, dilate_px, s, steps) for _, _, s, img, mask in group]
+                reqs = [RemovalRequest(img, mask, dilate_px, s, steps) for _, _, s, img, mask, _ in group]
                 removed = remove_batch(pipe, reqs, max_batch=batch_size)
                 scores: list[float | None] = [None] * len(group)
                 if do_score:
                     scores = score_batch(pipe, [ScoreRequest(img, _rgb_image(r.pixels), mask, dilate_px)
-                                                for (_, _, _, img, mask), r in zip(group, removed, strict=True)])
+                                                for (_, _, _, img, mask, _), r in zip(group, removed, strict=True)])
                 outputs.extend(zip(group, zip(removed, scores, strict=True), strict=True))
-            for (cid, pair, s, img, mask), (removed, sc) in outputs:
+            for (cid, pair, s, img, mask, used), (removed, sc) in outputs:
                 folder = out / CANDIDATES_DIR / cid
                 imaging.write_atomic(folder / "source.png", _png(img.rgb))
                 imaging.write_atomic(folder / "mask.png", _png(mask.astype(np.uint8) * 255))
@@ -346,15 +399,17 @@ def generate(pairs: Sequence[Pair], out_dir: str | os.PathLike, *, bundle: str |
                     id=cid, source=f"{rel}/source.png", mask=f"{rel}/mask.png", result=f"{rel}/result.png",
                     seed=s, round=round, bundle=pipe.config.name, bundle_path=bundle_path,
                     gt=_rel(pair.gt, out) if pair.gt is not None else None,
-                    pair_source=str(pair.source.resolve()), pair_mask=str(pair.mask.resolve()),
+                    pair_source=str(pair.source.resolve()),
+                    pair_mask=None if pair.mask is None else str(pair.mask.resolve()),
                     score=None if sc is None else round_(sc), threshold=pipe.threshold if do_score else None,
                     dilate_px=pipe.config.dilate_px if dilate_px is None else dilate_px,
                     steps=pipe.config.steps if steps is None else steps, width=img.width, height=img.height,
-                    time=utc_now())
+                    time=utc_now(), mask_source=used.source.value,
+                    detections=None if used.detections is None else len(used.detections))
                 _append_line(out / CANDIDATES_FILE, cand.to_json())
                 result.generated += 1
             if progress:
-                progress(result.generated + result.failed, len(todo))
+                progress(result.generated + result.failed + skipped_candidates, len(todo))
     return result
 
 
@@ -365,7 +420,7 @@ def _runnable(pipe: Any, ready: list, dilate_px: int | None, steps: int | None,
 
     good = []
     for entry in ready:
-        _, pair, s, img, mask = entry
+        _, pair, s, img, mask, _ = entry
         try:
             prepare(RemovalRequest(img, mask, dilate_px, s, steps), pipe.resolution, pipe.config.dilate_px)
             good.append(entry)

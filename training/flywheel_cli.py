@@ -37,9 +37,15 @@ MinVotesOpt = Annotated[int, typer.Option(help="yes/no votes an item needs to be
 @flywheel_app.command("generate")
 def generate_cmd(
     pairs: Annotated[Path, typer.Argument(help="unlabeled pairs: a RORem meta.json (source, mask[, GT]) or a folder "
-                                               "of images (with --masks)")],
+                                               "of images (with --masks, or --auto-mask for plain photos)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="flywheel directory (candidates/, candidates.jsonl)")],
     masks: Annotated[Optional[Path], typer.Option(help="with a folder: folder of same-named masks")] = None,
+    auto_mask: Annotated[bool, typer.Option("--auto-mask", help="photos without a mask file (a folder without "
+                                                                "--masks, one missing from --masks, a meta.json "
+                                                                "entry without \"mask\") get the mask `remove "
+                                                                "--auto-mask` would use: transparent pixels, else "
+                                                                "the bundle's overlay detector; a photo where it "
+                                                                "finds nothing is skipped and counted")] = False,
     bundle: Annotated[Optional[Path], typer.Option(help="bundle directory (default: the bundled model)")] = None,
     round: Annotated[int, typer.Option("--round", help="flywheel round recorded with (and part of the id of) "
                                                        "each candidate")] = 1,
@@ -53,14 +59,17 @@ def generate_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
 ) -> None:
     """Run the bundle over unlabeled (image, mask) pairs and store each result as a candidate. Resumable:
-    a rerun makes only the candidates that are missing. Exit 1 when some pairs could not be used."""
+    a rerun makes only the candidates that are missing. Exit 1 when some pairs could not be used. A plain
+    folder of photos needs --auto-mask: detection is opt-in here as in `remove` and `batch run`, so a
+    forgotten --masks is an error rather than a run on masks nobody drew. The mask rule is `remove`'s (mask
+    file, else transparent pixels, else the detector); skipped photos (nothing detected) are not failures."""
     from cleanplate.errors import ErrorCode, InputError
 
     from .flywheel import generate, load_pairs
 
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}", code=ErrorCode.BAD_OPTION)
-    items = load_pairs(pairs, masks)[:limit]
+    items = load_pairs(pairs, masks, auto_mask=auto_mask)[:limit]
     result = generate(items, out, bundle=bundle, per_pair=per_pair, seed=seed, round=round, dilate_px=dilate_px,
                       steps=steps, batch_size=batch_size, score=score, device=device,
                       progress=lambda done, total: say(f"{done}/{total}"))
