@@ -123,10 +123,14 @@ def latency_cmd(
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     onnx_dir: Annotated[Optional[Path], typer.Option(help="onnxruntime engine: an ONNX export of the bundle "
                                                           "(default: export it now)")] = None,
+    detect: Annotated[bool, typer.Option("--detect/--no-detect", help="also time the overlay detector on the "
+                                                                      "request photo (the auto mask's stage), when "
+                                                                      "there is one")] = True,
     out: OutOpt = None,
 ) -> None:
     """Per-stage latency (decode, crop, VAE encode, each UNet step, VAE decode, composite, gate) per resolution
-    and batch: median, p95, p99, with warm-up, device sync and the environment recorded. Several --engine:
+    and batch: median, p95, p99, with warm-up, device sync and the environment recorded; the overlay detector's
+    cost on the same photo (the auto mask's stage) next to it, with its ratio to one removal. Several --engine:
     each runs with the same options, back to back, and one report compares their ms per image."""
     from . import latency, latency_compare
 
@@ -146,7 +150,7 @@ def latency_cmd(
                                    batches=batch or [1], steps=steps, image_size=image_size, warmup=warmup,
                                    repeats=repeats, device=device, dtype=dtype, gate=gate, triton_url=triton_url,
                                    triton_protocol=triton_protocol, threads=threads, seed=seed, onnx_dir=onnx_dir,
-                                   say=say) for name in engines]
+                                   detect=detect, say=say) for name in engines]
     default = "latency_" + "_vs_".join(engines) + ("_sdxl" if arch is LatencyArch.sdxl else "") + _device_tag(device)
     if len(reports) == 1:
         _finish(reports[0], out or Path("benchmarks/results") / default, latency)

@@ -19,6 +19,13 @@ time; on CUDA the device is synchronised before every read):
   With no ``triton_url`` a local Triton (python backend, ONNX Runtime) is started on a repository
   exported for the requested resolutions.
 
+* ``detect`` (when the bundle, or the engine, has an overlay detector; ``--no-detect`` skips it): the
+  auto mask's cost, :meth:`cleanplate.detector.Detector.detect` on the same request photo (per image, after
+  ``warmup`` runs, ``repeats`` times; the torch engine's bundle detector in float32 on its device, other
+  engines' :meth:`Engine.detect <cleanplate.engines.Engine.detect>`). Only a request without a mask pays it,
+  so it is reported next to the stages, not in their sum, with its ratio to one removal (median ms per
+  image): issue 17's bar is detection at 512 px <= half a removal on the CPU (``--image-size 512``).
+
 Every case runs ``warmup`` unmeasured repetitions first. Resolution = the model's square input side R
 (the crop the UNet sees); the default bundle is trained at 256 but runs at any multiple of its VAE
 factor, which is how its cost at 512 or 1024 is measured.
@@ -31,7 +38,7 @@ import contextlib
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +101,15 @@ def _torch_rep(pipe: Any, image_bytes: bytes | None, mask_bytes: bytes | None, b
 
 
 def _torch_cases(pipe: Any, cases: Sequence[tuple[int, int]], image_size: int | None, steps: int, gate: bool,
-                 warmup: int, repeats: int, plain_repeats: int, seed: int, say: Say) -> list[dict[str, Any]]:
+                 warmup: int, repeats: int, plain_repeats: int, seed: int, say: Say,
+                 detector: Any = None) -> list[dict[str, Any]]:
     import torch
 
+    async def detect(image: np.ndarray) -> Any:
+        return detector.detect(image)
+
     results = []
+    detect_by_size: dict[int, dict[str, Any]] = {}
     with torch.inference_mode():
         for resolution, batch in cases:
             p = dataclasses.replace(pipe, config=pipe.config.model_copy(update={"resolution": resolution}),
@@ -118,8 +130,36 @@ def _torch_cases(pipe: Any, cases: Sequence[tuple[int, int]], image_size: int | 
                 _torch_rep(p, image_bytes, mask_bytes, batch, steps, gate, clock, seed, instrument=False)
                 plain.append(clock.total_ms)
             results.append(_case(resolution, batch, size, stages, totals, plain=plain))
+            if detector is not None:
+                if size not in detect_by_size:
+                    detect_by_size[size] = asyncio.run(_time_detect(detect, image_bytes, warmup, repeats, clock))
+                _add_detect(results[-1], detect_by_size[size])
             say(_case_line(results[-1]))
     return results
+
+
+async def _time_detect(detect: Callable[[np.ndarray], Awaitable[Any]], image_bytes: bytes, warmup: int,
+                       repeats: int, clock: StageClock) -> dict[str, Any]:
+    """ms per ``detect`` of the decoded request photo: ``warmup`` (at least 1: an engine may load its detector
+    on the first call) unmeasured runs, then ``repeats`` timed."""
+    from cleanplate import imaging
+
+    image = imaging.decode_image(image_bytes).rgb
+    times, warmup = [], max(1, warmup)
+    for i in range(warmup + repeats):
+        clock.start()
+        await detect(image)
+        clock.mark("detect")
+        if i >= warmup:
+            times.append(clock.total_ms)
+    return summarize_ms(times)
+
+
+def _add_detect(case: dict[str, Any], detect_ms: dict[str, Any]) -> None:
+    """The detection stage of a case: ms per image, and its ratio to one removal's median ms per image."""
+    case["detect_ms"] = detect_ms
+    per_image = case["per_image_ms"]
+    case["detect_over_removal"] = detect_ms["median"] / per_image if per_image else None
 
 
 # -- opencv and triton (through the gateway's engine interface) ---------------------------------------------
@@ -149,9 +189,10 @@ async def _engine_rep(engine: Any, image_bytes: bytes, mask_bytes: bytes, batch:
 
 async def _engine_cases(engine: Any, cases: Sequence[tuple[int, int]], image_size: int | None, steps: int,
                         gate: bool, warmup: int, repeats: int, seed: int, say: Say,
-                        stats: Callable[[], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                        stats: Callable[[], dict[str, Any]] | None = None, detect: bool = True) -> list[dict[str, Any]]:
     await engine.start()
     results = []
+    detect_by_size: dict[int, dict[str, Any]] = {}
     try:
         for resolution, batch in cases:
             engine.resolution = resolution  # Triton: any exported bucket; OpenCV: its crop side
@@ -168,6 +209,10 @@ async def _engine_cases(engine: Any, cases: Sequence[tuple[int, int]], image_siz
                 totals.append(clock.total_ms)
             extra = {"triton_models": _stats_delta(before, stats())} if stats else {}
             results.append(_case(resolution, batch, size, stages, totals, **extra))
+            if detect and getattr(engine, "has_detector", False):
+                if size not in detect_by_size:
+                    detect_by_size[size] = await _time_detect(engine.detect, image_bytes, warmup, repeats, clock)
+                _add_detect(results[-1], detect_by_size[size])
             say(_case_line(results[-1]))
     finally:
         await engine.close()
@@ -255,8 +300,9 @@ def _case(resolution: int, batch: int, size: int, stages: list[dict[str, float]]
 
 
 def _case_line(c: dict[str, Any]) -> str:
+    detect = f"; detect {fmt_ms(c['detect_ms']['median'])} ms per image" if c.get("detect_ms") else ""
     return (f"R={c['resolution']} batch={c['batch']}: median {fmt_ms(c['total_ms']['median'])} ms, p95 "
-            f"{fmt_ms(c['total_ms']['p95'])} ms, {c['images_per_s']:.2f} images/s")
+            f"{fmt_ms(c['total_ms']['p95'])} ms, {c['images_per_s']:.2f} images/s{detect}")
 
 
 def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch: str = "bundle",
@@ -264,7 +310,7 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
                 image_size: int | None = None, warmup: int = 3, repeats: int = 20, plain_repeats: int | None = None,
                 device: str = "cpu", dtype: str = "fp32", gate: bool | None = None, triton_url: str | None = None,
                 triton_protocol: str = "grpc", threads: int | None = None, seed: int = 0,
-                onnx_dir: str | Path | None = None, say: Say = lambda m: None) -> dict[str, Any]:
+                onnx_dir: str | Path | None = None, detect: bool = True, say: Say = lambda m: None) -> dict[str, Any]:
     """Measure per-stage latency for every (resolution, batch); returns the report dict (see module doc).
 
     Args:
@@ -281,6 +327,7 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
         threads: torch intra-op threads (and ONNX Runtime's, in-process or in a local Triton).
         onnx_dir: onnxruntime engine: a ``cleanplate export onnx`` directory with the resolutions as buckets
             (default: export the bundle now, parity-checked, to a temporary directory).
+        detect: time the overlay detector on the request photo when there is one (module docstring).
     Raises:
         InputError: bad options (engine, sizes, counts, fp16 on CPU, sdxl on CPU, gate without discriminator,
             a resolution that is not a multiple of the VAE factor or not a Triton bucket).
@@ -325,7 +372,13 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
     plain_repeats = max(3, repeats // 4) if plain_repeats is None else plain_repeats
     meta: dict[str, Any] = {}
     if engine == "torch":
-        cases_out = _torch_cases(pipe, cases, image_size, steps, bool(gate), warmup, repeats, plain_repeats, seed, say_)
+        detector = None
+        if detect and arch == "bundle" and read_config(bundle or default_bundle_path()).detector:
+            from cleanplate.masks import bundle_detector
+
+            detector = bundle_detector(bundle).to(pipe.device)  # float32, as the torch engine runs it
+        cases_out = _torch_cases(pipe, cases, image_size, steps, bool(gate), warmup, repeats, plain_repeats, seed,
+                                 say_, detector)
         meta = {"model": model, "arch": arch, "dtype": str(pipe.dtype),
                 "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in (("unet", pipe.unet), ("vae", pipe.vae))},
                 "vae_dtype": str(pipe.vae_dtype), "vae_scale_factor": f, "device": str(pipe.device)}
@@ -334,15 +387,17 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
 
         gate = False
         eng = OpenCVEngine(resolution=resolutions[0], dilate_px=config.dilate_px)
-        cases_out = asyncio.run(_engine_cases(eng, cases, image_size, steps, False, warmup, repeats, seed, say_))
+        cases_out = asyncio.run(_engine_cases(eng, cases, image_size, steps, False, warmup, repeats, seed, say_,
+                                              detect=detect))
         meta = {"model": "cv2.inpaint Telea, radius 5", "device": "cpu"}
     elif engine == "onnxruntime":
         cases_out, meta = _run_onnxruntime(bundle, config, cases, resolutions, batches, image_size, steps, gate,
-                                           warmup, repeats, onnx_dir, threads, seed, say_)
+                                           warmup, repeats, onnx_dir, threads, seed, say_, detect)
         gate = meta.pop("gate")
     else:
         cases_out, meta = _run_triton(bundle, cases, resolutions, batches, image_size, steps, gate, warmup, repeats,
-                                      triton_url, triton_protocol, threads or torch.get_num_threads(), seed, say_)
+                                      triton_url, triton_protocol, threads or torch.get_num_threads(), seed, say_,
+                                      detect)
         gate = meta.pop("gate")
     return {
         "harness": "latency", "engine": engine,
@@ -357,7 +412,7 @@ def run_latency(engine: str = "torch", *, bundle: str | Path | None = None, arch
 def _run_onnxruntime(bundle: Any, config: Any, cases: Any, resolutions: list[int], batches: Sequence[int],
                      image_size: int | None, steps: int, gate: bool | None, warmup: int, repeats: int,
                      onnx_dir: str | Path | None, threads: int | None, seed: int,
-                     say: Say) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                     say: Say, detect: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from cleanplate.bundle import default_bundle_path
     from cleanplate.export.onnx import export_onnx, read_manifest
     from cleanplate.onnxruntime_engine import OnnxRuntimeEngine
@@ -375,14 +430,15 @@ def _run_onnxruntime(bundle: Any, config: Any, cases: Any, resolutions: list[int
         if missing:
             raise InputError(f"{where} was exported for {buckets} px, not {missing}", code=ErrorCode.BAD_OPTION)
         eng = OnnxRuntimeEngine(where, bundle, threads=threads, max_batch=max(batches), window_ms=5)
-        out = asyncio.run(_engine_cases(eng, cases, image_size, steps, use_gate, warmup, repeats, seed, say))
+        out = asyncio.run(_engine_cases(eng, cases, image_size, steps, use_gate, warmup, repeats, seed, say,
+                                        detect=detect))
     return out, {"model": f"{bundle or default_bundle_path()} exported to ONNX, run by ONNX Runtime in-process",
                  "onnx_dir": str(onnx_dir) if onnx_dir else None, "gate": use_gate, "device": "cpu"}
 
 
 def _run_triton(bundle: Any, cases: Any, resolutions: list[int], batches: Sequence[int], image_size: int | None,
                 steps: int, gate: bool | None, warmup: int, repeats: int, url: str | None, protocol: str,
-                threads: int, seed: int, say: Say) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                threads: int, seed: int, say: Say, detect: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from cleanplate.bundle import default_bundle_path
     from cleanplate.triton_engine import TritonEngine
 
@@ -397,7 +453,7 @@ def _run_triton(bundle: Any, cases: Any, resolutions: list[int], batches: Sequen
         if use_gate and eng.threshold is None:
             raise InputError("--gate: this Triton repository has no discriminator", code=ErrorCode.NO_DISCRIMINATOR)
         out = asyncio.run(_engine_cases(eng, cases, image_size, steps, use_gate, warmup, repeats, seed, say,
-                                        stats=lambda: triton_statistics(grpc_url, proto)))
+                                        stats=lambda: triton_statistics(grpc_url, proto), detect=detect))
         return out, {"model": f"{bundle or default_bundle_path()} exported to a Triton repository", "triton": where,
                      "protocol": proto, "gate": use_gate, "device": "triton"}
 
@@ -463,6 +519,15 @@ def markdown_lines(report: dict[str, Any], command: str) -> list[str]:
         lines.append(f"| {st} | " + " | ".join(fmt_ms(c["stages_ms"].get(st, {}).get("median")) for c in cases) + " |")
     lines.append("| **sum of stage medians** | " + " | ".join(
         fmt_ms(sum(v["median"] for v in c["stages_ms"].values())) for c in cases) + " |")
+    if any(c.get("detect_ms") for c in cases):
+        lines.append("| detect (auto mask only; per image, not in the sum) | " + " | ".join(
+            fmt_ms(c["detect_ms"]["median"]) if c.get("detect_ms") else "-" for c in cases) + " |")
+        lines.append("| **detect / one removal** (per image) | " + " | ".join(
+            f"{c['detect_over_removal']:.2f}" if c.get("detect_over_removal") is not None else "-" for c in cases)
+            + " |")
+        lines += ["", "*detect*: the overlay detector on the same request photo (each case's image px), what a "
+                  "request without a mask pays before the removal; issue 17's bar: <= 0.50 of one removal on "
+                  "the CPU at 512 px."]
     tri = [c for c in cases if c.get("triton_models")]
     if tri:
         lines += ["", "Triton's own statistics over the measured repetitions (mean ms per request; "

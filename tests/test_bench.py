@@ -75,6 +75,12 @@ def test_latency_opencv_engine_and_report(tmp_path: Path) -> None:
         assert case["stage_sum_ms_median"] == pytest.approx(case["total_ms"]["median"], rel=1e-9)
     md = latency.to_markdown(report, "cleanplate bench latency --engine opencv")
     assert "| 128 | 3 | 128 |" in md and "| inpaint |" in md
+    # the auto mask's stage: the default bundle's detector on the same photo, once per image size, beside the sum
+    by_size = {c["image_size"]: c["detect_ms"] for c in report["cases"]}
+    for case in report["cases"]:
+        assert case["detect_ms"] is by_size[case["image_size"]] and case["detect_ms"]["n"] == 2
+        assert case["detect_over_removal"] == pytest.approx(case["detect_ms"]["median"] / case["per_image_ms"])
+    assert "| detect (auto mask only; per image, not in the sum) |" in md and "| **detect / one removal**" in md
     paths = latency.plot(report, tmp_path / "lat")
     assert [p.name for p in paths] == ["lat.png", "lat_stages.png"]
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
@@ -294,10 +300,11 @@ def test_expand_multi_values() -> None:
 def test_cli_latency_writes_reports(cli, tmp_path: Path) -> None:
     out = tmp_path / "res" / "lat"
     r = cli("bench", "latency", "--engine", "opencv", "--resolution", "64", "96", "--batch", "1", "2",
-            "--warmup", "0", "--repeats", "2", "--out", out)
+            "--warmup", "0", "--repeats", "2", "--no-detect", "--out", out)
     assert r.code == 0, r.err
     report = json.loads(out.with_suffix(".json").read_text())
     assert [(c["resolution"], c["batch"]) for c in report["cases"]] == [(64, 1), (64, 2), (96, 1), (96, 2)]
+    assert not any("detect_ms" in c for c in report["cases"]) and "| detect" not in r.out
     assert report["command"].startswith("cleanplate bench latency --engine opencv")
     assert out.with_suffix(".md").read_text() in r.out
     assert (tmp_path / "res" / "lat.png").exists() and (tmp_path / "res" / "lat_stages.png").exists()
