@@ -294,8 +294,14 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
              f"{report['config']['working_size']} px.", "",
              "| target | value | goal | met |", "|---|---:|---:|---|"]
     for t in report["targets"]:
-        v = f"{t['value']:.0f}" if "ms" in t["name"] else (_pct(t["value"], 2) if t["op"] == "<=" else f"{t['value']:.3f}")
-        goal = f"{t['target']:.0f}" if "ms" in t["name"] else (_pct(t["target"]) if t["op"] == "<=" else f"{t['target']:g}")
+        if "dB" in t["name"]:
+            v, goal = f"{t['value']:.2f}", f"{t['target']:g}"
+        elif "ms" in t["name"]:
+            v, goal = f"{t['value']:.0f}", f"{t['target']:.0f}"
+        elif t["op"] == "<=":
+            v, goal = _pct(t["value"], 2), _pct(t["target"])
+        else:
+            v, goal = f"{t['value']:.3f}", f"{t['target']:g}"
         lines.append(f"| {t['name']} | {v} | {t['op']} {goal} | {'yes' if t['met'] else '**no**'} |")
     lines += ["", "| overlays | items | pixel precision | recall | F1 | IoU | recall over all items |",
               "|---|---:|---:|---:|---:|---:|---:|",
