@@ -583,10 +583,15 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     labels = [f"R{c['resolution']}\nb{c['batch']}" for c in cases]
     bottom = np.zeros(len(cases))
     cmap = plt.get_cmap("tab20")
+    x = np.arange(len(cases))
     for i, st in enumerate(stages):
         vals = np.array([c["stages_ms"].get(st, {}).get("median") or 0.0 for c in cases])
-        ax.bar(labels, vals, bottom=bottom, label=st, color=cmap(i % 20))
+        ax.bar(x, vals, 0.6, bottom=bottom, label=st, color=cmap(i % 20))
         bottom += vals
+    if any(c.get("detect_ms") for c in cases):  # beside the stack: only a request without a mask pays it
+        ax.bar(x + 0.4, [c["detect_ms"]["median"] if c.get("detect_ms") else 0.0 for c in cases], 0.15,
+               color="white", edgecolor="k", hatch="//", label="detect (auto mask only)")
+    ax.set_xticks(x, labels)
     ax.set(ylabel="median ms per call", title=f"{report['engine']}: where the time goes")
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     return [*paths, save_figure(fig, out.with_name(out.name + "_stages.png"))]

@@ -181,6 +181,12 @@ def test_generate_on_a_plain_folder_with_auto_mask(cli, tmp_path, gated_bundle, 
     assert no_detector.code == 2 and "no overlay detector" in no_detector.err, no_detector.err
     plain = cli("flywheel", "generate", imgs, "-o", tmp_path / "x", "--bundle", bundle)
     assert plain.code == 2 and "--auto-mask" in plain.err, plain.err
+    # a meta.json entry without a mask: auto with --auto-mask (its GT kept as the reference), else an error
+    (tmp_path / "meta.json").write_text(json.dumps([{"source": "photos/promo.png", "GT": "photos/clean.png"}]))
+    (pair,) = load_pairs(tmp_path / "meta.json", auto_mask=True)
+    assert pair.mask is None and pair.gt == tmp_path / "photos" / "clean.png"
+    with pytest.raises(InputError, match="--auto-mask"):
+        load_pairs(tmp_path / "meta.json")
 
 
 # --------------------------------------------------------------------------------------------- label store
