@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import serve_in_thread
+from PIL import Image
 
 from cleanplate.errors import InputError
 
@@ -494,3 +495,31 @@ def test_memory_harness_end_to_end(tmp_path) -> None:
     assert "peak RSS, 3 uploads at once" in markdown and "batch: 2 photos" in markdown
     paths = write_report(tmp_path / "memory", report, markdown) + memory.plot(report, tmp_path / "memory")
     assert all(p.stat().st_size > 0 for p in paths) and len(paths) == 3
+
+
+# -- detect: the end-to-end section ---------------------------------------------------------------------------
+def test_detect_end_to_end_scores_auto_masks_against_gt_mask_removals(gated_bundle: Path, tmp_path: Path) -> None:
+    """An auto mask equal to the GT mask removes exactly as the GT mask does (gap 0 dB); one that found nothing
+    scores as leaving the photo as it is; the report says both."""
+    from cleanplate.benchmarks import detect
+    from cleanplate.metrics import psnr
+    from cleanplate.training.detector import read_items
+    from cleanplate.training.detector_data import DetectorSynthConfig, synth_detector_dataset
+
+    meta = synth_detector_dataset(tmp_path / "dev", 2, seed=3, progress=False, cfg=DetectorSynthConfig(
+        size=64, photo_fraction=1.0, clean_fraction=0.0, scene_fraction=0.0))
+    items = read_items(meta)
+    gt_masks = [np.asarray(Image.open(e["mask"])) > 127 for e in items]
+    summary, rows = detect.end_to_end([(items[0], gt_masks[0]), (items[1], np.zeros_like(gt_masks[1]))],
+                                      bundle=gated_bundle)
+    same, empty = rows
+    assert same["psnr_mask_db"]["auto_mask"] == same["psnr_mask_db"]["gt_mask"] and not same["auto_empty"]
+    src, gt = (np.asarray(Image.open(items[1][k]).convert("RGB")) for k in ("source", "GT"))
+    assert empty["auto_empty"] and empty["psnr_mask_db"]["auto_mask"] == empty["psnr_mask_db"]["identity"] == psnr(
+        src, gt, gt_masks[1])
+    assert summary["n"] == 2 and summary["nothing_found_rate"] == 0.5 and summary["n_found"] == 1
+    assert summary["gap_db_when_found"] == 0.0
+    assert summary["gap_db"] == pytest.approx(
+        (empty["psnr_mask_db"]["gt_mask"] - empty["psnr_mask_db"]["identity"]) / 2)
+    text = "\n".join(detect._e2e_markdown(summary))
+    assert f"**{summary['gap_db']:.2f} dB**" in text and "found nothing on 50.0% of the items" in text
