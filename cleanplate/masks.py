@@ -1,5 +1,6 @@
 """Where a removal's mask comes from: the one rule for ``cleanplate remove``, ``cleanplate batch run`` (local
-and Ray runners, in-process engines and ``--url``) and the gateway's ``POST /v1/remove`` (issue 17, "Auto-mask").
+and Ray runners, in-process engines and ``--url``), ``cleanplate flywheel generate --auto-mask`` and the gateway's
+``POST /v1/remove`` (issue 17, "Auto-mask").
 
 The rule (:func:`choose_mask`), first match wins:
 
