@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ErrorCode, InputError
+from .errors import EngineUnavailable, ErrorCode, InputError
 from .imaging import DecodedImage, mask_from_alpha
 
 if TYPE_CHECKING:
@@ -102,8 +102,12 @@ async def detect(engine: Any, image: DecodedImage) -> Any:
     """``engine.detect`` on the image's RGB pixels: a :class:`~cleanplate.detector.DetectionResult`.
 
     Raises:
+        EngineUnavailable: the engine is not ready (a Triton engine knows whether its repository has a
+            detector only once connected, so an outage must not read as "no_detector").
         InputError: "no_detector" when the engine has none (engines that predate the detector included).
     """
+    if not engine.ready():
+        raise EngineUnavailable(f"the {engine.name} engine is not ready")
     if not getattr(engine, "has_detector", False):
         raise no_detector(f"the {engine.name} engine")
     return await engine.detect(image.rgb)

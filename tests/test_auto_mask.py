@@ -20,7 +20,7 @@ from conftest import serve_in_thread
 from PIL import Image
 
 from cleanplate import imaging
-from cleanplate.errors import ErrorCode, InputError
+from cleanplate.errors import EngineUnavailable, ErrorCode, InputError
 from cleanplate.serving.app import create_app
 from cleanplate.serving.settings import Settings
 from cleanplate.training import synth
@@ -176,10 +176,21 @@ def test_engine_without_detect_is_no_detector(photo):
 
     class Old:
         name = "old"
+        up = True
 
+        def ready(self) -> bool:
+            return self.up
+
+    image = imaging.decode_image(png(photo["clean"]))
     with pytest.raises(InputError) as err:
-        asyncio.run(resolve_mask(Old(), imaging.decode_image(png(photo["clean"])), None, auto=True))
+        asyncio.run(resolve_mask(Old(), image, None, auto=True))
     assert err.value.code is ErrorCode.NO_DETECTOR
+    # An engine that is not ready (a Triton engine learns of its detector on connecting) is unavailable (503),
+    # not "no_detector" (a 4xx the client would not retry).
+    old = Old()
+    old.up = False
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(resolve_mask(old, image, None, auto=True))
 
 
 # -- the gateway ----------------------------------------------------------------------------------------------
