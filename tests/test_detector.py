@@ -137,7 +137,7 @@ def test_shipped_detector_finds_drawn_overlays_on_a_real_photo(shipped):
         assert kind in ("text", "logo", "badge")
         pred = shipped.detect(src).mask > 0
         tp = (pred & gt).sum()
-        assert tp / gt.sum() > 0.25, (name, kind)  # the calibrated threshold (0.95) trades recall for precision
+        assert tp / gt.sum() > 0.25, (name, kind)  # the calibrated threshold (0.97) trades recall for precision
         f1.append(2 * tp / max(1, pred.sum() + gt.sum()))
     assert np.mean(f1) > 0.6, f1
 
