@@ -17,6 +17,7 @@ import collections
 import copy
 import io
 import itertools
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,21 +59,24 @@ CONFIG = schemathesis.Config.from_dict(
 schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection, positive_data_acceptance, unsupported_method]
-OPERATIONS = ["POST /v1/remove", "POST /v1/score", "GET /healthz", "GET /readyz", "GET /metrics"]
+OPERATIONS = ["POST /v1/remove", "POST /v1/detect", "POST /v1/score", "GET /healthz", "GET /readyz", "GET /metrics"]
 STATUSES: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
 REMOVED_AS: collections.Counter[str] = collections.Counter()  # media types of the removals' 200 responses
 ACCEPT_JSON = itertools.cycle([False, True])  # every other removal asks for the JSON body
 PHOTO = skdata.astronaut()  # 512x512 RGB
 # Each operation's file parts, its body's schema, and the values a client sends in its other fields.
-FILE_PARTS = {"POST /v1/remove": ("image", "mask"), "POST /v1/score": ("source", "result", "mask")}
+FILE_PARTS = {"POST /v1/remove": ("image", "mask"), "POST /v1/detect": ("image",),
+              "POST /v1/score": ("source", "result", "mask")}
 BODY_SCHEMAS = {operation: jsonschema_rs.validator_for({**DOCUMENT["components"]["schemas"][name],
                                                          "components": DOCUMENT["components"]})
                 for operation, name in (("POST /v1/remove", "Body_remove_v1_remove_post"),
+                                        ("POST /v1/detect", "Body_detect_overlays_v1_detect_post"),
                                         ("POST /v1/score", "Body_score_v1_score_post"))}
 CLIENT_FIELDS = {
     "POST /v1/remove": {"dilate_px": st.integers(0, 4), "steps": st.integers(1, 4), "seed": st.integers(0, 2**31 - 1),
                         "quality_gate": st.booleans(), "threshold": st.floats(0, 1), "max_attempts": st.integers(1, 3),
                         "output_format": st.sampled_from(["png", "jpeg", "webp"])},
+    "POST /v1/detect": {},
     "POST /v1/score": {"dilate_px": st.integers(0, 4), "threshold": st.floats(0, 1)},
 }
 
@@ -106,6 +110,8 @@ def real_request(draw: st.DrawFn, operation: str) -> dict:
         result[mask > 0] = crop.reshape(-1, 3).mean(axis=0).astype(np.uint8)
         return {**fields, "source": encode(crop, fmt), "result": encode(result, fmt), "mask": mask_part}
     image = {"RGB": crop, "L": crop.mean(axis=2).astype(np.uint8), "RGBA": np.dstack([crop, 255 - mask])}[mode]
+    if operation == "POST /v1/detect":
+        return {**fields, "image": encode(image, fmt)}
     if mode == "RGBA" and draw(st.booleans()):
         return {**fields, "image": encode(image, fmt)}  # the mask is the image's transparent box
     return {**fields, "image": encode(image, fmt), "mask": mask_part}
@@ -123,16 +129,28 @@ def is_valid(operation: str, body: object) -> bool:
 
 @schema.hook
 def flatmap_body(context: schemathesis.HookContext, body: Any) -> st.SearchStrategy:
-    """Half the valid removal and score bodies become a real_request. Invalid ones (negative cases) stay."""
+    """Half the valid removal and score bodies, and every valid detect body, become a real_request. Invalid
+    ones (negative cases) stay."""
     operation = context.operation.label
     if operation not in FILE_PARTS or not is_valid(operation, body):
         return st.just(body)
+    if operation == "POST /v1/detect":
+        # Its only part is the image, so random valid bytes are all this operation would get, and they can
+        # start with an image signature (b"BM") and then be a corrupt image: a 400 no schema can rule out.
+        return real_request(operation)
     return st.one_of(real_request(operation), st.just(body))
 
 
 @pytest.fixture(scope="module")
-def server(gated_bundle: Path):
-    with serve_in_thread(create_app(Settings(bundle=gated_bundle, torch_threads=1, batch_window_ms=0))) as url:
+def server(gated_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    # The tiny gated bundle plus the shipped overlay detector, so /v1/detect and maskless removals answer 200 too.
+    from cleanplate.bundle import attach_detector, default_bundle_path
+    from cleanplate.detector import Detector
+
+    bundle = tmp_path_factory.mktemp("fuzz") / "gated_detector"
+    shutil.copytree(gated_bundle, bundle)
+    attach_detector(bundle, Detector.from_dir(default_bundle_path() / "detector"))
+    with serve_in_thread(create_app(Settings(bundle=bundle, torch_threads=1, batch_window_ms=0))) as url:
         yield url
 
 
@@ -145,6 +163,7 @@ def test_uploads_are_declared_non_empty_files() -> None:
     """The endpoints answer a 0-byte upload 400 unreadable_image, so the schema must not call it valid."""
     bodies = DOCUMENT["components"]["schemas"]
     for body, fields in (("Body_remove_v1_remove_post", ("image", "mask")),
+                         ("Body_detect_overlays_v1_detect_post", ("image",)),
                          ("Body_score_v1_score_post", ("source", "result", "mask"))):
         for field in fields:
             prop = bodies[body]["properties"][field]
@@ -172,7 +191,7 @@ def test_every_operation_was_fuzzed(request: pytest.FixtureRequest) -> None:
     assert set(STATUSES) == set(OPERATIONS), dict(STATUSES)
     for operation, statuses in STATUSES.items():
         assert sum(statuses.values()) >= 5 and 405 in statuses, (operation, dict(statuses))
-    for operation in ("POST /v1/remove", "POST /v1/score"):
+    for operation in ("POST /v1/remove", "POST /v1/detect", "POST /v1/score"):
         statuses = STATUSES[operation]
         assert {200, 400, 415, 422} <= statuses.keys() and statuses[200] >= 3, (operation, dict(statuses))
     assert "application/json" in REMOVED_AS and len(REMOVED_AS) >= 2, dict(REMOVED_AS)
