@@ -41,60 +41,61 @@ _SELECTOR = {
 }
 # The part of the prometheus-operator ServiceMonitor CRD (monitoring.coreos.com/v1) this chart may
 # render, written from its API reference; unknown fields fail, as the API server's pruning would drop them.
-SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def _crd_schema(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A custom resource's schema: the fixed apiVersion and kind, object metadata, and ``spec``; no other
+    top-level field."""
+    return {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": _METADATA,
+                           "spec": spec}}
+
+
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = _crd_schema("monitoring.coreos.com/v1", "ServiceMonitor", {
     "type": "object",
     "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "required": ["selector", "endpoints"],
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "ServiceMonitor"},
-        "metadata": {
-            "type": "object",
-            "required": ["name"],
-            "properties": {
-                "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
-                "namespace": {"type": "string"},
-                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-            },
-        },
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["selector", "endpoints"],
-            "properties": {
-                "selector": _SELECTOR,
-                "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
-                    "any": {"type": "boolean"},
-                    "matchNames": {"type": "array", "items": {"type": "string"}}}},
-                "jobLabel": {"type": "string"},
-                "targetLabels": {"type": "array", "items": {"type": "string"}},
-                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
-                "sampleLimit": {"type": "integer", "minimum": 0},
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "port": {"type": "string"},
-                            "targetPort": {"type": ["integer", "string"]},
-                            "path": {"type": "string", "pattern": "^/"},
-                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-                            "interval": {"type": "string", "pattern": _DURATION},
-                            "scrapeTimeout": {"type": "string", "pattern": _DURATION},
-                            "honorLabels": {"type": "boolean"},
-                            "honorTimestamps": {"type": "boolean"},
-                            "relabelings": {"type": "array", "items": {"type": "object"}},
-                            "metricRelabelings": {"type": "array", "items": {"type": "object"}},
-                        },
-                    },
+        "selector": _SELECTOR,
+        "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+            "any": {"type": "boolean"},
+            "matchNames": {"type": "array", "items": {"type": "string"}}}},
+        "jobLabel": {"type": "string"},
+        "targetLabels": {"type": "array", "items": {"type": "string"}},
+        "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+        "sampleLimit": {"type": "integer", "minimum": 0},
+        "endpoints": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "port": {"type": "string"},
+                    "targetPort": {"type": ["integer", "string"]},
+                    "path": {"type": "string", "pattern": "^/"},
+                    "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                    "interval": {"type": "string", "pattern": _DURATION},
+                    "scrapeTimeout": {"type": "string", "pattern": _DURATION},
+                    "honorLabels": {"type": "boolean"},
+                    "honorTimestamps": {"type": "boolean"},
+                    "relabelings": {"type": "array", "items": {"type": "object"}},
+                    "metricRelabelings": {"type": "array", "items": {"type": "object"}},
                 },
             },
         },
     },
-}
+})
 
 
 _RAY_START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -104,60 +105,50 @@ _POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"metadat
                                                                          "spec": {"type": "object"}}}
 # The part of KubeRay's RayJob CRD (ray.io/v1, KubeRay >= 1.1) this chart may render, written from its API
 # reference; unknown fields fail, as the API server's pruning would drop them.
-RAY_JOB_SCHEMA: dict[str, Any] = {
+RAY_JOB_SCHEMA: dict[str, Any] = _crd_schema("ray.io/v1", "RayJob", {
     "type": "object",
     "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "required": ["entrypoint", "rayClusterSpec"],
     "properties": {
-        "apiVersion": {"const": "ray.io/v1"},
-        "kind": {"const": "RayJob"},
-        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
-        "spec": {
+        "entrypoint": {"type": "string", "minLength": 1},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "backoffLimit": {"type": "integer", "minimum": 0},
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+        "runtimeEnvYAML": {"type": "string"},
+        "suspend": {"type": "boolean"},
+        "rayClusterSpec": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["entrypoint", "rayClusterSpec"],
+            "required": ["headGroupSpec"],
             "properties": {
-                "entrypoint": {"type": "string", "minLength": 1},
-                "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-                "backoffLimit": {"type": "integer", "minimum": 0},
-                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-                "shutdownAfterJobFinishes": {"type": "boolean"},
-                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                "runtimeEnvYAML": {"type": "string"},
-                "suspend": {"type": "boolean"},
-                "rayClusterSpec": {
+                "rayVersion": {"type": "string"},
+                "enableInTreeAutoscaling": {"type": "boolean"},
+                "headGroupSpec": {
                     "type": "object",
                     "additionalProperties": False,
-                    "required": ["headGroupSpec"],
-                    "properties": {
-                        "rayVersion": {"type": "string"},
-                        "enableInTreeAutoscaling": {"type": "boolean"},
-                        "headGroupSpec": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["template"],
-                            "properties": {"rayStartParams": _RAY_START_PARAMS, "template": _POD_TEMPLATE,
-                                           "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}},
-                        },
-                        "workerGroupSpecs": {"type": "array", "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["groupName", "template"],
-                            "properties": {
-                                "groupName": {"type": "string", "minLength": 1},
-                                "replicas": {"type": "integer", "minimum": 0},
-                                "minReplicas": {"type": "integer", "minimum": 0},
-                                "maxReplicas": {"type": "integer", "minimum": 0},
-                                "rayStartParams": _RAY_START_PARAMS,
-                                "template": _POD_TEMPLATE,
-                            },
-                        }},
-                    },
+                    "required": ["template"],
+                    "properties": {"rayStartParams": _RAY_START_PARAMS, "template": _POD_TEMPLATE,
+                                   "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}},
                 },
+                "workerGroupSpecs": {"type": "array", "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["groupName", "template"],
+                    "properties": {
+                        "groupName": {"type": "string", "minLength": 1},
+                        "replicas": {"type": "integer", "minimum": 0},
+                        "minReplicas": {"type": "integer", "minimum": 0},
+                        "maxReplicas": {"type": "integer", "minimum": 0},
+                        "rayStartParams": _RAY_START_PARAMS,
+                        "template": _POD_TEMPLATE,
+                    },
+                }},
             },
         },
     },
-}
+})
 # Hand-typed CRD schemas by (apiVersion, kind).
 CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA,
                ("ray.io/v1", "RayJob"): RAY_JOB_SCHEMA}
