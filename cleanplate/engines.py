@@ -324,7 +324,7 @@ class TorchEngine(BatchedEngine):
             torch.set_num_threads(self._threads)
         bundle = load_bundle(self._bundle)
         pipe = RemovalPipeline.from_bundle(bundle, device=self._device, dtype=self._dtype)
-        # float32 whatever the engine's dtype: the mask must not depend on it (threshold 0.95 sits on a slope)
+        # float32 whatever the engine's dtype: the mask must not depend on it (the calibrated threshold is near 1)
         self.detector = None if bundle.detector is None else bundle.detector.to(pipe.device)
         return pipe, pipe.threshold
 
