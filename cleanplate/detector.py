@@ -134,6 +134,63 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return arr
 
 
+class DetectorIO:
+    """The detector's pixels in and mask out, without its network: what every engine runs around its own
+    network call (torch :class:`Detector`, ONNX Runtime, Triton), so all give the same mask. Needs only the
+    :class:`DetectorConfig` (working size, threshold, min_area, kinds)."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+
+    def working_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the photo is resized to: long side ``working_size``, aspect kept, each side >= 1."""
+        k = self.config.working_size / max(height, width)
+        return max(1, round(height * k)), max(1, round(width * k))
+
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """The network input for an (H, W, 3) uint8 RGB photo: (1, 3, h', w') float32 in [0, 1], the photo
+        resized to :meth:`working_shape` (h, w) and edge-padded to multiples of 32; also returns (h, w).
+        Every engine (torch, ONNX Runtime, Triton) feeds exactly this. Raises InputError for a bad image."""
+        import cv2
+
+        arr = _check_image(image)
+        h, w = self.working_shape(*arr.shape[:2])
+        interp = cv2.INTER_AREA if h < arr.shape[0] else cv2.INTER_LINEAR
+        small = arr if (h, w) == arr.shape[:2] else cv2.resize(arr, (w, h), interpolation=interp)
+        padded = np.pad(small, ((0, -h % STRIDE), (0, -w % STRIDE), (0, 0)), mode="edge")
+        return np.ascontiguousarray(padded.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0, (h, w)
+
+    def postprocess(self, logits: np.ndarray, working: tuple[int, int], source: tuple[int, int], *,
+                    threshold: float | None = None, min_area: int | None = None) -> DetectionResult:
+        """:class:`DetectionResult` from one image's network output: ``logits`` (1+K, h', w') float32 as
+        :meth:`Detector.logits` (or the ONNX/Triton model) returns them, ``working`` the (h, w) of :meth:`preprocess`,
+        ``source`` the photo's (H, W). Threshold and min_area as in :meth:`Detector.detect`."""
+        import cv2
+
+        H, W = source
+        t = self.config.threshold if threshold is None else float(threshold)
+        amin = self.config.min_area if min_area is None else int(min_area)
+        overlay, kinds = probabilities_of(logits, working)
+        h, w = overlay.shape
+        n, labels, stats, _ = cv2.connectedComponentsWithStats((overlay >= t).astype(np.uint8), connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= amin
+        small = keep[labels].astype(np.uint8)
+        mask = small if (h, w) == (H, W) else cv2.resize(small, (W, H), interpolation=cv2.INTER_NEAREST)
+        sx, sy = W / w, H / h
+        detections = []
+        for i in np.flatnonzero(keep):
+            x, y, bw, bh, area = (int(v) for v in stats[i, :5])
+            comp = labels[y:y + bh, x:x + bw] == i
+            kind = int(kinds[:, y:y + bh, x:x + bw][:, comp].mean(axis=1).argmax())
+            box = (int(np.floor(x * sx)), int(np.floor(y * sy)), min(W, int(np.ceil((x + bw) * sx))),
+                   min(H, int(np.ceil((y + bh) * sy))))
+            detections.append(Detection(box, self.config.kinds[kind], float(overlay[y:y + bh, x:x + bw][comp].mean()),
+                                        int(round(area * sx * sy))))
+        detections.sort(key=lambda d: -d.area)
+        return DetectionResult((mask * 255).astype(np.uint8), detections)
+
+
 class Detector(nn.Module):
     """The overlay detector. Build with ``Detector(DetectorConfig(...))`` (training) or :meth:`from_dir`.
 
@@ -153,22 +210,12 @@ class Detector(nn.Module):
 
     # -- inference ---------------------------------------------------------------------------------
     def working_shape(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) the photo is resized to: long side ``working_size``, aspect kept, each side >= 1."""
-        k = self.config.working_size / max(height, width)
-        return max(1, round(height * k)), max(1, round(width * k))
+        """:meth:`DetectorIO.working_shape` with this detector's config."""
+        return DetectorIO(self.config).working_shape(height, width)
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """The network input for an (H, W, 3) uint8 RGB photo: (1, 3, h', w') float32 in [0, 1], the photo
-        resized to :meth:`working_shape` (h, w) and edge-padded to multiples of 32; also returns (h, w).
-        Every engine (torch, ONNX Runtime, Triton) feeds exactly this. Raises InputError for a bad image."""
-        import cv2
-
-        arr = _check_image(image)
-        h, w = self.working_shape(*arr.shape[:2])
-        interp = cv2.INTER_AREA if h < arr.shape[0] else cv2.INTER_LINEAR
-        small = arr if (h, w) == arr.shape[:2] else cv2.resize(arr, (w, h), interpolation=interp)
-        padded = np.pad(small, ((0, -h % STRIDE), (0, -w % STRIDE), (0, 0)), mode="edge")
-        return np.ascontiguousarray(padded.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0, (h, w)
+        """:meth:`DetectorIO.preprocess` with this detector's config."""
+        return DetectorIO(self.config).preprocess(image)
 
     @torch.inference_mode()
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -200,33 +247,8 @@ class Detector(nn.Module):
 
     def postprocess(self, logits: np.ndarray, working: tuple[int, int], source: tuple[int, int], *,
                     threshold: float | None = None, min_area: int | None = None) -> DetectionResult:
-        """:class:`DetectionResult` from one image's network output: ``logits`` (1+K, h', w') float32 as
-        :meth:`logits` (or the ONNX/Triton model) returns them, ``working`` the (h, w) of :meth:`preprocess`,
-        ``source`` the photo's (H, W). Threshold and min_area as in :meth:`detect`."""
-        import cv2
-
-        H, W = source
-        t = self.config.threshold if threshold is None else float(threshold)
-        amin = self.config.min_area if min_area is None else int(min_area)
-        overlay, kinds = probabilities_of(logits, working)
-        h, w = overlay.shape
-        n, labels, stats, _ = cv2.connectedComponentsWithStats((overlay >= t).astype(np.uint8), connectivity=8)
-        keep = np.zeros(n, bool)
-        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= amin
-        small = keep[labels].astype(np.uint8)
-        mask = small if (h, w) == (H, W) else cv2.resize(small, (W, H), interpolation=cv2.INTER_NEAREST)
-        sx, sy = W / w, H / h
-        detections = []
-        for i in np.flatnonzero(keep):
-            x, y, bw, bh, area = (int(v) for v in stats[i, :5])
-            comp = labels[y:y + bh, x:x + bw] == i
-            kind = int(kinds[:, y:y + bh, x:x + bw][:, comp].mean(axis=1).argmax())
-            box = (int(np.floor(x * sx)), int(np.floor(y * sy)), min(W, int(np.ceil((x + bw) * sx))),
-                   min(H, int(np.ceil((y + bh) * sy))))
-            detections.append(Detection(box, self.config.kinds[kind], float(overlay[y:y + bh, x:x + bw][comp].mean()),
-                                        int(round(area * sx * sy))))
-        detections.sort(key=lambda d: -d.area)
-        return DetectionResult((mask * 255).astype(np.uint8), detections)
+        """:meth:`DetectorIO.postprocess` with this detector's config."""
+        return DetectorIO(self.config).postprocess(logits, working, source, threshold=threshold, min_area=min_area)
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, directory: str | Path, *, calibration: dict[str, Any] | None = None) -> Path:

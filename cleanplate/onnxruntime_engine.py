@@ -64,7 +64,7 @@ class OnnxRuntimeEngine(BatchedEngine):
         self.default_steps, self.paste_prefill = self.config.steps, self.config.paste_prefill
         self._threads = threads
         self.has_detector = "detector" in self.manifest["graphs"]
-        self._detector: Any = None  # (Detector for its pre/postprocess, the detector.onnx session), set by _load
+        self._detector: Any = None  # (DetectorIO, the detector.onnx session), set by _load
         super().__init__(max_batch=max_batch, window_ms=window_ms, max_queue=max_queue, on_batch=on_batch)
 
     def _load(self) -> tuple[Any, float | None]:
@@ -83,11 +83,10 @@ class OnnxRuntimeEngine(BatchedEngine):
                     for g in GRAPHS if g in self.manifest["graphs"]}
         ranks = {g: {i.name: len(i.shape) for i in s.get_inputs()} for g, s in sessions.items()}
         if "detector" in sessions:
-            from .detector import Detector, DetectorConfig
+            from .detector import DetectorConfig, DetectorIO
 
-            # the torch net stays unused (random init): only the exported config's preprocess/postprocess run here
             config = DetectorConfig.model_validate(self.manifest["detector"]["config"])
-            self._detector = (Detector(config), sessions["detector"])
+            self._detector = (DetectorIO(config), sessions["detector"])
 
         def infer(graph: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
             # GraphRemoval passes rank-1 inputs (timestep) as (B, 1), the Triton convention

@@ -72,7 +72,7 @@ class TritonEngine:
         self.paste_prefill: str | None = None
         self.buckets: list[int] = []
         self.has_detector = False
-        self._detector: Any = None  # cleanplate.detector.Detector for its preprocess/postprocess (net unused)
+        self._detector: Any = None  # cleanplate.detector.DetectorIO of the repository's detector_config
         self._client: Any = None
         self._mod: Any = None
         self._configured = False
@@ -120,9 +120,9 @@ class TritonEngine:
         self._configured = True
 
     async def _detector_of_repository(self) -> Any:
-        """A Detector built from the detector model's ``detector_config`` (its torch net stays unused), or None
+        """The :class:`~cleanplate.detector.DetectorIO` of the detector model's ``detector_config``, or None
         when the repository has no ready detector model."""
-        from .detector import Detector, DetectorConfig
+        from .detector import DetectorConfig, DetectorIO
 
         try:
             if not await self._client.is_model_ready(self.detector_model):
@@ -130,7 +130,7 @@ class TritonEngine:
         except Exception:  # noqa: BLE001 - Triton answers a model it does not know with an error, not False
             return None
         params = await self._parameters(self.detector_model)
-        return Detector(DetectorConfig.model_validate_json(params["detector_config"]))
+        return DetectorIO(DetectorConfig.model_validate_json(params["detector_config"]))
 
     async def _parameters(self, model: str) -> dict[str, str]:
         config = await self._client.get_model_config(model, as_json=True) if self.protocol == "grpc" \
