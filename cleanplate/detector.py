@@ -8,9 +8,12 @@ pixel one logit "storefront overlay" and ``len(kinds)`` kind logits (text, water
 
 Inference (:meth:`Detector.detect`): the photo is resized so its long side is ``working_size`` (area
 down, linear up), padded to a multiple of 32 by edge replication, run, cropped and resized back;
-``probability >= threshold`` gives the mask, connected components smaller than ``min_area`` (px at the
-working size) are dropped, and each kept component becomes a :class:`Detection` (box, kind, score).
-``threshold`` and ``min_area`` are calibrated on held-out photos (``cleanplate train detector``).
+``probability >= threshold`` gives the seeds, seed components smaller than ``min_area`` (px at the
+working size) are dropped, and with a ``grow_threshold`` each kept seed grows into the pixels of
+``probability >= grow_threshold`` connected to it (hysteresis thresholding, as in Canny, IEEE TPAMI 1986):
+a confident core decides *whether* something is there, the weaker evidence around it decides *how far*
+it reaches. Each final component becomes a :class:`Detection` (box, kind, score). ``threshold``,
+``min_area`` and ``grow_threshold`` are calibrated on held-out photos (``cleanplate train detector``).
 
 Bundle layout: ``detector/config.json`` (:class:`DetectorConfig`) and ``detector/model.safetensors``.
 """
@@ -50,7 +53,10 @@ class DetectorConfig(BaseModel):
     kinds: tuple[str, ...] = Field(KINDS, description="names of the kind logits, in order")
     working_size: int = Field(512, ge=64, le=4096, description="long side in px the photo is resized to")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability at or above which a pixel is overlay")
-    min_area: int = Field(0, ge=0, description="components smaller than this (px at working_size) are dropped")
+    min_area: int = Field(0, ge=0, description="seed components smaller than this (px at working_size) are dropped")
+    grow_threshold: float | None = Field(None, gt=0.0, lt=1.0,
+                                         description="kept seeds grow into connected pixels of at least this "
+                                                     "probability (hysteresis); None: no growth")
     calibration: dict[str, Any] = Field(default_factory=dict, description="how threshold/min_area were picked")
 
 
@@ -127,6 +133,31 @@ def probabilities_of(logits: np.ndarray, working: tuple[int, int]) -> tuple[np.n
     return overlay.astype(np.float32), (k / k.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
+def overlay_mask(overlay: np.ndarray, threshold: float, min_area: int = 0, grow_threshold: float | None = None
+                 ) -> np.ndarray:
+    """The detector's mask from its overlay probabilities: (h, w) float32 in [0, 1] -> (h, w) bool.
+
+    Seeds are ``overlay >= threshold``; 8-connected seed components under ``min_area`` px are dropped; with
+    ``grow_threshold`` (< threshold) each kept seed is grown to its 8-connected component of
+    ``overlay >= grow_threshold`` (hysteresis thresholding). The one home of this rule: engines and
+    calibration both call it."""
+    import cv2
+
+    seeds = (overlay >= threshold).astype(np.uint8)
+    if min_area > 0:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(seeds, connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+        seeds = keep[labels].astype(np.uint8)
+    if grow_threshold is None or grow_threshold >= threshold or not seeds.any():
+        return seeds > 0
+    n, labels = cv2.connectedComponents((overlay >= grow_threshold).astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[labels[seeds > 0]] = True
+    keep[0] = False
+    return keep[labels]
+
+
 def _check_image(image: np.ndarray) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
@@ -172,10 +203,10 @@ class DetectorIO:
         amin = self.config.min_area if min_area is None else int(min_area)
         overlay, kinds = probabilities_of(logits, working)
         h, w = overlay.shape
-        n, labels, stats, _ = cv2.connectedComponentsWithStats((overlay >= t).astype(np.uint8), connectivity=8)
-        keep = np.zeros(n, bool)
-        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= amin
-        small = keep[labels].astype(np.uint8)
+        small = overlay_mask(overlay, t, amin, self.config.grow_threshold).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(small, connectivity=8)
+        keep = np.ones(n, bool)
+        keep[0] = False
         mask = small if (h, w) == (H, W) else cv2.resize(small, (W, H), interpolation=cv2.INTER_NEAREST)
         sx, sy = W / w, H / h
         detections = []

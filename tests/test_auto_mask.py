@@ -57,7 +57,7 @@ def expected(photo) -> np.ndarray:
 
     mask = bundle_detector(None).detect(photo["overlaid"]).mask > 0
     gt = photo["gt"]
-    assert (mask & gt).sum() > 0.5 * gt.sum() and (mask & ~gt).sum() < 0.2 * mask.sum()  # it finds the text
+    assert (mask & gt).sum() > 0.5 * gt.sum() and (mask & ~gt).sum() < 0.3 * mask.sum()  # finds the text (growth adds a margin)
     return mask
 
 

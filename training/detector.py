@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from cleanplate.detector import Detector, DetectorConfig
+from cleanplate.detector import Detector, DetectorConfig, overlay_mask
 from cleanplate.errors import ErrorCode, InputError
 
 from . import synth
@@ -66,6 +66,9 @@ class DetectorTrainConfig(BaseModel):
     warmup_steps: int = Field(50, ge=0)
     dice_weight: float = Field(1.0, ge=0)
     kind_weight: float = Field(0.3, ge=0)
+    overlay_weights: dict[str, float] = Field(
+        default_factory=dict, description="BCE weight of each kind's pixels (default 1): faint kinds such as "
+                                          "watermarks need more than their share of the gradient")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(20, ge=1)
@@ -144,12 +147,18 @@ class CropSampler:
 
 
 def detector_loss(logits: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor, *, dice_weight: float = 1.0,
-                  kind_weight: float = 0.3) -> tuple[torch.Tensor, dict[str, float]]:
+                  kind_weight: float = 0.3, overlay_weights: tuple[float, ...] | None = None
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss for logits (B,1+K,H,W), mask (B,1,H,W) {0,1}, kinds (B,H,W) int64 in 0..K: BCE + dice_weight ·
     soft Dice (over the batch) on channel 0 + kind_weight · cross-entropy of channels 1..K on mask pixels.
+    ``overlay_weights`` (K floats, kind order) weight the BCE of each kind's pixels (background pixels 1).
     Returns (scalar loss, its parts as floats)."""
     overlay = logits[:, :1]
-    bce = F.binary_cross_entropy_with_logits(overlay, mask)
+    weight = None
+    if overlay_weights is not None:
+        table = torch.tensor((1.0, *overlay_weights), dtype=overlay.dtype, device=overlay.device)
+        weight = table[kinds][:, None]
+    bce = F.binary_cross_entropy_with_logits(overlay, mask, weight=weight)
     p = torch.sigmoid(overlay)
     dice = 1 - (2 * (p * mask).sum() + 1) / (p.sum() + mask.sum() + 1)
     on = kinds > 0
@@ -198,42 +207,37 @@ def evaluate_items(detector: Detector, items: list[dict[str, Any]]) -> list[dict
     return out
 
 
-def _masks_at(prob: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
-    import cv2
-
-    on = (prob >= threshold).astype(np.uint8)
-    if min_area <= 0:
-        return on > 0
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(on, connectivity=8)
-    keep = np.zeros(n, bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
-    return keep[labels]
-
-
 def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_area: float,
               thresholds: tuple[float, ...] = (*np.round(np.arange(0.3, 0.96, 0.05), 2), 0.97, 0.98, 0.99, 0.995),
-              min_areas: tuple[int, ...] = (0, 16, 48, 96, 160, 256, 384, 512, 768)) -> dict[str, Any]:
-    """Pick (threshold, min_area): among pairs whose held-out negatives have ≤ ``max_fp_image_rate`` images
-    with any detection and ≤ ``max_fp_area`` mean detected area, the one with the best pixel F1 on the
-    positives; when none meets both, the pair with the fewest negative images detected (then best F1).
-    Returns the record stored in the config's ``calibration``."""
+              min_areas: tuple[int, ...] = (0, 16, 48, 96, 160, 256, 384, 512, 768),
+              grow_thresholds: tuple[float | None, ...] = (None, 0.7, 0.5, 0.3)) -> dict[str, Any]:
+    """Pick (threshold, min_area, grow_threshold) for :func:`cleanplate.detector.overlay_mask`: among the
+    triples whose held-out negatives have ≤ ``max_fp_image_rate`` images with any detection and ≤
+    ``max_fp_area`` mean detected area, the one with the best pixel F1 on the positives; when none meets
+    both, the triple with the fewest negative images detected (then best F1). Growth never detects an
+    image that its seeds did not, so it trades only area for recall. Returns the record stored in the
+    config's ``calibration``."""
     pos = [e for e in evals if not e["negative"]]
     neg = [e for e in evals if e["negative"]]
     rows = []
     for t in thresholds:
         for a in min_areas:
-            tp = fp = fn = 0
-            for e in pos:
-                m = _masks_at(e["prob"], t, a)
-                tp += int((m & e["gt"]).sum())
-                fp += int((m & ~e["gt"]).sum())
-                fn += int((~m & e["gt"]).sum())
-            f1 = 2 * tp / max(1, 2 * tp + fp + fn)
-            neg_masks = [_masks_at(e["prob"], t, a) for e in neg]
-            rate = float(np.mean([m.any() for m in neg_masks])) if neg else 0.0
-            area = float(np.mean([m.mean() for m in neg_masks])) if neg else 0.0
-            rows.append({"threshold": float(t), "min_area": int(a), "f1": f1, "fp_image_rate": rate,
-                         "fp_area": area, "ok": rate <= max_fp_image_rate and area <= max_fp_area})
+            for g in grow_thresholds:
+                if g is not None and g >= t:
+                    continue
+                tp = fp = fn = 0
+                for e in pos:
+                    m = overlay_mask(e["prob"], t, a, g)
+                    tp += int((m & e["gt"]).sum())
+                    fp += int((m & ~e["gt"]).sum())
+                    fn += int((~m & e["gt"]).sum())
+                f1 = 2 * tp / max(1, 2 * tp + fp + fn)
+                neg_masks = [overlay_mask(e["prob"], t, a, g) for e in neg]
+                rate = float(np.mean([m.any() for m in neg_masks])) if neg else 0.0
+                area = float(np.mean([m.mean() for m in neg_masks])) if neg else 0.0
+                rows.append({"threshold": float(t), "min_area": int(a), "grow_threshold": g, "f1": f1,
+                             "fp_image_rate": rate, "fp_area": area,
+                             "ok": rate <= max_fp_image_rate and area <= max_fp_area})
     ok = [r for r in rows if r["ok"]]
     best = max(ok, key=lambda r: r["f1"]) if ok else min(rows, key=lambda r: (r["fp_image_rate"], -r["f1"]))
     return {**best, "rule": "best F1 within the false-positive limits" if ok else "fewest negatives detected",
@@ -270,6 +274,11 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         log.info("resumed from %s (step %d)", found[-1], step)
+    unknown = set(cfg.overlay_weights) - set(cfg.model.kinds)
+    if unknown:
+        raise InputError(f"overlay_weights names unknown kinds {sorted(unknown)}; kinds are {list(cfg.model.kinds)}",
+                         code=ErrorCode.BAD_OPTION)
+    overlay_weights = tuple(cfg.overlay_weights.get(k, 1.0) for k in cfg.model.kinds)
     model.train()
     history: list[float] = []
     with (work / "train_log.jsonl").open("a") as journal:
@@ -278,7 +287,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
                 group["lr"] = cfg.lr * _lr_factor(cfg, step)
             images, mask, kinds = sampler.batch(cfg.batch_size)
             loss, parts = detector_loss(model(images), mask, kinds, dice_weight=cfg.dice_weight,
-                                        kind_weight=cfg.kind_weight)
+                                        kind_weight=cfg.kind_weight, overlay_weights=overlay_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -296,7 +305,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     model.eval()
     cal = calibrate(evaluate_items(model, read_items(cal_meta)), max_fp_image_rate=cfg.max_fp_image_rate,
                     max_fp_area=cfg.max_fp_area)
-    model.config = model.config.model_copy(update={"threshold": cal["threshold"], "min_area": cal["min_area"]})
+    model.config = model.config.model_copy(update={k: cal[k] for k in ("threshold", "min_area", "grow_threshold")})
     provenance = {**cal, "train_steps": step, "train_items": cfg.train_n, "train_seed": cfg.train_seed,
                   "cal_items": cfg.cal_n, "cal_seed": cfg.cal_seed, "cal_photos": list(synth.DEV_PHOTOS)}
     model.save(cfg.out, calibration=provenance)
