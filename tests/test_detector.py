@@ -203,3 +203,12 @@ def test_default_bundle_loads_its_detector(shipped):
     bundle = load_bundle()
     assert isinstance(bundle.detector, Detector)
     assert bundle.detector.config == shipped.config
+
+
+def test_overlay_weights_for_an_unknown_kind_fail_before_any_work(tmp_path):
+    from cleanplate.training.detector import DetectorTrainConfig, train_detector
+
+    cfg = DetectorTrainConfig(out=tmp_path / "detector", model=TINY, overlay_weights={"sticker": 2.0})
+    with pytest.raises(InputError, match="sticker"):
+        train_detector(cfg)
+    assert not (tmp_path / "detector.work").exists()

@@ -250,10 +250,15 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     """Train, calibrate on the held-out split and write ``cfg.out``; returns {"calibration", "steps", "loss"}.
 
     Resumes from the newest checkpoint in ``work_dir/checkpoints``. Raises InputError for a crop that is
-    not a multiple of 32.
+    not a multiple of 32 or ``overlay_weights`` naming a kind the model does not have.
     """
     if cfg.crop % 32:
         raise InputError(f"crop must be a multiple of 32, got {cfg.crop}", code=ErrorCode.BAD_OPTION)
+    unknown = set(cfg.overlay_weights) - set(cfg.model.kinds)
+    if unknown:
+        raise InputError(f"overlay_weights names unknown kinds {sorted(unknown)}; kinds are {list(cfg.model.kinds)}",
+                         code=ErrorCode.BAD_OPTION)
+    overlay_weights = tuple(cfg.overlay_weights.get(k, 1.0) for k in cfg.model.kinds)
     torch.set_num_threads(cfg.threads)
     work = cfg.resolved_work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -274,11 +279,6 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         log.info("resumed from %s (step %d)", found[-1], step)
-    unknown = set(cfg.overlay_weights) - set(cfg.model.kinds)
-    if unknown:
-        raise InputError(f"overlay_weights names unknown kinds {sorted(unknown)}; kinds are {list(cfg.model.kinds)}",
-                         code=ErrorCode.BAD_OPTION)
-    overlay_weights = tuple(cfg.overlay_weights.get(k, 1.0) for k in cfg.model.kinds)
     model.train()
     history: list[float] = []
     with (work / "train_log.jsonl").open("a") as journal:
