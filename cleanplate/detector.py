@@ -57,7 +57,7 @@ class DetectorConfig(BaseModel):
     grow_threshold: float | None = Field(None, gt=0.0, lt=1.0,
                                          description="kept seeds grow into connected pixels of at least this "
                                                      "probability (hysteresis); None: no growth")
-    calibration: dict[str, Any] = Field(default_factory=dict, description="how threshold/min_area were picked")
+    calibration: dict[str, Any] = Field(default_factory=dict, description="how threshold, min_area and grow_threshold were picked")
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -205,12 +205,10 @@ class DetectorIO:
         h, w = overlay.shape
         small = overlay_mask(overlay, t, amin, self.config.grow_threshold).astype(np.uint8)
         n, labels, stats, _ = cv2.connectedComponentsWithStats(small, connectivity=8)
-        keep = np.ones(n, bool)
-        keep[0] = False
         mask = small if (h, w) == (H, W) else cv2.resize(small, (W, H), interpolation=cv2.INTER_NEAREST)
         sx, sy = W / w, H / h
         detections = []
-        for i in np.flatnonzero(keep):
+        for i in range(1, n):  # every component of the final mask (0 is the background)
             x, y, bw, bh, area = (int(v) for v in stats[i, :5])
             comp = labels[y:y + bh, x:x + bw] == i
             kind = int(kinds[:, y:y + bh, x:x + bw][:, comp].mean(axis=1).argmax())
