@@ -212,3 +212,26 @@ def test_overlay_weights_for_an_unknown_kind_fail_before_any_work(tmp_path):
     with pytest.raises(InputError, match="sticker"):
         train_detector(cfg)
     assert not (tmp_path / "detector.work").exists()
+
+
+def test_init_from_starts_from_its_weights_and_refuses_another_network(tmp_path):
+    from cleanplate.training.detector import DetectorTrainConfig, train_detector
+
+    torch.manual_seed(3)
+    init = Detector(TINY)
+    init.save(tmp_path / "init", calibration={"train_steps": 7})
+    small = dict(train_n=2, train_size=64, cal_n=2, cal_size=64, crop=64, batch_size=2, threads=1)
+    other = TINY.model_copy(update={"head_channels": TINY.head_channels + 4})
+    with pytest.raises(InputError, match="head_channels"):
+        train_detector(DetectorTrainConfig(out=tmp_path / "x", model=other, init_from=tmp_path / "init", **small))
+    assert not (tmp_path / "x.work").exists()
+
+    # lr so small that one step cannot move a weight: the weights are the init's (batch-norm statistics move)
+    train_detector(DetectorTrainConfig(out=tmp_path / "det", model=TINY, init_from=tmp_path / "init", max_steps=1,
+                                       lr=1e-12, warmup_steps=0, **small))
+    tuned = Detector.from_dir(tmp_path / "det")
+    tuned_params = dict(tuned.named_parameters())
+    for name, value in init.named_parameters():
+        torch.testing.assert_close(tuned_params[name], value, rtol=0, atol=1e-9)
+    assert tuned.config.calibration["init"]["train_steps"] == 7
+    assert tuned.config.calibration["train_steps"] == 1

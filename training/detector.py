@@ -32,7 +32,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleanplate.detector import Detector, DetectorConfig, overlay_mask
-from cleanplate.errors import ErrorCode, InputError
+from cleanplate.errors import BundleError, ErrorCode, InputError
 
 from . import synth
 from .detector_data import DetectorSynthConfig, synth_detector_dataset
@@ -48,12 +48,17 @@ class DetectorTrainConfig(BaseModel):
     out: Path = Field(description="output detector/ directory (config.json, model.safetensors)")
     work_dir: Path | None = Field(None, description="data, checkpoints and log; default: OUT + '.work'")
     model: DetectorConfig = Field(default_factory=DetectorConfig, description="network and working size")
+    init_from: Path | None = Field(None, description="a detector/ directory whose weights start the run "
+                                                     "(fine-tuning; its network must equal `model`'s); its "
+                                                     "calibration record is kept as `init` in the new one")
     train_n: int = Field(1600, ge=1)
     train_seed: int = Field(100, ge=0)
     train_size: int = Field(512, ge=64)
     photo_fraction: float = Field(0.6, ge=0, le=1)
     clean_fraction: float = Field(0.2, ge=0, le=1)
     scene_fraction: float = Field(0.45, ge=0, le=1)
+    kind_p: tuple[float, float, float, float] = Field(
+        (0.4, 0.2, 0.2, 0.2), description="training data: probabilities of text, watermark, badge, logo per overlay")
     cal_n: int = Field(120, ge=1)
     cal_seed: int = Field(200, ge=0)
     cal_size: int = Field(512, ge=64)
@@ -91,7 +96,8 @@ def ensure_data(cfg: DetectorTrainConfig) -> tuple[Path, Path]:
     train = synth_detector_dataset(
         root / "train", cfg.train_n, seed=cfg.train_seed, progress=False,
         cfg=DetectorSynthConfig(size=cfg.train_size, photo_fraction=cfg.photo_fraction, photos=synth.TRAIN_PHOTOS,
-                                clean_fraction=cfg.clean_fraction, scene_fraction=cfg.scene_fraction))
+                                clean_fraction=cfg.clean_fraction, scene_fraction=cfg.scene_fraction,
+                                kind_p=cfg.kind_p))
     cal = synth_detector_dataset(
         root / "cal", cfg.cal_n, seed=cfg.cal_seed, progress=False,
         cfg=DetectorSynthConfig(size=cfg.cal_size, photo_fraction=1.0, photos=synth.DEV_PHOTOS,
@@ -246,11 +252,29 @@ def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_a
 
 
 # ---------------------------------------------------------------- training
+_NETWORK_FIELDS = ("widths", "decoder_channels", "head_channels", "kinds")
+
+
+def _init_detector(cfg: DetectorTrainConfig) -> Detector:
+    """The detector in ``cfg.init_from``; InputError if unreadable or its network differs from ``cfg.model``."""
+    assert cfg.init_from is not None
+    try:
+        init = Detector.from_dir(cfg.init_from)
+    except BundleError as exc:
+        raise InputError(f"cannot load init_from detector {cfg.init_from}: {exc}", code=ErrorCode.BAD_OPTION) from exc
+    differ = [f for f in _NETWORK_FIELDS if getattr(init.config, f) != getattr(cfg.model, f)]
+    if differ:
+        raise InputError(f"init_from {cfg.init_from} has another network ({', '.join(differ)} differ from the "
+                         "config's model)", code=ErrorCode.BAD_OPTION)
+    return init
+
+
 def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     """Train, calibrate on the held-out split and write ``cfg.out``; returns {"calibration", "steps", "loss"}.
 
-    Resumes from the newest checkpoint in ``work_dir/checkpoints``. Raises InputError for a crop that is
-    not a multiple of 32 or ``overlay_weights`` naming a kind the model does not have.
+    Starts from ``init_from``'s weights when given; a checkpoint in ``work_dir/checkpoints`` (the newest)
+    wins over both. Raises InputError for a crop that is not a multiple of 32, ``overlay_weights`` naming a
+    kind the model does not have, or an ``init_from`` that cannot be loaded or has another network.
     """
     if cfg.crop % 32:
         raise InputError(f"crop must be a multiple of 32, got {cfg.crop}", code=ErrorCode.BAD_OPTION)
@@ -259,6 +283,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
         raise InputError(f"overlay_weights names unknown kinds {sorted(unknown)}; kinds are {list(cfg.model.kinds)}",
                          code=ErrorCode.BAD_OPTION)
     overlay_weights = tuple(cfg.overlay_weights.get(k, 1.0) for k in cfg.model.kinds)
+    init = _init_detector(cfg) if cfg.init_from is not None else None
     torch.set_num_threads(cfg.threads)
     work = cfg.resolved_work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -267,6 +292,8 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     log.info("data ready in %.0f s", time.time() - t0)
     torch.manual_seed(cfg.seed)
     model = Detector(cfg.model)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = CropSampler(read_items(train_meta), cfg.crop, cfg.scale_range, cfg.seed)
     step = 0
@@ -308,5 +335,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     model.config = model.config.model_copy(update={k: cal[k] for k in ("threshold", "min_area", "grow_threshold")})
     provenance = {**cal, "train_steps": step, "train_items": cfg.train_n, "train_seed": cfg.train_seed,
                   "cal_items": cfg.cal_n, "cal_seed": cfg.cal_seed, "cal_photos": list(synth.DEV_PHOTOS)}
+    if init is not None:
+        provenance["init"] = {"from": str(cfg.init_from), **init.config.calibration}
     model.save(cfg.out, calibration=provenance)
     return {"calibration": cal, "steps": step, "loss": float(np.mean(history[-50:])) if history else None}
