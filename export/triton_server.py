@@ -42,11 +42,21 @@ def setup_env(path: str | Path | None = None, *, python: str | None = None,
     """Create (or update) the Triton virtual environment at ``path`` with :data:`TRITON_ENV_PACKAGES`.
 
     Idempotent: a marker file records the package list, and a second call with the same list does
-    nothing. Needs the package registry (PyPI); about 580 MB. Raises TritonUnavailable when venv or
-    pip fails (the message ends with pip's last lines).
+    nothing; concurrent calls for one path wait on a file lock beside it. Needs the package registry (PyPI);
+    about 580 MB. Raises TritonUnavailable when venv or pip fails (the message ends with pip's last lines).
     """
+    from filelock import FileLock
+
     say = progress or (lambda msg: None)
     env = Path(path) if path is not None else default_env_path()
+    env.parent.mkdir(parents=True, exist_ok=True)
+    # Two setups at once (two CLI calls, parallel test workers) would pip-install into one venv: the second
+    # waits here, then finds the marker.
+    with FileLock(str(env.parent / f".{env.name}.lock")):
+        return _setup_env_locked(env, python, say)
+
+
+def _setup_env_locked(env: Path, python: str | None, say: Callable[[str], None]) -> Path:
     marker = env / ENV_MARKER
     wanted = "\n".join(TRITON_ENV_PACKAGES)
     if marker.exists() and marker.read_text() == wanted and _server_root(env, check=False) is not None:
