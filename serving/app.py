@@ -133,15 +133,22 @@ def _problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _FILE_PART = {"format": "binary", "minLength": 1}
 
 
-def _omittable(schema: dict[str, Any]) -> None:
-    """``json_schema_extra`` of an optional form field: a client sends it or leaves it out, but cannot send
-    null (a part is text, and the text "null" is refused), so drop the null branch of ``X | None``."""
+def _drop_null(schema: dict[str, Any]) -> None:
     (branch,) = [s for s in schema.pop("anyOf") if s != {"type": "null"}]
     schema.update(branch)
 
 
+def _omittable(schema: dict[str, Any]) -> None:
+    """``json_schema_extra`` of an optional form field: a client sends it or leaves it out, but cannot send
+    null (a part is text, and the text "null" is refused), so the null branch of ``X | None`` goes. An empty
+    part counts as left out (FastAPI's rule for form fields, as HTML forms send empty inputs), so the document
+    says so: the value, or the empty string."""
+    (branch,) = [s for s in schema.pop("anyOf") if s != {"type": "null"}]
+    schema["anyOf"] = [branch, {"type": "string", "maxLength": 0, "description": "the same as leaving it out"}]
+
+
 def _omittable_file(schema: dict[str, Any]) -> None:
-    _omittable(schema)
+    _drop_null(schema)
     schema.update(_FILE_PART)
 
 
