@@ -232,6 +232,8 @@ def quality_cmd(
     triton_url: Annotated[Optional[str], typer.Option(help="triton engine: a running Triton (gRPC host:port); "
                                                            "default: start a local one")] = None,
     threads: ThreadsOpt = None,
+    onnx_dir: Annotated[Optional[Path], typer.Option(help="onnxruntime engine: an ONNX export of the bundle "
+                                                          "(default: export it now)")] = None,
     out: OutOpt = None,
 ) -> None:
     """PSNR and SSIM in the mask and on the whole image, bit-exactness outside the dilated mask and the
@@ -240,7 +242,7 @@ def quality_cmd(
 
     engines = [e.value for e in engine] if engine else ["torch", "opencv"]
     report = quality.run_quality(set_dir, engines=engines, bundle=bundle, device=device, dtype=dtype, limit=limit,
-                                 seed=seed, triton_url=triton_url, threads=threads, say=say)
+                                 seed=seed, triton_url=triton_url, threads=threads, onnx_dir=onnx_dir, say=say)
     _finish(report, out or Path("benchmarks/results/quality"), quality)
 
 

@@ -115,8 +115,12 @@ async def _remove_all(engines: dict[str, Any], items: list[Any], dilate_px: int,
 
 def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "opencv"), bundle: str | Path | None = None,
                 device: str = "cpu", dtype: str = "fp32", limit: int | None = None, seed: int = 0,
-                triton_url: str | None = None, threads: int | None = None, say: Say = lambda m: None) -> dict[str, Any]:
+                triton_url: str | None = None, threads: int | None = None, onnx_dir: str | Path | None = None,
+                say: Say = lambda m: None) -> dict[str, Any]:
     """Score every method on the triplets of ``set_path`` (a folder with meta.json, or the meta.json).
+
+    The onnxruntime engine runs ``onnx_dir`` (a ``cleanplate export onnx`` of the bundle) when given, else a
+    fresh export at the bundle's resolution.
 
     Returns the report: per-item metrics and a per-method summary (see the module docstring).
     Raises:
@@ -151,8 +155,8 @@ def run_quality(set_path: str | Path, *, engines: Sequence[str] = ("torch", "ope
         return asyncio.run(_remove_all(built, items, config.dilate_px, seed, say))
 
     with contextlib.ExitStack() as stack:
-        onnx_dir = None
-        if "onnxruntime" in engines:
+        onnx_dir = Path(onnx_dir) if onnx_dir is not None else None
+        if "onnxruntime" in engines and onnx_dir is None:
             from cleanplate.export.onnx import export_onnx
 
             onnx_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cleanplate-quality-onnx-")))
