@@ -145,12 +145,15 @@ def test_quality_metrics(gated_bundle: Path, synth_data: Path, tmp_path: Path) -
     assert quality.plot(report, tmp_path / "q")[0].read_bytes()[:8] == PNG_MAGIC
 
 
-def test_quality_runs_the_onnxruntime_engine_on_a_fresh_export(gated_bundle: Path, synth_data: Path) -> None:
-    """bench quality exports the bundle to ONNX for the onnxruntime engine; its removals score as the torch
-    engine's (same removal within the graph tolerance) and keep the pixels outside the dilated mask."""
+def test_quality_runs_the_onnxruntime_engine_on_an_export(gated_bundle: Path, gated_onnx: Path,
+                                                          synth_data: Path) -> None:
+    """bench quality runs the onnxruntime engine on an ONNX export of the bundle (`--onnx-dir`; without it,
+    a fresh one); its removals score as the torch engine's (same removal within the graph tolerance) and keep
+    the pixels outside the dilated mask."""
     from cleanplate.benchmarks import quality
 
-    report = quality.run_quality(synth_data, engines=["torch", "onnxruntime"], bundle=gated_bundle, limit=2)
+    report = quality.run_quality(synth_data, engines=["torch", "onnxruntime"], bundle=gated_bundle, limit=2,
+                                 onnx_dir=gated_onnx)
     s = report["summary"]
     assert s["onnxruntime"]["bit_exact_rate"] == 1.0
     assert s["onnxruntime"]["psnr_mask_db_mean"] == pytest.approx(s["torch"]["psnr_mask_db_mean"], abs=0.1)
@@ -426,26 +429,6 @@ def test_steady_rate_is_the_slope_of_completions() -> None:
     ends = np.repeat(30.0 + 2.0 * np.arange(10), 4) + np.tile([0, 0.01, 0.02, 0.03], 10)
     assert steady_rate(ends) == pytest.approx(2.0, rel=0.05)
     assert steady_rate(np.array([1.0, 2.0, 3.0])) is None
-
-
-@pytest.mark.slow
-def test_cli_batch_ray_mode_compares_with_the_local_runner(cli, gated_bundle: Path, tmp_path: Path) -> None:
-    """`bench batch --mode in-process ray` at toy size: the Ray runner cleans the whole catalog at each worker
-    count on one local cluster, and the report has the Ray / local ratio and the scaling estimate."""
-    pytest.importorskip("ray")
-    out = tmp_path / "res" / "batch_ray"
-    r = cli("bench", "batch", "--images", 4, "--concurrency", 2, "--size", 64, "--bundle", gated_bundle,
-            "--mode", "in-process", "ray", "--ray-workers", 1, 2, "--out", out)
-    assert r.code == 0, r.err
-    report = json.loads(out.with_suffix(".json").read_text())
-    assert [(x["mode"], x["workers"], x["concurrency"]) for x in report["runs"]] == [
-        ("in-process", 1, 2), ("ray", 1, 2), ("ray", 2, 2)]
-    assert all((run["ok"], run["errors"]) == (4, 0) for run in report["runs"])
-    ray_run = report["runs"][1]
-    assert {"load", "model", "encode", "write", "total"} <= set(ray_run["stages_ms_p50"])
-    assert ray_run["driver_ms_per_record"] > 0
-    md = out.with_suffix(".md").read_text()
-    assert "## Ray runner vs local runner" in md and "## Scaling estimate for N GPU workers" in md
 
 
 # -- a flywheel round -------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import bundle_variant, make_tiny_gated_bundle, overlaid_photos
+from conftest import bundle_variant, overlaid_photos
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -290,12 +290,6 @@ def test_triton_repository_follows_the_bundle(onnx_dir: Path, gated_bundle: Path
     assert manifest["prediction_type"] == prediction_type and manifest["masked_source"] == "telea"
 
 
-def test_triton_repository_without_discriminator(tiny_bundle: Path, tmp_path: Path) -> None:
-    models = export_triton(tiny_bundle, tmp_path / "repo", RepositoryOptions(max_batch=2))
-    assert models == ["cleanplate_remove", "unet", "vae_decoder", "vae_encoder"]
-    assert "threshold" not in _config(tmp_path / "repo/cleanplate_remove/config.pbtxt").parameters
-
-
 def test_triton_tensorrt_repository(onnx_dir: Path, gated_bundle: Path, tmp_path: Path, cli) -> None:
     """Plans are built on a GPU; here stand-in plan files check the repository side: platform, GPU instances
     and every optimization profile listed for each instance."""
@@ -340,12 +334,13 @@ def test_validate_repository_reports_every_problem(onnx_dir: Path, gated_bundle:
         assert expected in message, (expected, message)
 
 
-def test_triton_export_cli_end_to_end(tmp_path: Path, cli) -> None:
-    """`cleanplate export triton` without --onnx exports (and parity-checks) the graphs itself."""
-    bundle = make_tiny_gated_bundle(tmp_path / "b")
-    run = cli("export", "triton", bundle, "--out", tmp_path / "repo", "--backend", "python", "--max-batch", "2")
+def test_triton_export_cli_end_to_end(tiny_bundle: Path, tmp_path: Path, cli) -> None:
+    """`cleanplate export triton` without --onnx exports (and parity-checks) the graphs itself; a bundle
+    without a discriminator gets no gate: no cleanplate_score model and no threshold."""
+    run = cli("export", "triton", tiny_bundle, "--out", tmp_path / "repo", "--backend", "python", "--max-batch", "2")
     assert run.code == 0, run.err
     assert "all config.pbtxt valid" in run.err
-    assert len(validate_repository(tmp_path / "repo")) == 6
-    run = cli("export", "triton", bundle, "--out", tmp_path / "repo2", "--max-batch", "0")
+    assert validate_repository(tmp_path / "repo") == ["cleanplate_remove", "unet", "vae_decoder", "vae_encoder"]
+    assert "threshold" not in _config(tmp_path / "repo/cleanplate_remove/config.pbtxt").parameters
+    run = cli("export", "triton", tiny_bundle, "--out", tmp_path / "repo2", "--max-batch", "0")
     assert run.code == 2 and "max_batch must be >= 1" in run.err
