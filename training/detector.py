@@ -12,7 +12,9 @@ Training: random crops of ``crop`` px after a random downscale in ``scale_range`
 upscaled overlay looks blurred, which is what in-scene print looks like), flips; loss = BCE + soft Dice on
 the overlay logit + cross-entropy of the kind logits on overlay pixels. One torch thread is enough.
 Checkpoints (model, optimizer, step, RNG) go to ``work_dir/checkpoints/step_N``; a rerun resumes from
-the newest. Calibration (:func:`calibrate`) then picks ``threshold`` and ``min_area``.
+the newest. ``init_from`` fine-tunes a calibrated detector instead of starting from random weights (with
+``kind_p`` and ``overlay_weights`` to favour kinds). Calibration (:func:`calibrate`) then picks ``threshold``,
+``min_area`` and ``grow_threshold``.
 """
 
 from __future__ import annotations
@@ -272,8 +274,8 @@ def _init_detector(cfg: DetectorTrainConfig) -> Detector:
 def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     """Train, calibrate on the held-out split and write ``cfg.out``; returns {"calibration", "steps", "loss"}.
 
-    Starts from ``init_from``'s weights when given; a checkpoint in ``work_dir/checkpoints`` (the newest)
-    wins over both. Raises InputError for a crop that is not a multiple of 32, ``overlay_weights`` naming a
+    Starts from ``init_from``'s weights when given, but resumes from the newest checkpoint in
+    ``work_dir/checkpoints`` when there is one. Raises InputError for a crop that is not a multiple of 32, ``overlay_weights`` naming a
     kind the model does not have, or an ``init_from`` that cannot be loaded or has another network.
     """
     if cfg.crop % 32:
