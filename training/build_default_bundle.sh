@@ -46,11 +46,10 @@ rm -rf cleanplate/default_bundle
 cp -r runs/default/gate cleanplate/default_bundle
 # The overlay detector (auto-mask): its own synthetic data (training photos and procedural scenes, overlays per
 # kind, in-scene marks and clean negatives), calibrated on held-out dev photos (other seeds than bench detect's).
-# Stage 1: 6000 steps on 3200 items (the shipped one got there in two legs, 2500 steps on 1600 items then 3500
-# on 3200; its record is `calibration.init` in detector/config.json). Stage 2 fine-tunes it for the faint kinds:
-# 3200 new items with more watermarks and logos, their pixels weighted up in the loss (3000 steps, ~45 min).
+# 6000 steps on 3200 items (the shipped one got there in two legs, 2500 steps on 1600 items then 3500 on 3200:
+# the chain is in `calibration` in detector/config.json). training/configs/default_detector_finetune.json (a
+# watermark/logo-weighted fine-tune from it) was tried and not shipped: see the README's detector section.
 cleanplate train detector --config training/configs/default_detector.json
-cleanplate train detector --config training/configs/default_detector_finetune.json
 python -c "from cleanplate.bundle import attach_detector; from cleanplate.detector import Detector; \
-attach_detector('cleanplate/default_bundle', Detector.from_dir('runs/det_ft/detector'))"
+attach_detector('cleanplate/default_bundle', Detector.from_dir('runs/det/detector'))"
 echo "default bundle: $(du -sh cleanplate/default_bundle | cut -f1)"
