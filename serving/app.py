@@ -133,9 +133,10 @@ def _problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _FILE_PART = {"format": "binary", "minLength": 1}
 
 
-def _drop_null(schema: dict[str, Any]) -> None:
+def _non_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """Pop ``anyOf`` of an ``X | None`` field's schema; return the X branch."""
     (branch,) = [s for s in schema.pop("anyOf") if s != {"type": "null"}]
-    schema.update(branch)
+    return branch
 
 
 def _omittable(schema: dict[str, Any]) -> None:
@@ -143,12 +144,12 @@ def _omittable(schema: dict[str, Any]) -> None:
     null (a part is text, and the text "null" is refused), so the null branch of ``X | None`` goes. An empty
     part counts as left out (FastAPI's rule for form fields, as HTML forms send empty inputs), so the document
     says so: the value, or the empty string."""
-    (branch,) = [s for s in schema.pop("anyOf") if s != {"type": "null"}]
-    schema["anyOf"] = [branch, {"type": "string", "maxLength": 0, "description": "the same as leaving it out"}]
+    empty = {"type": "string", "maxLength": 0, "description": "the same as leaving it out"}
+    schema["anyOf"] = [_non_null(schema), empty]
 
 
 def _omittable_file(schema: dict[str, Any]) -> None:
-    _drop_null(schema)
+    schema.update(_non_null(schema))
     schema.update(_FILE_PART)
 
 

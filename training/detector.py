@@ -275,8 +275,9 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     """Train, calibrate on the held-out split and write ``cfg.out``; returns {"calibration", "steps", "loss"}.
 
     Starts from ``init_from``'s weights when given, but resumes from the newest checkpoint in
-    ``work_dir/checkpoints`` when there is one. Raises InputError for a crop that is not a multiple of 32, ``overlay_weights`` naming a
-    kind the model does not have, or an ``init_from`` that cannot be loaded or has another network.
+    ``work_dir/checkpoints`` when there is one. Raises InputError for a crop that is not a multiple of 32,
+    ``overlay_weights`` naming a kind the model does not have, or an ``init_from`` that cannot be loaded or
+    has another network.
     """
     if cfg.crop % 32:
         raise InputError(f"crop must be a multiple of 32, got {cfg.crop}", code=ErrorCode.BAD_OPTION)
