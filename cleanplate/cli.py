@@ -341,6 +341,8 @@ def train_discriminator_cmd(
     target_precision: Annotated[Optional[float], typer.Option(help="without gt/source kinds in --val-meta: "
                                                                    "precision the pass threshold must reach")] = None,
     gt_pass_min: Annotated[Optional[float], typer.Option(help="share of held-out GT that must pass (0.9)")] = None,
+    gt_pass_confidence: Annotated[Optional[float], typer.Option(help="confidence of the GT target's "
+                                                                     "Clopper-Pearson bound (0.95)")] = None,
     source_pass_max: Annotated[Optional[float], typer.Option(help="share of held-out sources (nothing removed) "
                                                                   "that may pass (0.02)")] = None,
 ) -> None:
@@ -350,7 +352,7 @@ def train_discriminator_cmd(
 
     overrides = _common(meta, out, max_steps, batch_size, lr, None, seed, work_dir)
     overrides.update(bundle=bundle, val_meta=val_meta, target_precision=target_precision, gt_pass_min=gt_pass_min,
-                     source_pass_max=source_pass_max)
+                     gt_pass_confidence=gt_pass_confidence, source_pass_max=source_pass_max)
     cfg = load_config(DiscriminatorConfig, config, overrides)
     cal = train_discriminator(cfg)["calibration"]
     if "threshold" in cal:

@@ -38,12 +38,15 @@ class GraphRemoval:
         decode_residual, residual_scale: the bundle's residual decode (``BundleConfig``).
         schedules: steps -> the LCM schedule (:func:`sampling.load_schedule_table`).
         prompt_embeds (1, 77, D), pooled_prompt_embeds (1, P): float32 empty-prompt conditioning.
+        gate_pixels: the ``discriminator`` graph also takes the crops (``result_image``, ``mask_image``,
+            ``source_image``; :func:`gate_pixels`).
     """
 
     def __init__(self, infer: Infer, *, vae_scale_factor: int, fill: str = "zero", decode_residual: bool = False,
                  residual_scale: float = 1.0, schedules: dict[int, list[LCMStep]] | None = None,
-                 prompt_embeds: np.ndarray | None = None, pooled_prompt_embeds: np.ndarray | None = None) -> None:
-        self.infer, self.f, self.fill = infer, vae_scale_factor, fill
+                 prompt_embeds: np.ndarray | None = None, pooled_prompt_embeds: np.ndarray | None = None,
+                 gate_pixels: bool = False) -> None:
+        self.infer, self.f, self.fill, self.gate_pixels = infer, vae_scale_factor, fill, gate_pixels
         self.residual, self.residual_scale = decode_residual, residual_scale
         self.schedules = schedules or {}
         self.prompt_embeds, self.pooled_prompt_embeds = prompt_embeds, pooled_prompt_embeds
@@ -97,6 +100,18 @@ class GraphRemoval:
         latents = self.encode(np.concatenate([result, source]))
         # A latent cell counts as masked if any of its pixels is (max-pool), as Discriminator.mask_to_latent.
         mask_latent = (mask > 0).astype(np.float32).reshape(batch, 1, r // f, f, r // f, f).max(axis=(3, 5))
-        score = self.infer("discriminator", {"result_latent": latents[:batch], "mask_latent": mask_latent,
-                                             "source_latent": latents[batch:]}, "score")
-        return score.reshape(-1).astype(np.float32)
+        inputs = {"result_latent": latents[:batch], "mask_latent": mask_latent, "source_latent": latents[batch:]}
+        if self.gate_pixels:
+            def image(x: np.ndarray) -> np.ndarray:
+                return np.transpose(x.astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2))
+
+            inputs |= {"result_image": image(result), "mask_image": (mask > 0).astype(np.float32)[:, None],
+                       "source_image": image(source)}
+        return self.infer("discriminator", inputs, "score").reshape(-1).astype(np.float32)
+
+
+def gate_pixels(manifest: dict) -> bool:
+    """Whether an ONNX export's ``discriminator`` graph takes the crops as well as their latents (its inputs in
+    ``export.json`` name ``result_image``), as a discriminator with pixel statistics does."""
+    graph = manifest.get("graphs", {}).get("discriminator", {})
+    return any(t.get("name") == "result_image" for t in graph.get("inputs", []))

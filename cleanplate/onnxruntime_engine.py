@@ -71,7 +71,7 @@ class OnnxRuntimeEngine(BatchedEngine):
         import onnxruntime as ort
 
         from .bundle import NULL_CONDITIONING, NullConditioning
-        from .graph_removal import GraphRemoval
+        from .graph_removal import GraphRemoval, gate_pixels
         from .pipeline import MAX_STEPS
         from .sampling import load_schedule_table, schedule_table_json
 
@@ -99,7 +99,8 @@ class OnnxRuntimeEngine(BatchedEngine):
                                fill=self.config.masked_source, decode_residual=self.config.decode_residual,
                                residual_scale=float(self.config.residual_scale), schedules=schedules,
                                prompt_embeds=cond.prompt_embeds.float().numpy(),
-                               pooled_prompt_embeds=cond.pooled_prompt_embeds.float().numpy())
+                               pooled_prompt_embeds=cond.pooled_prompt_embeds.float().numpy(),
+                               gate_pixels=gate_pixels(self.manifest))
         threshold = self.manifest.get("threshold") if "discriminator" in sessions else None
         return removal, threshold
 

@@ -11,7 +11,9 @@ graph              inputs                                                 output
 ``vae_encoder``    image (B,3,H,W) in [-1,1]                              latent (B,C,h,w), scaled
 ``vae_decoder``    latent (B,C,h,w), scaled                               image (B,3,H,W) in [-1,1]
 ``discriminator``  result_latent (B,C,h,w), mask_latent (B,1,h,w),        score (B,) in [0,1]
-                   source_latent (B,C,h,w)
+                   source_latent (B,C,h,w); with pixel statistics also
+                   result_image, source_image (B,3,H,W) in [-1,1] and
+                   mask_image (B,1,H,W) in {0,1}
 ``detector``       image (B,3,H,W) in [0,1], H and W multiples of 32      logits (B,1+K,H,W)
 =================  =====================================================  ==========================
 
@@ -82,9 +84,12 @@ class GraphSpec:
 
 
 def graph_specs(latent_channels: int, text_dim: int, pooled_dim: int, text_len: int = 77,
-                detector_kinds: int = 4) -> dict[str, GraphSpec]:
-    """The I/O of every graph for a bundle with C latent channels, text sizes (D, P) and a detector with K kinds."""
+                detector_kinds: int = 4, discriminator_pixels: bool = False) -> dict[str, GraphSpec]:
+    """The I/O of every graph for a bundle with C latent channels, text sizes (D, P) and a detector with K kinds;
+    ``discriminator_pixels``: the discriminator's statistics head also sees the crops (``pixel_stats``)."""
     c = latent_channels
+    pixels = (TensorSpec("result_image", ("B", 3, "H", "W")), TensorSpec("mask_image", ("B", 1, "H", "W")),
+              TensorSpec("source_image", ("B", 3, "H", "W"))) if discriminator_pixels else ()
     return {
         "unet": GraphSpec("unet", (
             TensorSpec("sample", ("B", 2 * c + 1, "h", "w")), TensorSpec("timestep", ("B",)),
@@ -96,7 +101,7 @@ def graph_specs(latent_channels: int, text_dim: int, pooled_dim: int, text_len: 
                                  (TensorSpec("image", ("B", 3, "H", "W")),)),
         "discriminator": GraphSpec("discriminator", (
             TensorSpec("result_latent", ("B", c, "h", "w")), TensorSpec("mask_latent", ("B", 1, "h", "w")),
-            TensorSpec("source_latent", ("B", c, "h", "w"))), (TensorSpec("score", ("B",)),)),
+            TensorSpec("source_latent", ("B", c, "h", "w")), *pixels), (TensorSpec("score", ("B",)),)),
         "detector": GraphSpec("detector", (TensorSpec("image", ("B", 3, "H", "W")),),
                               (TensorSpec("logits", ("B", 1 + detector_kinds, "H", "W")),)),
     }
@@ -160,6 +165,16 @@ class DiscriminatorGraph(nn.Module):
         return torch.sigmoid(self.discriminator(result_latent, mask_latent, source_latent))
 
 
+class PixelDiscriminatorGraph(DiscriminatorGraph):
+    """:class:`DiscriminatorGraph` of a discriminator whose statistics head also sees the crops
+    (``pixel_stats``): the latents, then the result, mask and source crops at image size."""
+
+    def forward(self, result_latent: torch.Tensor, mask_latent: torch.Tensor, source_latent: torch.Tensor,
+                result_image: torch.Tensor, mask_image: torch.Tensor, source_image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.discriminator(result_latent, mask_latent, source_latent, result_image, mask_image,
+                                                source_image))
+
+
 class DetectorGraph(nn.Module):
     """The overlay detector's network: image (B,3,H,W) in [0,1], H and W multiples of 32 -> logits (B,1+K,H,W),
     as :meth:`cleanplate.detector.Detector.logits` (mask and boxes come from :meth:`Detector.postprocess`)."""
@@ -172,13 +187,20 @@ class DetectorGraph(nn.Module):
         return self.net(image)
 
 
+def discriminator_pixels(bundle: Bundle) -> bool:
+    """Whether the bundle's discriminator graph takes the crops too (a statistics head with ``pixel_stats``)."""
+    d = bundle.discriminator
+    return d is not None and d.stats_head is not None and d.pixel_stats
+
+
 def graph_modules(bundle: Bundle) -> dict[str, nn.Module]:
     """The bundle's graphs as eval-mode float32 CPU modules (no discriminator or detector entry without one)."""
     modules: dict[str, nn.Module] = {
         "unet": UNetGraph(bundle.unet), "vae_encoder": VAEEncoderGraph(bundle.vae),
         "vae_decoder": VAEDecoderGraph(bundle.vae)}
     if bundle.discriminator is not None:
-        modules["discriminator"] = DiscriminatorGraph(bundle.discriminator)
+        graph = PixelDiscriminatorGraph if discriminator_pixels(bundle) else DiscriminatorGraph
+        modules["discriminator"] = graph(bundle.discriminator)
     if bundle.detector is not None:
         modules["detector"] = DetectorGraph(bundle.detector)
     return {k: m.eval().float().requires_grad_(False) for k, m in modules.items()}
@@ -227,8 +249,10 @@ def _random_inputs(spec: GraphSpec, batch: int, resolution: int, f: int, gen: to
         elif t.name == "image":
             x = torch.rand(shape, generator=gen)
             x = x if spec.name == "detector" else x * 2 - 1  # the detector takes [0,1], the VAE [-1,1]
-        elif t.name == "mask_latent":
+        elif t.name in ("mask_latent", "mask_image"):
             x = (torch.rand(shape, generator=gen) > 0.5).float()
+        elif t.name in ("result_image", "source_image"):
+            x = torch.rand(shape, generator=gen) * 2 - 1
         elif t.name == "time_ids":
             x = NullConditioning.add_time_ids(resolution).expand(batch, -1).contiguous()
         elif t.name in ("encoder_hidden_states", "text_embeds"):
@@ -363,7 +387,7 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
     cond = b.conditioning
     specs = graph_specs(int(vae_cfg.latent_channels), int(cond.prompt_embeds.shape[-1]),
                         int(cond.pooled_prompt_embeds.shape[-1]), int(cond.prompt_embeds.shape[1]),
-                        len(b.detector.config.kinds) if b.detector is not None else 4)
+                        len(b.detector.config.kinds) if b.detector is not None else 4, discriminator_pixels(b))
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cleanplate.errors import ErrorCode, InputError
+from cleanplate.graph_removal import gate_pixels
 from cleanplate.imaging import write_atomic
 from cleanplate.pipeline import MAX_STEPS
 
@@ -184,6 +185,8 @@ def bls_config(name: str, manifest: dict[str, Any], opts: RepositoryOptions, gra
         params.update(removal or {})
     if manifest.get("threshold") is not None:
         params["threshold"] = manifest["threshold"]
+    if gate_pixels(manifest):  # the discriminator graph takes the crops too (pixel statistics)
+        params["gate_pixels"] = "1"
     for key, value in params.items():
         config.parameters[key].string_value = str(value)
     _scheduling(config, opts, "KIND_CPU", opts.bls_instances)

@@ -155,6 +155,35 @@ def test_calibrate_serves_the_gt_and_source_targets() -> None:
         calibrate(scores, labels, kinds=kinds[:3])
 
 
+def test_gt_target_with_confidence_leaves_a_margin() -> None:
+    """With gt_pass_confidence the GT target is met only where the Clopper-Pearson lower bound of the GT pass
+    rate reaches it: the bound equals scipy's exact binomial interval, and the threshold moves down to where
+    more than 90% of the held-out GT passes."""
+    from scipy.stats import binomtest
+
+    from cleanplate.training.discriminator import gt_pass_lower_bound
+
+    for k, n in [(59, 60), (58, 60), (1, 10), (100, 100)]:  # one-sided 95% = the lower end of a two-sided 90%
+        assert gt_pass_lower_bound(k, n, 0.95) == pytest.approx(
+            binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").low)
+    assert gt_pass_lower_bound(0, 60, 0.95) == 0.0 and gt_pass_lower_bound(54, 60, None) == 0.9
+    assert gt_pass_lower_bound(59, 60, 0.95) > 0.9 > gt_pass_lower_bound(58, 60, 0.95)
+
+    rng = np.random.default_rng(1)
+    gt, source = rng.uniform(0.3, 1.0, 60), rng.uniform(0.0, 0.2, 60)
+    removal = rng.uniform(0.0, 1.0, 200)
+    scores = np.r_[gt, source, removal]
+    labels = np.r_[np.ones(60), np.zeros(60), removal > 0.7]
+    kinds = ["gt"] * 60 + ["source"] * 60 + ["removal"] * 200
+    plain = calibrate(scores, labels, kinds=kinds)
+    sure = calibrate(scores, labels, kinds=kinds, gt_pass_confidence=0.95)
+    assert plain["targets_met"] and sure["targets_met"] and "95% confidence" in sure["rule"]
+    assert plain["gt_pass_rate"] >= 0.9 and plain["gt_pass_bound"] == plain["gt_pass_rate"]
+    assert sure["threshold"] < plain["threshold"] and sure["gt_pass_rate"] >= 59 / 60
+    assert sure["gt_pass_bound"] >= 0.9 and sure["gt_pass_confidence"] == 0.95
+    assert sure["source_pass_rate"] <= 0.02
+
+
 def test_roc_auc_and_spearman() -> None:
     from cleanplate.training.discriminator import roc_auc, spearman
 

@@ -12,7 +12,15 @@ from conftest import make_tiny_bundle, make_tiny_gated_bundle
 from test_discriminator import _labelled_set
 
 from cleanplate.bundle import attach_discriminator, load_bundle
-from cleanplate.discriminator import STAT_NAMES, UNCHANGED_LOGIT, Discriminator, StatsHead, gate_statistics
+from cleanplate.discriminator import (
+    PIXEL_STAT_NAMES,
+    STAT_NAMES,
+    UNCHANGED_LOGIT,
+    Discriminator,
+    StatsHead,
+    gate_statistics,
+    pixel_statistics,
+)
 from cleanplate.errors import BundleError
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.training.discriminator import DiscriminatorConfig, train_discriminator
@@ -91,6 +99,35 @@ def test_trainer_fits_a_statistics_head_onto_an_existing_discriminator(tmp_path:
     assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
 
 
+def test_trainer_fits_a_pixel_statistics_head_from_the_latent_cache(tmp_path: Path) -> None:
+    """pixel_stats: the head is fitted on the cache's precomputed pixel statistics, and the calibration's scores
+    (from the cache) are the scores RemovalPipeline.score gives the same crops (pixel statistics in the graph).
+    Without a statistics head pixel_stats is refused."""
+    from cleanplate.errors import InputError
+    from cleanplate.training.common import read_meta
+    from cleanplate.training.discriminator import DiscriminatorDataset, encode_candidates, score_latents
+
+    gated = make_tiny_gated_bundle(tmp_path / "gated")
+    meta = _labelled_set(tmp_path / "data", 24)
+    d = load_bundle(gated).config.dilate_px  # the calibration cuts as serving does: fit on the same cut
+    cfg = DiscriminatorConfig(meta=[meta], val_meta=[meta], bundle=gated, init_discriminator=gated,
+                              out=tmp_path / "out", max_steps=0, stats_hidden=0, pixel_stats=True,
+                              latent_cache=True, dilate_range=(d, d))
+    cal = train_discriminator(cfg)["calibration"]
+    assert cal["stats_head_fit"]["train_roc_auc"] > 0.95 and cal["roc_auc"] > 0.95
+    disc = load_bundle(tmp_path / "out").discriminator
+    assert disc.pixel_stats and disc.stats_head.net.in_features == len(STAT_NAMES) + 1 + len(PIXEL_STAT_NAMES)
+    pipe = RemovalPipeline.from_bundle(tmp_path / "out")
+    dataset = DiscriminatorDataset(read_meta([meta])[:4], 64, (d, d), flip=False)
+    cached, _ = score_latents(disc, encode_candidates(pipe, dataset, dtype=torch.float32))
+    items = [dataset[i] for i in range(4)]
+    direct = pipe.score(torch.stack([x["result"] for x in items]), torch.stack([x["source"] for x in items]),
+                        torch.stack([x["mask"] for x in items]))
+    np.testing.assert_allclose(cached, direct.numpy(), atol=1e-5)
+    with pytest.raises(InputError, match="stats_hidden"):
+        train_discriminator(cfg.model_copy(update={"stats_hidden": None}))
+
+
 def test_onnx_export_of_a_discriminator_with_statistics_head_matches_torch(tmp_path: Path) -> None:
     """The statistics are ordinary graph ops: the exported discriminator scores as PyTorch does (export's own
     parity check at two batch sizes, plus masks with holes, which the parity inputs may not have)."""
@@ -112,4 +149,103 @@ def test_onnx_export_of_a_discriminator_with_statistics_head_matches_torch(tmp_p
     got = session.run(None, {"result_latent": z.numpy(), "mask_latent": m.numpy(), "source_latent": s.numpy()})[0]
     with torch.no_grad():
         want = torch.sigmoid(disc.eval()(z, m, s)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_pixel_statistics_tell_a_flat_fill_from_the_gt_on_a_real_texture(photos) -> None:
+    """A 12 px band across the cat's fur (chelsea), filled flat with the ring's mean: at pixel scale 1 the fill
+    has less texture than its ring and no spread, the GT keeps both; every scale is a column block of
+    PIXEL_STAT_NAMES; the statistics do not change under a horizontal flip (the latent cache flips latents
+    and keeps them)."""
+    rgb = photos["chelsea"][150:214, 250:314]
+    gt = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 26:38, 8:56] = 1
+    flat = gt * (1 - mask) + mask * (gt * (1 - mask)).sum((2, 3), keepdim=True) / (1 - mask).sum()
+    images, masks, source = torch.cat([flat, gt]), mask.expand(2, -1, -1, -1), torch.zeros(2, 3, 64, 64)
+    stats = pixel_statistics(images, masks, source)
+    assert stats.shape == (2, len(PIXEL_STAT_NAMES)) and torch.isfinite(stats).all()
+
+    def col(name: str) -> torch.Tensor:
+        return stats[:, PIXEL_STAT_NAMES.index(name)]
+
+    assert col("px1_texture_gap")[0] < -0.25 and abs(float(col("px1_texture_gap")[1])) < 0.1
+    assert col("px1_fill_spread")[0] < 0.05 and col("px1_fill_spread")[1] > 0.3
+    assert col("px4_fill_spread")[0] < col("px4_fill_spread")[1]
+    torch.testing.assert_close(pixel_statistics(images.flip(-1), masks.flip(-1), source), stats, atol=1e-5, rtol=1e-5)
+
+
+def _pixel_gated(path: Path, seed: int = 5) -> Discriminator:
+    """The tiny gated bundle at ``path`` with a random pixel-statistics head attached; returns it."""
+    make_tiny_gated_bundle(path)
+    disc = load_bundle(path).discriminator
+    torch.manual_seed(seed)
+    disc.pixel_stats = True
+    disc.stats_head = StatsHead(len(disc.stat_columns), hidden=8)
+    disc.stats_head.std.uniform_(0.5, 2.0)
+    attach_discriminator(path, disc, {})
+    return disc.eval()
+
+
+def test_pixel_statistics_head_round_trip_and_needs_the_crops(tmp_path: Path) -> None:
+    """A head over latent and pixel statistics is saved with its column names and loaded as it was; scoring
+    without the crops is refused; RemovalPipeline.score feeds them."""
+    disc = _pixel_gated(tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "discriminator" / "config.json").read_text())
+    assert config["stats_head"]["statistics"] == [*STAT_NAMES, "conv_logit", *PIXEL_STAT_NAMES]
+    loaded = load_bundle(tmp_path / "b").discriminator
+    assert loaded.pixel_stats and loaded.stat_columns == disc.stat_columns
+    torch.manual_seed(0)
+    x, s = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    m = torch.zeros(2, 1, 64, 64)
+    m[..., 10:30, 12:40] = 1
+    zx, zs, zm = torch.randn(2, 4, 32, 32), torch.randn(2, 4, 32, 32), Discriminator.mask_to_latent(m, 2)
+    with torch.no_grad():
+        want = disc(zx, zm, zs, x, m, s)
+        torch.testing.assert_close(loaded(zx, zm, zs, x, m, s), want)
+        # the pixels are in the score, and logit_from with precomputed statistics is the same function
+        assert not torch.allclose(want, disc(zx, zm, zs, x.flip(0), m, s))
+        torch.testing.assert_close(disc.logit_from(zx, zm, zs, pixel_statistics(x, m, s)), want)
+        with pytest.raises(ValueError, match="needs the result, mask and source crops"):
+            disc(zx, zm, zs)
+    pipe = RemovalPipeline.from_bundle(tmp_path / "b")
+    scores = pipe.score(x, s, m)
+    with torch.no_grad():
+        z = pipe.encode(torch.cat([x, s]))
+        expected = torch.sigmoid(loaded(z[:2], zm, z[2:], x, m, s))
+    torch.testing.assert_close(scores, expected)
+
+
+def test_onnx_export_and_graph_removal_score_with_pixel_statistics(tmp_path: Path, photos) -> None:
+    """The exported discriminator takes the crops as three more inputs and scores as PyTorch does (export's
+    parity check); ``GraphRemoval.score`` on the ONNX Runtime sessions, told by export.json, equals
+    ``RemovalPipeline.score`` on real photo crops."""
+    import onnxruntime as ort
+
+    from cleanplate.export.onnx import export_onnx, read_manifest
+    from cleanplate.graph_removal import GraphRemoval, gate_pixels
+
+    _pixel_gated(tmp_path / "b")
+    export_onnx(tmp_path / "b", tmp_path / "onnx", graphs=["vae_encoder", "discriminator"], buckets=[64], max_batch=4,
+                seed=3)
+    manifest = read_manifest(tmp_path / "onnx")
+    assert gate_pixels(manifest)
+    assert [t["name"] for t in manifest["graphs"]["discriminator"]["inputs"]][3:] == [
+        "result_image", "mask_image", "source_image"]
+    sessions = {g: ort.InferenceSession(str(tmp_path / "onnx" / f"{g}.onnx"), providers=["CPUExecutionProvider"])
+                for g in ("vae_encoder", "discriminator")}
+    removal = GraphRemoval(lambda g, inputs, out: sessions[g].run([out], inputs)[0], vae_scale_factor=2,
+                           gate_pixels=True)
+    source = np.stack([photos["coffee"][100:164, 200:264], photos["chelsea"][50:114, 100:164]])
+    result = source.copy()
+    mask = np.zeros((2, 64, 64), np.uint8)
+    mask[:, 20:40, 10:50] = 1
+    result[mask > 0] = 128
+    got = removal.score(source, result, mask)
+    pipe = RemovalPipeline.from_bundle(tmp_path / "b")
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    want = pipe.score(t(result), t(source), torch.from_numpy(mask)[:, None].float()).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)

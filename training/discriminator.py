@@ -12,8 +12,10 @@ mask is dilated, the context window around it is cropped and resized to the bund
 Calibration (:func:`calibrate`): the scores are not probabilities, so after training the held-out split
 (``val_meta``, photos never trained on) is scored and the pass threshold chosen for the gate's two fixed
 points. When the split has ``gt`` and ``source`` candidates (``cleanplate data disc-labels --bundle`` gives
-every item one of each): the thresholds at which at least ``gt_pass_min`` (90%) of the GT passes and at
-most ``source_pass_max`` (2%) of the sources (nothing removed) pass form an interval, and the threshold in
+every item one of each): the thresholds at which at least ``gt_pass_min`` (90%) of the GT passes (with
+``gt_pass_confidence``, 95%: a Clopper-Pearson lower bound on the GT pass rate must reach it, so the target
+holds on new photos and not only on the few dozen held-out ones) and at most ``source_pass_max`` (2%) of the
+sources (nothing removed) pass form an interval, and the threshold in
 it with the largest Youden's J (TPR - FPR over all held-out candidates) is chosen. J does not depend on the
 share of good candidates, which the label generator's rebalancing moves, where F1 and precision do. If no
 threshold meets both targets, the lowest one with source pass <= ``source_pass_max`` is taken (passing an
@@ -45,7 +47,7 @@ from pydantic import Field
 
 from cleanplate import compositing, imaging
 from cleanplate.bundle import attach_discriminator, load_bundle
-from cleanplate.discriminator import Discriminator, StatsHead
+from cleanplate.discriminator import Discriminator, StatsHead, pixel_statistics
 from cleanplate.errors import ErrorCode, InputError
 from cleanplate.pipeline import RemovalPipeline
 from cleanplate.remover import crops_to_tensors, masks_to_tensor, score_crops
@@ -80,6 +82,10 @@ class DiscriminatorConfig(TrainConfig):
     target_precision: float = Field(0.9, gt=0, le=1, description="without gt/source kinds in val_meta: precision "
                                                                  "of 'passed' the threshold must reach")
     gt_pass_min: float = Field(0.9, ge=0, le=1, description="share of held-out GT candidates that must pass")
+    gt_pass_confidence: float | None = Field(0.95, gt=0, lt=1, description="confidence that the GT pass rate on "
+                                                                         "new photos is >= gt_pass_min (one-sided "
+                                                                         "Clopper-Pearson bound); None: the "
+                                                                         "held-out share itself")
     source_pass_max: float = Field(0.02, ge=0, le=1, description="share of held-out source candidates (nothing "
                                                                  "removed) that may pass")
     lr: float = 1e-4
@@ -92,6 +98,9 @@ class DiscriminatorConfig(TrainConfig):
     stats_hidden: int | None = Field(None, ge=0, description="fit a statistics head (cleanplate.discriminator."
                                                             "StatsHead) with this hidden width (0 = logistic "
                                                             "regression) on the training candidates; None: none")
+    pixel_stats: bool = Field(False, description="the statistics head also sees the crops' pixel statistics "
+                                                 "(cleanplate.discriminator.pixel_statistics); the discriminator "
+                                                 "then takes the crops as well as their latents")
     stats_l2: float = Field(1e-3, ge=0, description="L2 penalty on the statistics head's weights")
 
 
@@ -136,9 +145,29 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def gt_pass_lower_bound(passed: int, n: int, confidence: float | None) -> float:
+    """One-sided Clopper-Pearson lower confidence bound on a pass rate (Clopper & Pearson 1934): the
+    ``confidence`` quantile of Beta(passed, n - passed + 1), 0 when nothing passed; ``passed / n`` when
+    ``confidence`` is None. A threshold set where exactly 90% of 60 held-out GTs pass passes about 90% of new
+    GTs half the time; requiring this bound >= 90% keeps it there with the given confidence.
+
+    Args:
+        passed: items that passed, 0..n; n: items (> 0); confidence: in (0, 1), or None.
+    Returns:
+        float in [0, 1].
+    """
+    if confidence is None:
+        return passed / n
+    if passed == 0:
+        return 0.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(1.0 - confidence, passed, n - passed + 1))
+
+
 def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 0.9, *,
               kinds: Sequence[str | None] | None = None, gt_pass_min: float = 0.9,
-              source_pass_max: float = 0.02) -> dict[str, Any]:
+              gt_pass_confidence: float | None = None, source_pass_max: float = 0.02) -> dict[str, Any]:
     """Pick the pass threshold on held-out scores (module docstring: the rule and why).
 
     Args:
@@ -148,10 +177,15 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 
         kinds: (N,) ``label_kind`` per item (None entries allowed), or None.
         gt_pass_min: share in [0,1] of ``gt`` items that must pass; source_pass_max: share of ``source``
             items that may pass.
+        gt_pass_confidence: when set, the GT target is met where :func:`gt_pass_lower_bound` of the GT
+            pass count is >= ``gt_pass_min`` (a margin for the sampling error of a few dozen GTs), not the
+            observed share. The source target has no such bound: 60 sources cannot show a 2% rate with
+            95% confidence even when none passes (that needs 149).
     Returns:
         dict: threshold, rule, targets_met (None for the fallback rule), precision, recall, f1, accuracy,
-        pass_rate, youden_j at it; gt_pass_rate / source_pass_rate and the feasible ``interval`` [lowest,
-        highest] (None when empty) with the kinds; the same metrics at 0.5 (``at_0.5``), roc_auc, n_pos, n_neg.
+        pass_rate, youden_j at it; gt_pass_rate, gt_pass_bound, source_pass_rate and the feasible ``interval``
+        [lowest, highest] (None when empty) with the kinds; the same metrics at 0.5 (``at_0.5``), roc_auc, n_pos,
+        n_neg.
     Raises:
         InputError: fewer than one item of either label, or kinds of another length.
     """
@@ -176,16 +210,19 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 
                "accuracy": float((passed == labels).mean()), "pass_rate": float(passed.mean()),
                "youden_j": recall - int((passed & ~labels).sum()) / n_neg}
         if gt.any() and src.any():
-            row |= {"gt_pass_rate": float(passed[gt].mean()), "source_pass_rate": float(passed[src].mean())}
+            row |= {"gt_pass_rate": float(passed[gt].mean()), "source_pass_rate": float(passed[src].mean()),
+                    "gt_pass_bound": gt_pass_lower_bound(int(passed[gt].sum()), int(gt.sum()), gt_pass_confidence)}
         return row
 
     candidates = [at(t) for t in np.unique(scores)]  # ascending thresholds
     extra: dict[str, Any] = {}
     if gt.any() and src.any():
-        gt_ok = [c for c in candidates if c["gt_pass_rate"] >= gt_pass_min]
+        gt_ok = [c for c in candidates if c["gt_pass_bound"] >= gt_pass_min]
         src_ok = [c for c in candidates if c["source_pass_rate"] <= source_pass_max]
         feasible = [c for c in gt_ok if c["source_pass_rate"] <= source_pass_max]
-        targets = f"GT pass >= {gt_pass_min:g}, source pass <= {source_pass_max:g}"
+        gt_target = (f"GT pass >= {gt_pass_min:g}" if gt_pass_confidence is None else
+                     f"GT pass >= {gt_pass_min:g} with {gt_pass_confidence:.0%} confidence")
+        targets = f"{gt_target}, source pass <= {source_pass_max:g}"
         if feasible:
             best = max(feasible, key=lambda c: (c["youden_j"], c["threshold"]))
             rule, met = f"max Youden's J with {targets}", True
@@ -194,7 +231,8 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 
             best = src_ok[0] if src_ok else candidates[-1]
             rule, met = f"lowest threshold with source pass <= {source_pass_max:g} ({targets} not reachable)", False
         extra = {"targets_met": met, "interval": [feasible[0]["threshold"], feasible[-1]["threshold"]] if feasible
-                 else None, "gt_pass_min": gt_pass_min, "source_pass_max": source_pass_max}
+                 else None, "gt_pass_min": gt_pass_min, "gt_pass_confidence": gt_pass_confidence,
+                 "source_pass_max": source_pass_max}
     else:
         reaching = [c for c in candidates if c["precision"] >= target_precision]
         if reaching:
@@ -223,12 +261,13 @@ def encode_candidates(pipe: RemovalPipeline, dataset: DiscriminatorDataset, vari
     """The frozen-VAE view of every candidate, ``variants`` times (random dilations drawn from ``seed``).
 
     Returns ``result`` and ``source`` (N·variants, C, h, w) latents in ``dtype`` (fp16 for a cache on disk),
-    ``mask`` (N·variants, 1, h, w) uint8 at latent size (:meth:`Discriminator.mask_to_latent`) and ``score``
-    (N·variants,) float32 labels, variant-major. The dataset's flip is off while encoding (:class:`CachedLatents`
+    ``mask`` (N·variants, 1, h, w) uint8 at latent size (:meth:`Discriminator.mask_to_latent`), ``score``
+    (N·variants,) float32 labels and ``pixel_stats`` (N·variants, len(PIXEL_STAT_NAMES)) float32, the crops'
+    :func:`~cleanplate.discriminator.pixel_statistics` (flip-invariant, so a flipped latent keeps them), variant-major. The dataset's flip is off while encoding (:class:`CachedLatents`
     flips latents); ``random`` is reseeded per variant, as SFT's latent cache does."""
     from tqdm.auto import tqdm
 
-    parts: dict[str, list[torch.Tensor]] = {"result": [], "source": [], "mask": [], "score": []}
+    parts: dict[str, list[torch.Tensor]] = {"result": [], "source": [], "mask": [], "score": [], "pixel_stats": []}
     flip, dataset.flip = dataset.flip, False
     with tqdm(total=variants * len(dataset), desc="discriminator latents", mininterval=10) as bar:
         for v in range(variants):
@@ -237,8 +276,11 @@ def encode_candidates(pipe: RemovalPipeline, dataset: DiscriminatorDataset, vari
                 items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
                 parts["result"].append(pipe.encode(torch.stack([it["result"] for it in items])).to("cpu", dtype))
                 parts["source"].append(pipe.encode(torch.stack([it["source"] for it in items])).to("cpu", dtype))
-                mask = Discriminator.mask_to_latent(torch.stack([it["mask"] for it in items]), pipe.vae_scale_factor)
+                pixel_mask = torch.stack([it["mask"] for it in items])
+                mask = Discriminator.mask_to_latent(pixel_mask, pipe.vae_scale_factor)
                 parts["mask"].append(mask.to(torch.uint8))
+                parts["pixel_stats"].append(pixel_statistics(torch.stack([it["result"] for it in items]), pixel_mask,
+                                                             torch.stack([it["source"] for it in items])))
                 parts["score"].append(torch.stack([it["score"] for it in items]))
                 bar.update(len(items))
     dataset.flip = flip
@@ -252,7 +294,8 @@ def score_latents(disc: Discriminator, latents: dict[str, torch.Tensor], device:
     scores = []
     for start in range(0, len(latents["score"]), batch_size):
         part = {k: v[start:start + batch_size].to(device).float() for k, v in latents.items()}
-        scores.append(torch.sigmoid(disc(part["result"], part["mask"], part["source"])).float().cpu())
+        logit = disc.logit_from(part["result"], part["mask"], part["source"], part.get("pixel_stats"))
+        scores.append(torch.sigmoid(logit).float().cpu())
     return torch.cat(scores).numpy(), latents["score"].float().numpy()
 
 
@@ -299,7 +342,8 @@ def _cache_path(cfg: DiscriminatorConfig, resolution: int, meta: Sequence[Path],
     digest = hashlib.sha256()
     for path in [*meta, Path(cfg.bundle) / "vae" / "diffusion_pytorch_model.safetensors"]:
         digest.update(Path(path).read_bytes())
-    name = f"disc_latents_r{resolution}_d{dilate[0]}-{dilate[1]}_x{variants}_s{cfg.seed}_{digest.hexdigest()[:12]}"
+    # "px": the cache holds pixel_stats too (caches written before them lack the key)
+    name = f"disc_latents_px_r{resolution}_d{dilate[0]}-{dilate[1]}_x{variants}_s{cfg.seed}_{digest.hexdigest()[:12]}"
     return (cfg.cache_dir or cfg.resolved_work_dir) / f"{name}.safetensors"
 
 
@@ -334,8 +378,9 @@ def stats_inputs_of(disc: Discriminator, latents: dict[str, torch.Tensor], devic
     inputs = []
     for start in range(0, len(latents["score"]), batch_size):
         z = {k: latents[k][start:start + batch_size].to(device).float() for k in ("result", "mask", "source")}
+        pixels = latents["pixel_stats"][start:start + batch_size].to(device).float() if disc.pixel_stats else None
         logit = disc.conv_logit(z["result"], z["mask"], z["source"])
-        inputs.append(disc.stats_inputs(z["result"], z["mask"], z["source"], logit).float().cpu())
+        inputs.append(disc.stats_inputs(z["result"], z["mask"], z["source"], logit, pixels).float().cpu())
     return torch.cat(inputs)
 
 
@@ -389,6 +434,8 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
     """
     from peft import LoraConfig, LoraModel
 
+    if cfg.pixel_stats and cfg.stats_hidden is None:
+        raise InputError("pixel_stats feeds the statistics head: set stats_hidden too", code=ErrorCode.BAD_OPTION)
     bundle = load_bundle(cfg.bundle)
     accelerator = make_accelerator(cfg, "discriminator")
     pipe = RemovalPipeline.from_bundle(bundle, device=accelerator.device)
@@ -401,6 +448,7 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
         if disc is None:
             raise InputError(f"init_discriminator {cfg.init_discriminator} has no discriminator/", code=ErrorCode.BAD_OPTION)
         disc.requires_grad_(False).stats_head = None
+        disc.pixel_stats = False
         disc.head.requires_grad_(True)
     else:
         disc = Discriminator.from_unet(bundle.unet, bundle.conditioning, vae_scale_factor=pipe.vae_scale_factor,
@@ -434,6 +482,7 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             if train_latents is None:
                 train_latents = encode_candidates(pipe, DiscriminatorDataset(items, resolution, cfg.dilate_range,
                                                                              flip=False), dtype=torch.float32)
+            final.pixel_stats = cfg.pixel_stats
             head, stats_fit = fit_stats_head(stats_inputs_of(final, train_latents, pipe.device),
                                              train_latents["score"], cfg.stats_hidden, l2=cfg.stats_l2, seed=cfg.seed)
             final.stats_head = head.to(pipe.device)
@@ -449,7 +498,8 @@ def train_discriminator(cfg: DiscriminatorConfig) -> dict[str, Any]:
             entries = _entries(cfg.val_meta)
             kinds = [e.get("label_kind") for e in entries]
             calibration = calibrate(scores, labels, cfg.target_precision, kinds=kinds if any(kinds) else None,
-                                    gt_pass_min=cfg.gt_pass_min, source_pass_max=cfg.source_pass_max)
+                                    gt_pass_min=cfg.gt_pass_min, gt_pass_confidence=cfg.gt_pass_confidence,
+                                    source_pass_max=cfg.source_pass_max)
             final.threshold = calibration["threshold"]
             if any(kinds):
                 calibration["pass_rate_by_kind"] = pass_rates_by_kind(scores, kinds, final.threshold)

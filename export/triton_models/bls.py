@@ -83,9 +83,11 @@ class TritonPythonModel:
                                         decode_residual=self.residual, residual_scale=self.residual_scale,
                                         schedules=self.schedules,
                                         prompt_embeds=cond["prompt_embeds"].astype(np.float32),
-                                        pooled_prompt_embeds=cond["pooled_prompt_embeds"].astype(np.float32))
+                                        pooled_prompt_embeds=cond["pooled_prompt_embeds"].astype(np.float32),
+                                        gate_pixels=params.get("gate_pixels", "0") == "1")
         else:
-            self.removal = GraphRemoval(self._infer, vae_scale_factor=self.f)
+            self.removal = GraphRemoval(self._infer, vae_scale_factor=self.f,
+                                        gate_pixels=params.get("gate_pixels", "0") == "1")
         memory = getattr(pb_utils, "PreferredMemory", None)
         # GPU graphs (TensorRT) answer in device memory; this model's numpy math needs host memory.
         self.preferred = memory(pb_utils.TRITONSERVER_MEMORY_CPU, 0) if memory is not None else None
