@@ -39,12 +39,14 @@ cleanplate data disc-labels --meta runs/data/dev_cal/meta.json --out runs/data/d
 cleanplate train discriminator --config training/configs/default_discriminator.json  # sft bundle + discriminator/
 # Its statistics head (no-reference texture/colour/seam statistics of fill vs ring, on the latents and on the
 # crops' pixels at three scales, + the conv logit; a 32-wide MLP), fitted on the tuned bundle's own removals of
-# 270 training items, then calibrated on its removals of the held-out calibration photos with the head in the
+# 420 training items, then calibrated on its removals of the held-out calibration photos with the head in the
 # score (GT pass >= 90% with 95% confidence, source pass <= 2%). Features, width and L2 were picked on the
 # calibration split (README). training/configs/default_gate_stats.json is the previous, latent-only head.
 cleanplate data synth --n 150 --out runs/data/train2 --seed 5000 --size 512
+cleanplate data synth --n 150 --out runs/data/train3 --seed 7000 --size 512
 cleanplate data disc-labels --meta runs/data/train/meta.json --out runs/data/disc_train_ns --bundle runs/default/disc --removals-per-item 4 --per-item 2 --no-balance --seed 3000 --limit 120
 cleanplate data disc-labels --meta runs/data/train2/meta.json --out runs/data/disc_train2_ns --bundle runs/default/disc --removals-per-item 4 --per-item 2 --no-balance --seed 6000
+cleanplate data disc-labels --meta runs/data/train3/meta.json --out runs/data/disc_train3_ns --bundle runs/default/disc --removals-per-item 4 --per-item 2 --no-balance --seed 8000
 cleanplate data disc-labels --meta runs/data/dev_cal/meta.json --out runs/data/disc_cal_ns --bundle runs/default/disc --removals-per-item 4 --per-item 4 --no-balance --seed 2000
 cleanplate train discriminator --config training/configs/default_gate_pixels.json  # runs/default/disc + head -> runs/default/gate
 rm -rf cleanplate/default_bundle
