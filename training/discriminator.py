@@ -29,6 +29,7 @@ Statistics head (:class:`cleanplate.discriminator.StatsHead`, ``stats_hidden``):
 instead of it: ``init_discriminator`` + ``max_steps: 0`` keeps a trained discriminator as it is), a small MLP
 over :func:`cleanplate.discriminator.gate_statistics` and the conv logit is fitted full-batch with L-BFGS
 (:func:`fit_stats_head`) on the training candidates; the threshold is then calibrated with it in the score.
+With ``pixel_stats`` the head also gets the crops' pixel statistics, which the latent cache stores.
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ def encode_candidates(pipe: RemovalPipeline, dataset: DiscriminatorDataset, vari
     Returns ``result`` and ``source`` (N·variants, C, h, w) latents in ``dtype`` (fp16 for a cache on disk),
     ``mask`` (N·variants, 1, h, w) uint8 at latent size (:meth:`Discriminator.mask_to_latent`), ``score``
     (N·variants,) float32 labels and ``pixel_stats`` (N·variants, len(PIXEL_STAT_NAMES)) float32, the crops'
-    :func:`~cleanplate.discriminator.pixel_statistics` (flip-invariant, so a flipped latent keeps them), variant-major. The dataset's flip is off while encoding (:class:`CachedLatents`
+    :func:`~cleanplate.discriminator.pixel_statistics` (flip-invariant, so a flipped latent keeps them),
+    variant-major. The dataset's flip is off while encoding (:class:`CachedLatents`
     flips latents); ``random`` is reseeded per variant, as SFT's latent cache does."""
     from tqdm.auto import tqdm
 
