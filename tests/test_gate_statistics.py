@@ -128,6 +128,25 @@ def test_trainer_fits_a_pixel_statistics_head_from_the_latent_cache(tmp_path: Pa
         train_discriminator(cfg.model_copy(update={"stats_hidden": None}))
 
 
+def test_encode_candidates_encodes_a_shared_source_once(tmp_path: Path) -> None:
+    """Candidates of one photo share its source crop: the VAE sees each source once, and every candidate gets
+    the latent a direct encode gives."""
+    from cleanplate.training.common import read_meta
+    from cleanplate.training.discriminator import DiscriminatorDataset, encode_candidates
+
+    pipe = RemovalPipeline.from_bundle(make_tiny_gated_bundle(tmp_path / "gated"))
+    items = read_meta([_labelled_set(tmp_path / "data", 4)])
+    dataset = DiscriminatorDataset(items * 3, 64, (0, 0), flip=False)  # 12 candidates, 4 sources
+    seen: list[int] = []
+    encode = pipe.encode
+    pipe.encode = lambda x: (seen.append(len(x)), encode(x))[1]  # type: ignore[method-assign]
+    latents = encode_candidates(pipe, dataset, batch_size=5, dtype=torch.float32)
+    assert sum(seen) == 12 + 4
+    with torch.no_grad():
+        direct = encode(torch.stack([dataset[i]["source"] for i in range(12)]))
+    torch.testing.assert_close(latents["source"], direct, atol=1e-5, rtol=1e-5)
+
+
 def test_onnx_export_of_a_discriminator_with_statistics_head_matches_torch(tmp_path: Path) -> None:
     """The statistics are ordinary graph ops: the exported discriminator scores as PyTorch does (export's own
     parity check at two batch sizes, plus masks with holes, which the parity inputs may not have)."""
