@@ -241,6 +241,11 @@ class Discriminator(nn.Module):
         self.stats_head = None if stats_hidden is None else StatsHead(len(self.stat_columns), stats_hidden)
 
     @property
+    def takes_crops(self) -> bool:
+        """Whether scoring needs the crops as well as their latents (a statistics head with ``pixel_stats``)."""
+        return self.stats_head is not None and self.pixel_stats
+
+    @property
     def stat_columns(self) -> list[str]:
         """Names of the statistics head's inputs, in order (stored with the head; checked at load)."""
         return [*STAT_NAMES, "conv_logit", *(PIXEL_STAT_NAMES if self.pixel_stats else ())]
@@ -262,7 +267,7 @@ class Discriminator(nn.Module):
         :func:`pixel_statistics`]). ``result``/``source`` (B,3,H,W) in [-1,1] and ``mask`` (B,1,H,W) are the
         crops themselves, needed (and only used) with ``pixel_stats``; ValueError without them."""
         pixels = None
-        if self.stats_head is not None and self.pixel_stats:
+        if self.takes_crops:
             if result is None or mask is None or source is None:
                 raise ValueError("this discriminator's statistics head needs the result, mask and source crops")
             pixels = pixel_statistics(result.to(result_latent.dtype), mask, source.to(result_latent.dtype))

@@ -198,10 +198,8 @@ class RemovalPipeline:
         z_result = self.encode(result.to(self.device))
         z_source = self.encode(source.to(self.device))
         mask_latent = self.discriminator.mask_to_latent(mask.to(self.device), self.vae_scale_factor).to(self.dtype)
-        pixels = {}
-        if self.discriminator.pixel_stats:
-            pixels = {k: v.to(self.device, self.dtype) for k, v in (("result", result), ("mask", mask), ("source", source))}
-        return torch.sigmoid(self.discriminator(z_result, mask_latent, z_source, **pixels)).float().cpu()
+        crops = [x.to(self.device, self.dtype) for x in (result, mask, source)] if self.discriminator.takes_crops else []
+        return torch.sigmoid(self.discriminator(z_result, mask_latent, z_source, *crops)).float().cpu()
 
     def schedule(self, steps: int) -> list[LCMStep]:
         """The ``steps``-step LCM schedule of the bundle's scheduler config (cached)."""

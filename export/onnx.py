@@ -189,8 +189,7 @@ class DetectorGraph(nn.Module):
 
 def discriminator_pixels(bundle: Bundle) -> bool:
     """Whether the bundle's discriminator graph takes the crops too (a statistics head with ``pixel_stats``)."""
-    d = bundle.discriminator
-    return d is not None and d.stats_head is not None and d.pixel_stats
+    return bundle.discriminator is not None and bundle.discriminator.takes_crops
 
 
 def graph_modules(bundle: Bundle) -> dict[str, nn.Module]:

@@ -243,6 +243,7 @@ def test_onnx_export_and_graph_removal_score_with_pixel_statistics(tmp_path: Pat
 
     from cleanplate.export.onnx import export_onnx, read_manifest
     from cleanplate.graph_removal import GraphRemoval, gate_pixels
+    from cleanplate.remover import crops_to_tensors, masks_to_tensor
 
     _pixel_gated(tmp_path / "b")
     export_onnx(tmp_path / "b", tmp_path / "onnx", graphs=["vae_encoder", "discriminator"], buckets=[64], max_batch=4,
@@ -262,9 +263,6 @@ def test_onnx_export_and_graph_removal_score_with_pixel_statistics(tmp_path: Pat
     result[mask > 0] = 128
     got = removal.score(source, result, mask)
     pipe = RemovalPipeline.from_bundle(tmp_path / "b")
-
-    def t(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    want = pipe.score(t(result), t(source), torch.from_numpy(mask)[:, None].float()).numpy()
+    want = pipe.score(crops_to_tensors(list(result)), crops_to_tensors(list(source)),
+                      masks_to_tensor(list(mask > 0))).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
