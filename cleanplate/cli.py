@@ -52,7 +52,7 @@ def _needs(extra: str, *modules: str) -> Any:
     return lambda: require_extra(extra, *modules)
 
 
-for _group, _extra, _modules in ((export_app, "export", ("onnx", "onnxscript", "onnxruntime")),
+for _group, _extra, _modules in ((export_app, "export", ("onnx", "onnxscript")),
                                  (triton_app, "export", ("tritonclient",)),
                                  (train_app, "train", ("accelerate", "peft", "transformers", "tensorboard")),
                                  (bench_app, "bench", ("matplotlib", "skimage")),

@@ -15,7 +15,14 @@ a confident core decides *whether* something is there, the weaker evidence aroun
 it reaches. Each final component becomes a :class:`Detection` (box, kind, score). ``threshold``,
 ``min_area`` and ``grow_threshold`` are calibrated on held-out photos (``cleanplate train detector``).
 
-Bundle layout: ``detector/config.json`` (:class:`DetectorConfig`) and ``detector/model.safetensors``.
+Text prior (``text_prior: true``): the network also sees a fourth input channel, the text probability map of
+PP-OCRv4's text detector (DB, Liao et al., "Real-time Scene Text Detection with Differentiable
+Binarization", AAAI 2020; the ONNX file ``ch_PP-OCRv4_det_infer.onnx`` from the ``rapidocr-onnxruntime``
+wheel, Apache-2.0, run by ONNX Runtime: :class:`TextPrior`). It finds text of any contrast, faint watermarks
+included, but also the product's own print; the detector decides which text a storefront added.
+
+Bundle layout: ``detector/config.json`` (:class:`DetectorConfig`), ``detector/model.safetensors`` and, with a
+text prior, ``detector/text_detector.onnx`` plus its licence ``detector/TEXT_DETECTOR_LICENSE``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from .imaging import write_atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TEXT_DETECTOR_FILE = "text_detector.onnx"
+TEXT_DETECTOR_LICENSE = "TEXT_DETECTOR_LICENSE"
 KINDS: tuple[str, ...] = ("text", "watermark", "badge", "logo")
 STRIDE = 32  # the encoder's total downsampling; inputs are padded to a multiple of it
 
@@ -57,7 +66,14 @@ class DetectorConfig(BaseModel):
     grow_threshold: float | None = Field(None, gt=0.0, lt=1.0,
                                          description="kept seeds grow into connected pixels of at least this "
                                                      "probability (hysteresis); None: no growth")
+    text_prior: bool = Field(False, description="the network also takes the text detector's probability map "
+                                                "(a fourth input channel; needs text_detector.onnx)")
     calibration: dict[str, Any] = Field(default_factory=dict, description="how threshold, min_area and grow_threshold were picked")
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of :class:`DetectorNet`: RGB, plus the text prior when on."""
+        return 3 + int(self.text_prior)
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -65,21 +81,22 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class DetectorNet(nn.Module):
-    """(B,3,H,W) float in [0,1], H and W multiples of 32 -> (B,1+K,H,W) float logits: channel 0 is
-    "overlay", channels 1..K the kinds (meaningful on overlay pixels only)."""
+    """(B,C,H,W) float in [0,1], C = ``config.in_channels`` (RGB, then the text prior's probability when on),
+    H and W multiples of 32 -> (B,1+K,H,W) float logits: channel 0 is "overlay", channels 1..K the kinds
+    (meaningful on overlay pixels only)."""
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__()
-        w, d = config.widths, config.decoder_channels
+        w, d, c = config.widths, config.decoder_channels, config.in_channels
         self.stages = nn.ModuleList(
-            nn.Sequential(_conv(3 if i == 0 else w[i - 1], w[i], 2), _conv(w[i], w[i])) for i in range(len(w)))
+            nn.Sequential(_conv(c if i == 0 else w[i - 1], w[i], 2), _conv(w[i], w[i])) for i in range(len(w)))
         self.lateral = nn.ModuleList(nn.Conv2d(c, d, 1) for c in w)
         self.smooth = nn.ModuleList(_conv(d, d) for _ in w[1:-1])  # at 1/4 .. 1/16
         h = config.head_channels
         self.coarse = _conv(d, h)  # at 1/2
-        self.head = nn.Sequential(_conv(h + 3, h), nn.Conv2d(h, 1 + len(config.kinds), 1))  # full resolution
-        self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1))
+        self.head = nn.Sequential(_conv(h + c, h), nn.Conv2d(h, 1 + len(config.kinds), 1))  # full resolution
+        self.register_buffer("mean", torch.full((1, c, 1, 1), 0.5))
+        self.register_buffer("std", torch.full((1, c, 1, 1), 0.25))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = (image - self.mean) / self.std
@@ -158,6 +175,42 @@ def overlay_mask(overlay: np.ndarray, threshold: float, min_area: int = 0, grow_
     return keep[labels]
 
 
+class TextPrior:
+    """PP-OCRv4's text detector (DB) as the detector's text prior, run by ONNX Runtime on the CPU.
+
+    ``TextPrior(path)(x)``: x (B, 3, H, W) float32 RGB in [0, 1], H and W multiples of 32 (what
+    :meth:`DetectorIO.preprocess` makes) -> (B, 1, H, W) float32 text probability in [0, 1]. The model takes
+    BGR normalized to [-1, 1] (PaddleOCR's ``DetResizeForTest`` + ``NormalizeImage`` with mean = std = 0.5).
+    The session is made on first use with ``threads`` intra-op threads (default: torch's thread count).
+    Raises BundleError when the file is missing or is not a loadable ONNX model.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleError(f"detector text prior is missing: {self.path}")
+        self.threads = threads
+        self._session: Any = None
+
+    def _get_session(self) -> Any:
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads or torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            try:
+                self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise BundleError(f"cannot load the detector's text prior {self.path}: {exc}") from exc
+        return self._session
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        session = self._get_session()
+        bgr = np.ascontiguousarray(np.asarray(x, dtype=np.float32)[:, ::-1]) * 2.0 - 1.0
+        return session.run(None, {session.get_inputs()[0].name: bgr})[0].astype(np.float32)
+
+
 def _check_image(image: np.ndarray) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
@@ -226,16 +279,28 @@ class Detector(nn.Module):
     Attributes:
         config: the :class:`DetectorConfig` (threshold, min_area, working size, kinds).
         net: the :class:`DetectorNet`.
+        text_prior: the :class:`TextPrior` when ``config.text_prior`` (from ``text_detector``), else None.
     """
 
-    def __init__(self, config: DetectorConfig | None = None) -> None:
+    def __init__(self, config: DetectorConfig | None = None, text_detector: str | Path | None = None) -> None:
         super().__init__()
         self.config = config or DetectorConfig()
         self.net = DetectorNet(self.config)
+        if self.config.text_prior and text_detector is None:
+            raise BundleError("this detector's config has text_prior on: it needs the text detector's ONNX file")
+        self.text_prior = TextPrior(text_detector) if self.config.text_prior and text_detector else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) float in [0,1] (H, W multiples of 32) -> (B,1+K,H,W) float logits."""
+        """(B,C,H,W) float in [0,1] (C = ``config.in_channels``: RGB, then the text prior; H, W multiples of 32)
+        -> (B,1+K,H,W) float logits."""
         return self.net(image)
+
+    def with_text_prior(self, x: np.ndarray) -> np.ndarray:
+        """The network's input for :meth:`preprocess`'s (B, 3, h', w') float32 RGB: the same with the text
+        prior's (B, 1, h', w') probability appended as channel 3 when ``config.text_prior``, else ``x``."""
+        if self.text_prior is None:
+            return x
+        return np.concatenate([x, self.text_prior(x)], axis=1)
 
     # -- inference ---------------------------------------------------------------------------------
     def working_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -251,6 +316,7 @@ class Detector(nn.Module):
         """The torch network on :meth:`preprocess`'s output: (B, 3, h', w') float32 -> (B, 1+K, h', w') float32
         logits (the same function the exported ONNX model computes)."""
         param = next(self.parameters())
+        x = self.with_text_prior(x)
         return self.net(torch.from_numpy(x).to(param.device, param.dtype)).float().cpu().numpy()
 
     def probabilities(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -282,11 +348,20 @@ class Detector(nn.Module):
     # -- files -------------------------------------------------------------------------------------
     def save(self, directory: str | Path, *, calibration: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created; files replaced
-        atomically); ``calibration`` replaces the config's record when given. Returns the directory."""
+        atomically), and with a text prior its ONNX file and licence; ``calibration`` replaces the config's
+        record when given. Returns the directory."""
+        import shutil
+
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        if self.text_prior is not None:
+            for src, name in ((self.text_prior.path, TEXT_DETECTOR_FILE),
+                              (self.text_prior.path.with_name(TEXT_DETECTOR_LICENSE), TEXT_DETECTOR_LICENSE)):
+                if src.is_file() and src.resolve() != (out / name).resolve():
+                    shutil.copyfile(src, out / (name + ".tmp"))
+                    os.replace(out / (name + ".tmp"), out / name)
         if calibration is not None:
             self.config = self.config.model_copy(update={"calibration": calibration})
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.net.state_dict().items()}
@@ -307,7 +382,7 @@ class Detector(nn.Module):
                 raise BundleError(f"detector is missing {name}: {root / name}")
         try:
             config = DetectorConfig.model_validate(json.loads((root / CONFIG_FILE).read_text()))
-            det = cls(config)
+            det = cls(config, root / TEXT_DETECTOR_FILE if config.text_prior else None)
             det.net.load_state_dict(load_file(str(root / WEIGHTS_FILE)), strict=True)
         except (ValidationError, ValueError, RuntimeError, OSError) as exc:
             raise BundleError(f"cannot load detector from {root}: {exc}") from exc

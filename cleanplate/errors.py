@@ -195,7 +195,7 @@ class TensorRTUnavailable(CleanplateError):
 EXTRA_OF_MODULE: dict[str, str] = {
     "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
     "prometheus_client": "serve", "httpx": "serve",
-    "onnx": "export", "onnxscript": "export", "onnxruntime": "export", "tritonclient": "export",
+    "onnx": "export", "onnxscript": "export", "tritonclient": "export",
     "accelerate": "train", "peft": "train", "tensorboard": "train", "transformers": "train",
     "skimage": "train", "scipy": "train",
     "matplotlib": "bench",

@@ -177,14 +177,79 @@ class PixelDiscriminatorGraph(DiscriminatorGraph):
 
 class DetectorGraph(nn.Module):
     """The overlay detector's network: image (B,3,H,W) in [0,1], H and W multiples of 32 -> logits (B,1+K,H,W),
-    as :meth:`cleanplate.detector.Detector.logits` (mask and boxes come from :meth:`Detector.postprocess`)."""
+    as :meth:`cleanplate.detector.Detector.logits` (mask and boxes come from :meth:`Detector.postprocess`).
+
+    With a text prior, ``forward`` runs it through ONNX Runtime as ``Detector.logits`` does (the parity
+    reference); the exported file is :class:`DetectorNetGraph` with the text detector composed in front of it
+    (:func:`compose_text_prior`), so the ``detector`` graph keeps its one ``image`` input on every engine."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+        self.net = detector.net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.detector.text_prior is None:
+            return self.net(image)
+        text = torch.from_numpy(self.detector.text_prior(image.float().numpy())).to(image.dtype)
+        return self.net(torch.cat([image, text], dim=1))
+
+
+class DetectorNetGraph(nn.Module):
+    """The network of a detector with a text prior: image (B,3,H,W) in [0,1] and text (B,1,H,W) in [0,1] ->
+    logits (B,1+K,H,W). Only exported, then composed with the text detector (:func:`compose_text_prior`)."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         self.net = detector.net
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(image)
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([image, text], dim=1))
+
+
+DETECTOR_NET_SPEC = GraphSpec("detector", (TensorSpec("image", ("B", 3, "H", "W")), TensorSpec("text", ("B", 1, "H", "W"))),
+                              (TensorSpec("logits", ("B", 1, "H", "W")),))  # logits' channels are not checked here
+
+
+def compose_text_prior(net_path: Path, text_detector: Path, out_path: Path) -> None:
+    """One ONNX file ``out_path`` = the text detector in front of the exported :class:`DetectorNetGraph`.
+
+    ``net_path``: the network (inputs ``image``, ``text``; output ``logits``). ``text_detector``: PP-OCRv4's
+    det model (input BGR in [-1, 1], output the text probability (B,1,H,W)), converted to the network's opset
+    by ``onnx.version_converter`` (bit-exact on ONNX Runtime here) and prefixed ``text_prior/``. The result
+    takes only ``image`` (B,3,H,W) RGB in [0,1]: Gather (RGB -> BGR), x·2 - 1, the text detector, then the
+    network with ``text`` = its probability (``onnx.compose.merge_models``)."""
+    import onnx
+    from onnx import compose, helper, numpy_helper, version_converter
+
+    net = onnx.load(str(net_path))
+    opset = next(o.version for o in net.opset_import if o.domain in ("", "ai.onnx"))
+    text = compose.add_prefix(version_converter.convert_version(onnx.load(str(text_detector)), opset), "text_prior/")
+    text.ir_version = net.ir_version
+    graph = text.graph
+    (text_in,), (text_out,) = [i.name for i in graph.input], [o.name for o in graph.output]
+    image = next(i for i in net.graph.input if i.name == "image")
+    preamble = [
+        helper.make_node("Constant", [], ["text_prior/bgr_order"], value=numpy_helper.from_array(np.array([2, 1, 0], np.int64))),
+        helper.make_node("Constant", [], ["text_prior/two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+        helper.make_node("Constant", [], ["text_prior/one"], value=numpy_helper.from_array(np.array(1.0, np.float32))),
+        helper.make_node("Gather", ["image", "text_prior/bgr_order"], ["text_prior/bgr"], axis=1),
+        helper.make_node("Mul", ["text_prior/bgr", "text_prior/two"], ["text_prior/bgr2"]),
+        helper.make_node("Sub", ["text_prior/bgr2", "text_prior/one"], [text_in]),
+        helper.make_node("Identity", ["image"], ["text_prior/image"]),
+    ]
+    nodes = [*preamble, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.input[:]
+    graph.input.append(image)
+    graph.output.append(helper.make_tensor_value_info("text_prior/image", image.type.tensor_type.elem_type, None))
+    merged = compose.merge_models(text, net, io_map=[(text_out, "text"), ("text_prior/image", "image")],
+                                  outputs=[o.name for o in net.graph.output])
+    onnx.checker.check_model(merged)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    onnx.save(merged, str(tmp))
+    os.replace(tmp, out_path)
 
 
 def discriminator_pixels(bundle: Bundle) -> bool:
@@ -406,9 +471,19 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
             if name == "detector" else (f, buckets, max_latent)
         example = _random_inputs(specs[name], min(2, max_batch), g_buckets[0], g_f, torch.Generator().manual_seed(0),
                                  cond)
+        text_prior = b.detector.text_prior if name == "detector" else None
         try:
-            report.files[name] = _export_graph(modules[name], specs[name], example, out / f"{name}.onnx",
-                                               max_batch=max_batch, max_latent=g_max, f=g_f, opset=opset)
+            if text_prior is None:
+                report.files[name] = _export_graph(modules[name], specs[name], example, out / f"{name}.onnx",
+                                                   max_batch=max_batch, max_latent=g_max, f=g_f, opset=opset)
+            else:  # the network alone, then the text detector composed in front of it
+                net_path = out / "detector_net.onnx"
+                net_example = [*example, torch.rand(example[0].shape[0], 1, *example[0].shape[2:])]
+                _export_graph(DetectorNetGraph(b.detector).eval(), DETECTOR_NET_SPEC, net_example, net_path,
+                              max_batch=max_batch, max_latent=g_max, f=g_f, opset=opset)
+                compose_text_prior(net_path, text_prior.path, out / "detector.onnx")
+                net_path.unlink()
+                report.files[name] = ["detector.onnx"]
         except ExportError:
             raise
         except Exception as exc:  # the exporter raises many types; the user needs the graph and the cause

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Every package an extra brings that a library could import on its own if it found it.
 HIDDEN = ("fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client", "httpx", "onnx",
-          "onnxscript", "onnxruntime", "tritonclient", "peft", "accelerate", "tensorboard", "transformers",
+          "onnxscript", "tritonclient", "peft", "accelerate", "tensorboard", "transformers",
           "matplotlib", "skimage", "helm_python", "kubernetes_validate")
 
 SITECUSTOMIZE = '''
@@ -90,6 +90,17 @@ def test_remove_runs_on_the_base_install(base_env, tmp_path):
     assert np.abs(result[mask].astype(int) - src[mask]).mean() > 10  # the overlay's pixels changed
     keep = ~dilate_mask(mask, 16)  # far from the mask: the input's pixels
     assert keep.any() and np.array_equal(result[keep], src[keep])
+
+
+def test_auto_mask_runs_on_the_base_install(base_env, tmp_path):
+    """`cleanplate detect` needs no extra: the detector and its text prior (ONNX Runtime) are in the base
+    install, and the auto mask covers the example's promo overlay."""
+    out = tmp_path / "mask.png"
+    run = _cleanplate(base_env, "detect", "examples/coffee_sale.jpg", "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    found = np.asarray(Image.open(out).convert("L")) >= 128
+    overlay = np.asarray(Image.open(ROOT / "examples/coffee_sale_mask.png").convert("L")) >= 128
+    assert (found & overlay).sum() > 0.8 * overlay.sum() and (found & ~overlay).sum() < 0.5 * overlay.sum()
 
 
 @pytest.mark.parametrize(("argv", "extra"), [

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from cleanplate.detector import Detector, DetectorConfig, overlay_mask
+from cleanplate.detector import Detector, DetectorConfig, TextPrior, overlay_mask
 from cleanplate.errors import BundleError, ErrorCode, InputError
 
 from . import synth
@@ -51,8 +51,12 @@ class DetectorTrainConfig(BaseModel):
     work_dir: Path | None = Field(None, description="data, checkpoints and log; default: OUT + '.work'")
     model: DetectorConfig = Field(default_factory=DetectorConfig, description="network and working size")
     init_from: Path | None = Field(None, description="a detector/ directory whose weights start the run "
-                                                     "(fine-tuning; its network must equal `model`'s); its "
-                                                     "calibration record is kept as `init` in the new one")
+                                                     "(fine-tuning; its network must equal `model`'s, except that "
+                                                     "`model` may add the text prior, whose input weights start at "
+                                                     "0); its calibration record is kept as `init` in the new one")
+    text_detector: Path | None = Field(None, description="the text prior's ONNX file (PP-OCRv4 det; needed when "
+                                                         "model.text_prior; copied into the detector with the "
+                                                         "TEXT_DETECTOR_LICENSE beside it)")
     train_n: int = Field(1600, ge=1)
     train_seed: int = Field(100, ge=0)
     train_size: int = Field(512, ge=64)
@@ -107,6 +111,30 @@ def ensure_data(cfg: DetectorTrainConfig) -> tuple[Path, Path]:
     return train, cal
 
 
+def ensure_text_maps(meta: Path, prior: TextPrior) -> None:
+    """Write the text prior's probability map of every item of a detector data set as ``text/<name>.png``
+    (uint8, probability x 255, the item's size; sides padded to a multiple of 32 for the model and cropped
+    back); items whose map exists are skipped, so a rerun resumes. Training crops take them as channel 3."""
+    from cleanplate.detector import STRIDE
+    from cleanplate.imaging import write_atomic
+
+    root = Path(meta).parent
+    (root / "text").mkdir(exist_ok=True)
+    for e in read_items(meta):
+        out = root / "text" / Path(e["source"]).name
+        if out.exists():
+            continue
+        src = _load(e["source"])[..., :3]
+        h, w = src.shape[:2]
+        padded = np.pad(src, ((0, -h % STRIDE), (0, -w % STRIDE), (0, 0)), mode="edge")
+        prob = prior(padded.transpose(2, 0, 1)[None].astype(np.float32) / 255.0)[0, 0, :h, :w]
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(buf, format="PNG")
+        write_atomic(out, buf.getvalue())
+
+
 def read_items(meta: Path) -> list[dict[str, Any]]:
     """The entries of a detector meta.json with paths made absolute. Raises InputError if unreadable."""
     try:
@@ -123,11 +151,20 @@ def _load(path: str) -> np.ndarray:
 
 
 class CropSampler:
-    """Random training crops: ``batch(n)`` -> images (n,3,c,c) float in [0,1], mask (n,1,c,c) float {0,1},
-    kinds (n,c,c) int64 (0 = none, 1..K) from items held in memory as uint8."""
+    """Random training crops: ``batch(n)`` -> images (n,C,c,c) float in [0,1], mask (n,1,c,c) float {0,1},
+    kinds (n,c,c) int64 (0 = none, 1..K) from items held in memory as uint8. C is 3, or 4 with
+    ``text_prior`` (channel 3: the item's ``text/`` map from :func:`ensure_text_maps`, cropped alike)."""
 
-    def __init__(self, items: list[dict[str, Any]], crop: int, scale_range: tuple[float, float], seed: int) -> None:
-        self.items = [(_load(e["source"]), _load(e["kind_map"])) for e in items]
+    def __init__(self, items: list[dict[str, Any]], crop: int, scale_range: tuple[float, float], seed: int,
+                 text_prior: bool = False) -> None:
+        def source(e: dict[str, Any]) -> np.ndarray:
+            src = _load(e["source"])[..., :3]
+            if not text_prior:
+                return src
+            text = _load(str(Path(e["source"]).parent.parent / "text" / Path(e["source"]).name))
+            return np.concatenate([src, text[..., None]], axis=2)
+
+        self.items = [(source(e), _load(e["kind_map"])) for e in items]
         self.crop, self.scale_range = crop, scale_range
         self.rng = np.random.default_rng(seed)
 
@@ -265,22 +302,46 @@ def _init_detector(cfg: DetectorTrainConfig) -> Detector:
     except BundleError as exc:
         raise InputError(f"cannot load init_from detector {cfg.init_from}: {exc}", code=ErrorCode.BAD_OPTION) from exc
     differ = [f for f in _NETWORK_FIELDS if getattr(init.config, f) != getattr(cfg.model, f)]
+    if init.config.text_prior and not cfg.model.text_prior:
+        differ.append("text_prior")
     if differ:
         raise InputError(f"init_from {cfg.init_from} has another network ({', '.join(differ)} differ from the "
                          "config's model)", code=ErrorCode.BAD_OPTION)
     return init
 
 
+def load_init_weights(model: Detector, init: Detector) -> None:
+    """``init``'s weights into ``model``. When ``model`` adds the text prior to an RGB-only ``init``, the
+    weights that read the new input channel (the first conv and the full-resolution head) start at zero,
+    so the fine-tune starts from exactly ``init``'s logits."""
+    theirs = init.net.state_dict()
+    mine = model.net.state_dict()
+    for name, value in theirs.items():
+        target = mine[name]
+        if value.shape == target.shape:
+            target.copy_(value)
+        elif name in ("mean", "std"):
+            target[:, :value.shape[1]] = value
+        else:  # a conv weight (out, in, k, k) that reads the input: the text channel is the last one
+            target.zero_()
+            target[:, :value.shape[1]] = value
+    model.net.load_state_dict(mine)
+
+
 def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     """Train, calibrate on the held-out split and write ``cfg.out``; returns {"calibration", "steps", "loss"}.
 
     Starts from ``init_from``'s weights when given, but resumes from the newest checkpoint in
-    ``work_dir/checkpoints`` when there is one. Raises InputError for a crop that is not a multiple of 32,
+    ``work_dir/checkpoints`` when there is one. Raises InputError for a crop that is not a multiple of 32, a text
+    prior without its ONNX file,
     ``overlay_weights`` naming a kind the model does not have, or an ``init_from`` that cannot be loaded or
     has another network.
     """
     if cfg.crop % 32:
         raise InputError(f"crop must be a multiple of 32, got {cfg.crop}", code=ErrorCode.BAD_OPTION)
+    if cfg.model.text_prior and (cfg.text_detector is None or not Path(cfg.text_detector).is_file()):
+        raise InputError(f"model.text_prior needs text_detector, the text detector's ONNX file (got "
+                         f"{cfg.text_detector})", code=ErrorCode.BAD_OPTION)
     unknown = set(cfg.overlay_weights) - set(cfg.model.kinds)
     if unknown:
         raise InputError(f"overlay_weights names unknown kinds {sorted(unknown)}; kinds are {list(cfg.model.kinds)}",
@@ -294,11 +355,15 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     train_meta, cal_meta = ensure_data(cfg)
     log.info("data ready in %.0f s", time.time() - t0)
     torch.manual_seed(cfg.seed)
-    model = Detector(cfg.model)
+    model = Detector(cfg.model, cfg.text_detector)
+    if model.text_prior is not None:
+        for meta in (train_meta, cal_meta):
+            ensure_text_maps(meta, model.text_prior)
+        log.info("text maps ready in %.0f s", time.time() - t0)
     if init is not None:
-        model.load_state_dict(init.state_dict())
+        load_init_weights(model, init)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = CropSampler(read_items(train_meta), cfg.crop, cfg.scale_range, cfg.seed)
+    sampler = CropSampler(read_items(train_meta), cfg.crop, cfg.scale_range, cfg.seed, cfg.model.text_prior)
     step = 0
     found = _checkpoints(work)
     if found:
