@@ -17,7 +17,7 @@ the source size):
 * on negatives: mean false-positive area (share of pixels detected) and the share of images with any
   detection, for clean and in-scene-text photos apart and together;
 * CPU latency of ``detect`` on a 512 x 512 photo (median, p95 over ``--repeats`` runs after 2 warm-ups;
-  torch threads as given, default 1), and of the network forward alone;
+  torch threads as given, default 1), of the network forward alone and of its text prior alone;
 * **end to end** (on by default, ``--no-e2e`` skips it): every dev item removed twice by the bundle's torch
   engine through the gateway's path (:func:`cleanplate.removal.run_removal`, seed ``--seed``): once with the
   GT mask, once with the detector's mask (a mask that finds nothing leaves the photo unchanged, as the
@@ -244,26 +244,31 @@ def _png(path: str) -> np.ndarray:
 
 
 def _latency(det: Any, path: str, repeats: int) -> dict[str, Any]:
+    """ms of ``detect`` on a 512 x 512 photo, of the network forward alone (``forward_ms``: with a text prior,
+    prior + network, as :meth:`Detector.logits`) and of the text prior alone (``text_prior_ms``, or None)."""
     import cv2
     import torch
 
     img = _png(path)
     if img.shape[:2] != (512, 512):
         img = cv2.resize(img, (512, 512), interpolation=cv2.INTER_AREA)
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255)
-    full, net = [], []
+    x, _ = det.preprocess(img)
+    full, net, prior = [], [], []
     for i in range(repeats + 2):
         t0 = time.perf_counter()
         det.detect(img)
         t1 = time.perf_counter()
-        with torch.inference_mode():
-            det(x)
+        det.logits(x)
         t2 = time.perf_counter()
+        if det.text_prior is not None:
+            det.text_prior(x)
+        t3 = time.perf_counter()
         if i >= 2:
             full.append((t1 - t0) * 1000)
             net.append((t2 - t1) * 1000)
+            prior.append((t3 - t2) * 1000)
     return {"size": [512, 512], "threads": torch.get_num_threads(), "detect_ms": summarize_ms(full),
-            "forward_ms": summarize_ms(net)}
+            "forward_ms": summarize_ms(net), "text_prior_ms": summarize_ms(prior) if det.text_prior is not None else None}
 
 
 def _examples(shown: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path) -> Path:
@@ -315,7 +320,8 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
         lines.append(f"| {g.replace('_', '-')} | {r['n']} | {_pct(r['fp_area_mean'], 3)} | {_pct(r['image_rate'])} |")
     d, f = lat["detect_ms"], lat["forward_ms"]
     lines += ["", f"CPU latency at 512 x 512, {lat['threads']} torch thread(s): `detect` median {d['median']:.0f} ms "
-              f"(p95 {d['p95']:.0f}, n {d['n']}), network forward alone {f['median']:.0f} ms."]
+              f"(p95 {d['p95']:.0f}, n {d['n']}), network forward alone {f['median']:.0f} ms"
+              + (f" (of which the text prior {lat['text_prior_ms']['median']:.0f} ms)." if lat.get("text_prior_ms") else ".")]
     if report.get("e2e"):
         lines += ["", *_e2e_markdown(report["e2e"])]
     return with_environment(lines, report["environment"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +236,109 @@ def test_init_from_starts_from_its_weights_and_refuses_another_network(tmp_path)
         torch.testing.assert_close(tuned_params[name], value, rtol=0, atol=1e-9)
     assert tuned.config.calibration["init"]["train_steps"] == 7
     assert tuned.config.calibration["train_steps"] == 1
+
+
+# -- the text prior (PP-OCRv4 det, shipped in the default bundle's detector/) -----------------------------------
+@pytest.fixture(scope="module")
+def text_detector():
+    from cleanplate.bundle import DETECTOR_DIR, default_bundle_path
+    from cleanplate.detector import TEXT_DETECTOR_FILE, TEXT_DETECTOR_LICENSE
+
+    root = default_bundle_path() / DETECTOR_DIR
+    assert (root / TEXT_DETECTOR_LICENSE).is_file(), "the text detector ships with its licence"
+    return root / TEXT_DETECTOR_FILE
+
+
+def _draw_text(image: np.ndarray, text: str, org: tuple[int, int], alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` with white ``text`` alpha-blended at ``org`` (a watermark), and the text's (H, W) bool box."""
+    import cv2
+
+    layer = np.zeros(image.shape[:2], np.uint8)
+    cv2.putText(layer, text, org, cv2.FONT_HERSHEY_DUPLEX, 1.6, 255, 3, cv2.LINE_AA)
+    a = layer[..., None].astype(np.float32) / 255 * alpha
+    out = np.round(image * (1 - a) + 255 * a).astype(np.uint8)
+    ys, xs = np.nonzero(layer)
+    box = np.zeros(image.shape[:2], bool)
+    box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+    return out, box
+
+
+def test_text_prior_finds_faint_text_on_a_real_photo(text_detector):
+    """A half-transparent white word on a held-out photo: the text prior's probability is high on the word and
+    low away from it (the photo's own structure does not read as text)."""
+    from cleanplate.detector import TextPrior
+
+    src, box = _draw_text(_photo("rocket"), "DO NOT COPY", (60, 300), alpha=0.4)
+    prior = TextPrior(text_detector, threads=1)
+    prob = prior(src.transpose(2, 0, 1)[None].astype(np.float32) / 255)
+    assert prob.shape == (1, 1, 512, 512) and prob.dtype == np.float32 and 0 <= prob.min() <= prob.max() <= 1
+    import cv2
+
+    far = cv2.dilate(box.astype(np.uint8), np.ones((41, 41), np.uint8)) == 0
+    assert prob[0, 0][box].mean() > 0.3 and prob[0, 0][far].mean() < 0.02
+    with pytest.raises(BundleError, match="missing"):
+        TextPrior(text_detector.with_name("absent.onnx"))
+
+
+def test_text_prior_detector_starts_from_the_rgb_one_and_round_trips(text_detector, tmp_path):
+    """A fine-tune that adds the text prior starts from exactly the RGB detector's logits (the weights that read
+    the new channel start at 0); saving copies the ONNX file and its licence, and loading needs them."""
+    from cleanplate.detector import TEXT_DETECTOR_FILE, TEXT_DETECTOR_LICENSE
+    from cleanplate.training.detector import load_init_weights
+
+    torch.manual_seed(4)
+    rgb = Detector(TINY).eval()
+    with_text = Detector(TINY.model_copy(update={"text_prior": True}), text_detector).eval()
+    load_init_weights(with_text, rgb)
+    img = _draw_text(cv2_resize(_photo("astronaut"), 128), "SALE", (10, 60), alpha=0.8)[0]
+    x, _ = rgb.preprocess(img)
+    assert with_text.with_text_prior(x).shape == (1, 4, 128, 128)
+    np.testing.assert_array_equal(with_text.logits(x), rgb.logits(x))
+    with torch.no_grad():  # now the text channel matters
+        with_text.net.stages[0][0][0].weight[:, 3].normal_()
+    assert not np.array_equal(with_text.logits(x), rgb.logits(x))
+
+    with_text.save(tmp_path / "detector")
+    assert (tmp_path / "detector" / TEXT_DETECTOR_FILE).read_bytes() == text_detector.read_bytes()
+    assert (tmp_path / "detector" / TEXT_DETECTOR_LICENSE).is_file()
+    back = Detector.from_dir(tmp_path / "detector")
+    np.testing.assert_array_equal(back.logits(x), with_text.logits(x))
+    (tmp_path / "detector" / TEXT_DETECTOR_FILE).unlink()
+    with pytest.raises(BundleError, match=TEXT_DETECTOR_FILE):
+        Detector.from_dir(tmp_path / "detector")
+    with pytest.raises(BundleError, match="text_prior"):
+        Detector(TINY.model_copy(update={"text_prior": True}))
+
+
+def cv2_resize(image: np.ndarray, side: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+
+
+def test_text_prior_training_makes_maps_and_ships_the_prior(text_detector, tmp_path):
+    """`train detector` with the text prior writes one text map per item (the prior's probability of the item,
+    as uint8), trains on 4-channel crops and writes a detector that carries the ONNX file; without the file it
+    refuses before any work."""
+    from PIL import Image
+
+    from cleanplate.detector import TEXT_DETECTOR_FILE, TextPrior
+    from cleanplate.training.detector import DetectorTrainConfig, read_items, train_detector
+
+    model = TINY.model_copy(update={"text_prior": True})
+    small = dict(train_n=3, train_size=64, cal_n=2, cal_size=64, crop=64, batch_size=2, threads=1, max_steps=2)
+    with pytest.raises(InputError, match="text_detector"):
+        train_detector(DetectorTrainConfig(out=tmp_path / "x", model=model, **small))
+    assert not (tmp_path / "x.work").exists()
+
+    train_detector(DetectorTrainConfig(out=tmp_path / "det", model=model, text_detector=text_detector, **small))
+    meta = tmp_path / "det.work" / "data" / "train" / "meta.json"
+    prior = TextPrior(text_detector, threads=1)
+    for e in read_items(meta):
+        src = np.asarray(Image.open(e["source"]))
+        stored = np.asarray(Image.open(meta.parent / "text" / Path(e["source"]).name)).astype(int)
+        want = np.round(prior(src.transpose(2, 0, 1)[None].astype(np.float32) / 255)[0, 0] * 255)
+        assert stored.shape == src.shape[:2] and np.abs(stored - want).max() <= 1
+    trained = Detector.from_dir(tmp_path / "det")
+    assert trained.config.text_prior and (tmp_path / "det" / TEXT_DETECTOR_FILE).is_file()
+    assert trained.detect(src).mask.shape == src.shape[:2]

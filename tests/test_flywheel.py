@@ -122,7 +122,7 @@ def test_generate_from_a_folder_cli_and_bad_input(cli, tmp_path, gated_bundle, p
     assert r.code == 2 and "entry 0" in r.err
 
 
-def _held_out(name: str, size: int = 256) -> np.ndarray:
+def _held_out(name: str, size: int = 512) -> np.ndarray:
     import cv2
 
     from cleanplate.training import synth
@@ -131,7 +131,7 @@ def _held_out(name: str, size: int = 256) -> np.ndarray:
 
 
 def test_generate_on_a_plain_folder_with_auto_mask(cli, tmp_path, gated_bundle, photos):
-    """A folder of photos without masks: a held-out photo (never trained on) with promo text drawn by data
+    """A folder of photos without masks: a held-out 512 px photo (never trained on) with promo text drawn by data
     synth gets the shipped detector's mask, a transparent cut-out its alpha hole, a photo with a mask file in
     --masks that file (the rule file > alpha > auto), and a clean photo is skipped and counted."""
     import shutil
@@ -167,7 +167,8 @@ def test_generate_on_a_plain_folder_with_auto_mask(cli, tmp_path, gated_bundle, 
     assert (auto.mask_source, auto.pair_mask) == ("auto", None) and auto.detections >= 1
     stored = np.asarray(Image.open(fw / auto.mask)) > 127
     np.testing.assert_array_equal(stored, expected)
-    assert (stored & gt).sum() > 0.35 * gt.sum() and (stored & ~gt).sum() < 0.05 * stored.sum()  # the text (recall 0.39 at 256 px)
+    # the text, and nothing away from it (the detector's mask also takes a drop shadow's band the text lacks)
+    assert (stored & gt).sum() > 0.9 * gt.sum() and (stored & ~dilate_mask(gt, 6)).sum() < 0.01 * stored.sum()
     far = ~dilate_mask(stored, auto.dilate_px)
     np.testing.assert_array_equal(np.asarray(Image.open(fw / auto.result))[far], promo[far])
     assert cands["cutout"].mask_source == "alpha" and cands["cutout"].detections is None

@@ -57,6 +57,16 @@ cp -r runs/default/gate cleanplate/default_bundle
 # the chain is in `calibration` in detector/config.json). training/configs/default_detector_finetune.json (a
 # watermark/logo-weighted fine-tune from it) was tried and not shipped: see the README's detector section.
 cleanplate train detector --config training/configs/default_detector.json
+# Its text prior: PP-OCRv4's text detector (DB), byte for byte from the rapidocr-onnxruntime 1.4.4 wheel
+# (Apache-2.0; the notice is training/TEXT_DETECTOR_LICENSE). Only the ONNX file is used, not the package.
+pip download rapidocr-onnxruntime==1.4.4 --no-deps -d runs/wheels
+python -m zipfile -e runs/wheels/rapidocr_onnxruntime-1.4.4-py3-none-any.whl runs/wheels/rapidocr
+mkdir -p runs/text_det
+cp runs/wheels/rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx runs/text_det/text_detector.onnx
+cp training/TEXT_DETECTOR_LICENSE runs/text_det/
+echo "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9  runs/text_det/text_detector.onnx" | sha256sum -c
+# The shipped detector: the one above fine-tuned with the text prior as a fourth input (its weights start at 0).
+cleanplate train detector --config training/configs/default_detector_text.json
 python -c "from cleanplate.bundle import attach_detector; from cleanplate.detector import Detector; \
-attach_detector('cleanplate/default_bundle', Detector.from_dir('runs/det/detector'))"
+attach_detector('cleanplate/default_bundle', Detector.from_dir('runs/det_text/detector'))"
 echo "default bundle: $(du -sh cleanplate/default_bundle | cut -f1)"
