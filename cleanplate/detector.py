@@ -288,7 +288,7 @@ class Detector(nn.Module):
         self.net = DetectorNet(self.config)
         if self.config.text_prior and text_detector is None:
             raise BundleError("this detector's config has text_prior on: it needs the text detector's ONNX file")
-        self.text_prior = TextPrior(text_detector) if self.config.text_prior and text_detector else None
+        self.text_prior = TextPrior(text_detector) if self.config.text_prior else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B,C,H,W) float in [0,1] (C = ``config.in_channels``: RGB, then the text prior; H, W multiples of 32)
@@ -349,7 +349,8 @@ class Detector(nn.Module):
     def save(self, directory: str | Path, *, calibration: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created; files replaced
         atomically), and with a text prior its ONNX file and licence; ``calibration`` replaces the config's
-        record when given. Returns the directory."""
+        record when given. Returns the directory. Raises BundleError when a text prior's ONNX file has no
+        ``TEXT_DETECTOR_LICENSE`` beside it."""
         import shutil
 
         from safetensors.torch import save_file
@@ -357,9 +358,11 @@ class Detector(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if self.text_prior is not None:
-            for src, name in ((self.text_prior.path, TEXT_DETECTOR_FILE),
-                              (self.text_prior.path.with_name(TEXT_DETECTOR_LICENSE), TEXT_DETECTOR_LICENSE)):
-                if src.is_file() and src.resolve() != (out / name).resolve():
+            licence = self.text_prior.path.with_name(TEXT_DETECTOR_LICENSE)
+            if not licence.is_file():  # the model is redistributed under Apache-2.0: its notice goes with it
+                raise BundleError(f"the text prior {self.text_prior.path} has no {TEXT_DETECTOR_LICENSE} beside it")
+            for src, name in ((self.text_prior.path, TEXT_DETECTOR_FILE), (licence, TEXT_DETECTOR_LICENSE)):
+                if src.resolve() != (out / name).resolve():
                     shutil.copyfile(src, out / (name + ".tmp"))
                     os.replace(out / (name + ".tmp"), out / name)
         if calibration is not None:

@@ -308,6 +308,11 @@ def test_text_prior_detector_starts_from_the_rgb_one_and_round_trips(text_detect
         Detector.from_dir(tmp_path / "detector")
     with pytest.raises(BundleError, match="text_prior"):
         Detector(TINY.model_copy(update={"text_prior": True}))
+    alone = tmp_path / "alone" / TEXT_DETECTOR_FILE  # the model without its licence is not redistributed
+    alone.parent.mkdir()
+    alone.write_bytes(text_detector.read_bytes())
+    with pytest.raises(BundleError, match=TEXT_DETECTOR_LICENSE):
+        Detector(TINY.model_copy(update={"text_prior": True}), alone).save(tmp_path / "unlicensed")
 
 
 def cv2_resize(image: np.ndarray, side: int) -> np.ndarray:

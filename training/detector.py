@@ -116,7 +116,6 @@ def ensure_text_maps(meta: Path, prior: TextPrior) -> None:
     (uint8, probability x 255, the item's size; sides padded to a multiple of 32 for the model and cropped
     back); items whose map exists are skipped, so a rerun resumes. Training crops take them as channel 3."""
     from cleanplate.detector import STRIDE
-    from cleanplate.imaging import write_atomic
 
     root = Path(meta).parent
     (root / "text").mkdir(exist_ok=True)
@@ -128,11 +127,7 @@ def ensure_text_maps(meta: Path, prior: TextPrior) -> None:
         h, w = src.shape[:2]
         padded = np.pad(src, ((0, -h % STRIDE), (0, -w % STRIDE), (0, 0)), mode="edge")
         prob = prior(padded.transpose(2, 0, 1)[None].astype(np.float32) / 255.0)[0, 0, :h, :w]
-        import io
-
-        buf = io.BytesIO()
-        Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(buf, format="PNG")
-        write_atomic(out, buf.getvalue())
+        synth.save_png(np.round(prob * 255).astype(np.uint8), out, compress_level=1)
 
 
 def read_items(meta: Path) -> list[dict[str, Any]]:
