@@ -53,10 +53,7 @@ class GraphRemoval:
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """(B,R,R,3) uint8, or float32 in [-1,1], NHWC -> scaled latents (B,C,R/f,R/f) float32."""
-        x = images.astype(np.float32)
-        if images.dtype == np.uint8:
-            x = x / 127.5 - 1.0
-        return self.infer("vae_encoder", {"image": np.transpose(x, (0, 3, 1, 2))}, "latent")
+        return self.infer("vae_encoder", {"image": model_images(images)}, "latent")
 
     def remove(self, image: np.ndarray, hole: np.ndarray, seeds: np.ndarray, steps: int) -> np.ndarray:
         """Clean a batch of crops.
@@ -102,12 +99,18 @@ class GraphRemoval:
         mask_latent = (mask > 0).astype(np.float32).reshape(batch, 1, r // f, f, r // f, f).max(axis=(3, 5))
         inputs = {"result_latent": latents[:batch], "mask_latent": mask_latent, "source_latent": latents[batch:]}
         if self.gate_pixels:
-            def image(x: np.ndarray) -> np.ndarray:
-                return np.transpose(x.astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2))
-
-            inputs |= {"result_image": image(result), "mask_image": (mask > 0).astype(np.float32)[:, None],
-                       "source_image": image(source)}
+            inputs |= {"result_image": model_images(result), "mask_image": (mask > 0).astype(np.float32)[:, None],
+                       "source_image": model_images(source)}
         return self.infer("discriminator", inputs, "score").reshape(-1).astype(np.float32)
+
+
+def model_images(images: np.ndarray) -> np.ndarray:
+    """The graphs' image input: (B,R,R,3) NHWC uint8 (scaled to [-1,1]) or float32 already in [-1,1] ->
+    (B,3,R,R) float32 in [-1,1]."""
+    x = images.astype(np.float32)
+    if images.dtype == np.uint8:
+        x = x / 127.5 - 1.0
+    return np.transpose(x, (0, 3, 1, 2))
 
 
 def gate_pixels(manifest: dict) -> bool:

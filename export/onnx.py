@@ -207,10 +207,6 @@ class DetectorNetGraph(nn.Module):
         return self.net(torch.cat([image, text], dim=1))
 
 
-DETECTOR_NET_SPEC = GraphSpec("detector", (TensorSpec("image", ("B", 3, "H", "W")), TensorSpec("text", ("B", 1, "H", "W"))),
-                              (TensorSpec("logits", ("B", 1, "H", "W")),))  # logits' channels are not checked here
-
-
 def compose_text_prior(net_path: Path, text_detector: Path, out_path: Path) -> None:
     """One ONNX file ``out_path`` = the text detector in front of the exported :class:`DetectorNetGraph`.
 
@@ -479,7 +475,9 @@ def export_onnx(bundle: str | Path | None, out_dir: str | Path, *, buckets: Sequ
             else:  # the network alone, then the text detector composed in front of it
                 net_path = out / "detector_net.onnx"
                 net_example = [*example, torch.rand(example[0].shape[0], 1, *example[0].shape[2:])]
-                _export_graph(DetectorNetGraph(b.detector).eval(), DETECTOR_NET_SPEC, net_example, net_path,
+                net_spec = GraphSpec("detector", (*specs[name].inputs, TensorSpec("text", ("B", 1, "H", "W"))),
+                                     specs[name].outputs)
+                _export_graph(DetectorNetGraph(b.detector).eval(), net_spec, net_example, net_path,
                               max_batch=max_batch, max_latent=g_max, f=g_f, opset=opset)
                 compose_text_prior(net_path, text_prior.path, out / "detector.onnx")
                 net_path.unlink()

@@ -54,6 +54,7 @@ class TritonPythonModel:
         self.f = int(params["vae_scale_factor"])
         self.buckets = [int(r) for r in params["buckets"].split(",")]
         self.sub_batch = int(params["graph_max_batch"])
+        gate_pixels = params.get("gate_pixels", "0") == "1"  # the discriminator graph also takes the crops
         self.model = {k: params[f"{k}_model"] for k in ("vae_encoder", "vae_decoder", "unet", "discriminator")
                       if f"{k}_model" in params}
         if self.mode == "remove":
@@ -84,10 +85,9 @@ class TritonPythonModel:
                                         schedules=self.schedules,
                                         prompt_embeds=cond["prompt_embeds"].astype(np.float32),
                                         pooled_prompt_embeds=cond["pooled_prompt_embeds"].astype(np.float32),
-                                        gate_pixels=params.get("gate_pixels", "0") == "1")
+                                        gate_pixels=gate_pixels)
         else:
-            self.removal = GraphRemoval(self._infer, vae_scale_factor=self.f,
-                                        gate_pixels=params.get("gate_pixels", "0") == "1")
+            self.removal = GraphRemoval(self._infer, vae_scale_factor=self.f, gate_pixels=gate_pixels)
         memory = getattr(pb_utils, "PreferredMemory", None)
         # GPU graphs (TensorRT) answer in device memory; this model's numpy math needs host memory.
         self.preferred = memory(pb_utils.TRITONSERVER_MEMORY_CPU, 0) if memory is not None else None
