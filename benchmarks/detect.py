@@ -290,13 +290,23 @@ def _pct(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{100 * v:.{digits}f}%"
 
 
+def _rule_text(config: dict[str, Any]) -> str:
+    """How the detector's mask is decided, in words (its config as JSON)."""
+    rule = config.get("components")
+    if rule:
+        return (f"component rule (candidates at overlay probability >= {rule['candidate_threshold']:g}, "
+                f">= {rule['min_area']} px, kept at score >= {rule['threshold']:g})")
+    grow = config.get("grow_threshold")
+    return (f"threshold {config['threshold']:g}, min_area {config['min_area']} px"
+            + (f", growth to {grow:g}" if grow is not None else ""))
+
+
 def to_markdown(report: dict[str, Any], command: str) -> str:
     o, neg, lat = report["overall"], report["negatives"], report["latency"]
     lines = [f"# Overlay detector on held-out photos (`{report['detector']}`)", "", f"`{command}`", "",
              f"{report['n_dev']} dev items (1-2 overlays each on crops of photos never used in training) and "
-             f"{report['n_negative']} negatives (clean crops and crops with in-scene text); threshold "
-             f"{report['config']['threshold']:g}, min_area {report['config']['min_area']} px at "
-             f"{report['config']['working_size']} px.", "",
+             f"{report['n_negative']} negatives (clean crops and crops with in-scene text); {_rule_text(report['config'])} "
+             f"at {report['config']['working_size']} px.", "",
              "| target | value | goal | met |", "|---|---:|---:|---|"]
     for t in report["targets"]:
         if "dB" in t["name"]:

@@ -12,8 +12,13 @@ down, linear up), padded to a multiple of 32 by edge replication, run, cropped a
 working size) are dropped, and with a ``grow_threshold`` each kept seed grows into the pixels of
 ``probability >= grow_threshold`` connected to it (hysteresis thresholding, as in Canny, IEEE TPAMI 1986):
 a confident core decides *whether* something is there, the weaker evidence around it decides *how far*
-it reaches. Each final component becomes a :class:`Detection` (box, kind, score). ``threshold``,
-``min_area`` and ``grow_threshold`` are calibrated on held-out photos (``cleanplate train detector``).
+it reaches. With a :class:`ComponentRule` in the config (``components``), a second stage decides instead:
+every component of ``probability >= candidate_threshold`` is a candidate, and a logistic regression over its
+statistics (size, confidence, kind probabilities, shape: :func:`component_features`) keeps or drops it whole,
+so a large, uniformly likely watermark counts although no pixel of it is near-certain, and a small confident
+patch of product print does not. Each final component becomes a :class:`Detection` (box, kind, score).
+``threshold``, ``min_area``, ``grow_threshold`` and the rule are calibrated on held-out photos
+(``cleanplate train detector``).
 
 Text prior (``text_prior: true``): the network also sees a fourth input channel, the text probability map of
 PP-OCRv4's text detector (DB, Liao et al., "Real-time Scene Text Detection with Differentiable
@@ -50,6 +55,37 @@ KINDS: tuple[str, ...] = ("text", "watermark", "badge", "logo")
 STRIDE = 32  # the encoder's total downsampling; inputs are padded to a multiple of it
 
 
+COMPONENT_FEATURES: tuple[str, ...] = (
+    "log_area", "max", "mean", "q90", "log1p_px_097", "share_090", "text", "watermark", "badge", "logo", "fill")
+
+
+class ComponentRule(BaseModel):
+    """Which candidate components to keep: a logistic regression over each candidate's statistics.
+
+    Candidates are the 8-connected components of ``overlay >= candidate_threshold`` with at least ``min_area``
+    px (at the working size). Each gets the :data:`COMPONENT_FEATURES` of :func:`component_features`,
+    standardised by ``mean`` and ``scale``; its score is ``sigmoid(coef . x + intercept)`` in [0, 1] and it
+    is kept when the score is ``>= threshold``. Fitted and thresholded on held-out photos by
+    ``cleanplate train detector`` (:func:`cleanplate.training.detector.fit_component_rule`): a second stage
+    that judges a whole region (how confident, how large, which kind) where the seed rule looks only at its
+    most confident pixels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate_threshold: float = Field(gt=0.0, lt=1.0, description="overlay probability of a candidate's pixels")
+    min_area: int = Field(16, ge=1, description="smallest candidate in px at the working size")
+    mean: tuple[float, ...] = Field(description="feature means (standardisation)")
+    scale: tuple[float, ...] = Field(description="feature standard deviations (standardisation)")
+    coef: tuple[float, ...] = Field(description="logistic-regression weights, one per feature")
+    intercept: float
+    threshold: float = Field(gt=0.0, lt=1.0, description="score at or above which a candidate is kept")
+
+    def model_post_init(self, _: Any) -> None:
+        n = len(COMPONENT_FEATURES)
+        if not len(self.mean) == len(self.scale) == len(self.coef) == n:
+            raise ValueError(f"mean, scale and coef need {n} values each ({', '.join(COMPONENT_FEATURES)})")
+
+
 class DetectorConfig(BaseModel):
     """Contents of ``detector/config.json``."""
 
@@ -68,6 +104,9 @@ class DetectorConfig(BaseModel):
                                                      "probability (hysteresis); None: no growth")
     text_prior: bool = Field(False, description="the network also takes the text detector's probability map "
                                                 "(a fourth input channel; needs text_detector.onnx)")
+    components: ComponentRule | None = Field(None, description="when set, this rule decides which candidate "
+                                                               "components are kept, instead of the seed rule "
+                                                               "(threshold, min_area, grow_threshold)")
     calibration: dict[str, Any] = Field(default_factory=dict, description="how threshold, min_area and grow_threshold were picked")
 
     @property
@@ -175,6 +214,59 @@ def overlay_mask(overlay: np.ndarray, threshold: float, min_area: int = 0, grow_
     return keep[labels]
 
 
+def candidate_components(overlay: np.ndarray, candidate_threshold: float, min_area: int
+                         ) -> tuple[np.ndarray, list[tuple[slice, slice, np.ndarray]]]:
+    """Candidates of :class:`ComponentRule`: ``labels`` (h, w) int32 of the 8-connected components of
+    ``overlay >= candidate_threshold``, and per candidate of at least ``min_area`` px its (rows, cols) bbox
+    slices and its (bbox-shaped) bool footprint, in label order."""
+    import cv2
+
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((overlay >= candidate_threshold).astype(np.uint8),
+                                                           connectivity=8)
+    out = []
+    for i in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[i, :5])
+        if area >= min_area:
+            rows, cols = slice(y, y + h), slice(x, x + w)
+            out.append((rows, cols, labels[rows, cols] == i))
+    return labels, out
+
+
+def component_features(overlay: np.ndarray, kinds: np.ndarray,
+                       candidates: list[tuple[slice, slice, np.ndarray]]) -> np.ndarray:
+    """(n, len(COMPONENT_FEATURES)) float64 statistics of each candidate from :func:`candidate_components`:
+    log area (px), max / mean / 90th percentile of the overlay probability, log(1 + px at >= 0.97), share of
+    px at >= 0.9, mean probability of each kind (``kinds`` (K, h, w), K = 4), and fill (area / bbox area)."""
+    feats = np.zeros((len(candidates), len(COMPONENT_FEATURES)))
+    for j, (rows, cols, foot) in enumerate(candidates):
+        p = overlay[rows, cols][foot].astype(np.float64)
+        feats[j, :6] = (np.log(p.size), p.max(), p.mean(), np.quantile(p, 0.9), np.log1p((p >= 0.97).sum()),
+                        (p >= 0.9).mean())
+        feats[j, 6:10] = kinds[:, rows, cols][:, foot].mean(axis=1)
+        feats[j, 10] = p.size / foot.size
+    return feats
+
+
+def component_scores(rule: ComponentRule, features: np.ndarray) -> np.ndarray:
+    """(n,) float64 scores in [0, 1] of :class:`ComponentRule` for (n, F) :func:`component_features`."""
+    x = (features - np.asarray(rule.mean)) / np.asarray(rule.scale)
+    return 1.0 / (1.0 + np.exp(-(x @ np.asarray(rule.coef) + rule.intercept)))
+
+
+def component_mask(overlay: np.ndarray, kinds: np.ndarray, rule: ComponentRule) -> np.ndarray:
+    """The detector's mask under a :class:`ComponentRule`: (h, w) float32 overlay and (K, h, w) kind
+    probabilities -> (h, w) bool, the union of the kept candidates."""
+    labels, cands = candidate_components(overlay, rule.candidate_threshold, rule.min_area)
+    mask = np.zeros(overlay.shape, bool)
+    if not cands:
+        return mask
+    keep = component_scores(rule, component_features(overlay, kinds, cands)) >= rule.threshold
+    for (rows, cols, foot), k in zip(cands, keep, strict=True):
+        if k:
+            mask[rows, cols] |= foot
+    return mask
+
+
 class TextPrior:
     """PP-OCRv4's text detector (DB) as the detector's text prior, run by ONNX Runtime on the CPU.
 
@@ -256,7 +348,11 @@ class DetectorIO:
         amin = self.config.min_area if min_area is None else int(min_area)
         overlay, kinds = probabilities_of(logits, working)
         h, w = overlay.shape
-        small = overlay_mask(overlay, t, amin, self.config.grow_threshold).astype(np.uint8)
+        rule = self.config.components
+        if rule is not None and threshold is None and min_area is None:
+            small = component_mask(overlay, kinds, rule).astype(np.uint8)
+        else:  # the seed rule (also when a caller sets its threshold or min_area)
+            small = overlay_mask(overlay, t, amin, self.config.grow_threshold).astype(np.uint8)
         n, labels, stats, _ = cv2.connectedComponentsWithStats(small, connectivity=8)
         mask = small if (h, w) == (H, W) else cv2.resize(small, (W, H), interpolation=cv2.INTER_NEAREST)
         sx, sy = W / w, H / h

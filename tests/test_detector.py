@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from cleanplate.detector import Detector, DetectorConfig, overlay_mask
+from cleanplate.detector import (
+    COMPONENT_FEATURES,
+    ComponentRule,
+    Detector,
+    DetectorConfig,
+    DetectorIO,
+    component_mask,
+    overlay_mask,
+)
 from cleanplate.errors import BundleError, InputError
 from cleanplate.training import detector_data, synth
-from cleanplate.training.detector import calibrate, detector_loss
+from cleanplate.training.detector import calibrate, detector_loss, fit_component_rule
 
 TINY = DetectorConfig(widths=(8, 8, 16, 16, 16), decoder_channels=8, head_channels=8, working_size=128)
 
@@ -137,6 +145,67 @@ def test_calibrate_picks_growth_when_it_adds_recall_without_negatives():
     cal = calibrate(evals, max_fp_image_rate=0.0, max_fp_area=0.0, thresholds=(0.5, 0.9), min_areas=(0,),
                     grow_thresholds=(None, 0.5))
     assert (cal["threshold"], cal["grow_threshold"]) == (0.9, 0.5) and cal["f1"] > 0.99
+
+
+def _kind_blob_items(n: int, seed: int) -> list[dict]:
+    """Items whose overlay probability cannot tell overlays from in-scene print (both 0.98 blobs of 200-400 px)
+    but whose kind probabilities can: overlays look like watermarks, the negatives' blobs like text."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        prob = np.full((64, 64), 0.02, np.float32)
+        kinds = np.full((4, 64, 64), 0.25, np.float32)
+        y, x, h, w = int(rng.integers(2, 30)), int(rng.integers(2, 30)), int(rng.integers(10, 20)), 20
+        prob[y:y + h, x:x + w] = 0.98
+        negative = i % 2 == 1
+        kinds[:, y:y + h, x:x + w] = np.array([0.7, 0.1, 0.1, 0.1] if negative else [0.1, 0.7, 0.1, 0.1])[:, None, None]
+        gt = np.zeros((64, 64), bool)
+        if not negative:
+            gt[y:y + h, x:x + w] = True
+        items.append({"prob": prob, "kinds": kinds.astype(np.float16), "gt": gt, "negative": negative})
+    return items
+
+
+def test_component_rule_keeps_the_components_it_scores_high():
+    overlay = np.zeros((32, 48), np.float32)
+    overlay[2:10, 2:12] = 0.95  # a confident region
+    overlay[20:30, 30:45] = 0.45  # a weak one
+    overlay[15, 20] = 0.9  # one pixel: under the rule's min_area
+    kinds = np.full((4, 32, 48), 0.25, np.float32)
+    n = len(COMPONENT_FEATURES)
+    mean_only = [0.0] * n
+    mean_only[COMPONENT_FEATURES.index("mean")] = 10.0
+    rule = ComponentRule(candidate_threshold=0.3, min_area=4, mean=[0.0] * n, scale=[1.0] * n, coef=mean_only,
+                         intercept=-6.0, threshold=0.5)  # score > 0.5 when the mean probability > 0.6
+    mask = component_mask(overlay, kinds, rule)
+    assert mask.sum() == 80 and mask[2:10, 2:12].all()
+    # the config carries the rule, and postprocess uses it unless a caller sets the seed rule's threshold
+    io = DetectorIO(TINY.model_copy(update={"components": rule}))
+    logits = np.log(np.clip(overlay, 1e-6, 1 - 1e-6) / np.clip(1 - overlay, 1e-6, 1))[None]
+    logits = np.concatenate([logits, np.zeros((4, 32, 48), np.float32)])
+    assert ((io.postprocess(logits, (32, 48), (32, 48)).mask > 0) == mask).all()
+    seeds = io.postprocess(logits, (32, 48), (32, 48), threshold=0.4, min_area=0).mask > 0
+    assert seeds[20:30, 30:45].all() and seeds[15, 20]
+    with pytest.raises(ValueError, match="need"):
+        ComponentRule(candidate_threshold=0.3, mean=[0.0], scale=[1.0], coef=[1.0], intercept=0.0, threshold=0.5)
+
+
+def test_calibrate_fits_a_component_rule_where_the_seed_rule_cannot_separate():
+    cal_items, held_out = _kind_blob_items(40, 0), _kind_blob_items(40, 1)
+    seeds_only = calibrate(cal_items, max_fp_image_rate=0.05, max_fp_area=0.003, components=False)
+    assert not seeds_only["targets_met"] or seeds_only["f1"] < 0.5  # every negative looks like a positive
+    cal = calibrate(cal_items, max_fp_image_rate=0.05, max_fp_area=0.003)
+    assert cal["components"] is not None and cal["targets_met"] and cal["f1"] > 0.95 and cal["fp_image_rate"] == 0
+    rule = ComponentRule(**cal["components"])
+    for e in held_out:  # the fitted rule generalises to items it was not fitted on
+        mask = component_mask(e["prob"], e["kinds"].astype(np.float32), rule)
+        assert (mask == e["gt"]).all()
+    # the rule round-trips through the detector's config.json
+    config = DetectorConfig.model_validate_json(TINY.model_copy(update={"components": rule}).model_dump_json())
+    assert config.components == rule
+    # a rule that cannot meet the limits is not fitted: all candidates one label
+    assert fit_component_rule([e for e in cal_items if e["negative"]], max_fp_image_rate=0.05,
+                              max_fp_area=0.003) is None
 
 
 def test_overlay_weights_scale_the_gradient_of_their_kind():

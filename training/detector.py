@@ -33,7 +33,16 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from cleanplate.detector import Detector, DetectorConfig, TextPrior, overlay_mask
+from cleanplate.detector import (
+    COMPONENT_FEATURES,
+    ComponentRule,
+    Detector,
+    DetectorConfig,
+    TextPrior,
+    candidate_components,
+    component_features,
+    overlay_mask,
+)
 from cleanplate.errors import BundleError, ErrorCode, InputError
 
 from . import synth
@@ -233,30 +242,111 @@ def _lr_factor(cfg: DetectorTrainConfig, step: int) -> float:
 
 # ---------------------------------------------------------------- calibration
 def evaluate_items(detector: Detector, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Probability maps (working size) and GT masks resized to them, per item, for :func:`calibrate`."""
+    """Per item, for :func:`calibrate`: ``prob`` (h, w) float32 overlay and ``kinds`` (K, h, w) float16 kind
+    probabilities at the working size, ``gt`` the GT mask resized to them, ``negative`` (no GT pixel)."""
     import cv2
 
     out = []
     for e in items:
         src = _load(e["source"])
-        prob, _ = detector.probabilities(src)
+        prob, kinds = detector.probabilities(src)
         gt = _load(e["mask"]) > 127
         if gt.shape != prob.shape:
             gt = cv2.resize(gt.astype(np.uint8), prob.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-        out.append({"prob": prob, "gt": gt, "negative": not gt.any()})
+        out.append({"prob": prob, "kinds": kinds.astype(np.float16), "gt": gt, "negative": not gt.any()})
     return out
+
+
+def _logistic_regression(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+    """(weights (F,), intercept) minimising the mean log loss + ``l2`` / (2 n) * |w|^2 of (n, F) standardised
+    features ``x`` and (n,) bool labels ``y`` (scikit-learn's ``LogisticRegression(C=1/l2)`` objective), by
+    L-BFGS (``torch.optim.LBFGS``)."""
+    xt, yt = torch.from_numpy(x).double(), torch.from_numpy(y.astype(np.float64))
+    w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(xt @ w[:-1] + w[-1], yt) + l2 / (2 * len(y)) * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    v = w.detach().numpy()
+    return v[:-1], float(v[-1])
+
+
+def fit_component_rule(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_area: float,
+                       candidate_thresholds: tuple[float, ...] = (0.2, 0.3, 0.5), min_area: int = 16,
+                       scores: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.99, 0.025), 3)),
+                       l2: float = 1.0) -> dict[str, Any] | None:
+    """Fit a :class:`cleanplate.detector.ComponentRule` on :func:`evaluate_items` records (items with
+    ``kinds``): per candidate threshold, a candidate is labelled overlay when at least half its pixels are
+    GT; a logistic regression learns that label from :func:`cleanplate.detector.component_features`; then
+    the score threshold with the best pixel F1 on the positives among those whose negatives have ≤
+    ``max_fp_image_rate`` images with any detection and ≤ ``max_fp_area`` mean detected area. Returns
+    {"components" (the rule as a dict), "f1", "fp_image_rate", "fp_area", "ok"} for the best candidate
+    threshold, or None when no candidate threshold gives both labels."""
+    best: dict[str, Any] | None = None
+    n_neg = sum(e["negative"] for e in evals)
+    for g in candidate_thresholds:
+        feats, labels, item_of, hits, areas = [], [], [], [], []
+        for i, e in enumerate(evals):
+            _, cands = candidate_components(e["prob"], g, min_area)
+            if not cands:
+                continue
+            feats.append(component_features(e["prob"], e["kinds"].astype(np.float32), cands))
+            for rows, cols, foot in cands:
+                hit = int((foot & e["gt"][rows, cols]).sum())
+                labels.append(2 * hit >= foot.sum())
+                item_of.append(i)
+                hits.append(hit)
+                areas.append(int(foot.sum()))
+        y = np.asarray(labels, bool)
+        if not len(y) or y.all() or not y.any():
+            continue
+        x = np.concatenate(feats)
+        mean, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+        coef, intercept = _logistic_regression((x - mean) / scale, y, l2)
+        s = 1.0 / (1.0 + np.exp(-(((x - mean) / scale) @ coef + intercept)))
+        item_of_a, hits_a, areas_a = np.asarray(item_of), np.asarray(hits), np.asarray(areas)
+        negative = np.array([evals[i]["negative"] for i in item_of_a], bool)
+        share = areas_a / np.array([evals[i]["prob"].size for i in item_of_a])  # of its photo
+        gt_px = sum(int(e["gt"].sum()) for e in evals if not e["negative"])
+        for tau in scores:
+            keep = s >= tau
+            tp = int(hits_a[keep & ~negative].sum())
+            fp = int((areas_a - hits_a)[keep & ~negative].sum())
+            f1 = 2 * tp / max(1, tp + fp + gt_px)  # 2 tp / (2 tp + fp + fn)
+            # candidates are disjoint, so a negative's detected area is the sum of its kept candidates
+            rate = len(set(item_of_a[keep & negative].tolist())) / max(1, n_neg)
+            area = float(share[keep & negative].sum() / max(1, n_neg))
+            ok = rate <= max_fp_image_rate and area <= max_fp_area
+            row = {"f1": f1, "fp_image_rate": rate, "fp_area": area, "ok": ok}
+            if best is None or (ok, f1) > (best["ok"], best["f1"]):
+                rule = ComponentRule(candidate_threshold=g, min_area=min_area, mean=tuple(mean), scale=tuple(scale),
+                                     coef=tuple(coef), intercept=intercept, threshold=float(tau))
+                best = {"components": rule.model_dump(), **row, "features": list(COMPONENT_FEATURES)}
+    return best
 
 
 def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_area: float,
               thresholds: tuple[float, ...] = (*np.round(np.arange(0.3, 0.96, 0.05), 2), 0.97, 0.98, 0.99, 0.995),
               min_areas: tuple[int, ...] = (0, 16, 48, 96, 160, 256, 384, 512, 768),
-              grow_thresholds: tuple[float | None, ...] = (None, 0.7, 0.5, 0.3)) -> dict[str, Any]:
+              grow_thresholds: tuple[float | None, ...] = (None, 0.7, 0.5, 0.3), components: bool = True
+              ) -> dict[str, Any]:
     """Pick (threshold, min_area, grow_threshold) for :func:`cleanplate.detector.overlay_mask`: among the
     triples whose held-out negatives have ≤ ``max_fp_image_rate`` images with any detection and ≤
     ``max_fp_area`` mean detected area, the one with the best pixel F1 on the positives; when none meets
     both, the triple with the fewest negative images detected (then best F1). Growth never detects an
-    image that its seeds did not, so it trades only area for recall. Returns the record stored in the
-    config's ``calibration``."""
+    image that its seeds did not, so it trades only area for recall.
+
+    With ``components`` (and records that carry ``kinds``), a :class:`~cleanplate.detector.ComponentRule` is
+    also fitted (:func:`fit_component_rule`); it replaces the seed rule when it meets both limits with a
+    better F1. Returns the record stored in the config's ``calibration``: the seed rule's ``threshold``,
+    ``min_area`` and ``grow_threshold`` (also the fallback), ``components`` (the rule as a dict, or None),
+    and ``f1``, ``fp_image_rate``, ``fp_area`` of the rule in use (``seed_*``: the seed rule's, when
+    replaced)."""
     pos = [e for e in evals if not e["negative"]]
     neg = [e for e in evals if e["negative"]]
     rows = []
@@ -280,9 +370,16 @@ def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_a
                              "ok": rate <= max_fp_image_rate and area <= max_fp_area})
     ok = [r for r in rows if r["ok"]]
     best = max(ok, key=lambda r: r["f1"]) if ok else min(rows, key=lambda r: (r["fp_image_rate"], -r["f1"]))
-    return {**best, "rule": "best F1 within the false-positive limits" if ok else "fewest negatives detected",
-            "targets_met": bool(ok), "n_positive": len(pos), "n_negative": len(neg),
-            "max_fp_image_rate": max_fp_image_rate, "max_fp_area": max_fp_area}
+    record = {**best, "rule": "best F1 within the false-positive limits" if ok else "fewest negatives detected",
+              "targets_met": bool(ok), "n_positive": len(pos), "n_negative": len(neg),
+              "max_fp_image_rate": max_fp_image_rate, "max_fp_area": max_fp_area, "components": None}
+    if components and pos and neg and all("kinds" in e for e in evals):
+        fitted = fit_component_rule(evals, max_fp_image_rate=max_fp_image_rate, max_fp_area=max_fp_area)
+        if fitted is not None and fitted["ok"] and fitted["f1"] > (best["f1"] if ok else -1.0):
+            seed = {f"seed_{k}": best[k] for k in ("f1", "fp_image_rate", "fp_area")}
+            record.update(fitted, **seed, rule="component rule: best F1 within the false-positive limits",
+                          targets_met=True)
+    return record
 
 
 # ---------------------------------------------------------------- training
@@ -395,7 +492,9 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     model.eval()
     cal = calibrate(evaluate_items(model, read_items(cal_meta)), max_fp_image_rate=cfg.max_fp_image_rate,
                     max_fp_area=cfg.max_fp_area)
-    model.config = model.config.model_copy(update={k: cal[k] for k in ("threshold", "min_area", "grow_threshold")})
+    model.config = model.config.model_copy(update={
+        **{k: cal[k] for k in ("threshold", "min_area", "grow_threshold")},
+        "components": None if cal["components"] is None else ComponentRule(**cal["components"])})
     provenance = {**cal, "train_steps": step, "train_items": cfg.train_n, "train_seed": cfg.train_seed,
                   "cal_items": cfg.cal_n, "cal_seed": cfg.cal_seed, "cal_photos": list(synth.DEV_PHOTOS)}
     if init is not None:

@@ -28,6 +28,10 @@ def train_detector_cmd(
                                                      "lr": lr, "seed": seed, "work_dir": work_dir, "threads": threads})
     result = train_detector(cfg)
     cal = result["calibration"]
-    say(f"threshold {cal['threshold']:.2f}, min_area {cal['min_area']} px ({cal['rule']}): held-out F1 {cal['f1']:.3f}, "
-        f"negatives with a detection {cal['fp_image_rate']:.1%}, false-positive area {cal['fp_area']:.3%}")
+    rule = cal["components"]
+    how = (f"component rule, candidates at {rule['candidate_threshold']:g}, kept at score {rule['threshold']:g} "
+           f"(seed rule: F1 {cal['seed_f1']:.3f})" if rule else
+           f"threshold {cal['threshold']:.2f}, min_area {cal['min_area']} px ({cal['rule']})")
+    say(f"{how}: held-out F1 {cal['f1']:.3f}, negatives with a detection {cal['fp_image_rate']:.1%}, "
+        f"false-positive area {cal['fp_area']:.3%}")
     say(f"wrote {cfg.out}")
