@@ -480,6 +480,21 @@ def test_memory_harness_end_to_end(tmp_path) -> None:
     assert all(p.stat().st_size > 0 for p in paths) and len(paths) == 3
 
 
+def test_detect_void_pixels_are_the_overlay_pixels_nobody_can_see() -> None:
+    """A white glyph's pixels over white are void (the overlay changed them by nothing); over a dark ground they
+    count; pixels outside the GT mask are never void."""
+    from cleanplate.benchmarks.detect import INVISIBLE_LEVELS, void_pixels
+
+    gt_photo = np.zeros((8, 8, 3), np.uint8)
+    gt_photo[:, :4] = 255  # white left half, black right half
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True  # a glyph across both halves
+    source = gt_photo.copy()
+    source[mask] = 255 - (INVISIBLE_LEVELS - 1)  # near-white overlay
+    void = void_pixels(source, gt_photo, mask)
+    assert void[2:6, 2:4].all() and not void[2:6, 4:6].any() and not void[~mask].any()
+
+
 # -- detect: the end-to-end section ---------------------------------------------------------------------------
 def test_detect_end_to_end_scores_auto_masks_against_gt_mask_removals(gated_bundle: Path, tmp_path: Path) -> None:
     """An auto mask equal to the GT mask removes exactly as the GT mask does (gap 0 dB); one that found nothing
