@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cleanplate.detector import (
     COMPONENT_FEATURES,
@@ -20,7 +21,7 @@ from cleanplate.detector import (
 )
 from cleanplate.errors import BundleError, InputError
 from cleanplate.training import detector_data, synth
-from cleanplate.training.detector import calibrate, detector_loss, fit_component_rule
+from cleanplate.training.detector import VOID, calibrate, detector_loss, fit_component_rule, void_kinds
 
 TINY = DetectorConfig(widths=(8, 8, 16, 16, 16), decoder_channels=8, head_channels=8, working_size=128)
 
@@ -206,6 +207,35 @@ def test_calibrate_fits_a_component_rule_where_the_seed_rule_cannot_separate():
     # a rule that cannot meet the limits is not fitted: all candidates one label
     assert fit_component_rule([e for e in cal_items if e["negative"]], max_fp_image_rate=0.05,
                               max_fp_area=0.003) is None
+
+
+def test_void_pixels_are_left_out_of_the_loss():
+    """An overlay pixel the overlay did not visibly change (white on white) is void: no gradient reaches it,
+    and the loss is the one of the same batch without those pixels."""
+    gt_photo = np.zeros((8, 8, 3), np.uint8)
+    gt_photo[:, :4] = 250
+    kind_map = np.zeros((8, 8), np.uint8)
+    kind_map[2:6, 2:6] = 2  # a watermark across a bright and a dark half
+    source = gt_photo.copy()
+    source[kind_map > 0] = 252
+    kinds_np = void_kinds(kind_map, source, gt_photo, levels=5)
+    assert (kinds_np[2:6, 2:4] == VOID).all() and (kinds_np[2:6, 4:6] == 2).all() and (kinds_np[kind_map == 0] == 0).all()
+    assert (void_kinds(kind_map, source, gt_photo, levels=0) == kind_map).all()
+    kinds = torch.from_numpy(kinds_np.astype(np.int64))[None]
+    mask = ((kinds > 0) & (kinds != VOID)).float()[:, None]
+    logits = torch.randn(1, 5, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    loss, _ = detector_loss(logits, mask, kinds, overlay_weights=(1.0, 2.0, 1.0, 1.0))
+    (g,) = torch.autograd.grad(loss, logits)
+    assert (g[0, :, 2:6, 2:4] == 0).all() and (g[0, 0, 2:6, 4:6] != 0).all()
+    keep = kinds[0] != VOID  # the same loss over the kept pixels only, computed by hand
+    z, m = logits[0, 0][keep], mask[0, 0][keep]
+    weights = torch.where(kinds[0][keep] == 2, 2.0, 1.0)
+    bce = (F.binary_cross_entropy_with_logits(z, m, reduction="none") * weights).mean()
+    p = torch.sigmoid(z)
+    dice = 1 - (2 * (p * m).sum() + 1) / (p.sum() + m.sum() + 1)
+    on = kinds[0] == 2
+    ce = F.cross_entropy(logits[0, 1:].permute(1, 2, 0)[on], kinds[0][on] - 1)
+    assert loss.item() == pytest.approx((bce + dice + 0.3 * ce).item(), rel=1e-5)
 
 
 def test_overlay_weights_scale_the_gradient_of_their_kind():

@@ -89,6 +89,9 @@ class DetectorTrainConfig(BaseModel):
     overlay_weights: dict[str, float] = Field(
         default_factory=dict, description="BCE weight of each kind's pixels (default 1): faint kinds such as "
                                           "watermarks need more than their share of the gradient")
+    void_levels: int = Field(0, ge=0, le=255, description="overlay pixels the overlay changed by fewer 8-bit levels "
+                                                         "than this (in every channel) are left out of the loss: "
+                                                         "no detector can see them (0: off)")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(20, ge=1)
@@ -154,13 +157,28 @@ def _load(path: str) -> np.ndarray:
         return np.asarray(im)
 
 
+VOID = 255  # kind-map value of a void pixel: an overlay pixel no detector can see, left out of the loss
+
+
+def void_kinds(kind_map: np.ndarray, source: np.ndarray, gt_photo: np.ndarray, levels: int) -> np.ndarray:
+    """``kind_map`` (H, W) uint8 with its overlay pixels that the overlay changed by fewer than ``levels`` 8-bit
+    levels in every channel (``source`` against ``gt_photo``, (H, W, C) uint8: a white glyph over white, an
+    anti-aliased rim) set to :data:`VOID`; ``levels`` 0 changes nothing."""
+    if levels <= 0:
+        return kind_map
+    diff = np.abs(source[..., :3].astype(np.int16) - gt_photo[..., :3].astype(np.int16)).max(axis=-1)
+    return np.where((kind_map > 0) & (diff < levels), np.uint8(VOID), kind_map).astype(np.uint8)
+
+
 class CropSampler:
     """Random training crops: ``batch(n)`` -> images (n,C,c,c) float in [0,1], mask (n,1,c,c) float {0,1},
-    kinds (n,c,c) int64 (0 = none, 1..K) from items held in memory as uint8. C is 3, or 4 with
-    ``text_prior`` (channel 3: the item's ``text/`` map from :func:`ensure_text_maps`, cropped alike)."""
+    kinds (n,c,c) int64 (0 = none, 1..K, :data:`VOID` = left out of the loss) from items held in memory as
+    uint8. C is 3, or 4 with ``text_prior`` (channel 3: the item's ``text/`` map from :func:`ensure_text_maps`,
+    cropped alike). ``void_levels`` > 0 marks the overlay pixels the overlay changed by fewer levels void
+    (:func:`void_kinds`)."""
 
     def __init__(self, items: list[dict[str, Any]], crop: int, scale_range: tuple[float, float], seed: int,
-                 text_prior: bool = False) -> None:
+                 text_prior: bool = False, void_levels: int = 0) -> None:
         def source(e: dict[str, Any]) -> np.ndarray:
             src = _load(e["source"])[..., :3]
             if not text_prior:
@@ -168,7 +186,11 @@ class CropSampler:
             text = _load(str(Path(e["source"]).parent.parent / "text" / Path(e["source"]).name))
             return np.concatenate([src, text[..., None]], axis=2)
 
-        self.items = [(source(e), _load(e["kind_map"])) for e in items]
+        def kinds(e: dict[str, Any], src: np.ndarray) -> np.ndarray:
+            kind_map = _load(e["kind_map"])
+            return void_kinds(kind_map, src, _load(e["GT"]), void_levels) if void_levels > 0 else kind_map
+
+        self.items = [(src, kinds(e, src)) for e in items for src in (source(e),)]
         self.crop, self.scale_range = crop, scale_range
         self.rng = np.random.default_rng(seed)
 
@@ -192,25 +214,26 @@ class CropSampler:
         pairs = [self.one() for _ in range(n)]
         images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float().div_(255)
         kinds = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
-        return images, (kinds > 0).float()[:, None], kinds
+        return images, ((kinds > 0) & (kinds != VOID)).float()[:, None], kinds
 
 
 def detector_loss(logits: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor, *, dice_weight: float = 1.0,
                   kind_weight: float = 0.3, overlay_weights: tuple[float, ...] | None = None
                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss for logits (B,1+K,H,W), mask (B,1,H,W) {0,1}, kinds (B,H,W) int64 in 0..K: BCE + dice_weight ·
-    soft Dice (over the batch) on channel 0 + kind_weight · cross-entropy of channels 1..K on mask pixels.
-    ``overlay_weights`` (K floats, kind order) weight the BCE of each kind's pixels (background pixels 1).
-    Returns (scalar loss, its parts as floats)."""
+    """Loss for logits (B,1+K,H,W), mask (B,1,H,W) {0,1}, kinds (B,H,W) int64 in 0..K or :data:`VOID`: BCE +
+    dice_weight · soft Dice (over the batch) on channel 0 + kind_weight · cross-entropy of channels 1..K on mask
+    pixels; void pixels count in none of them. ``overlay_weights`` (K floats, kind order) weight the BCE of each
+    kind's pixels (background pixels 1). Returns (scalar loss, its parts as floats)."""
     overlay = logits[:, :1]
-    weight = None
+    valid = (kinds != VOID)[:, None].to(overlay.dtype)
+    weight = valid
     if overlay_weights is not None:
         table = torch.tensor((1.0, *overlay_weights), dtype=overlay.dtype, device=overlay.device)
-        weight = table[kinds][:, None]
-    bce = F.binary_cross_entropy_with_logits(overlay, mask, weight=weight)
-    p = torch.sigmoid(overlay)
+        weight = valid * table[kinds.clamp(max=len(overlay_weights))][:, None]
+    bce = F.binary_cross_entropy_with_logits(overlay, mask, weight=weight, reduction="sum") / valid.sum().clamp(min=1)
+    p = torch.sigmoid(overlay) * valid
     dice = 1 - (2 * (p * mask).sum() + 1) / (p.sum() + mask.sum() + 1)
-    on = kinds > 0
+    on = (kinds > 0) & (kinds != VOID)
     ce = F.cross_entropy(logits[:, 1:].permute(0, 2, 3, 1)[on], kinds[on] - 1) if on.any() else logits.sum() * 0
     loss = bce + dice_weight * dice + kind_weight * ce
     return loss, {"bce": bce.item(), "dice": dice.item(), "kind_ce": ce.item()}
@@ -455,7 +478,8 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     if init is not None:
         load_init_weights(model, init)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = CropSampler(read_items(train_meta), cfg.crop, cfg.scale_range, cfg.seed, cfg.model.text_prior)
+    sampler = CropSampler(read_items(train_meta), cfg.crop, cfg.scale_range, cfg.seed, cfg.model.text_prior,
+                          cfg.void_levels)
     step = 0
     found = _checkpoints(work)
     if found:
