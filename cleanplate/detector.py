@@ -107,7 +107,7 @@ class DetectorConfig(BaseModel):
     components: ComponentRule | None = Field(None, description="when set, this rule decides which candidate "
                                                                "components are kept, instead of the seed rule "
                                                                "(threshold, min_area, grow_threshold)")
-    calibration: dict[str, Any] = Field(default_factory=dict, description="how threshold, min_area and grow_threshold were picked")
+    calibration: dict[str, Any] = Field(default_factory=dict, description="how threshold, min_area, grow_threshold and components were picked")
 
     @property
     def in_channels(self) -> int:
@@ -215,10 +215,10 @@ def overlay_mask(overlay: np.ndarray, threshold: float, min_area: int = 0, grow_
 
 
 def candidate_components(overlay: np.ndarray, candidate_threshold: float, min_area: int
-                         ) -> tuple[np.ndarray, list[tuple[slice, slice, np.ndarray]]]:
-    """Candidates of :class:`ComponentRule`: ``labels`` (h, w) int32 of the 8-connected components of
-    ``overlay >= candidate_threshold``, and per candidate of at least ``min_area`` px its (rows, cols) bbox
-    slices and its (bbox-shaped) bool footprint, in label order."""
+                         ) -> list[tuple[slice, slice, np.ndarray]]:
+    """Candidates of :class:`ComponentRule`: the 8-connected components of ``overlay >= candidate_threshold``
+    ((h, w) float32) with at least ``min_area`` px, each as its (rows, cols) bbox slices and its (bbox-shaped)
+    bool footprint. Candidates are disjoint."""
     import cv2
 
     n, labels, stats, _ = cv2.connectedComponentsWithStats((overlay >= candidate_threshold).astype(np.uint8),
@@ -229,14 +229,15 @@ def candidate_components(overlay: np.ndarray, candidate_threshold: float, min_ar
         if area >= min_area:
             rows, cols = slice(y, y + h), slice(x, x + w)
             out.append((rows, cols, labels[rows, cols] == i))
-    return labels, out
+    return out
 
 
 def component_features(overlay: np.ndarray, kinds: np.ndarray,
                        candidates: list[tuple[slice, slice, np.ndarray]]) -> np.ndarray:
     """(n, len(COMPONENT_FEATURES)) float64 statistics of each candidate from :func:`candidate_components`:
     log area (px), max / mean / 90th percentile of the overlay probability, log(1 + px at >= 0.97), share of
-    px at >= 0.9, mean probability of each kind (``kinds`` (K, h, w), K = 4), and fill (area / bbox area)."""
+    px at >= 0.9, mean probability of each kind (``kinds`` (K, h, w) in the order of :data:`KINDS`, K = 4), and
+    fill (area / bbox area)."""
     feats = np.zeros((len(candidates), len(COMPONENT_FEATURES)))
     for j, (rows, cols, foot) in enumerate(candidates):
         p = overlay[rows, cols][foot].astype(np.float64)
@@ -256,7 +257,7 @@ def component_scores(rule: ComponentRule, features: np.ndarray) -> np.ndarray:
 def component_mask(overlay: np.ndarray, kinds: np.ndarray, rule: ComponentRule) -> np.ndarray:
     """The detector's mask under a :class:`ComponentRule`: (h, w) float32 overlay and (K, h, w) kind
     probabilities -> (h, w) bool, the union of the kept candidates."""
-    labels, cands = candidate_components(overlay, rule.candidate_threshold, rule.min_area)
+    cands = candidate_components(overlay, rule.candidate_threshold, rule.min_area)
     mask = np.zeros(overlay.shape, bool)
     if not cands:
         return mask

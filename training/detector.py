@@ -41,6 +41,7 @@ from cleanplate.detector import (
     TextPrior,
     candidate_components,
     component_features,
+    component_scores,
     overlay_mask,
 )
 from cleanplate.errors import BundleError, ErrorCode, InputError
@@ -315,7 +316,7 @@ def fit_component_rule(evals: list[dict[str, Any]], *, max_fp_image_rate: float,
     for g in candidate_thresholds:
         feats, labels, item_of, hits, areas = [], [], [], [], []
         for i, e in enumerate(evals):
-            _, cands = candidate_components(e["prob"], g, min_area)
+            cands = candidate_components(e["prob"], g, min_area)
             if not cands:
                 continue
             feats.append(component_features(e["prob"], e["kinds"].astype(np.float32), cands))
@@ -331,7 +332,9 @@ def fit_component_rule(evals: list[dict[str, Any]], *, max_fp_image_rate: float,
         x = np.concatenate(feats)
         mean, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
         coef, intercept = _logistic_regression((x - mean) / scale, y, l2)
-        s = 1.0 / (1.0 + np.exp(-(((x - mean) / scale) @ coef + intercept)))
+        fitted = ComponentRule(candidate_threshold=g, min_area=min_area, mean=tuple(mean), scale=tuple(scale),
+                               coef=tuple(coef), intercept=intercept, threshold=0.5)
+        s = component_scores(fitted, x)
         item_of_a, hits_a, areas_a = np.asarray(item_of), np.asarray(hits), np.asarray(areas)
         negative = np.array([evals[i]["negative"] for i in item_of_a], bool)
         share = areas_a / np.array([evals[i]["prob"].size for i in item_of_a])  # of its photo
@@ -347,8 +350,7 @@ def fit_component_rule(evals: list[dict[str, Any]], *, max_fp_image_rate: float,
             ok = rate <= max_fp_image_rate and area <= max_fp_area
             row = {"f1": f1, "fp_image_rate": rate, "fp_area": area, "ok": ok}
             if best is None or (ok, f1) > (best["ok"], best["f1"]):
-                rule = ComponentRule(candidate_threshold=g, min_area=min_area, mean=tuple(mean), scale=tuple(scale),
-                                     coef=tuple(coef), intercept=intercept, threshold=float(tau))
+                rule = fitted.model_copy(update={"threshold": float(tau)})
                 best = {"components": rule.model_dump(), **row, "features": list(COMPONENT_FEATURES)}
     return best
 
