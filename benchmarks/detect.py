@@ -70,10 +70,10 @@ def make_sets(work: Path, dev_n: int, neg_n: int, size: int = 512) -> tuple[Path
 
 
 def void_pixels(source: np.ndarray, gt_photo: np.ndarray, gt_mask: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the GT-mask pixels whose (H, W, C) uint8 ``source`` differs from the ``gt_photo`` by fewer
-    than :data:`INVISIBLE_LEVELS` levels in every colour channel (the overlay did not visibly change them)."""
-    diff = np.abs(source[..., :3].astype(np.int16) - gt_photo[..., :3].astype(np.int16)).max(axis=-1)
-    return gt_mask & (diff < INVISIBLE_LEVELS)
+    """:func:`cleanplate.training.detector.void_pixels` at :data:`INVISIBLE_LEVELS`: (H, W) bool."""
+    from cleanplate.training.detector import void_pixels as void_at
+
+    return void_at(source, gt_photo, gt_mask, INVISIBLE_LEVELS)
 
 
 def _prf(tp: int, fp: int, fn: int) -> dict[str, float | int]:
@@ -314,14 +314,9 @@ def _pct(v: float | None, digits: int = 1) -> str:
 
 
 def _rule_text(config: dict[str, Any]) -> str:
-    """How the detector's mask is decided, in words (its config as JSON)."""
-    rule = config.get("components")
-    if rule:
-        return (f"component rule (candidates at overlay probability >= {rule['candidate_threshold']:g}, "
-                f">= {rule['min_area']} px, kept at score >= {rule['threshold']:g})")
-    grow = config.get("grow_threshold")
-    return (f"threshold {config['threshold']:g}, min_area {config['min_area']} px"
-            + (f", growth to {grow:g}" if grow is not None else ""))
+    from cleanplate.detector import DetectorConfig
+
+    return DetectorConfig.model_validate(config).rule_text()
 
 
 def to_markdown(report: dict[str, Any], command: str) -> str:

@@ -109,6 +109,15 @@ class DetectorConfig(BaseModel):
                                                                "(threshold, min_area, grow_threshold)")
     calibration: dict[str, Any] = Field(default_factory=dict, description="how threshold, min_area, grow_threshold and components were picked")
 
+    def rule_text(self) -> str:
+        """How this config decides the mask, in words (reports and the trainer's summary line)."""
+        rule = self.components
+        if rule is not None:
+            return (f"component rule (candidates at overlay probability >= {rule.candidate_threshold:g}, "
+                    f">= {rule.min_area} px, kept at score >= {rule.threshold:g})")
+        grow = "" if self.grow_threshold is None else f", growth to {self.grow_threshold:g}"
+        return f"threshold {self.threshold:g}, min_area {self.min_area} px{grow}"
+
     @property
     def in_channels(self) -> int:
         """Input channels of :class:`DetectorNet`: RGB, plus the text prior when on."""

@@ -161,14 +161,21 @@ def _load(path: str) -> np.ndarray:
 VOID = 255  # kind-map value of a void pixel: an overlay pixel no detector can see, left out of the loss
 
 
+def void_pixels(source: np.ndarray, gt_photo: np.ndarray, gt_mask: np.ndarray, levels: int) -> np.ndarray:
+    """(H, W) bool: the ``gt_mask`` pixels whose (H, W, C) uint8 ``source`` differs from the ``gt_photo`` by
+    fewer than ``levels`` 8-bit levels in every colour channel: the overlay did not visibly change them (a white
+    glyph over white, an anti-aliased rim), so no detector can see them ("void", as in Cityscapes, Cordts et
+    al., CVPR 2016)."""
+    diff = np.abs(source[..., :3].astype(np.int16) - gt_photo[..., :3].astype(np.int16)).max(axis=-1)
+    return gt_mask & (diff < levels)
+
+
 def void_kinds(kind_map: np.ndarray, source: np.ndarray, gt_photo: np.ndarray, levels: int) -> np.ndarray:
-    """``kind_map`` (H, W) uint8 with its overlay pixels that the overlay changed by fewer than ``levels`` 8-bit
-    levels in every channel (``source`` against ``gt_photo``, (H, W, C) uint8: a white glyph over white, an
-    anti-aliased rim) set to :data:`VOID`; ``levels`` 0 changes nothing."""
+    """``kind_map`` (H, W) uint8 with its :func:`void_pixels` set to :data:`VOID`; ``levels`` 0 changes
+    nothing."""
     if levels <= 0:
         return kind_map
-    diff = np.abs(source[..., :3].astype(np.int16) - gt_photo[..., :3].astype(np.int16)).max(axis=-1)
-    return np.where((kind_map > 0) & (diff < levels), np.uint8(VOID), kind_map).astype(np.uint8)
+    return np.where(void_pixels(source, gt_photo, kind_map > 0, levels), np.uint8(VOID), kind_map).astype(np.uint8)
 
 
 class CropSampler:

@@ -20,6 +20,8 @@ def train_detector_cmd(
 ) -> None:
     """Overlay detector (promo text, watermarks, badges, logos -> removal mask) on synthetic data made on
     first run; threshold calibrated on held-out photos. Resumes from WORK_DIR/checkpoints."""
+    from cleanplate.detector import DetectorConfig
+
     from .common import load_config
     from .detector import DetectorTrainConfig, train_detector
 
@@ -28,10 +30,9 @@ def train_detector_cmd(
                                                      "lr": lr, "seed": seed, "work_dir": work_dir, "threads": threads})
     result = train_detector(cfg)
     cal = result["calibration"]
-    rule = cal["components"]
-    how = (f"component rule, candidates at {rule['candidate_threshold']:g}, kept at score {rule['threshold']:g} "
-           f"(seed rule: F1 {cal['seed_f1']:.3f})" if rule else
-           f"threshold {cal['threshold']:.2f}, min_area {cal['min_area']} px ({cal['rule']})")
-    say(f"{how}: held-out F1 {cal['f1']:.3f}, negatives with a detection {cal['fp_image_rate']:.1%}, "
-        f"false-positive area {cal['fp_area']:.3%}")
+    how = DetectorConfig.model_validate({k: cal[k] for k in ("threshold", "min_area", "grow_threshold",
+                                                             "components")}).rule_text()
+    seed = f", seed rule F1 {cal['seed_f1']:.3f}" if cal["components"] else ""
+    say(f"{how} ({cal['rule']}{seed}): held-out F1 {cal['f1']:.3f}, negatives with a detection "
+        f"{cal['fp_image_rate']:.1%}, false-positive area {cal['fp_area']:.3%}")
     say(f"wrote {cfg.out}")
