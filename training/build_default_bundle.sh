@@ -66,8 +66,9 @@ cp runs/wheels/rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx r
 cp training/TEXT_DETECTOR_LICENSE runs/text_det/
 echo "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9  runs/text_det/text_detector.onnx" | sha256sum -c
 # The one above fine-tuned with the text prior as a fourth input (its weights start at 0), then a second and a
-# third leg of 6000 steps, each on 3200 fresh items with more watermarks and logos: the shipped detector. Calibration fits the
-# component rule too, and allows 3% of the held-out negatives (a margin: 5% there gave 6.7% on the bench's).
+# third leg of 6000 steps, each on 3200 fresh items with more watermarks and logos: the shipped detector.
+# Calibration fits the component rule too, and allows 3% of the held-out negatives (a margin: 5% there gave
+# 6.7% on the bench's).
 cleanplate train detector --config training/configs/default_detector_text.json
 cleanplate train detector --config training/configs/default_detector_text2.json
 cleanplate train detector --config training/configs/default_detector_text3.json
