@@ -151,9 +151,8 @@ def test_generate_on_a_plain_folder_with_auto_mask(cli, tmp_path, gated_bundle, 
     cutout[30:60, 40:90, 3] = 0
     imgs, masks = tmp_path / "photos", tmp_path / "masks"
     _png(imgs / "promo.png", promo)
-    # a held-out photo with the maker's print on it ("YAMAHA"), which must stay; the astronaut is no longer
-    # used here: the shipped detector takes the silver suit ring at its bottom edge for text (a false positive
-    # the README reports)
+    # a held-out photo with the maker's print on it ("YAMAHA"), which must stay: a harder clean photo than the
+    # astronaut, whose silver suit ring an earlier detector took for text
     _png(imgs / "clean.png", _held_out("stereo_motorcycle"))
     _png(imgs / "cutout.png", cutout)
     _png(imgs / "drawn.png", photos["chelsea"][:80, :120])
