@@ -131,6 +131,7 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = extra_args
         self._work = Path(tempfile.mkdtemp(prefix="cleanplate-triton-"))
+        self._shm_prefix = f"cleanplate_{self._work.name.rsplit('-', 1)[-1]}_"  # unique per server
         self.log_path = Path(log_path) if log_path else self._work / "tritonserver.log"
         self.process: subprocess.Popen | None = None
 
@@ -162,6 +163,11 @@ class TritonServer:
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
                "--allow-gpu-metrics=false", "--strict-readiness=true", "--exit-on-error=true", "--log-info=true",
                f"--exit-timeout-secs={self.exit_timeout_s}",
+               # The python backend names its shared-memory regions by this prefix; two servers on one
+               # machine (test workers, a restart while the old stubs still exit) must not share it, or
+               # one aborts with boost::interprocess::lock_exception (python_backend README, "Running
+               # Multiple Instances of Triton Server").
+               f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
                *self.extra_args]
         return cmd, env
 

@@ -399,6 +399,14 @@ def test_error_classification() -> None:
     assert classify(InferenceServerException("image must be (B,R,R,3)", status="StatusCode.INTERNAL")) == "fatal"
 
 
+def test_servers_on_one_machine_name_their_shared_memory_apart(triton_env: Path, tmp_path: Path) -> None:
+    """Two servers (two test workers, or a restart while the old stubs exit) with one python-backend shm
+    prefix abort with boost::interprocess::lock_exception; each server gets its own."""
+    prefixes = [next(a for a in TritonServer(tmp_path, env=triton_env).command()[0] if "shm-region-prefix-name" in a)
+                for _ in range(2)]
+    assert prefixes[0] != prefixes[1] and all(p.startswith("--backend-config=python,") for p in prefixes)
+
+
 def test_triton_setup_is_idempotent(triton_env: Path) -> None:
     from cleanplate.export.triton_server import setup_env
 
