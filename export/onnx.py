@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from cleanplate.bundle import Bundle, NullConditioning, load_bundle
+from cleanplate.detector import network_logits
 from cleanplate.errors import ErrorCode, ExportError, InputError
 from cleanplate.imaging import write_atomic
 
@@ -189,10 +190,11 @@ class DetectorGraph(nn.Module):
         self.net = detector.net
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        flip = self.detector.config.flip_average
         if self.detector.text_prior is None:
-            return self.net(image)
+            return network_logits(self.net, image, flip)
         text = torch.from_numpy(self.detector.text_prior(image.float().numpy())).to(image.dtype)
-        return self.net(torch.cat([image, text], dim=1))
+        return network_logits(self.net, torch.cat([image, text], dim=1), flip)
 
 
 class DetectorNetGraph(nn.Module):
@@ -202,9 +204,10 @@ class DetectorNetGraph(nn.Module):
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         self.net = detector.net
+        self.flip_average = detector.config.flip_average
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([image, text], dim=1))
+        return network_logits(self.net, torch.cat([image, text], dim=1), self.flip_average)
 
 
 def compose_text_prior(net_path: Path, text_detector: Path, out_path: Path) -> None:

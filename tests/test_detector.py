@@ -17,6 +17,7 @@ from cleanplate.detector import (
     DetectorConfig,
     DetectorIO,
     component_mask,
+    network_logits,
     overlay_mask,
 )
 from cleanplate.errors import BundleError, InputError
@@ -88,11 +89,8 @@ def test_tiny_detector_loss_falls():
 
 def test_save_load_round_trip_gives_identical_masks(tmp_path):
     torch.manual_seed(1)
-    det = Detector(TINY.model_copy(update={"threshold": 0.5, "min_area": 3})).eval()
-    for m in det.modules():  # non-trivial BatchNorm statistics, so the buffers must round-trip too
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    # non-trivial BatchNorm statistics, so the buffers must round-trip too
+    det = _with_batch_norm_statistics(Detector(TINY.model_copy(update={"threshold": 0.5, "min_area": 3}))).eval()
     det.save(tmp_path / "detector", calibration={"rule": "test"})
     back = Detector.from_dir(tmp_path / "detector")
     assert back.config == det.config and back.config.calibration == {"rule": "test"}
@@ -105,6 +103,43 @@ def test_save_load_round_trip_gives_identical_masks(tmp_path):
     (tmp_path / "detector" / "model.safetensors").unlink()
     with pytest.raises(BundleError, match="model.safetensors"):
         Detector.from_dir(tmp_path / "detector")
+
+
+def _with_batch_norm_statistics(det: Detector) -> Detector:
+    for m in det.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return det
+
+
+def test_flip_average_makes_the_network_mirror_equivariant():
+    torch.manual_seed(2)
+    det = _with_batch_norm_statistics(Detector(TINY)).eval()
+    x = torch.rand(2, 3, 64, 96)
+    for flip in (True, False):
+        here = network_logits(det.net, x, flip)
+        mirrored = network_logits(det.net, x.flip(-1), flip).flip(-1)
+        gap = (here - mirrored).abs().max().item()
+        assert gap < 1e-5 if flip else gap > 1e-3  # a plain network is not mirror-symmetric
+    assert torch.allclose(network_logits(det.net, x, True), (det.net(x) + det.net(x.flip(-1)).flip(-1)) / 2)
+
+
+def test_freeze_keeps_the_logits_and_the_weights():
+    """The frozen detector's fast CPU network (batch norm folded, channels-last) computes the plain network's
+    logits, at sides that are not square, and adds nothing to the state dict that is saved."""
+    torch.manual_seed(3)
+    det = _with_batch_norm_statistics(Detector(TINY.model_copy(update={"flip_average": True}))).eval()
+    keys = list(det.state_dict())
+    rng = np.random.default_rng(3)
+    for shape in ((150, 97, 3), (64, 200, 3)):
+        x = det.preprocess(rng.integers(0, 256, shape, dtype=np.uint8))[0]
+        plain = det.logits(x)
+        det.freeze()
+        assert det._cpu_net is not None and not any(p.requires_grad for p in det.parameters())
+        np.testing.assert_allclose(det.logits(x), plain, atol=1e-4)
+        object.__setattr__(det, "_cpu_net", None)
+    assert list(det.state_dict()) == keys
 
 
 def test_calibrate_respects_false_positive_limits():
@@ -336,6 +371,19 @@ def test_init_from_starts_from_its_weights_and_refuses_another_network(tmp_path)
     assert tuned.config.calibration["init"]["train_steps"] == 7
     assert tuned.config.calibration["train_steps"] == 1
 
+    # max_steps 0 only calibrates: the init's weights and batch-norm statistics exactly, the model's inference
+    # options (flip_average) in the saved config, and no training set made
+    with pytest.raises(InputError, match="init_from"):
+        train_detector(DetectorTrainConfig(out=tmp_path / "y", model=TINY, max_steps=0, **small))
+    flip = TINY.model_copy(update={"flip_average": True})
+    train_detector(DetectorTrainConfig(out=tmp_path / "cal", model=flip, init_from=tmp_path / "init", max_steps=0,
+                                       **small))
+    recal = Detector.from_dir(tmp_path / "cal")
+    assert recal.config.flip_average and recal.config.calibration["train_steps"] == 0
+    assert recal.config.calibration["train_items"] == 0 and not (tmp_path / "cal.work" / "data" / "train").exists()
+    for name, value in init.state_dict().items():
+        torch.testing.assert_close(recal.state_dict()[name], value, rtol=0, atol=0)
+
 
 # -- the text prior (PP-OCRv4 det, shipped in the default bundle's detector/) -----------------------------------
 @pytest.fixture(scope="module")
@@ -401,7 +449,7 @@ def test_text_prior_detector_starts_from_the_rgb_one_and_round_trips(text_detect
     assert (tmp_path / "detector" / TEXT_DETECTOR_FILE).read_bytes() == text_detector.read_bytes()
     assert (tmp_path / "detector" / TEXT_DETECTOR_LICENSE).is_file()
     back = Detector.from_dir(tmp_path / "detector")
-    np.testing.assert_array_equal(back.logits(x), with_text.logits(x))
+    np.testing.assert_allclose(back.logits(x), with_text.logits(x), atol=1e-5)  # loaded = frozen: BN folded
     (tmp_path / "detector" / TEXT_DETECTOR_FILE).unlink()
     with pytest.raises(BundleError, match=TEXT_DETECTOR_FILE):
         Detector.from_dir(tmp_path / "detector")

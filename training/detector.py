@@ -81,7 +81,8 @@ class DetectorTrainConfig(BaseModel):
     crop: int = Field(256, ge=32, description="training crop side in px (a multiple of 32)")
     scale_range: tuple[float, float] = Field((0.5, 1.0), description="random downscale before cropping")
     batch_size: int = Field(8, ge=1)
-    max_steps: int = Field(2000, ge=1)
+    max_steps: int = Field(2000, ge=0, description="0: no training, only calibrate `init_from` as `model` "
+                                                   "configures it (e.g. after turning on flip_average)")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = 1e-4
     warmup_steps: int = Field(50, ge=0)
@@ -109,10 +110,11 @@ class DetectorTrainConfig(BaseModel):
 
 
 # ---------------------------------------------------------------- data
-def ensure_data(cfg: DetectorTrainConfig) -> tuple[Path, Path]:
-    """Make (or finish) the training and calibration sets under ``work_dir/data``; their meta.json paths."""
+def ensure_data(cfg: DetectorTrainConfig) -> tuple[Path | None, Path]:
+    """Make (or finish) the training and calibration sets under ``work_dir/data``; their meta.json paths (no
+    training set when ``max_steps`` is 0)."""
     root = cfg.resolved_work_dir / "data"
-    train = synth_detector_dataset(
+    train = None if cfg.max_steps == 0 else synth_detector_dataset(
         root / "train", cfg.train_n, seed=cfg.train_seed, progress=False,
         cfg=DetectorSynthConfig(size=cfg.train_size, photo_fraction=cfg.photo_fraction, photos=synth.TRAIN_PHOTOS,
                                 clean_fraction=cfg.clean_fraction, scene_fraction=cfg.scene_fraction,
@@ -466,6 +468,8 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     if cfg.model.text_prior and (cfg.text_detector is None or not Path(cfg.text_detector).is_file()):
         raise InputError(f"model.text_prior needs text_detector, the text detector's ONNX file (got "
                          f"{cfg.text_detector})", code=ErrorCode.BAD_OPTION)
+    if cfg.max_steps == 0 and cfg.init_from is None:
+        raise InputError("max_steps 0 only calibrates, so it needs init_from", code=ErrorCode.BAD_OPTION)
     unknown = set(cfg.overlay_weights) - set(cfg.model.kinds)
     if unknown:
         raise InputError(f"overlay_weights names unknown kinds {sorted(unknown)}; kinds are {list(cfg.model.kinds)}",
@@ -482,15 +486,20 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     model = Detector(cfg.model, cfg.text_detector)
     if model.text_prior is not None:
         for meta in (train_meta, cal_meta):
-            ensure_text_maps(meta, model.text_prior)
+            if meta is not None:
+                ensure_text_maps(meta, model.text_prior)
         log.info("text maps ready in %.0f s", time.time() - t0)
     if init is not None:
         load_init_weights(model, init)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = CropSampler(read_items(train_meta), cfg.crop, cfg.scale_range, cfg.seed, cfg.model.text_prior,
-                          cfg.void_levels)
     step = 0
+    history: list[float] = []
     found = _checkpoints(work)
+    if train_meta is None:  # max_steps 0: calibrate init_from as it is
+        found = []
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sampler = CropSampler(read_items(train_meta), cfg.crop, cfg.scale_range, cfg.seed, cfg.model.text_prior,
+                              cfg.void_levels)
     if found:
         state = torch.load(found[-1] / "state.pt", weights_only=False)
         model.load_state_dict(state["model"])
@@ -500,7 +509,6 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
         step = int(state["step"])
         log.info("resumed from %s (step %d)", found[-1], step)
     model.train()
-    history: list[float] = []
     with (work / "train_log.jsonl").open("a") as journal:
         while step < cfg.max_steps:
             for group in opt.param_groups:
@@ -522,13 +530,14 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
                 log.info("%s", line)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 _save_checkpoint(work, step, model, opt, sampler, cfg.keep_checkpoints)
-    model.eval()
+    model.freeze()
     cal = calibrate(evaluate_items(model, read_items(cal_meta)), max_fp_image_rate=cfg.max_fp_image_rate,
                     max_fp_area=cfg.max_fp_area)
     model.config = model.config.model_copy(update={
         **{k: cal[k] for k in ("threshold", "min_area", "grow_threshold")},
         "components": None if cal["components"] is None else ComponentRule(**cal["components"])})
-    provenance = {**cal, "train_steps": step, "train_items": cfg.train_n, "train_seed": cfg.train_seed,
+    provenance = {**cal, "train_steps": step,
+                  "train_items": 0 if train_meta is None else cfg.train_n, "train_seed": cfg.train_seed,
                   "cal_items": cfg.cal_n, "cal_seed": cfg.cal_seed, "cal_photos": list(synth.DEV_PHOTOS)}
     if init is not None:
         provenance["init"] = {"from": str(cfg.init_from), **init.config.calibration}
