@@ -470,8 +470,8 @@ def cv2_resize(image: np.ndarray, side: int) -> np.ndarray:
 
 def test_text_prior_training_makes_maps_and_ships_the_prior(text_detector, tmp_path):
     """`train detector` with the text prior writes one text map per item (the prior's probability of the item,
-    as uint8), trains on 4-channel crops and writes a detector that carries the ONNX file; without the file it
-    refuses before any work."""
+    as uint8), trains on 4-channel crops and writes a detector that carries the ONNX file; without the file or
+    its licence it refuses before any work."""
     from PIL import Image
 
     from cleanplate.detector import TEXT_DETECTOR_FILE, TextPrior
@@ -481,6 +481,11 @@ def test_text_prior_training_makes_maps_and_ships_the_prior(text_detector, tmp_p
     small = dict(train_n=3, train_size=64, cal_n=2, cal_size=64, crop=64, batch_size=2, threads=1, max_steps=2)
     with pytest.raises(InputError, match="text_detector"):
         train_detector(DetectorTrainConfig(out=tmp_path / "x", model=model, **small))
+    unlicensed = tmp_path / "alone" / TEXT_DETECTOR_FILE  # saving would fail at the end: refused up front
+    unlicensed.parent.mkdir()
+    unlicensed.write_bytes(text_detector.read_bytes())
+    with pytest.raises(InputError, match="TEXT_DETECTOR_LICENSE"):
+        train_detector(DetectorTrainConfig(out=tmp_path / "x", model=model, text_detector=unlicensed, **small))
     assert not (tmp_path / "x.work").exists()
 
     train_detector(DetectorTrainConfig(out=tmp_path / "det", model=model, text_detector=text_detector, **small))

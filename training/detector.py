@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cleanplate.detector import (
     COMPONENT_FEATURES,
+    TEXT_DETECTOR_LICENSE,
     ComponentRule,
     Detector,
     DetectorConfig,
@@ -468,6 +469,10 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     if cfg.model.text_prior and (cfg.text_detector is None or not Path(cfg.text_detector).is_file()):
         raise InputError(f"model.text_prior needs text_detector, the text detector's ONNX file (got "
                          f"{cfg.text_detector})", code=ErrorCode.BAD_OPTION)
+    if cfg.model.text_prior and not Path(cfg.text_detector).with_name(TEXT_DETECTOR_LICENSE).is_file():
+        # saving copies the notice beside the model (Apache-2.0): fail now, not after the training
+        raise InputError(f"the text prior {cfg.text_detector} has no {TEXT_DETECTOR_LICENSE} beside it",
+                         code=ErrorCode.BAD_OPTION)
     if cfg.max_steps == 0 and cfg.init_from is None:
         raise InputError("max_steps 0 only calibrates, so it needs init_from", code=ErrorCode.BAD_OPTION)
     unknown = set(cfg.overlay_weights) - set(cfg.model.kinds)
