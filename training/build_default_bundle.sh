@@ -72,6 +72,9 @@ echo "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9  runs/tex
 cleanplate train detector --config training/configs/default_detector_text.json
 cleanplate train detector --config training/configs/default_detector_text2.json
 cleanplate train detector --config training/configs/default_detector_text3.json
+# The third leg recalibrated (max_steps 0: no training) with its logits averaged over the mirror image
+# (flip_average): the shipped detector.
+cleanplate train detector --config training/configs/default_detector_flip.json
 python -c "from cleanplate.bundle import attach_detector; from cleanplate.detector import Detector; \
-attach_detector('cleanplate/default_bundle', Detector.from_dir('runs/det_text3/detector'))"
+attach_detector('cleanplate/default_bundle', Detector.from_dir('runs/det_flip/detector'))"
 echo "default bundle: $(du -sh cleanplate/default_bundle | cut -f1)"
