@@ -380,7 +380,8 @@ def test_init_from_starts_from_its_weights_and_refuses_another_network(tmp_path)
                                        **small))
     recal = Detector.from_dir(tmp_path / "cal")
     assert recal.config.flip_average and recal.config.calibration["train_steps"] == 0
-    assert recal.config.calibration["train_items"] == 0 and not (tmp_path / "cal.work" / "data" / "train").exists()
+    assert recal.config.calibration["train_items"] == 0 and recal.config.calibration["train_seed"] is None
+    assert not (tmp_path / "cal.work" / "data" / "train").exists()
     for name, value in init.state_dict().items():
         torch.testing.assert_close(recal.state_dict()[name], value, rtol=0, atol=0)
 

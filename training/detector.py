@@ -541,8 +541,9 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
     model.config = model.config.model_copy(update={
         **{k: cal[k] for k in ("threshold", "min_area", "grow_threshold")},
         "components": None if cal["components"] is None else ComponentRule(**cal["components"])})
-    provenance = {**cal, "train_steps": step,
-                  "train_items": 0 if train_meta is None else cfg.train_n, "train_seed": cfg.train_seed,
+    trained = train_meta is not None
+    provenance = {**cal, "train_steps": step, "train_items": cfg.train_n if trained else 0,
+                  "train_seed": cfg.train_seed if trained else None,
                   "cal_items": cfg.cal_n, "cal_seed": cfg.cal_seed, "cal_photos": list(synth.DEV_PHOTOS)}
     if init is not None:
         provenance["init"] = {"from": str(cfg.init_from), **init.config.calibration}
