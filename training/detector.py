@@ -498,10 +498,8 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
         load_init_weights(model, init)
     step = 0
     history: list[float] = []
-    found = _checkpoints(work)
-    if train_meta is None:  # max_steps 0: calibrate init_from as it is
-        found = []
-    else:
+    found = [] if train_meta is None else _checkpoints(work)  # max_steps 0: calibrate init_from as it is
+    if train_meta is not None:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sampler = CropSampler(read_items(train_meta), cfg.crop, cfg.scale_range, cfg.seed, cfg.model.text_prior,
                               cfg.void_levels)
