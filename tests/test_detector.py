@@ -154,6 +154,37 @@ def test_calibrate_respects_false_positive_limits():
     assert cal["threshold"] == 0.7 and cal["targets_met"] and cal["f1"] > 0.99
 
 
+def test_calibrate_bounds_the_share_of_negatives_with_confidence():
+    """With fp_image_confidence the image limit applies to the Clopper-Pearson upper bound of the detected share
+    (scipy's exact binomial interval): 1 of 80 negatives detected (1.25%) meets a 5% limit as a share but not
+    as a 95% bound (5.8%), so the stricter threshold wins; 0 of 80 (bound 3.7%) meets it."""
+    from scipy.stats import binomtest
+
+    from cleanplate.training.common import rate_upper_bound
+
+    for k, n in [(0, 80), (1, 80), (3, 169), (4, 169), (10, 10)]:  # one-sided 95% = the upper end of a two-sided 90%
+        assert rate_upper_bound(k, n, 0.95) == pytest.approx(
+            binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").high)
+    assert rate_upper_bound(3, 169, None) == 3 / 169
+    assert rate_upper_bound(3, 169, 0.95) < 0.05 < rate_upper_bound(4, 169, 0.95)
+
+    gt = np.zeros((64, 64), bool)
+    gt[10:30, 10:40] = True
+    prob = np.where(gt, 0.9, 0.1)
+    prob[25:30, 10:40] = 0.6  # a weak part of the overlay: only the looser threshold finds it
+    negatives = [{"prob": np.full((64, 64), 0.1), "gt": np.zeros_like(gt), "negative": True} for _ in range(80)]
+    negatives[0]["prob"][50:53, 50:53] = 0.6  # one negative with a weak blob
+    evals = [{"prob": prob, "gt": gt, "negative": False}, *negatives]
+    kw = {"max_fp_image_rate": 0.05, "max_fp_area": 0.003, "thresholds": (0.5, 0.7), "min_areas": (0,),
+          "grow_thresholds": (None,)}
+    share = calibrate(evals, **kw)
+    assert share["threshold"] == 0.5 and share["fp_image_rate"] == share["fp_image_bound"] == 1 / 80
+    bounded = calibrate(evals, fp_image_confidence=0.95, **kw)
+    assert bounded["threshold"] == 0.7 and bounded["targets_met"] and bounded["fp_image_rate"] == 0
+    assert bounded["fp_image_bound"] == pytest.approx(rate_upper_bound(0, 80, 0.95)) and bounded["f1"] < share["f1"]
+    assert bounded["fp_image_confidence"] == 0.95 and "95% confidence" in bounded["rule"]
+
+
 def test_hysteresis_grows_only_from_kept_seeds():
     prob = np.zeros((40, 60), np.float32)
     prob[5:15, 5:25] = 0.5  # a weak region ...
@@ -242,6 +273,9 @@ def test_calibrate_fits_a_component_rule_where_the_seed_rule_cannot_separate():
     # a rule that cannot meet the limits is not fitted: all candidates one label
     assert fit_component_rule([e for e in cal_items if e["negative"]], max_fp_image_rate=0.05,
                               max_fp_area=0.003) is None
+    # with 20 negatives no rule can bound their detected share by 5% with 95% confidence (0 of 20: 13.9%)
+    sure = fit_component_rule(cal_items, max_fp_image_rate=0.05, max_fp_area=0.003, fp_image_confidence=0.95)
+    assert sure is not None and not sure["ok"] and sure["fp_image_bound"] > 0.05
 
 
 def test_void_pixels_are_left_out_of_the_loss():

@@ -161,13 +161,13 @@ def test_gt_target_with_confidence_leaves_a_margin() -> None:
     more than 90% of the held-out GT passes."""
     from scipy.stats import binomtest
 
-    from cleanplate.training.discriminator import gt_pass_lower_bound
+    from cleanplate.training.common import rate_lower_bound
 
     for k, n in [(59, 60), (58, 60), (1, 10), (100, 100)]:  # one-sided 95% = the lower end of a two-sided 90%
-        assert gt_pass_lower_bound(k, n, 0.95) == pytest.approx(
+        assert rate_lower_bound(k, n, 0.95) == pytest.approx(
             binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").low)
-    assert gt_pass_lower_bound(0, 60, 0.95) == 0.0 and gt_pass_lower_bound(54, 60, None) == 0.9
-    assert gt_pass_lower_bound(59, 60, 0.95) > 0.9 > gt_pass_lower_bound(58, 60, 0.95)
+    assert rate_lower_bound(0, 60, 0.95) == 0.0 and rate_lower_bound(54, 60, None) == 0.9
+    assert rate_lower_bound(59, 60, 0.95) > 0.9 > rate_lower_bound(58, 60, 0.95)
 
     rng = np.random.default_rng(1)
     gt, source = rng.uniform(0.3, 1.0, 60), rng.uniform(0.0, 0.2, 60)

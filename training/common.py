@@ -78,6 +78,46 @@ def load_config(cls: type[BaseModel], path: Path | None, overrides: dict[str, An
         raise InputError(f"config: {'.'.join(map(str, err['loc']))}: {err['msg']}", code=ErrorCode.BAD_OPTION) from exc
 
 
+def rate_lower_bound(hits: int, n: int, confidence: float | None) -> float:
+    """One-sided Clopper-Pearson lower confidence bound on a rate (Clopper & Pearson 1934): the
+    ``1 - confidence`` quantile of Beta(hits, n - hits + 1); 0 when ``hits`` is 0; ``hits / n`` when
+    ``confidence`` is None. A threshold set where exactly 90% of 60 held-out GTs pass passes about 90% of new
+    GTs half the time; requiring this bound >= 90% keeps it there with the given confidence.
+
+    Args:
+        hits: items counted, 0..n; n: items (> 0); confidence: in (0, 1), or None.
+    Returns:
+        float in [0, 1].
+    """
+    if confidence is None:
+        return hits / n
+    if hits == 0:
+        return 0.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(1.0 - confidence, hits, n - hits + 1))
+
+
+def rate_upper_bound(hits: int, n: int, confidence: float | None) -> float:
+    """One-sided Clopper-Pearson upper confidence bound on a rate: the ``confidence`` quantile of
+    Beta(hits + 1, n - hits); 1 when ``hits`` is n; ``hits / n`` when ``confidence`` is None. With 169 held-out
+    clean photos, 3 detected (1.8%) bounds the rate on new photos by 4.5% with 95% confidence, 5 (3.0%) only
+    by 6.1%.
+
+    Args:
+        hits: items counted, 0..n; n: items (> 0); confidence: in (0, 1), or None.
+    Returns:
+        float in [0, 1].
+    """
+    if confidence is None:
+        return hits / n
+    if hits >= n:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(confidence, hits + 1, n - hits))
+
+
 def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
     """ᾱ_t for t = 0..T-1 (float32, (T,)) of the bundle's noise schedule, via diffusers' DDPMScheduler."""
     from diffusers import DDPMScheduler

@@ -48,6 +48,7 @@ from cleanplate.detector import (
 from cleanplate.errors import BundleError, ErrorCode, InputError
 
 from . import synth
+from .common import rate_upper_bound
 from .detector_data import DetectorSynthConfig, synth_detector_dataset
 
 log = logging.getLogger("cleanplate.training.detector")
@@ -102,6 +103,10 @@ class DetectorTrainConfig(BaseModel):
     threads: int = Field(1, ge=1, description="torch intra-op threads")
     max_fp_image_rate: float = Field(0.05, ge=0, le=1, description="calibration: share of held-out negatives "
                                                                      "with any detection allowed")
+    fp_image_confidence: float | None = Field(None, gt=0, lt=1, description="calibration: when set, the "
+                                              "one-sided Clopper-Pearson upper bound of that share (at this "
+                                              "confidence) must stay within max_fp_image_rate, not the share "
+                                              "itself, so the limit holds on new photos; None: the share")
     max_fp_area: float = Field(0.003, ge=0, le=1, description="calibration: mean false-positive area allowed on "
                                                                "held-out negatives (fraction of pixels)")
 
@@ -311,16 +316,17 @@ def _logistic_regression(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.nd
 
 
 def fit_component_rule(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_area: float,
-                       candidate_thresholds: tuple[float, ...] = (0.2, 0.3, 0.5), min_area: int = 16,
+                       fp_image_confidence: float | None = None, candidate_thresholds: tuple[float, ...] = (0.2, 0.3, 0.5), min_area: int = 16,
                        scores: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.99, 0.025), 3)),
                        l2: float = 1.0) -> dict[str, Any] | None:
     """Fit a :class:`cleanplate.detector.ComponentRule` on :func:`evaluate_items` records (items with
     ``kinds``): per candidate threshold, a candidate is labelled overlay when at least half its pixels are
     GT; a logistic regression learns that label from :func:`cleanplate.detector.component_features`; then
     the score threshold with the best pixel F1 on the positives among those whose negatives have ≤
-    ``max_fp_image_rate`` images with any detection and ≤ ``max_fp_area`` mean detected area. Returns
-    {"components" (the rule as a dict), "f1", "fp_image_rate", "fp_area", "ok"} for the best candidate
-    threshold, or None when no candidate threshold gives both labels."""
+    ``max_fp_image_rate`` images with any detection (its upper bound at ``fp_image_confidence``, as
+    :func:`calibrate`) and ≤ ``max_fp_area`` mean detected area. Returns {"components" (the rule as a dict),
+    "f1", "fp_image_rate", "fp_image_bound", "fp_area", "ok"} for the best candidate threshold, or None when
+    no candidate threshold gives both labels."""
     best: dict[str, Any] | None = None
     n_neg = sum(e["negative"] for e in evals)
     for g in candidate_thresholds:
@@ -355,10 +361,12 @@ def fit_component_rule(evals: list[dict[str, Any]], *, max_fp_image_rate: float,
             fp = int((areas_a - hits_a)[keep & ~negative].sum())
             f1 = 2 * tp / max(1, tp + fp + gt_px)  # 2 tp / (2 tp + fp + fn)
             # candidates are disjoint, so a negative's detected area is the sum of its kept candidates
-            rate = len(set(item_of_a[keep & negative].tolist())) / max(1, n_neg)
+            detected = len(set(item_of_a[keep & negative].tolist()))
+            rate = detected / max(1, n_neg)
+            bound = rate_upper_bound(detected, max(1, n_neg), fp_image_confidence)
             area = float(share[keep & negative].sum() / max(1, n_neg))
-            ok = rate <= max_fp_image_rate and area <= max_fp_area
-            row = {"f1": f1, "fp_image_rate": rate, "fp_area": area, "ok": ok}
+            ok = bound <= max_fp_image_rate and area <= max_fp_area
+            row = {"f1": f1, "fp_image_rate": rate, "fp_image_bound": bound, "fp_area": area, "ok": ok}
             if best is None or (ok, f1) > (best["ok"], best["f1"]):
                 rule = fitted.model_copy(update={"threshold": float(tau)})
                 best = {"components": rule.model_dump(), **row, "features": list(COMPONENT_FEATURES)}
@@ -366,7 +374,7 @@ def fit_component_rule(evals: list[dict[str, Any]], *, max_fp_image_rate: float,
 
 
 def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_area: float,
-              thresholds: tuple[float, ...] = (*np.round(np.arange(0.3, 0.96, 0.05), 2), 0.97, 0.98, 0.99, 0.995),
+              fp_image_confidence: float | None = None, thresholds: tuple[float, ...] = (*np.round(np.arange(0.3, 0.96, 0.05), 2), 0.97, 0.98, 0.99, 0.995),
               min_areas: tuple[int, ...] = (0, 16, 48, 96, 160, 256, 384, 512, 768),
               grow_thresholds: tuple[float | None, ...] = (None, 0.7, 0.5, 0.3), components: bool = True
               ) -> dict[str, Any]:
@@ -374,14 +382,17 @@ def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_a
     triples whose held-out negatives have ≤ ``max_fp_image_rate`` images with any detection and ≤
     ``max_fp_area`` mean detected area, the one with the best pixel F1 on the positives; when none meets
     both, the triple with the fewest negative images detected (then best F1). Growth never detects an
-    image that its seeds did not, so it trades only area for recall.
+    image that its seeds did not, so it trades only area for recall. With ``fp_image_confidence`` the image
+    limit applies to the one-sided Clopper-Pearson upper bound of the detected share
+    (:func:`cleanplate.training.common.rate_upper_bound`), so it holds on new photos with that confidence:
+    with 169 negatives, 5% at 95% allows 3 detected (1.8%), where the bare share would allow 8.
 
     With ``components`` (and records that carry ``kinds``), a :class:`~cleanplate.detector.ComponentRule` is
     also fitted (:func:`fit_component_rule`); it replaces the seed rule when it meets both limits with a
     better F1. Returns the record stored in the config's ``calibration``: the seed rule's ``threshold``,
     ``min_area`` and ``grow_threshold`` (also the fallback), ``components`` (the rule as a dict, or None),
-    and ``f1``, ``fp_image_rate``, ``fp_area`` of the rule in use (``seed_*``: the seed rule's, when
-    replaced)."""
+    and ``f1``, ``fp_image_rate``, ``fp_image_bound``, ``fp_area`` of the rule in use (``seed_*``: the seed
+    rule's, when replaced)."""
     pos = [e for e in evals if not e["negative"]]
     neg = [e for e in evals if e["negative"]]
     rows = []
@@ -398,20 +409,27 @@ def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_a
                     fn += int((~m & e["gt"]).sum())
                 f1 = 2 * tp / max(1, 2 * tp + fp + fn)
                 neg_masks = [overlay_mask(e["prob"], t, a, g) for e in neg]
-                rate = float(np.mean([m.any() for m in neg_masks])) if neg else 0.0
+                detected = sum(bool(m.any()) for m in neg_masks)
+                rate = detected / len(neg) if neg else 0.0
+                bound = rate_upper_bound(detected, len(neg), fp_image_confidence) if neg else 0.0
                 area = float(np.mean([m.mean() for m in neg_masks])) if neg else 0.0
                 rows.append({"threshold": float(t), "min_area": int(a), "grow_threshold": g, "f1": f1,
-                             "fp_image_rate": rate, "fp_area": area,
-                             "ok": rate <= max_fp_image_rate and area <= max_fp_area})
+                             "fp_image_rate": rate, "fp_image_bound": bound, "fp_area": area,
+                             "ok": bound <= max_fp_image_rate and area <= max_fp_area})
     ok = [r for r in rows if r["ok"]]
     best = max(ok, key=lambda r: r["f1"]) if ok else min(rows, key=lambda r: (r["fp_image_rate"], -r["f1"]))
-    record = {**best, "rule": "best F1 within the false-positive limits" if ok else "fewest negatives detected",
+    limits = ("best F1 within the false-positive limits" if fp_image_confidence is None else
+              f"best F1 within the false-positive limits (image share bounded with {fp_image_confidence:.0%} "
+              "confidence)")
+    record = {**best, "rule": limits if ok else "fewest negatives detected",
               "targets_met": bool(ok), "n_positive": len(pos), "n_negative": len(neg),
-              "max_fp_image_rate": max_fp_image_rate, "max_fp_area": max_fp_area, "components": None}
+              "max_fp_image_rate": max_fp_image_rate, "fp_image_confidence": fp_image_confidence,
+              "max_fp_area": max_fp_area, "components": None}
     if components and pos and neg and all("kinds" in e for e in evals):
-        fitted = fit_component_rule(evals, max_fp_image_rate=max_fp_image_rate, max_fp_area=max_fp_area)
+        fitted = fit_component_rule(evals, max_fp_image_rate=max_fp_image_rate, max_fp_area=max_fp_area,
+                                    fp_image_confidence=fp_image_confidence)
         if fitted is not None and fitted["ok"] and fitted["f1"] > (best["f1"] if ok else -1.0):
-            seed = {f"seed_{k}": best[k] for k in ("f1", "fp_image_rate", "fp_area")}
+            seed = {f"seed_{k}": best[k] for k in ("f1", "fp_image_rate", "fp_image_bound", "fp_area")}
             record.update(fitted, **seed, rule="component rule: best F1 within the false-positive limits",
                           targets_met=True)
     return record
@@ -535,7 +553,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
                 _save_checkpoint(work, step, model, opt, sampler, cfg.keep_checkpoints)
     model.freeze()
     cal = calibrate(evaluate_items(model, read_items(cal_meta)), max_fp_image_rate=cfg.max_fp_image_rate,
-                    max_fp_area=cfg.max_fp_area)
+                    max_fp_area=cfg.max_fp_area, fp_image_confidence=cfg.fp_image_confidence)
     model.config = model.config.model_copy(update={
         **{k: cal[k] for k in ("threshold", "min_area", "grow_threshold")},
         "components": None if cal["components"] is None else ComponentRule(**cal["components"])})

@@ -33,6 +33,8 @@ def train_detector_cmd(
     how = DetectorConfig.model_validate({k: cal[k] for k in ("threshold", "min_area", "grow_threshold",
                                                              "components")}).rule_text()
     seed = f", seed rule F1 {cal['seed_f1']:.3f}" if cal["components"] else ""
+    conf = cal.get("fp_image_confidence")
+    bound = f" (<= {cal['fp_image_bound']:.1%} with {conf:.0%} confidence)" if conf else ""
     say(f"{how} ({cal['rule']}{seed}): held-out F1 {cal['f1']:.3f}, negatives with a detection "
-        f"{cal['fp_image_rate']:.1%}, false-positive area {cal['fp_area']:.3%}")
+        f"{cal['fp_image_rate']:.1%}{bound}, false-positive area {cal['fp_area']:.3%}")
     say(f"wrote {cfg.out}")

@@ -59,6 +59,7 @@ from .common import (
     Triplet,
     cached_tensors,
     make_accelerator,
+    rate_lower_bound,
     read_meta,
     start_training,
 )
@@ -146,26 +147,6 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def gt_pass_lower_bound(passed: int, n: int, confidence: float | None) -> float:
-    """One-sided Clopper-Pearson lower confidence bound on a pass rate (Clopper & Pearson 1934): the
-    ``confidence`` quantile of Beta(passed, n - passed + 1), 0 when nothing passed; ``passed / n`` when
-    ``confidence`` is None. A threshold set where exactly 90% of 60 held-out GTs pass passes about 90% of new
-    GTs half the time; requiring this bound >= 90% keeps it there with the given confidence.
-
-    Args:
-        passed: items that passed, 0..n; n: items (> 0); confidence: in (0, 1), or None.
-    Returns:
-        float in [0, 1].
-    """
-    if confidence is None:
-        return passed / n
-    if passed == 0:
-        return 0.0
-    from scipy.stats import beta
-
-    return float(beta.ppf(1.0 - confidence, passed, n - passed + 1))
-
-
 def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 0.9, *,
               kinds: Sequence[str | None] | None = None, gt_pass_min: float = 0.9,
               gt_pass_confidence: float | None = None, source_pass_max: float = 0.02) -> dict[str, Any]:
@@ -178,8 +159,8 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 
         kinds: (N,) ``label_kind`` per item (None entries allowed), or None.
         gt_pass_min: share in [0,1] of ``gt`` items that must pass; source_pass_max: share of ``source``
             items that may pass.
-        gt_pass_confidence: when set, the GT target is met where :func:`gt_pass_lower_bound` of the GT
-            pass count is >= ``gt_pass_min`` (a margin for the sampling error of a few dozen GTs), not the
+        gt_pass_confidence: when set, the GT target is met where the Clopper-Pearson lower bound of the GT pass
+            count (:func:`cleanplate.training.common.rate_lower_bound`) is >= ``gt_pass_min`` (a margin for the sampling error of a few dozen GTs), not the
             observed share. The source target has no such bound: 60 sources cannot show a 2% rate with
             95% confidence even when none passes (that needs 149).
     Returns:
@@ -212,7 +193,7 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, target_precision: float = 
                "youden_j": recall - int((passed & ~labels).sum()) / n_neg}
         if gt.any() and src.any():
             row |= {"gt_pass_rate": float(passed[gt].mean()), "source_pass_rate": float(passed[src].mean()),
-                    "gt_pass_bound": gt_pass_lower_bound(int(passed[gt].sum()), int(gt.sum()), gt_pass_confidence)}
+                    "gt_pass_bound": rate_lower_bound(int(passed[gt].sum()), int(gt.sum()), gt_pass_confidence)}
         return row
 
     candidates = [at(t) for t in np.unique(scores)]  # ascending thresholds
