@@ -321,6 +321,29 @@ def test_overlay_weights_scale_the_gradient_of_their_kind():
     assert torch.allclose(ratio[:4], torch.tensor(4.0)) and torch.allclose(ratio[4:], torch.tensor(1.0))
 
 
+def test_boundary_weight_scales_the_gradient_near_an_edge():
+    """The band is the pixels within boundary_px of the mask's edge on either side; boundary_weight multiplies
+    their BCE gradient and leaves the others' alone."""
+    from cleanplate.training.detector import boundary_band
+
+    kinds = torch.zeros(1, 16, 16, dtype=torch.int64)
+    kinds[0, 4:12, 4:12] = 1  # an 8x8 text overlay
+    mask = (kinds > 0).float()[:, None]
+    band = boundary_band(mask, 2)[0, 0]
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[2:14, 2:14] = True
+    expected[6:10, 6:10] = False  # 3 px or more from a pixel of the other label: not in the band
+    assert torch.equal(band, expected)
+    logits = torch.zeros(1, 5, 16, 16, requires_grad=True)
+    grads = []
+    for w in (1.0, 3.0):
+        loss, _ = detector_loss(logits, mask, kinds, dice_weight=0.0, kind_weight=0.0, boundary_weight=w)
+        (g,) = torch.autograd.grad(loss, logits)
+        grads.append(g[0, 0])
+    ratio = grads[1] / grads[0]
+    assert torch.allclose(ratio[band], torch.tensor(3.0)) and torch.allclose(ratio[~band], torch.tensor(1.0))
+
+
 @pytest.fixture(scope="module")
 def shipped():
     from cleanplate.bundle import DETECTOR_DIR, default_bundle_path, read_config

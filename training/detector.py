@@ -93,6 +93,10 @@ class DetectorTrainConfig(BaseModel):
     overlay_weights: dict[str, float] = Field(
         default_factory=dict, description="BCE weight of each kind's pixels (default 1): faint kinds such as "
                                           "watermarks need more than their share of the gradient")
+    boundary_weight: float = Field(1.0, ge=1, description="BCE weight of the pixels within boundary_px of an "
+                                                            "overlay's edge, on either side (1: off): a mask 1 px "
+                                                            "too wide or too narrow is what costs a removal most")
+    boundary_px: int = Field(2, ge=1, le=16, description="half-width of that band in px (of the training crop)")
     void_levels: int = Field(0, ge=0, le=255, description="overlay pixels the overlay changed by fewer 8-bit levels "
                                                          "than this (in every channel) are left out of the loss: "
                                                          "no detector can see them (0: off)")
@@ -233,19 +237,32 @@ class CropSampler:
         return images, ((kinds > 0) & (kinds != VOID)).float()[:, None], kinds
 
 
+def boundary_band(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """(B,1,H,W) bool: the pixels whose (2·px+1)² neighbourhood holds both mask and non-mask pixels, i.e. within
+    ``px`` px (Chebyshev) of the edge of ``mask`` ((B,1,H,W) {0,1} float), on either side."""
+    k = 2 * px + 1
+    dilated = F.max_pool2d(mask, k, stride=1, padding=px)
+    eroded = -F.max_pool2d(-mask, k, stride=1, padding=px)
+    return dilated > eroded
+
+
 def detector_loss(logits: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor, *, dice_weight: float = 1.0,
-                  kind_weight: float = 0.3, overlay_weights: tuple[float, ...] | None = None
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+                  kind_weight: float = 0.3, overlay_weights: tuple[float, ...] | None = None,
+                  boundary_weight: float = 1.0, boundary_px: int = 2) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss for logits (B,1+K,H,W), mask (B,1,H,W) {0,1}, kinds (B,H,W) int64 in 0..K or :data:`VOID`: BCE +
     dice_weight · soft Dice (over the batch) on channel 0 + kind_weight · cross-entropy of channels 1..K on mask
     pixels; void pixels count in none of them. ``overlay_weights`` (K floats, kind order) weight the BCE of each
-    kind's pixels (background pixels 1). Returns (scalar loss, its parts as floats)."""
+    kind's pixels (background pixels 1); ``boundary_weight`` multiplies the BCE weight of the pixels in
+    :func:`boundary_band` (``boundary_px``), as U-Net's weight map weights the borders between cells
+    (Ronneberger et al., MICCAI 2015, eq. 2). Returns (scalar loss, its parts as floats)."""
     overlay = logits[:, :1]
     valid = (kinds != VOID)[:, None].to(overlay.dtype)
     weight = valid
     if overlay_weights is not None:
         table = torch.tensor((1.0, *overlay_weights), dtype=overlay.dtype, device=overlay.device)
         weight = valid * table[kinds.clamp(max=len(overlay_weights))][:, None]
+    if boundary_weight != 1.0:
+        weight = weight * torch.where(boundary_band(mask, boundary_px), boundary_weight, 1.0).to(overlay.dtype)
     bce = F.binary_cross_entropy_with_logits(overlay, mask, weight=weight, reduction="sum") / valid.sum().clamp(min=1)
     p = torch.sigmoid(overlay) * valid
     dice = 1 - (2 * (p * mask).sum() + 1) / (p.sum() + mask.sum() + 1)
@@ -536,7 +553,8 @@ def train_detector(cfg: DetectorTrainConfig) -> dict[str, Any]:
                 group["lr"] = cfg.lr * _lr_factor(cfg, step)
             images, mask, kinds = sampler.batch(cfg.batch_size)
             loss, parts = detector_loss(model(images), mask, kinds, dice_weight=cfg.dice_weight,
-                                        kind_weight=cfg.kind_weight, overlay_weights=overlay_weights)
+                                        kind_weight=cfg.kind_weight, overlay_weights=overlay_weights,
+                                        boundary_weight=cfg.boundary_weight, boundary_px=cfg.boundary_px)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
