@@ -333,7 +333,8 @@ def _logistic_regression(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.nd
 
 
 def fit_component_rule(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_area: float,
-                       fp_image_confidence: float | None = None, candidate_thresholds: tuple[float, ...] = (0.2, 0.3, 0.5), min_area: int = 16,
+                       fp_image_confidence: float | None = None,
+                       candidate_thresholds: tuple[float, ...] = (0.2, 0.3, 0.5), min_area: int = 16,
                        scores: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.99, 0.025), 3)),
                        l2: float = 1.0) -> dict[str, Any] | None:
     """Fit a :class:`cleanplate.detector.ComponentRule` on :func:`evaluate_items` records (items with
@@ -391,7 +392,8 @@ def fit_component_rule(evals: list[dict[str, Any]], *, max_fp_image_rate: float,
 
 
 def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_area: float,
-              fp_image_confidence: float | None = None, thresholds: tuple[float, ...] = (*np.round(np.arange(0.3, 0.96, 0.05), 2), 0.97, 0.98, 0.99, 0.995),
+              fp_image_confidence: float | None = None,
+              thresholds: tuple[float, ...] = (*np.round(np.arange(0.3, 0.96, 0.05), 2), 0.97, 0.98, 0.99, 0.995),
               min_areas: tuple[int, ...] = (0, 16, 48, 96, 160, 256, 384, 512, 768),
               grow_thresholds: tuple[float | None, ...] = (None, 0.7, 0.5, 0.3), components: bool = True
               ) -> dict[str, Any]:
@@ -447,7 +449,7 @@ def calibrate(evals: list[dict[str, Any]], *, max_fp_image_rate: float, max_fp_a
                                     fp_image_confidence=fp_image_confidence)
         if fitted is not None and fitted["ok"] and fitted["f1"] > (best["f1"] if ok else -1.0):
             seed = {f"seed_{k}": best[k] for k in ("f1", "fp_image_rate", "fp_image_bound", "fp_area")}
-            record.update(fitted, **seed, rule="component rule: best F1 within the false-positive limits",
+            record.update(fitted, **seed, rule=f"component rule: {limits}",
                           targets_met=True)
     return record
 
