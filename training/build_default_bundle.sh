@@ -69,8 +69,8 @@ echo "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9  runs/tex
 # third and a fourth leg of 6000 steps and a fifth and a sixth of 3000, each on 3200 fresh items with more
 # watermarks and logos. From the fourth on, the logits are averaged over the mirror image (flip_average). The
 # sixth is the shipped detector, calibrated so that the 95% upper bound of the share of held-out negatives
-# detected stays under the bar's 5% (fp_image_confidence; 3 of 169). training/configs/default_detector_flip.json (max_steps 0:
-# the third leg recalibrated with flip_average) shows how to recalibrate without training.
+# detected stays under the bar's 5% (fp_image_confidence; 3 of 169). training/configs/default_detector_flip.json
+# (max_steps 0: the third leg recalibrated with flip_average) shows how to recalibrate without training.
 cleanplate train detector --config training/configs/default_detector_text.json
 cleanplate train detector --config training/configs/default_detector_text2.json
 cleanplate train detector --config training/configs/default_detector_text3.json
